@@ -1,0 +1,143 @@
+//! Configuration of `telemetry-node`.
+
+use std::{collections::HashMap, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
+
+use envconfig::Envconfig;
+use governor::Quota;
+use tonic::transport::Endpoint;
+
+use super::{ConfigError, ensure, ensure_positive, invalid};
+
+/// Highest rate a token bucket can express: one token per nanosecond.
+const MAX_RATE: f64 = 1e9;
+
+/// Everything `telemetry-node` reads from its environment. Defaults match
+/// the Go node's load (one sensor, 5 readings/s, 1 request/s) and a sink
+/// started with its own defaults on the same host.
+#[derive(Debug, Clone, Envconfig)]
+pub struct NodeConfig {
+    /// Name of the sensor; with more than one, sensors are `<name>-<i>`.
+    #[envconfig(from = "SENSOR_NAME", default = "sensor")]
+    pub sensor_name: String,
+    /// How many sensors this node runs.
+    #[envconfig(from = "SENSOR_COUNT", default = "1")]
+    pub sensor_count: usize,
+    /// Readings each sensor produces per second.
+    #[envconfig(from = "SENSOR_VALUE_RATE_PER_SECOND", default = "5")]
+    pub sensor_rate: f64,
+    /// Requests per second the node sends at most, over all sensors.
+    #[envconfig(from = "REQUEST_RATE_PER_SECOND", default = "1")]
+    pub request_rate: f64,
+    /// Requests that may go out back to back after an idle spell.
+    #[envconfig(from = "REQUEST_BURST", default = "1")]
+    pub request_burst: u32,
+    /// Address of the telemetry sink, `host:port`.
+    #[envconfig(from = "GRPC_SERVER_SOCKET", default = "localhost:8000")]
+    pub server_socket: String,
+    /// Retries of a failed send before its readings are dropped.
+    #[envconfig(from = "GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", default = "10")]
+    pub max_retries: usize,
+    /// Wait between two attempts at the same send.
+    #[envconfig(from = "GRPC_CLIENT_RETRY_SEND_INTERVAL", default = "1s")]
+    pub retry_interval: humantime::Duration,
+    /// Readings per request at most.
+    #[envconfig(from = "BATCH_SIZE", default = "1000")]
+    pub batch_size: usize,
+    /// Longest a reading waits for its batch to fill before it is sent anyway.
+    #[envconfig(from = "BATCH_TIMEOUT", default = "1s")]
+    pub batch_timeout: humantime::Duration,
+    /// Deadline of one attempt at a request.
+    #[envconfig(from = "RPC_TIMEOUT", default = "5s")]
+    pub rpc_timeout: humantime::Duration,
+    /// Longest the node spends delivering what it holds after a stop signal.
+    #[envconfig(from = "SHUTDOWN_TIMEOUT", default = "10s")]
+    pub shutdown_timeout: humantime::Duration,
+    /// Least severe level that is logged.
+    #[envconfig(from = "LOGGER_MIN_LOG_LEVEL", default = "info")]
+    pub log_level: tracing::Level,
+    /// Log line format: human-readable text or JSON for collectors.
+    #[envconfig(from = "LOG_FORMAT", default = "text")]
+    pub log_format: LogFormat,
+}
+
+impl NodeConfig {
+    /// Parses and validates the configuration held in `vars`.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let config: Self = super::parse(vars)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that parsed but cannot be used.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(!self.sensor_name.is_empty(), "SENSOR_NAME", &self.sensor_name)?;
+        ensure((1..=1_000_000).contains(&self.sensor_count), "SENSOR_COUNT", self.sensor_count)?;
+        let rate_ok = self.sensor_rate.is_finite() && self.sensor_rate > 0.0 && self.sensor_rate <= MAX_RATE;
+        ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
+        let request_rate_ok =
+            self.request_rate > 0.0 && (self.request_rate <= MAX_RATE || self.request_rate.is_infinite());
+        ensure(request_rate_ok, "REQUEST_RATE_PER_SECOND", self.request_rate)?;
+        ensure(self.request_burst > 0, "REQUEST_BURST", self.request_burst)?;
+        self.endpoint()?;
+        ensure_positive("GRPC_CLIENT_RETRY_SEND_INTERVAL", self.retry_interval)?;
+        ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
+        ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
+        ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
+        ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)
+    }
+
+    /// Names of the sensors: `SENSOR_NAME` alone, or numbered from 1.
+    pub fn sensor_names(&self) -> Vec<Arc<str>> {
+        if self.sensor_count == 1 {
+            return vec![Arc::from(self.sensor_name.as_str())];
+        }
+        (1..=self.sensor_count).map(|i| Arc::from(format!("{}-{i}", self.sensor_name))).collect()
+    }
+
+    /// Time between two readings of one sensor.
+    pub fn sensor_period(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / self.sensor_rate)
+    }
+
+    /// The token bucket for requests, or `None` when the rate is unlimited.
+    pub fn request_quota(&self) -> Option<Quota> {
+        if self.request_rate.is_infinite() {
+            return None;
+        }
+        let period = Duration::from_secs_f64(1.0 / self.request_rate);
+        let burst = NonZeroU32::new(self.request_burst)?;
+        Some(Quota::with_period(period)?.allow_burst(burst))
+    }
+
+    /// The gRPC endpoint of the sink named by `GRPC_SERVER_SOCKET`.
+    pub fn endpoint(&self) -> Result<Endpoint, ConfigError> {
+        let socket = self.server_socket.trim();
+        let bad = || invalid("GRPC_SERVER_SOCKET", socket);
+        let (host, port) = socket.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().is_err() || socket.contains('/') {
+            return Err(bad());
+        }
+        Endpoint::from_shared(format!("http://{socket}")).map_err(|_| bad())
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err(format!("unknown log format {s:?}")),
+        }
+    }
+}

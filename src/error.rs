@@ -1,0 +1,102 @@
+//! Errors of sending and receiving, and which of them are worth retrying.
+
+use tonic::{Code, Status};
+
+/// Why a batch was not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The sink answered with a status that retrying cannot change.
+    #[error("sink refused the batch: {}: {}", .0.code(), .0.message())]
+    Refused(Status),
+    /// Every allowed attempt failed with a retryable status.
+    #[error("gave up after {attempts} attempts, last: {}: {}", .last.code(), .last.message())]
+    Exhausted {
+        /// Attempts made, the first one included.
+        attempts: usize,
+        /// Status of the last attempt.
+        last: Status,
+    },
+}
+
+/// Whether a call that failed with `code` may succeed if sent again: the sink
+/// was unreachable, busy or slow, and did not look at the request.
+pub fn is_retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded)
+}
+
+/// Why the sink refused a request. Each maps to one gRPC status.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReceiveError {
+    /// A reading has an empty `sensor_name`.
+    #[error("item {index}: sensor_name is empty")]
+    EmptySensorName {
+        /// Position of the reading in the request.
+        index: usize,
+    },
+    /// A reading has no `measurement`.
+    #[error("item {index}: measurement is missing")]
+    MissingMeasurement {
+        /// Position of the reading in the request.
+        index: usize,
+    },
+    /// A reading has no `measurement.sensor_value`.
+    #[error("item {index}: measurement.sensor_value is missing")]
+    MissingValue {
+        /// Position of the reading in the request.
+        index: usize,
+    },
+    /// A reading has no or an impossible `measurement.created_at`.
+    #[error("item {index}: measurement.created_at is missing or out of range")]
+    BadTimestamp {
+        /// Position of the reading in the request.
+        index: usize,
+    },
+    /// The request is larger than the sink accepts in one second.
+    #[error("request of {bytes} bytes is larger than RATE_PER_SECOND ({limit})")]
+    TooLarge {
+        /// Encoded size of the request.
+        bytes: usize,
+        /// The configured bytes per second.
+        limit: u32,
+    },
+    /// Accepting the request now would exceed RATE_PER_SECOND.
+    #[error("over RATE_PER_SECOND: retry later")]
+    Throttled,
+    /// The output writer has stopped, so nothing can be accepted.
+    #[error("the sink is shutting down or its output failed")]
+    WriterStopped,
+}
+
+impl From<ReceiveError> for Status {
+    fn from(error: ReceiveError) -> Self {
+        let message = error.to_string();
+        match error {
+            ReceiveError::Throttled => Status::resource_exhausted(message),
+            ReceiveError::TooLarge { .. } => Status::failed_precondition(message),
+            ReceiveError::WriterStopped => Status::unavailable(message),
+            _ => Status::invalid_argument(message),
+        }
+    }
+}
+
+/// Why the sink could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address could not be bound or read.
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+    /// The output folder or file could not be created or written.
+    #[error("output {}: {source}", .path.display())]
+    Output {
+        /// The folder or file.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The writer task ended abnormally.
+    #[error("output writer failed: {0}")]
+    Writer(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}

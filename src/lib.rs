@@ -1,0 +1,44 @@
+//! A telemetry node that ships sensor readings over gRPC, and the telemetry
+//! sink that receives them.
+//!
+//! # Layout
+//!
+//! Data flows through the node in this order:
+//!
+//! - [`node::sensor`]: one `Stream` per sensor, driven by an interval timer,
+//!   merged into one stream of [`reading::Reading`]s.
+//! - [`node::batch`]: readings grouped into batches by size and by time.
+//! - [`node::throttle`]: batches released no faster than the request rate
+//!   (a `governor` token bucket on tokio's clock, see [`clock`]).
+//! - [`node::sender`]: a `futures::Sink` that delivers each batch through a
+//!   [`node::transport`], retrying what is worth retrying.
+//! - [`node::pipeline`]: composes the stages and drives shutdown.
+//!
+//! And through the sink:
+//!
+//! - [`receiver::service`]: the gRPC service; checks and rate-limits.
+//! - [`receiver::validate`]: a request in, JSON lines out.
+//! - [`receiver::writer`]: buffered, appending output file.
+//!
+//! Around them: [`config`] (environment variables), [`stats`] (what happened
+//! to every reading), [`error`], [`logging`], and [`demo`] (node and sink in
+//! one process).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod logging;
+pub mod node;
+pub mod reading;
+pub mod receiver;
+pub mod stats;
+
+/// Code generated from `proto/sensor/v1/sensor.proto`.
+#[allow(missing_docs, unreachable_pub)]
+pub mod proto {
+    tonic::include_proto!("sensor.v1");
+}

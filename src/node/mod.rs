@@ -1,0 +1,15 @@
+//! The telemetry node: sensors → merge → batch → throttle → sender.
+//!
+//! Each stage is a module that knows the type it receives and the type it
+//! yields; [`pipeline`] composes them.
+
+pub mod batch;
+pub mod pipeline;
+pub mod sender;
+pub mod sensor;
+pub mod throttle;
+pub mod transport;
+
+pub use pipeline::run;
+pub use sender::RetryPolicy;
+pub use transport::{GrpcTransport, Transport};

@@ -1,0 +1,78 @@
+//! Sending: a `futures::Sink` of batches that delivers each one through a
+//! [`Transport`], retrying what is worth retrying, and accounts for every
+//! reading as acked or dropped.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use backon::{ConstantBuilder, Retryable};
+use futures::{Sink, sink};
+use tonic::Status;
+use tracing::{error, warn};
+
+use super::transport::Transport;
+use crate::{
+    error::{SendError, is_retryable},
+    reading::{Batch, to_request},
+    stats::{NodeStats, count},
+};
+
+/// How a failed send is repeated.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Wait between two attempts.
+    pub interval: Duration,
+    /// Attempts after the first one, at most.
+    pub max_retries: usize,
+}
+
+/// A sink that sends every batch it is given, one at a time, in order.
+///
+/// It never fails: a batch that cannot be delivered is counted as dropped
+/// and logged, and the sink takes the next one.
+pub fn batch_sender<T: Transport>(
+    transport: T,
+    retry: RetryPolicy,
+    stats: Arc<NodeStats>,
+) -> impl Sink<Batch, Error = Infallible> {
+    let state = Arc::new((transport, stats));
+    sink::unfold(state, move |state, batch: Batch| async move {
+        let (transport, stats) = &*state;
+        let readings = batch.len();
+        count(&stats.sent, readings);
+        match deliver(transport, retry, stats, &batch).await {
+            Ok(()) => count(&stats.acked, readings),
+            Err(error) => {
+                count(&stats.dropped, readings);
+                error!(message = "Dropped batch.", %error, readings);
+            }
+        }
+        Ok(state)
+    })
+}
+
+/// Sends `batch`, repeating retryable failures as `retry` allows.
+async fn deliver<T: Transport>(
+    transport: &T,
+    retry: RetryPolicy,
+    stats: &NodeStats,
+    batch: &Batch,
+) -> Result<(), SendError> {
+    let request = to_request(batch);
+    let mut attempts = 0;
+    let attempt = || {
+        attempts += 1;
+        transport.send(request.clone())
+    };
+    let backoff = ConstantBuilder::default().with_delay(retry.interval).with_max_times(retry.max_retries);
+    attempt
+        .retry(backoff)
+        .when(|status: &Status| is_retryable(status.code()))
+        .notify(|status: &Status, wait: Duration| {
+            count(&stats.retries, 1);
+            warn!(message = "Failed to send batch, retrying.", code = %status.code(), error = status.message(), ?wait);
+        })
+        .await
+        .map_err(|last| {
+            if is_retryable(last.code()) { SendError::Exhausted { attempts, last } } else { SendError::Refused(last) }
+        })
+}

@@ -1,0 +1,68 @@
+//! The telemetry sink's server: gRPC in → validate → rate limit → JSON lines out.
+//!
+//! [`service`] answers each request; [`validate`] turns a request into
+//! output lines or refuses it; [`writer`] owns the output file.
+
+pub mod service;
+pub mod validate;
+pub mod writer;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::{net::TcpListener, sync::mpsc};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tracing::info;
+
+use crate::{
+    config::SinkConfig,
+    error::ServeError,
+    proto::sensor_service_server::SensorServiceServer,
+    stats::{SinkStats, SinkSummary},
+};
+pub use service::ReceiverService;
+
+/// Chunks of output that may wait for the writer before requests are
+/// slowed down: bounds the sink's memory.
+const WRITER_QUEUE: usize = 64;
+
+/// HTTP/2 flow-control windows, as large as the node's, so a large batch
+/// arrives in one flight.
+const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Serves `listener` until `shutdown` resolves, then finishes the requests
+/// under way and writes out everything it acknowledged before returning.
+pub async fn serve(
+    config: &SinkConfig,
+    listener: TcpListener,
+    stats: Arc<SinkStats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<SinkSummary, ServeError> {
+    let path = config.output_file();
+    tokio::fs::create_dir_all(&config.file_path)
+        .await
+        .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
+    let output = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
+    let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
+    let stop_writer = CancellationToken::new();
+    let writing = tokio::spawn(output.run(queue, config.flush_interval.into(), stop_writer.clone()));
+
+    let service = ReceiverService::new(config.rate_per_second, chunks, Arc::clone(&stats));
+    info!(message = "Sink listening.", address = %listener.local_addr().map_err(ServeError::Listen)?, output = %path.display());
+    let served = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(WINDOW_BYTES)
+        .add_service(SensorServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+
+    // Every request has been answered: whatever was acknowledged is queued
+    // for the writer, which drains the queue before it returns.
+    stop_writer.cancel();
+    let written = writing.await.map_err(|error| ServeError::Writer(error.to_string()))?;
+    served?;
+    written.map_err(|source| ServeError::Output { path, source })?;
+    Ok(stats.snapshot())
+}

@@ -1,0 +1,106 @@
+//! Validation: a request in, its JSON lines out, or the reason it is refused.
+//! Nothing of a refused request is ever written.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::{error::ReceiveError, proto::SensorValuesRequest};
+
+/// Latest timestamp that RFC 3339 can write: 9999-12-31T23:59:59Z.
+const MAX_SECONDS: i64 = 253_402_300_799;
+
+/// One output line.
+#[derive(Debug, Serialize)]
+struct Line<'a> {
+    /// Which sensor measured it.
+    sensor_name: &'a str,
+    /// The measured value.
+    value: i64,
+    /// When it was measured, RFC 3339 with nanoseconds, UTC.
+    created_at: String,
+    /// The reading's position in its sensor's output.
+    sequence: u64,
+}
+
+/// Checks every reading of `request` and renders them all as JSON lines, or
+/// refuses the whole request at its first bad reading.
+pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveError> {
+    let mut out = Vec::with_capacity(request.items.len() * 100);
+    for (index, item) in request.items.iter().enumerate() {
+        if item.sensor_name.is_empty() {
+            return Err(ReceiveError::EmptySensorName { index });
+        }
+        let measurement = item.measurement.as_ref().ok_or(ReceiveError::MissingMeasurement { index })?;
+        let value = measurement.sensor_value.ok_or(ReceiveError::MissingValue { index })?;
+        let created_at =
+            measurement.created_at.as_ref().and_then(to_system_time).ok_or(ReceiveError::BadTimestamp { index })?;
+        let line = Line {
+            sensor_name: &item.sensor_name,
+            value,
+            created_at: humantime::format_rfc3339_nanos(created_at).to_string(),
+            sequence: item.sequence,
+        };
+        serde_json::to_writer(&mut out, &line).expect("a Vec accepts every write and the line has only string keys");
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// The time of `timestamp` if RFC 3339 can write it (years 1970 to 9999).
+fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<SystemTime> {
+    let seconds = u64::try_from(timestamp.seconds).ok().filter(|s| *s <= MAX_SECONDS as u64)?;
+    let nanos = u32::try_from(timestamp.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{SensorValue, sensor_value::Measurement};
+
+    fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
+        SensorValue {
+            sensor_name: name.into(),
+            measurement: Some(Measurement {
+                sensor_value: value,
+                created_at: Some(prost_types::Timestamp { seconds, nanos: 5 }),
+            }),
+            sequence: 7,
+        }
+    }
+
+    #[test]
+    fn renders_one_line_per_reading() {
+        let request = SensorValuesRequest { items: vec![item("a\"b", Some(-3), 0), item("c", Some(0), 1)] };
+        let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            "{\"sensor_name\":\"a\\\"b\",\"value\":-3,\"created_at\":\"1970-01-01T00:00:00.000000005Z\",\"sequence\":7}\n\
+             {\"sensor_name\":\"c\",\"value\":0,\"created_at\":\"1970-01-01T00:00:01.000000005Z\",\"sequence\":7}\n"
+        );
+    }
+
+    #[test]
+    fn refuses_each_kind_of_bad_reading() {
+        let cases = [
+            (item("", Some(1), 0), ReceiveError::EmptySensorName { index: 1 }),
+            (SensorValue { measurement: None, ..item("a", Some(1), 0) }, ReceiveError::MissingMeasurement { index: 1 }),
+            (item("a", None, 0), ReceiveError::MissingValue { index: 1 }),
+            (item("a", Some(1), -1), ReceiveError::BadTimestamp { index: 1 }),
+            (item("a", Some(1), MAX_SECONDS + 1), ReceiveError::BadTimestamp { index: 1 }),
+        ];
+        for (bad, expected) in cases {
+            let request = SensorValuesRequest { items: vec![item("ok", Some(1), 0), bad] };
+            assert_eq!(to_json_lines(&request), Err(expected));
+        }
+        let no_time = SensorValue {
+            measurement: Some(Measurement { sensor_value: Some(1), created_at: None }),
+            ..item("a", Some(1), 0)
+        };
+        assert_eq!(
+            to_json_lines(&SensorValuesRequest { items: vec![no_time] }),
+            Err(ReceiveError::BadTimestamp { index: 0 })
+        );
+    }
+}
