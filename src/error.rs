@@ -6,10 +6,10 @@ use tonic::{Code, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The sink answered with a status that retrying cannot change.
-    #[error("sink refused the batch: {}: {}", .0.code(), .0.message())]
+    #[error("sink refused the batch: {:?}: {}", .0.code(), .0.message())]
     Refused(Status),
     /// Every allowed attempt failed with a retryable status.
-    #[error("gave up after {attempts} attempts, last: {}: {}", .last.code(), .last.message())]
+    #[error("gave up after {attempts} attempts, last: {:?}: {}", .last.code(), .last.message())]
     Exhausted {
         /// Attempts made, the first one included.
         attempts: usize,

@@ -36,10 +36,13 @@ pub enum ConfigError {
 const ACCEPTED: &[(&str, &str)] = &[
     ("SENSOR_NAME", "a non-empty name"),
     ("SENSOR_COUNT", "a whole number from 1 to 1000000"),
-    ("SENSOR_VALUE_RATE_PER_SECOND", "a number of readings per second greater than 0 (fractions allowed, e.g. 0.5)"),
+    (
+        "SENSOR_VALUE_RATE_PER_SECOND",
+        "a number of readings per second greater than 0 and at most 1000000000 (fractions allowed, e.g. 0.5)",
+    ),
     (
         "REQUEST_RATE_PER_SECOND",
-        "a number of requests per second greater than 0 (fractions allowed, e.g. 0.5), or inf for no limit",
+        "a number of requests per second greater than 0 and at most 1000000 (fractions allowed, e.g. 0.5), or inf for no limit",
     ),
     ("REQUEST_BURST", "a whole number from 1 to 4294967295"),
     ("GRPC_SERVER_SOCKET", "host:port, e.g. localhost:8000"),
@@ -70,13 +73,30 @@ pub fn process_env() -> Result<HashMap<String, String>, ConfigError> {
 }
 
 /// Parses a configuration struct from `vars`, naming the variable on error.
-pub(crate) fn parse<C: envconfig::Envconfig>(vars: &HashMap<String, String>) -> Result<C, ConfigError> {
+fn parse<C: envconfig::Envconfig>(vars: &HashMap<String, String>) -> Result<C, ConfigError> {
     C::init_from_hashmap(vars).map_err(|error| {
         let variable = match error {
             envconfig::Error::EnvVarMissing { name } | envconfig::Error::ParseError { name } => name,
         };
         invalid(variable, vars.get(variable).map_or("", String::as_str))
     })
+}
+
+/// Parses a configuration struct from `vars` and checks it with `validate`.
+/// Errors quote the value as it was written, not as it was parsed.
+pub(crate) fn load<C: envconfig::Envconfig>(
+    vars: &HashMap<String, String>,
+    validate: impl FnOnce(&C) -> Result<(), ConfigError>,
+) -> Result<C, ConfigError> {
+    let config: C = parse(vars)?;
+    validate(&config).map_err(|error| match error {
+        ConfigError::Invalid { variable, value, expected } => {
+            let value = vars.get(variable).cloned().unwrap_or(value);
+            ConfigError::Invalid { variable, value, expected }
+        }
+        other => other,
+    })?;
+    Ok(config)
 }
 
 /// The error for `variable` set to `value`.

@@ -3,13 +3,10 @@
 use std::{collections::HashMap, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
 
 use envconfig::Envconfig;
-use governor::Quota;
 use tonic::transport::Endpoint;
 
 use super::{ConfigError, ensure, ensure_positive, invalid};
-
-/// Highest rate a token bucket can express: one token per nanosecond.
-const MAX_RATE: f64 = 1e9;
+use crate::node::throttle::{MAX_RATE, RequestRate};
 
 /// Everything `telemetry-node` reads from its environment. Defaults match
 /// the Go node's load (one sensor, 5 readings/s, 1 request/s) and a sink
@@ -63,16 +60,14 @@ pub struct NodeConfig {
 impl NodeConfig {
     /// Parses and validates the configuration held in `vars`.
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let config: Self = super::parse(vars)?;
-        config.validate()?;
-        Ok(config)
+        super::load(vars, Self::validate)
     }
 
     /// Checks every value that parsed but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(!self.sensor_name.is_empty(), "SENSOR_NAME", &self.sensor_name)?;
         ensure((1..=1_000_000).contains(&self.sensor_count), "SENSOR_COUNT", self.sensor_count)?;
-        let rate_ok = self.sensor_rate.is_finite() && self.sensor_rate > 0.0 && self.sensor_rate <= MAX_RATE;
+        let rate_ok = self.sensor_rate.is_finite() && self.sensor_rate > 0.0 && self.sensor_rate <= 1e9;
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
         let request_rate_ok =
             self.request_rate > 0.0 && (self.request_rate <= MAX_RATE || self.request_rate.is_infinite());
@@ -99,14 +94,10 @@ impl NodeConfig {
         Duration::from_secs_f64(1.0 / self.sensor_rate)
     }
 
-    /// The token bucket for requests, or `None` when the rate is unlimited.
-    pub fn request_quota(&self) -> Option<Quota> {
-        if self.request_rate.is_infinite() {
-            return None;
-        }
-        let period = Duration::from_secs_f64(1.0 / self.request_rate);
+    /// The request rate limit, or `None` when the rate is unlimited.
+    pub fn request_rate(&self) -> Option<RequestRate> {
         let burst = NonZeroU32::new(self.request_burst)?;
-        Some(Quota::with_period(period)?.allow_burst(burst))
+        self.request_rate.is_finite().then_some(RequestRate { per_second: self.request_rate, burst })
     }
 
     /// The gRPC endpoint of the sink named by `GRPC_SERVER_SOCKET`.

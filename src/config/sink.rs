@@ -37,9 +37,7 @@ pub struct SinkConfig {
 impl SinkConfig {
     /// Parses and validates the configuration held in `vars`.
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
-        let config: Self = super::parse(vars)?;
-        config.validate()?;
-        Ok(config)
+        super::load(vars, Self::validate)
     }
 
     /// Checks every value that parsed but cannot be used.

@@ -26,7 +26,7 @@ pub async fn run<T: Transport>(
     let readings = sensor::merged(config.sensor_names(), config.sensor_period(), &stats)
         .take_until(stop_sensors.clone().cancelled_owned());
     let batches = batch::batches(readings, config.batch_size, config.batch_timeout.into());
-    let throttled = throttle::throttle(batches, config.request_quota());
+    let throttled = throttle::throttle(batches, config.request_rate());
     let retry = sender::RetryPolicy { interval: config.retry_interval.into(), max_retries: config.max_retries };
     let delivered = throttled.map(Ok).forward(sender::batch_sender(transport, retry, Arc::clone(&stats)));
 

@@ -69,7 +69,7 @@ async fn deliver<T: Transport>(
         .when(|status: &Status| is_retryable(status.code()))
         .notify(|status: &Status, wait: Duration| {
             count(&stats.retries, 1);
-            warn!(message = "Failed to send batch, retrying.", code = %status.code(), error = status.message(), ?wait);
+            warn!(message = "Failed to send batch, retrying.", code = ?status.code(), error = status.message(), ?wait);
         })
         .await
         .map_err(|last| {

@@ -1,15 +1,56 @@
 //! Throttling: passes items on no faster than a token bucket allows.
 
+use std::{num::NonZeroU32, time::Duration};
+
 use futures::Stream;
 use governor::{Quota, RateLimiter, clock::Clock};
 
 use crate::clock::{TokenBucket, TokioClock};
 
-/// Yields the items of `input` in order, each once a token is free, or at
-/// once when `quota` is `None`.
-pub fn throttle<S: Stream>(input: S, quota: Option<Quota>) -> impl Stream<Item = S::Item> {
+/// Tokens are counted in thousandths of a request, so that the bucket can
+/// hold a fraction of a request on top of the burst.
+const CELLS_PER_REQUEST: u32 = 1000;
+
+/// Resolution of tokio's timers: a sleep ends on a whole millisecond, up to
+/// this much after the instant asked for.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
+
+/// Highest rate the bucket can hold: one cell per nanosecond.
+pub const MAX_RATE: f64 = 1e9 / CELLS_PER_REQUEST as f64;
+
+/// How fast requests may go out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestRate {
+    /// Requests per second over the long run; at most [`MAX_RATE`].
+    pub per_second: f64,
+    /// Requests that may go out back to back after an idle spell.
+    pub burst: NonZeroU32,
+}
+
+impl RequestRate {
+    /// The token bucket for this rate.
+    ///
+    /// It holds `burst` requests plus [`TIMER_RESOLUTION`]'s worth of rate.
+    /// Without that slack, a sender woken up to 1 ms after its token was due
+    /// would lose that time for good, and the achieved rate would fall short
+    /// by up to 1 ms per period (2.7% at 47 requests/s). With it, the sends
+    /// in any window of W never exceed `per_second × (W + 1 ms) + burst`.
+    pub fn quota(&self) -> Quota {
+        let cell_period = Duration::from_secs_f64(1.0 / (self.per_second * f64::from(CELLS_PER_REQUEST)));
+        let slack = (self.per_second * f64::from(CELLS_PER_REQUEST) * TIMER_RESOLUTION.as_secs_f64()).ceil() as u32;
+        let cells = self.burst.get().saturating_mul(CELLS_PER_REQUEST).saturating_add(slack);
+        let cell_period = cell_period.max(Duration::from_nanos(1));
+        Quota::with_period(cell_period)
+            .expect("period is at least 1 ns")
+            .allow_burst(NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN))
+    }
+}
+
+/// Yields the items of `input` in order, each once the bucket allows, or at
+/// once when `rate` is `None`.
+pub fn throttle<S: Stream>(input: S, rate: Option<RequestRate>) -> impl Stream<Item = S::Item> {
     let clock = TokioClock::new();
-    let bucket = quota.map(|quota| RateLimiter::direct_with_clock(quota, clock));
+    let bucket = rate.map(|rate| RateLimiter::direct_with_clock(rate.quota(), clock));
     async_stream::stream! {
         for await item in input {
             if let Some(bucket) = &bucket {
@@ -20,17 +61,16 @@ pub fn throttle<S: Stream>(input: S, quota: Option<Quota>) -> impl Stream<Item =
     }
 }
 
-/// Waits, on tokio's clock, until `bucket` grants a token, and takes it.
+/// Waits, on tokio's clock, until `bucket` grants one request, and takes it.
 async fn until_ready(bucket: &TokenBucket, clock: &TokioClock) {
-    while let Err(not_until) = bucket.check() {
+    let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
+    while let Ok(Err(not_until)) = bucket.check_n(cost) {
         tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{num::NonZeroU32, time::Duration};
-
     use futures::{StreamExt, stream};
     use tokio::time::Instant;
 
@@ -38,15 +78,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn spaces_items_by_the_rate_after_the_burst() {
-        let quota = Quota::with_period(Duration::from_millis(500)).unwrap().allow_burst(NonZeroU32::new(2).unwrap());
+        let rate = RequestRate { per_second: 2.0, burst: NonZeroU32::new(2).unwrap() };
         let start = Instant::now();
-        let times: Vec<Duration> = throttle(stream::iter(0..5), Some(quota)).map(|_| start.elapsed()).collect().await;
+        let times: Vec<Duration> = throttle(stream::iter(0..5), Some(rate)).map(|_| start.elapsed()).collect().await;
         let ms: Vec<u128> = times.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![0, 0, 500, 1000, 1500]);
+        assert_eq!(ms, vec![0, 0, 499, 999, 1499]);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_quota_means_no_wait() {
+    async fn no_rate_means_no_wait() {
         let start = Instant::now();
         assert_eq!(throttle(stream::iter(0..1000), None).count().await, 1000);
         assert_eq!(start.elapsed(), Duration::ZERO);

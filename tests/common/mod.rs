@@ -1,0 +1,256 @@
+//! Helpers shared by the integration tests: an in-memory transport, a
+//! scripted gRPC sink, configurations from maps, and child processes that
+//! are always stopped.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use telemetry_node::{
+    config::{NodeConfig, SinkConfig},
+    node::Transport,
+    proto::{
+        SensorValue, SensorValuesRequest, SensorValuesResponse,
+        sensor_service_server::{SensorService, SensorServiceServer},
+    },
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status};
+
+/// A node configuration: the defaults, overridden by `pairs`.
+pub fn node_config(pairs: &[(&str, String)]) -> NodeConfig {
+    NodeConfig::from_vars(&vars(pairs)).expect("a valid test configuration")
+}
+
+/// A sink configuration: the defaults, overridden by `pairs`.
+pub fn sink_config(pairs: &[(&str, String)]) -> SinkConfig {
+    SinkConfig::from_vars(&vars(pairs)).expect("a valid test configuration")
+}
+
+pub fn vars(pairs: &[(&str, String)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+}
+
+/// One request as a recipient saw it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// tokio's clock when it arrived.
+    pub at: tokio::time::Instant,
+    /// Its readings.
+    pub items: Vec<SensorValue>,
+}
+
+/// What a recipient received, and what it should answer next.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    pub deliveries: Vec<Delivery>,
+    /// Codes to answer the next calls with, in order, before accepting again.
+    pub failures: VecDeque<Code>,
+    /// Calls made, failed or not.
+    pub calls: usize,
+}
+
+/// A shared [`Recorder`].
+#[derive(Debug, Clone, Default)]
+pub struct Recording(pub Arc<Mutex<Recorder>>);
+
+impl Recording {
+    pub fn failing_with(codes: impl IntoIterator<Item = Code>) -> Self {
+        let recording = Self::default();
+        recording.0.lock().unwrap().failures.extend(codes);
+        recording
+    }
+
+    fn receive(&self, items: Vec<SensorValue>) -> Result<(), Status> {
+        let mut recorder = self.0.lock().unwrap();
+        recorder.calls += 1;
+        if let Some(code) = recorder.failures.pop_front() {
+            return Err(Status::new(code, "scripted failure"));
+        }
+        recorder.deliveries.push(Delivery { at: tokio::time::Instant::now(), items });
+        Ok(())
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.0.lock().unwrap().deliveries.clone()
+    }
+
+    pub fn calls(&self) -> usize {
+        self.0.lock().unwrap().calls
+    }
+
+    /// Every reading received, in arrival order.
+    pub fn readings(&self) -> Vec<(String, u64)> {
+        let recorder = self.0.lock().unwrap();
+        recorder.deliveries.iter().flat_map(|d| d.items.iter().map(|i| (i.sensor_name.clone(), i.sequence))).collect()
+    }
+}
+
+/// The in-memory transport: hands each request to a [`Recording`].
+impl Transport for Recording {
+    async fn send(&self, request: SensorValuesRequest) -> Result<(), Status> {
+        self.receive(request.items)
+    }
+}
+
+/// The same recording behind a real gRPC service.
+#[tonic::async_trait]
+impl SensorService for Recording {
+    async fn send_sensor_values(
+        &self,
+        request: Request<SensorValuesRequest>,
+    ) -> Result<Response<SensorValuesResponse>, Status> {
+        self.receive(request.into_inner().items).map(|()| Response::new(SensorValuesResponse {}))
+    }
+}
+
+/// Serves `recording` on a free loopback port until `stop` is cancelled.
+pub async fn serve_recording(recording: Recording, stop: CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SensorServiceServer::new(recording))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    address
+}
+
+/// Checks that `readings` holds, for every sensor, exactly the sequences
+/// 0, 1, 2, ... in order, and returns how many each sensor has.
+pub fn assert_complete_and_ordered(readings: &[(String, u64)]) -> BTreeMap<String, u64> {
+    let mut next: BTreeMap<String, u64> = BTreeMap::new();
+    for (sensor, sequence) in readings {
+        let expected = next.entry(sensor.clone()).or_default();
+        assert_eq!(*sequence, *expected, "sensor {sensor}: reading {sequence} arrived where {expected} was due");
+        *expected += 1;
+    }
+    next
+}
+
+/// Reads the sink's JSON lines as (sensor, sequence) pairs.
+pub fn read_output(path: &Path) -> Vec<(String, u64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("each output line is JSON");
+            (
+                value["sensor_name"].as_str().expect("sensor_name").to_owned(),
+                value["sequence"].as_u64().expect("sequence"),
+            )
+        })
+        .collect()
+}
+
+/// A fresh folder under cargo's per-test scratch space.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A free loopback port (free when asked; taken by the caller soon after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process that is killed by PID if the test ends without stopping it.
+pub struct Process {
+    pub child: Child,
+    pub name: &'static str,
+    /// Files that receive the process's stdout and stderr: pipes could
+    /// fill up and stall it while the test is not reading.
+    out: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl Process {
+    /// Starts `binary` with `args`, a clean environment plus `env`, in `dir`.
+    pub fn start(name: &'static str, binary: &str, args: &[&str], env: &[(&str, String)], dir: &Path) -> Self {
+        let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
+        let child = Command::new(binary)
+            .args(args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .expect("the binary starts");
+        Self { child, name, out, err }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a PID this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {} to {}", signal, self.name);
+    }
+
+    /// Waits up to `limit` for the process to exit; kills it and fails if it does not.
+    pub fn wait(mut self, limit: Duration) -> (i32, String, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let out = std::fs::read_to_string(&self.out).unwrap();
+                let err = std::fs::read_to_string(&self.err).unwrap();
+                return (status.code().unwrap_or(-1), out, err);
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until something accepts connections on `port`, for at most `limit`.
+pub fn wait_for_port(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port} after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `key=value` fields of the `summary:` line in `stdout`.
+pub fn summary_fields(stdout: &str) -> HashMap<String, u64> {
+    let line = stdout.lines().find_map(|l| l.strip_prefix("summary: ")).expect("a summary line");
+    line.split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().expect("a number")))
+        .collect()
+}
+
+/// Runs the node configured by `config` against `recording` on a paused
+/// clock, stops it after `run`, and returns its summary and its start time.
+pub fn run_paused(
+    config: &NodeConfig,
+    recording: &Recording,
+    run: Duration,
+) -> (telemetry_node::stats::Summary, tokio::time::Instant) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    runtime.block_on(async {
+        let start = tokio::time::Instant::now();
+        let stats = Arc::new(telemetry_node::stats::NodeStats::default());
+        let summary = telemetry_node::node::run(config, recording.clone(), stats, tokio::time::sleep(run)).await;
+        (summary, start)
+    })
+}

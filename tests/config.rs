@@ -1,0 +1,128 @@
+//! Configuration: defaults that work together, and bad values refused with
+//! exit status 2 and one line naming the variable, the value and what is
+//! accepted.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Process, scratch, vars};
+use telemetry_node::config::{ConfigError, NodeConfig, SinkConfig};
+
+#[test]
+fn defaults_are_valid_and_point_the_node_at_the_sink() {
+    let node = NodeConfig::from_vars(&vars(&[])).unwrap();
+    let sink = SinkConfig::from_vars(&vars(&[])).unwrap();
+    let node_port = node.server_socket.rsplit_once(':').unwrap().1;
+    let sink_port = sink.listen_address().unwrap().rsplit_once(':').unwrap().1.to_owned();
+    assert_eq!(node_port, sink_port);
+    assert_eq!((node.sensor_count, node.sensor_rate, node.request_rate), (1, 5.0, 1.0));
+}
+
+#[test]
+fn every_bad_node_value_names_its_variable() {
+    let cases = [
+        ("SENSOR_NAME", ""),
+        ("SENSOR_COUNT", "0"),
+        ("SENSOR_COUNT", "many"),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "abc"),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "0"),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "-2"),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "NaN"),
+        ("REQUEST_RATE_PER_SECOND", "0"),
+        ("REQUEST_RATE_PER_SECOND", "-0.5"),
+        ("REQUEST_RATE_PER_SECOND", "2000000"),
+        ("REQUEST_BURST", "0"),
+        ("GRPC_SERVER_SOCKET", "localhost"),
+        ("GRPC_SERVER_SOCKET", "localhost:99999"),
+        ("GRPC_SERVER_SOCKET", "http://x:1/"),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "-1"),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "soon"),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "0s"),
+        ("BATCH_SIZE", "0"),
+        ("BATCH_SIZE", "-5"),
+        ("BATCH_TIMEOUT", "1"),
+        ("RPC_TIMEOUT", "0ms"),
+        ("SHUTDOWN_TIMEOUT", "x"),
+        ("LOGGER_MIN_LOG_LEVEL", "loud"),
+        ("LOG_FORMAT", "xml"),
+    ];
+    for (variable, value) in cases {
+        let error = NodeConfig::from_vars(&vars(&[(variable, value.into())])).unwrap_err();
+        let ConfigError::Invalid { variable: named, value: given, .. } = &error else { panic!("{error}") };
+        assert_eq!((*named, given.as_str()), (variable, value), "{error}");
+        assert!(error.to_string().contains("expected"), "{error}");
+    }
+}
+
+#[test]
+fn every_bad_sink_value_names_its_variable() {
+    let cases = [
+        ("GRPC_SERVER_SOCKET", "8000"),
+        ("RATE_PER_SECOND", "0"),
+        ("RATE_PER_SECOND", "-1"),
+        ("RATE_PER_SECOND", "fast"),
+        ("BUFFER_SIZE", "0"),
+        ("BUFFER_FLUSH_INTERVAL", "later"),
+        ("BUFFER_FLUSH_INTERVAL", "0s"),
+        ("FILE_PATH", ""),
+    ];
+    for (variable, value) in cases {
+        let error = SinkConfig::from_vars(&vars(&[(variable, value.into())])).unwrap_err();
+        let ConfigError::Invalid { variable: named, value: given, .. } = &error else { panic!("{error}") };
+        assert_eq!((*named, given.as_str()), (variable, value), "{error}");
+    }
+}
+
+#[test]
+fn fractional_rates_and_go_style_addresses_are_accepted() {
+    let node = NodeConfig::from_vars(&vars(&[("REQUEST_RATE_PER_SECOND", "0.5".into())])).unwrap();
+    assert_eq!(node.request_rate().unwrap().per_second, 0.5);
+    assert!(
+        NodeConfig::from_vars(&vars(&[("REQUEST_RATE_PER_SECOND", "inf".into())])).unwrap().request_rate().is_none()
+    );
+    let sink = SinkConfig::from_vars(&vars(&[("GRPC_SERVER_SOCKET", ":50051".into())])).unwrap();
+    assert_eq!(sink.listen_address().unwrap(), "0.0.0.0:50051");
+}
+
+/// Runs `binary` with `env` in `dir` and returns its exit code and stderr.
+fn run_binary(binary: &str, env: &[(&str, String)], dir: &std::path::Path) -> (i32, String) {
+    let (code, _, stderr) = Process::start("bad-config", binary, &[], env, dir).wait(Duration::from_secs(20));
+    (code, stderr)
+}
+
+#[test]
+fn binaries_exit_2_with_one_line_naming_the_variable() {
+    let dir = scratch("bad-config");
+    let node = env!("CARGO_BIN_EXE_telemetry-node");
+    let sink = env!("CARGO_BIN_EXE_telemetry-sink");
+    let cases = [
+        (node, "SENSOR_VALUE_RATE_PER_SECOND", "abc"),
+        (node, "REQUEST_RATE_PER_SECOND", "0"),
+        (node, "BATCH_SIZE", "-5"),
+        (node, "BATCH_TIMEOUT", "soon"),
+        (node, "GRPC_SERVER_SOCKET", "nowhere"),
+        (sink, "RATE_PER_SECOND", "0"),
+        (sink, "BUFFER_FLUSH_INTERVAL", "x"),
+    ];
+    for (binary, variable, value) in cases {
+        let (code, stderr) = run_binary(binary, &[(variable, value.into())], &dir);
+        assert_eq!(code, 2, "{variable}={value}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&format!("{variable}=\"{value}\"")) && stderr.contains("expected"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn a_dot_env_file_is_read_and_the_environment_wins_over_it() {
+    let dir = scratch("dot-env");
+    std::fs::write(dir.join(".env"), "BATCH_SIZE=zero\nREQUEST_BURST=0\n").unwrap();
+    let node = env!("CARGO_BIN_EXE_telemetry-node");
+    let (code, stderr) = run_binary(node, &[], &dir);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("BATCH_SIZE=\"zero\""), "{stderr}");
+    let (code, stderr) = run_binary(node, &[("BATCH_SIZE", "10".into())], &dir);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("REQUEST_BURST=\"0\""), "{stderr}");
+}

@@ -1,0 +1,119 @@
+//! The node and the sink over real loopback gRPC: in one process through the
+//! library, and as the two binaries stopped by SIGTERM.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{
+    Process, assert_complete_and_ordered, free_port, node_config, read_output, scratch, sink_config, summary_fields,
+    wait_for_port,
+};
+use telemetry_node::{
+    node::{self, GrpcTransport},
+    receiver,
+    stats::{NodeStats, SinkStats},
+};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn the_sink_writes_every_reading_the_node_produced() {
+    let dir = scratch("library");
+    let sink = sink_config(&[("FILE_PATH", dir.display().to_string()), ("BUFFER_FLUSH_INTERVAL", "50ms".into())]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let stop_sink = CancellationToken::new();
+    let serving = tokio::spawn({
+        let (sink, stop) = (sink.clone(), stop_sink.clone());
+        async move { receiver::serve(&sink, listener, Arc::new(SinkStats::default()), stop.cancelled_owned()).await }
+    });
+
+    let config = node_config(&[
+        ("GRPC_SERVER_SOCKET", address.to_string()),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "100".into()),
+        ("REQUEST_RATE_PER_SECOND", "20".into()),
+        ("BATCH_SIZE", "50".into()),
+        ("BATCH_TIMEOUT", "100ms".into()),
+    ]);
+    let transport = GrpcTransport::new(config.endpoint().unwrap(), Duration::from_secs(5));
+    let run = node::run(&config, transport, Arc::new(NodeStats::default()), tokio::time::sleep(Duration::from_secs(2)));
+    let summary = tokio::time::timeout(Duration::from_secs(30), run).await.expect("the node stops in time");
+    stop_sink.cancel();
+    let sink_summary = tokio::time::timeout(Duration::from_secs(30), serving).await.unwrap().unwrap().unwrap();
+
+    let written = read_output(&sink.output_file());
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.len(), 4);
+    assert_eq!(written.len() as u64, summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
+    assert_eq!(sink_summary.readings_written, summary.produced);
+}
+
+#[test]
+fn binaries_stopped_by_sigterm_lose_nothing() {
+    let dir = scratch("binaries");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let sink = Process::start(
+        "sink",
+        env!("CARGO_BIN_EXE_telemetry-sink"),
+        &[],
+        &[("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into()), ("BUFFER_FLUSH_INTERVAL", "10s".into())],
+        &dir,
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start(
+        "node",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", socket),
+            ("SENSOR_COUNT", "3".into()),
+            ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
+            ("REQUEST_RATE_PER_SECOND", "20".into()),
+            ("BATCH_SIZE", "25".into()),
+            ("BATCH_TIMEOUT", "200ms".into()),
+        ],
+        &dir,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    node.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = node.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "node failed: {stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] > 0);
+    assert_eq!(summary["acked"], summary["produced"], "{stdout}");
+
+    // The flush interval is long: only the shutdown writes the readings out.
+    sink.signal(libc::SIGTERM);
+    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "sink failed: {stderr}");
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.keys().collect::<Vec<_>>(), ["sensor-1", "sensor-2", "sensor-3"]);
+    assert_eq!(written.len() as u64, summary["produced"]);
+}
+
+#[test]
+fn the_demo_ends_with_everything_acknowledged() {
+    let dir = scratch("demo");
+    let demo = Process::start(
+        "demo",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &["demo", "--duration", "2s"],
+        &[
+            ("SENSOR_COUNT", "2".into()),
+            ("SENSOR_VALUE_RATE_PER_SECOND", "20".into()),
+            ("TMPDIR", dir.display().to_string()),
+        ],
+        &dir,
+    );
+    let (code, stdout, stderr) = demo.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(last.starts_with("summary: produced="), "{last}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] >= 40, "{last}");
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{last}");
+}
