@@ -34,13 +34,18 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let config = match config::process_env().and_then(|vars| NodeConfig::from_vars(&vars)) {
-        Ok(config) => config,
+    let (vars, mut config) = match config::process_env().and_then(|vars| Ok((NodeConfig::from_vars(&vars)?, vars))) {
+        Ok((config, vars)) => (vars, config),
         Err(error) => {
             eprintln!("telemetry-node: {error}");
             return ExitCode::from(2);
         }
     };
+    // The demo's progress lines are the show; logs only interrupt them
+    // unless asked for.
+    if matches!(command, Command::Demo { .. }) && !vars.contains_key("LOGGER_MIN_LOG_LEVEL") {
+        config.log_level = tracing::Level::WARN;
+    }
     logging::init(config.log_level, config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
