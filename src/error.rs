@@ -59,6 +59,17 @@ pub enum ReceiveError {
         /// The configured bytes per second.
         limit: u32,
     },
+    /// The request holds more readings than MAX_ITEMS_PER_REQUEST.
+    #[error("request of {items} readings is over MAX_ITEMS_PER_REQUEST ({limit})")]
+    TooManyItems {
+        /// Readings in the request.
+        items: usize,
+        /// The configured maximum.
+        limit: usize,
+    },
+    /// The request carries no or the wrong SINK_AUTH_TOKEN.
+    #[error("missing or wrong token")]
+    Unauthenticated,
     /// Accepting the request now would exceed RATE_PER_SECOND.
     #[error("over RATE_PER_SECOND: retry later")]
     Throttled,
@@ -74,6 +85,7 @@ impl From<ReceiveError> for Status {
             ReceiveError::Throttled => Status::resource_exhausted(message),
             ReceiveError::TooLarge { .. } => Status::failed_precondition(message),
             ReceiveError::WriterStopped => Status::unavailable(message),
+            ReceiveError::Unauthenticated => Status::unauthenticated(message),
             _ => Status::invalid_argument(message),
         }
     }
@@ -93,6 +105,9 @@ pub enum ServeError {
         /// What the system said.
         source: std::io::Error,
     },
+    /// The TLS settings cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The writer task ended abnormally.
     #[error("output writer failed: {0}")]
     Writer(String),

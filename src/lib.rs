@@ -33,6 +33,7 @@ pub mod demo;
 pub mod error;
 pub mod logging;
 pub mod node;
+pub mod observe;
 pub mod reading;
 pub mod receiver;
 pub mod stats;

@@ -1,44 +1,159 @@
-//! Counters that say what happened to every reading a node produced.
+//! Counters that say what happened to every reading, shared by the stages
+//! and exported as Prometheus metrics.
 
 use std::{
     fmt,
-    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+/// Why readings were given up.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum DropReason {
+    /// The sink answered with a status that retrying cannot change.
+    Refused,
+    /// Every allowed attempt failed.
+    RetriesExhausted,
+    /// Still held when the shutdown timeout ran out.
+    Shutdown,
+}
+
+impl EncodeLabelValue for DropReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        fmt::Write::write_str(
+            encoder,
+            match self {
+                Self::Refused => "refused",
+                Self::RetriesExhausted => "retries_exhausted",
+                Self::Shutdown => "shutdown",
+            },
+        )
+    }
+}
+
+/// Label of a metric split by drop reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: DropReason,
+}
+
+/// Label of a metric split by gRPC status code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The code's name, e.g. `Unavailable`.
+    pub code: String,
+}
 
 /// Live counters of one node, shared by every stage.
 ///
 /// Once the pipeline has returned, every produced reading is either acked or
 /// dropped: `produced == acked + dropped`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeStats {
     /// Readings the sensors emitted.
-    pub produced: AtomicU64,
+    pub produced: Counter,
     /// Readings handed to the transport at least once.
-    pub sent: AtomicU64,
+    pub sent: Counter,
+    /// Batches handed to the transport at least once.
+    pub batches_sent: Counter,
     /// Readings the sink acknowledged.
-    pub acked: AtomicU64,
-    /// Readings given up: rejected by the sink, out of retries, or still held
-    /// when the shutdown timeout ran out.
-    pub dropped: AtomicU64,
+    pub acked: Counter,
+    /// Batches the sink acknowledged.
+    pub batches_acked: Counter,
+    /// Readings given up, for any reason.
+    pub dropped: Counter,
+    /// Readings given up, by reason.
+    pub dropped_by_reason: Family<ReasonLabel, Counter>,
     /// Attempts that repeated an earlier, failed attempt.
-    pub retries: AtomicU64,
+    pub retries: Counter,
+    /// Retries, by the code of the failure that caused them.
+    pub retries_by_code: Family<CodeLabel, Counter>,
+    /// Readings per batch sent.
+    pub batch_size: Histogram,
+    /// Seconds from a batch's first attempt to its outcome.
+    pub send_latency: Histogram,
+    /// Readings produced but neither acked nor dropped yet.
+    held: Gauge,
+    /// Readings acked per second, between the last two scrapes.
+    send_rate: Gauge<f64, AtomicU64>,
+    /// When the sink last acknowledged a batch, in ms since the Unix epoch
+    /// (0: never). Backs readiness.
+    last_ack_ms: AtomicU64,
+    /// Acked count and time at the previous scrape, for `send_rate`.
+    rate_base: Mutex<(Instant, u64)>,
+}
+
+impl Default for NodeStats {
+    fn default() -> Self {
+        Self {
+            produced: Counter::default(),
+            sent: Counter::default(),
+            batches_sent: Counter::default(),
+            acked: Counter::default(),
+            batches_acked: Counter::default(),
+            dropped: Counter::default(),
+            dropped_by_reason: Family::default(),
+            retries: Counter::default(),
+            retries_by_code: Family::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            held: Gauge::default(),
+            send_rate: Gauge::default(),
+            last_ack_ms: AtomicU64::new(0),
+            rate_base: Mutex::new((Instant::now(), 0)),
+        }
+    }
 }
 
 /// Adds `n` to `counter`.
-pub fn count(counter: &AtomicU64, n: usize) {
-    counter.fetch_add(n as u64, Relaxed);
+pub fn count(counter: &Counter, n: usize) {
+    counter.inc_by(n as u64);
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl NodeStats {
-    /// A consistent-enough copy for reporting.
-    pub fn snapshot(&self) -> Summary {
-        Summary {
-            produced: self.produced.load(Relaxed),
-            sent: self.sent.load(Relaxed),
-            acked: self.acked.load(Relaxed),
-            dropped: self.dropped.load(Relaxed),
-            retries: self.retries.load(Relaxed),
-        }
+    /// Counts `n` readings given up for `reason`.
+    pub fn drop_readings(&self, reason: DropReason, n: u64) {
+        self.dropped.inc_by(n);
+        self.dropped_by_reason.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    /// Counts one retry caused by a failure with `code`.
+    pub fn retry(&self, code: tonic::Code) {
+        self.retries.inc();
+        self.retries_by_code.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
+    }
+
+    /// Counts an acknowledged batch of `n` readings.
+    pub fn ack(&self, n: usize) {
+        count(&self.acked, n);
+        self.batches_acked.inc();
+        self.last_ack_ms.store(now_ms(), Relaxed);
+    }
+
+    /// Whether the sink acknowledged a batch within the last `window`.
+    pub fn acked_within(&self, window: std::time::Duration) -> bool {
+        let last = self.last_ack_ms.load(Relaxed);
+        last != 0 && now_ms().saturating_sub(last) <= window.as_millis() as u64
     }
 
     /// Counts as dropped every reading that is neither acked nor dropped yet:
@@ -46,8 +161,57 @@ impl NodeStats {
     pub fn drop_unaccounted(&self) -> u64 {
         let s = self.snapshot();
         let missing = s.produced.saturating_sub(s.acked + s.dropped);
-        self.dropped.fetch_add(missing, Relaxed);
+        self.drop_readings(DropReason::Shutdown, missing);
         missing
+    }
+
+    /// A consistent-enough copy for reporting.
+    pub fn snapshot(&self) -> Summary {
+        Summary {
+            produced: self.produced.get(),
+            sent: self.sent.get(),
+            acked: self.acked.get(),
+            dropped: self.dropped.get(),
+            retries: self.retries.get(),
+        }
+    }
+
+    /// Brings the derived gauges up to date; called before each scrape.
+    pub fn refresh(&self) {
+        let s = self.snapshot();
+        self.held.set(s.produced.saturating_sub(s.acked + s.dropped) as i64);
+        let mut base = self.rate_base.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = base.0.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            self.send_rate.set((s.acked - base.1) as f64 / elapsed);
+        }
+        *base = (Instant::now(), s.acked);
+    }
+
+    /// Registers every metric under the `telemetry_node` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("telemetry_node");
+        r.register("readings_produced", "Readings the sensors emitted", self.produced.clone());
+        r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
+        r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
+        r.register("readings_acked", "Readings the sink acknowledged", self.acked.clone());
+        r.register("batches_acked", "Batches the sink acknowledged", self.batches_acked.clone());
+        r.register("readings_dropped", "Readings given up, by reason", self.dropped_by_reason.clone());
+        r.register(
+            "retries",
+            "Repeated attempts, by the code that failed the previous one",
+            self.retries_by_code.clone(),
+        );
+        r.register("readings_held", "Readings produced but not yet acked or dropped", self.held.clone());
+        r.register("send_rate", "Readings acked per second since the previous scrape", self.send_rate.clone());
+        r.register("batch_size", "Readings per batch sent", self.batch_size.clone());
+        let latency = self.send_latency.clone();
+        r.register_with_unit(
+            "send_latency",
+            "Time from a batch's first attempt to its outcome",
+            Unit::Seconds,
+            latency,
+        );
     }
 }
 
@@ -76,34 +240,106 @@ impl fmt::Display for Summary {
     }
 }
 
+/// Why the sink refused a request, as a metric label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum RejectReason {
+    /// A reading failed validation.
+    Invalid,
+    /// Larger than the sink accepts.
+    TooLarge,
+    /// Missing or wrong token.
+    Unauthenticated,
+}
+
+impl EncodeLabelValue for RejectReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        fmt::Write::write_str(
+            encoder,
+            match self {
+                Self::Invalid => "invalid",
+                Self::TooLarge => "too_large",
+                Self::Unauthenticated => "unauthenticated",
+            },
+        )
+    }
+}
+
+/// Label of a metric split by rejection reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabel {
+    /// Why.
+    pub reason: RejectReason,
+}
+
 /// Live counters of one sink.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SinkStats {
     /// Requests answered OK.
-    pub requests_accepted: AtomicU64,
+    pub requests_accepted: Counter,
     /// Readings in the requests answered OK.
-    pub readings_accepted: AtomicU64,
-    /// Requests refused as invalid.
-    pub rejected: AtomicU64,
+    pub readings_accepted: Counter,
+    /// Requests refused, for any reason but throttling.
+    pub rejected: Counter,
+    /// Requests refused, by reason.
+    pub rejected_by_reason: Family<RejectLabel, Counter>,
     /// Requests refused over RATE_PER_SECOND.
-    pub throttled: AtomicU64,
+    pub throttled: Counter,
     /// Encoded bytes of every request received.
-    pub bytes_received: AtomicU64,
+    pub bytes_received: Counter,
     /// Readings written to the output file.
-    pub readings_written: AtomicU64,
+    pub readings_written: Counter,
+    /// Seconds one write of the buffer to the file took.
+    pub write_latency: Histogram,
+    /// Whether the server is accepting requests; backs readiness.
+    pub serving: std::sync::atomic::AtomicBool,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        Self {
+            requests_accepted: Counter::default(),
+            readings_accepted: Counter::default(),
+            rejected: Counter::default(),
+            rejected_by_reason: Family::default(),
+            throttled: Counter::default(),
+            bytes_received: Counter::default(),
+            readings_written: Counter::default(),
+            write_latency: Histogram::new(exponential_buckets(0.00005, 4.0, 10)),
+            serving: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 impl SinkStats {
+    /// Counts one request refused for `reason`.
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected.inc();
+        self.rejected_by_reason.get_or_create(&RejectLabel { reason }).inc();
+    }
+
     /// A copy for reporting.
     pub fn snapshot(&self) -> SinkSummary {
         SinkSummary {
-            requests_accepted: self.requests_accepted.load(Relaxed),
-            readings_accepted: self.readings_accepted.load(Relaxed),
-            rejected: self.rejected.load(Relaxed),
-            throttled: self.throttled.load(Relaxed),
-            bytes_received: self.bytes_received.load(Relaxed),
-            readings_written: self.readings_written.load(Relaxed),
+            requests_accepted: self.requests_accepted.get(),
+            readings_accepted: self.readings_accepted.get(),
+            rejected: self.rejected.get(),
+            throttled: self.throttled.get(),
+            bytes_received: self.bytes_received.get(),
+            readings_written: self.readings_written.get(),
         }
+    }
+
+    /// Registers every metric under the `telemetry_sink` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("telemetry_sink");
+        r.register("requests_accepted", "Requests answered OK", self.requests_accepted.clone());
+        r.register("readings_accepted", "Readings in the requests answered OK", self.readings_accepted.clone());
+        r.register("requests_rejected", "Requests refused, by reason", self.rejected_by_reason.clone());
+        r.register("requests_throttled", "Requests refused over RATE_PER_SECOND", self.throttled.clone());
+        r.register_with_unit("received", "Encoded request bytes received", Unit::Bytes, self.bytes_received.clone());
+        r.register("readings_written", "Readings written to the output file", self.readings_written.clone());
+        let latency = self.write_latency.clone();
+        r.register_with_unit("write_latency", "Time one buffer write to the output took", Unit::Seconds, latency);
     }
 }
 
@@ -114,7 +350,7 @@ pub struct SinkSummary {
     pub requests_accepted: u64,
     /// Readings in the requests answered OK.
     pub readings_accepted: u64,
-    /// Requests refused as invalid.
+    /// Requests refused as invalid, too large or unauthenticated.
     pub rejected: u64,
     /// Requests refused over RATE_PER_SECOND.
     pub throttled: u64,

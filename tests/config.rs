@@ -46,6 +46,10 @@ fn every_bad_node_value_names_its_variable() {
         ("SHUTDOWN_TIMEOUT", "x"),
         ("LOGGER_MIN_LOG_LEVEL", "loud"),
         ("LOG_FORMAT", "xml"),
+        ("METRICS_ADDR", "9100"),
+        ("GRPC_COMPRESSION", "brotli"),
+        ("TLS_CA_CERT", "/no/such/ca.pem"),
+        ("TLS_CLIENT_CERT", "/no/such/cert.pem"),
     ];
     for (variable, value) in cases {
         let error = NodeConfig::from_vars(&vars(&[(variable, value.into())])).unwrap_err();
@@ -66,12 +70,22 @@ fn every_bad_sink_value_names_its_variable() {
         ("BUFFER_FLUSH_INTERVAL", "later"),
         ("BUFFER_FLUSH_INTERVAL", "0s"),
         ("FILE_PATH", ""),
+        ("MAX_MESSAGE_BYTES", "10"),
+        ("MAX_ITEMS_PER_REQUEST", "0"),
+        ("TLS_CERT", "/no/such/cert.pem"),
+        ("TLS_CLIENT_CA", "/no/such/ca.pem"),
     ];
     for (variable, value) in cases {
         let error = SinkConfig::from_vars(&vars(&[(variable, value.into())])).unwrap_err();
         let ConfigError::Invalid { variable: named, value: given, .. } = &error else { panic!("{error}") };
         assert_eq!((*named, given.as_str()), (variable, value), "{error}");
     }
+}
+
+#[test]
+fn a_bad_token_is_named_but_never_echoed() {
+    let error = NodeConfig::from_vars(&vars(&[("SINK_AUTH_TOKEN", "has space".into())])).unwrap_err();
+    assert!(error.to_string().contains("SINK_AUTH_TOKEN") && !error.to_string().contains("has space"), "{error}");
 }
 
 #[test]

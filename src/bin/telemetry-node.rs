@@ -1,11 +1,15 @@
 //! `telemetry-node`: runs the node configured by the environment, or the demo.
 
-use std::{process::ExitCode, time::Duration};
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use telemetry_node::{
     config::{self, NodeConfig},
     demo, logging,
     node::{self, GrpcTransport},
+    observe,
     stats::NodeStats,
 };
 use tracing::info;
@@ -64,10 +68,29 @@ fn main() -> ExitCode {
 
 async fn run_node(config: NodeConfig) -> ExitCode {
     info!(message = "Starting node.", ?config);
-    let endpoint = config.endpoint().expect("validated with the rest of the configuration");
-    let transport = GrpcTransport::new(endpoint, config.rpc_timeout.into());
-    let stats = std::sync::Arc::new(NodeStats::default());
+    let transport = match GrpcTransport::from_config(&config) {
+        Ok(transport) => transport,
+        Err(error) => {
+            eprintln!("telemetry-node: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let stats = Arc::new(NodeStats::default());
+    let stop_metrics = CancellationToken::new();
+    if let Some(address) = &config.metrics_addr {
+        let mut registry = Registry::default();
+        stats.register(&mut registry);
+        let (refreshed, checked, window) = (Arc::clone(&stats), Arc::clone(&stats), config.ready_window());
+        let ready = move || checked.acked_within(window);
+        if let Err(error) =
+            observe::spawn(address, registry, move || refreshed.refresh(), ready, stop_metrics.clone()).await
+        {
+            eprintln!("telemetry-node: cannot serve metrics on METRICS_ADDR={address:?}: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     let summary = node::run(&config, transport, stats, terminated()).await;
+    stop_metrics.cancel();
     info!(
         message = "Node stopped.",
         produced = summary.produced,

@@ -1,10 +1,16 @@
 //! `telemetry-sink`: receives readings over gRPC and writes them as JSON lines.
 
-use std::{process::ExitCode, sync::Arc};
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 
 use telemetry_node::{
     config::{self, SinkConfig},
-    logging, receiver,
+    logging, observe, receiver,
     stats::SinkStats,
 };
 use tokio::net::TcpListener;
@@ -44,7 +50,20 @@ async fn run(config: SinkConfig) -> ExitCode {
         }
     };
     let stats = Arc::new(SinkStats::default());
-    match receiver::serve(&config, listener, stats, terminated()).await {
+    let stop_metrics = CancellationToken::new();
+    if let Some(address) = &config.metrics_addr {
+        let mut registry = Registry::default();
+        stats.register(&mut registry);
+        let checked = Arc::clone(&stats);
+        let ready = move || checked.serving.load(Relaxed);
+        if let Err(error) = observe::spawn(address, registry, || {}, ready, stop_metrics.clone()).await {
+            eprintln!("telemetry-sink: cannot serve metrics on METRICS_ADDR={address:?}: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let served = receiver::serve(&config, listener, stats, terminated()).await;
+    stop_metrics.cancel();
+    match served {
         Ok(summary) => {
             info!(message = "Sink stopped.", %summary);
             println!("summary: {summary}");

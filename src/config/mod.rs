@@ -10,6 +10,7 @@ mod sink;
 
 use std::collections::HashMap;
 
+pub(crate) use node::tokenable;
 pub use node::{LogFormat, NodeConfig};
 pub use sink::SinkConfig;
 
@@ -58,6 +59,18 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("FILE_PATH", "a non-empty folder path"),
     ("BUFFER_SIZE", "a whole number of bytes from 1 to 1073741824"),
     ("BUFFER_FLUSH_INTERVAL", "a duration greater than 0, e.g. 1s"),
+    ("METRICS_ADDR", "host:port to serve /metrics, /healthz and /readyz on, e.g. 0.0.0.0:9100"),
+    ("GRPC_COMPRESSION", "none or gzip"),
+    ("SINK_AUTH_TOKEN", "a non-empty token of visible ASCII characters"),
+    ("TLS_CA_CERT", "a readable PEM file of the CA that signed the sink's certificate"),
+    ("TLS_SERVER_NAME", "the name the sink's certificate is issued for"),
+    ("TLS_CLIENT_CERT", "a readable PEM certificate file, set together with TLS_CLIENT_KEY and TLS_CA_CERT"),
+    ("TLS_CLIENT_KEY", "a readable PEM key file, set together with TLS_CLIENT_CERT"),
+    ("TLS_CERT", "a readable PEM certificate file, set together with TLS_KEY"),
+    ("TLS_KEY", "a readable PEM key file, set together with TLS_CERT"),
+    ("TLS_CLIENT_CA", "a readable PEM file of the CA that signs node certificates; needs TLS_CERT"),
+    ("MAX_MESSAGE_BYTES", "a whole number of bytes from 1024 to 1073741824"),
+    ("MAX_ITEMS_PER_REQUEST", "a whole number from 1 to 10000000"),
 ];
 
 /// Reads the process environment, after loading `.env` from the working
@@ -90,6 +103,8 @@ pub(crate) fn load<C: envconfig::Envconfig>(
 ) -> Result<C, ConfigError> {
     let config: C = parse(vars)?;
     validate(&config).map_err(|error| match error {
+        // Secrets are never echoed.
+        ConfigError::Invalid { variable: "SINK_AUTH_TOKEN", .. } => error,
         ConfigError::Invalid { variable, value, expected } => {
             let value = vars.get(variable).cloned().unwrap_or(value);
             ConfigError::Invalid { variable, value, expected }
@@ -100,7 +115,7 @@ pub(crate) fn load<C: envconfig::Envconfig>(
 }
 
 /// The error for `variable` set to `value`.
-pub(crate) fn invalid(variable: &'static str, value: impl Into<String>) -> ConfigError {
+pub fn invalid(variable: &'static str, value: impl Into<String>) -> ConfigError {
     let expected =
         ACCEPTED.iter().find(|(name, _)| *name == variable).map_or("a valid value", |(_, expected)| expected);
     ConfigError::Invalid { variable, value: value.into(), expected }
@@ -109,6 +124,39 @@ pub(crate) fn invalid(variable: &'static str, value: impl Into<String>) -> Confi
 /// Fails with [`invalid`] unless `ok`.
 pub(crate) fn ensure(ok: bool, variable: &'static str, value: impl ToString) -> Result<(), ConfigError> {
     if ok { Ok(()) } else { Err(invalid(variable, value.to_string())) }
+}
+
+/// Reads the PEM file named by `variable`, if it is set.
+pub(crate) fn read_pem(variable: &'static str, path: Option<&std::path::Path>) -> Result<Option<String>, ConfigError> {
+    path.map(|path| std::fs::read_to_string(path).map_err(|_| invalid(variable, path.display().to_string())))
+        .transpose()
+}
+
+/// Fails unless `address` is `host:port` (an empty host means every interface).
+pub(crate) fn ensure_socket(variable: &'static str, address: &str) -> Result<(), ConfigError> {
+    let valid = address.rsplit_once(':').is_some_and(|(host, port)| port.parse::<u16>().is_ok() && !host.contains('/'));
+    ensure(valid, variable, address)
+}
+
+/// Request compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Requests go uncompressed; the sink refuses compressed ones.
+    None,
+    /// gzip: the node compresses requests; the sink accepts them.
+    Gzip,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(Self::None),
+            "gzip" => Ok(Self::Gzip),
+            _ => Err(format!("unknown compression {s:?}")),
+        }
+    }
 }
 
 /// Fails unless `duration` is longer than zero.

@@ -1,9 +1,9 @@
 //! Configuration of `telemetry-node`.
 
-use std::{collections::HashMap, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
+use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
 use envconfig::Envconfig;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{ConfigError, ensure, ensure_positive, invalid};
 use crate::node::throttle::{MAX_RATE, RequestRate};
@@ -55,6 +55,33 @@ pub struct NodeConfig {
     /// Log line format: human-readable text or JSON for collectors.
     #[envconfig(from = "LOG_FORMAT", default = "text")]
     pub log_format: LogFormat,
+    /// Where to serve metrics and health over HTTP; off when unset.
+    #[envconfig(from = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Compression of requests.
+    #[envconfig(from = "GRPC_COMPRESSION", default = "none")]
+    pub compression: super::Compression,
+    /// Token sent to the sink as `authorization: Bearer <token>`.
+    #[envconfig(from = "SINK_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// CA that signed the sink's certificate; setting it turns TLS on.
+    #[envconfig(from = "TLS_CA_CERT")]
+    pub tls_ca_cert: Option<PathBuf>,
+    /// Name to check the sink's certificate against; default: the host of
+    /// GRPC_SERVER_SOCKET.
+    #[envconfig(from = "TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// The node's own certificate, for sinks that require one (mTLS).
+    #[envconfig(from = "TLS_CLIENT_CERT")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of TLS_CLIENT_CERT.
+    #[envconfig(from = "TLS_CLIENT_KEY")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+/// Whether `token` can travel as an HTTP/2 header value.
+pub(crate) fn tokenable(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl NodeConfig {
@@ -78,7 +105,42 @@ impl NodeConfig {
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
         ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
-        ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)
+        ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)?;
+        if let Some(address) = &self.metrics_addr {
+            super::ensure_socket("METRICS_ADDR", address)?;
+        }
+        if let Some(token) = &self.auth_token {
+            ensure(tokenable(token), "SINK_AUTH_TOKEN", "(hidden)")?;
+        }
+        self.tls()?;
+        Ok(())
+    }
+
+    /// The TLS settings for the sink connection, or `None` for plaintext.
+    pub fn tls(&self) -> Result<Option<ClientTlsConfig>, ConfigError> {
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert))?.unwrap_or_default();
+                let key = super::read_pem("TLS_CLIENT_KEY", Some(key))?.unwrap_or_default();
+                Some(Identity::from_pem(cert, key))
+            }
+            (Some(cert), None) => return Err(invalid("TLS_CLIENT_CERT", cert.display().to_string())),
+            (None, Some(key)) => return Err(invalid("TLS_CLIENT_KEY", key.display().to_string())),
+        };
+        let Some(ca) = super::read_pem("TLS_CA_CERT", self.tls_ca_cert.as_deref())? else {
+            return match identity {
+                Some(_) => Err(invalid("TLS_CA_CERT", "")),
+                None => Ok(None),
+            };
+        };
+        let host = self.server_socket.trim().rsplit_once(':').map_or("", |(host, _)| host);
+        let name = self.tls_server_name.as_deref().unwrap_or(host).trim_matches(|c| c == '[' || c == ']');
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(name);
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        Ok(Some(tls))
     }
 
     /// Names of the sensors: `SENSOR_NAME` alone, or numbered from 1.
@@ -87,6 +149,16 @@ impl NodeConfig {
             return vec![Arc::from(self.sensor_name.as_str())];
         }
         (1..=self.sensor_count).map(|i| Arc::from(format!("{}-{i}", self.sensor_name))).collect()
+    }
+
+    /// How recently the sink must have acknowledged a batch for the node to
+    /// be ready: three times the longest a batch normally takes to go out,
+    /// and at least 10 s.
+    pub fn ready_window(&self) -> Duration {
+        let request_period =
+            self.request_rate().map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r.per_second));
+        let batch_period = Duration::from(self.batch_timeout).max(request_period);
+        (batch_period * 3).max(Duration::from_secs(10))
     }
 
     /// Time between two readings of one sensor.
@@ -108,7 +180,8 @@ impl NodeConfig {
         if host.is_empty() || port.parse::<u16>().is_err() || socket.contains('/') {
             return Err(bad());
         }
-        Endpoint::from_shared(format!("http://{socket}")).map_err(|_| bad())
+        let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
+        Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
     }
 }
 

@@ -3,6 +3,7 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use envconfig::Envconfig;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::{ConfigError, LogFormat, ensure, ensure_positive};
 
@@ -32,6 +33,30 @@ pub struct SinkConfig {
     /// Log line format: human-readable text or JSON for collectors.
     #[envconfig(from = "LOG_FORMAT", default = "text")]
     pub log_format: LogFormat,
+    /// Where to serve metrics and health over HTTP; off when unset.
+    #[envconfig(from = "METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+    /// Whether gzip-compressed requests are accepted.
+    #[envconfig(from = "GRPC_COMPRESSION", default = "gzip")]
+    pub compression: super::Compression,
+    /// Token every request must carry as `authorization: Bearer <token>`.
+    #[envconfig(from = "SINK_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// The sink's certificate; with TLS_KEY it turns TLS on.
+    #[envconfig(from = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Key of TLS_CERT.
+    #[envconfig(from = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA of node certificates; setting it makes them required (mTLS).
+    #[envconfig(from = "TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Largest request accepted, in encoded bytes.
+    #[envconfig(from = "MAX_MESSAGE_BYTES", default = "4194304")]
+    pub max_message_bytes: usize,
+    /// Most readings accepted in one request.
+    #[envconfig(from = "MAX_ITEMS_PER_REQUEST", default = "100000")]
+    pub max_items: usize,
 }
 
 impl SinkConfig {
@@ -46,7 +71,39 @@ impl SinkConfig {
         ensure(self.rate_per_second > 0, "RATE_PER_SECOND", self.rate_per_second)?;
         ensure(!self.file_path.as_os_str().is_empty(), "FILE_PATH", "")?;
         ensure((1..=1 << 30).contains(&self.buffer_size), "BUFFER_SIZE", self.buffer_size)?;
-        ensure_positive("BUFFER_FLUSH_INTERVAL", self.flush_interval)
+        ensure_positive("BUFFER_FLUSH_INTERVAL", self.flush_interval)?;
+        if let Some(address) = &self.metrics_addr {
+            super::ensure_socket("METRICS_ADDR", address)?;
+        }
+        if let Some(token) = &self.auth_token {
+            ensure(super::tokenable(token), "SINK_AUTH_TOKEN", "(hidden)")?;
+        }
+        ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
+        ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
+        self.tls()?;
+        Ok(())
+    }
+
+    /// The TLS settings of the server, or `None` for plaintext.
+    pub fn tls(&self) -> Result<Option<ServerTlsConfig>, ConfigError> {
+        let (cert, key) = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => {
+                return match &self.tls_client_ca {
+                    Some(ca) => Err(super::invalid("TLS_CLIENT_CA", ca.display().to_string())),
+                    None => Ok(None),
+                };
+            }
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), None) => return Err(super::invalid("TLS_CERT", cert.display().to_string())),
+            (None, Some(key)) => return Err(super::invalid("TLS_KEY", key.display().to_string())),
+        };
+        let cert = super::read_pem("TLS_CERT", Some(cert))?.unwrap_or_default();
+        let key = super::read_pem("TLS_KEY", Some(key))?.unwrap_or_default();
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = super::read_pem("TLS_CLIENT_CA", self.tls_client_ca.as_deref())? {
+            tls = tls.client_ca_root(Certificate::from_pem(ca));
+        }
+        Ok(Some(tls))
     }
 
     /// The address to bind, with Go's `:port` meaning every interface.

@@ -13,7 +13,7 @@ use super::transport::Transport;
 use crate::{
     error::{SendError, is_retryable},
     reading::{Batch, to_request},
-    stats::{NodeStats, count},
+    stats::{DropReason, NodeStats, count},
 };
 
 /// How a failed send is repeated.
@@ -39,10 +39,19 @@ pub fn batch_sender<T: Transport>(
         let (transport, stats) = &*state;
         let readings = batch.len();
         count(&stats.sent, readings);
-        match deliver(transport, retry, stats, &batch).await {
-            Ok(()) => count(&stats.acked, readings),
+        stats.batches_sent.inc();
+        stats.batch_size.observe(readings as f64);
+        let started = tokio::time::Instant::now();
+        let outcome = deliver(transport, retry, stats, &batch).await;
+        stats.send_latency.observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(()) => stats.ack(readings),
             Err(error) => {
-                count(&stats.dropped, readings);
+                let reason = match error {
+                    SendError::Refused(_) => DropReason::Refused,
+                    SendError::Exhausted { .. } => DropReason::RetriesExhausted,
+                };
+                stats.drop_readings(reason, readings as u64);
                 error!(message = "Dropped batch.", %error, readings);
             }
         }
@@ -68,7 +77,7 @@ async fn deliver<T: Transport>(
         .retry(backoff)
         .when(|status: &Status| is_retryable(status.code()))
         .notify(|status: &Status, wait: Duration| {
-            count(&stats.retries, 1);
+            stats.retry(status.code());
             warn!(message = "Failed to send batch, retrying.", code = ?status.code(), error = status.message(), ?wait);
         })
         .await

@@ -1,10 +1,18 @@
 //! Transport: one attempt at delivering one request to the sink.
 
-use std::{future::Future, time::Duration};
+use std::{error::Error as _, future::Future, time::Duration};
 
-use tonic::{Status, transport::Channel, transport::Endpoint};
+use tonic::{
+    Status,
+    codec::CompressionEncoding,
+    metadata::{Ascii, MetadataValue},
+    transport::{Channel, ClientTlsConfig, Endpoint},
+};
 
-use crate::proto::{SensorValuesRequest, sensor_service_client::SensorServiceClient};
+use crate::{
+    config::{Compression, ConfigError, NodeConfig},
+    proto::{SensorValuesRequest, sensor_service_client::SensorServiceClient},
+};
 
 /// Delivers one request, once. Retrying is the sender's business.
 pub trait Transport: Send + Sync + 'static {
@@ -25,20 +33,53 @@ pub struct GrpcTransport {
     client: SensorServiceClient<Channel>,
     /// Deadline of one attempt.
     rpc_timeout: Duration,
+    /// `Bearer <SINK_AUTH_TOKEN>`, sent with every request when set.
+    authorization: Option<MetadataValue<Ascii>>,
 }
 
 impl GrpcTransport {
-    /// A transport to `endpoint`; it connects on first use.
+    /// A plaintext transport to `endpoint`; it connects on first use.
     pub fn new(endpoint: Endpoint, rpc_timeout: Duration) -> Self {
-        let channel = endpoint
+        Self::build(endpoint, None, rpc_timeout, Compression::None, None)
+    }
+
+    /// The transport that `config` describes: TLS, token and compression
+    /// included.
+    pub fn from_config(config: &NodeConfig) -> Result<Self, ConfigError> {
+        let authorization = match &config.auth_token {
+            Some(token) => Some(
+                format!("Bearer {token}").parse().map_err(|_| crate::config::invalid("SINK_AUTH_TOKEN", "(hidden)"))?,
+            ),
+            None => None,
+        };
+        let endpoint = config.endpoint()?;
+        let tls = config.tls()?;
+        Ok(Self::build(endpoint, tls, config.rpc_timeout.into(), config.compression, authorization))
+    }
+
+    fn build(
+        endpoint: Endpoint,
+        tls: Option<ClientTlsConfig>,
+        rpc_timeout: Duration,
+        compression: Compression,
+        authorization: Option<MetadataValue<Ascii>>,
+    ) -> Self {
+        let mut endpoint = endpoint
             .tcp_nodelay(true)
             .initial_stream_window_size(WINDOW_BYTES)
             .initial_connection_window_size(WINDOW_BYTES)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .connect_timeout(rpc_timeout)
-            .connect_lazy();
-        Self { client: SensorServiceClient::new(channel), rpc_timeout }
+            .connect_timeout(rpc_timeout);
+        if let Some(tls) = tls {
+            // Only fails for a plaintext URI, and the config makes it https.
+            endpoint = endpoint.tls_config(tls).expect("an https endpoint accepts TLS settings");
+        }
+        let mut client = SensorServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
+        if compression == Compression::Gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
+        Self { client, rpc_timeout, authorization }
     }
 }
 
@@ -48,10 +89,30 @@ impl Transport for GrpcTransport {
         // Tells the sink the deadline; the local timeout enforces it even
         // when the sink never answers.
         request.set_timeout(self.rpc_timeout);
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert("authorization", authorization.clone());
+        }
         let mut client = self.client.clone();
         match tokio::time::timeout(self.rpc_timeout, client.send_sensor_values(request)).await {
-            Ok(answer) => answer.map(drop),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(explained(status)),
             Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.rpc_timeout))),
         }
     }
+}
+
+/// `status` with the chain of errors behind it in its message: a TLS or
+/// connection failure otherwise reads only "transport error".
+fn explained(status: Status) -> Status {
+    let mut message = status.message().to_owned();
+    let mut source = status.source();
+    while let Some(error) = source {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = error.source();
+    }
+    Status::new(status.code(), message)
 }

@@ -7,16 +7,19 @@ pub mod service;
 pub mod validate;
 pub mod writer;
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
 
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::{codec::CompressionEncoding, transport::Server};
 use tracing::info;
 
 use crate::{
-    config::SinkConfig,
+    config::{Compression, SinkConfig},
     error::ServeError,
     proto::sensor_service_server::SensorServiceServer,
     stats::{SinkStats, SinkSummary},
@@ -48,13 +51,36 @@ pub async fn serve(
     let stop_writer = CancellationToken::new();
     let writing = tokio::spawn(output.run(queue, config.flush_interval.into(), stop_writer.clone()));
 
-    let service = ReceiverService::new(config.rate_per_second, chunks, Arc::clone(&stats));
-    info!(message = "Sink listening.", address = %listener.local_addr().map_err(ServeError::Listen)?, output = %path.display());
-    let served = Server::builder()
+    let mut service = SensorServiceServer::new(ReceiverService::new(config, chunks, Arc::clone(&stats)))
+        .max_decoding_message_size(config.max_message_bytes);
+    if config.compression == Compression::Gzip {
+        service = service.accept_compressed(CompressionEncoding::Gzip);
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SensorServiceServer<ReceiverService>>().await;
+    let tls = config.tls().map_err(|error| ServeError::Tls(error.to_string()))?;
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    info!(
+        message = "Sink listening.",
+        address = %listener.local_addr().map_err(ServeError::Listen)?,
+        output = %path.display(),
+        tls = config.tls_cert.is_some(),
+    );
+    stats.serving.store(true, Relaxed);
+    let shutdown = async {
+        shutdown.await;
+        stats.serving.store(false, Relaxed);
+        health.set_not_serving::<SensorServiceServer<ReceiverService>>().await;
+    };
+    let served = server
         .tcp_nodelay(true)
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
-        .add_service(SensorServiceServer::new(service))
+        .add_service(health_service)
+        .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
 

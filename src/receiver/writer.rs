@@ -90,8 +90,10 @@ impl JsonLinesWriter {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         self.file.write_all(&self.buffer).await?;
         self.file.flush().await?;
+        self.stats.write_latency.observe(started.elapsed().as_secs_f64());
         debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
         count(&self.stats.readings_written, self.buffered_readings);
         self.buffer.clear();

@@ -1,0 +1,161 @@
+//! TLS, mutual TLS, the shared token and compression between a node's
+//! transport and a sink, with certificates made at run time.
+
+mod common;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use common::{node_config, scratch, sink_config};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use telemetry_node::{
+    node::{GrpcTransport, Transport},
+    proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement},
+    receiver,
+    stats::{SinkStats, SinkSummary},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// A CA, and files of certificates it signed, in `dir`.
+struct Pki<'a> {
+    dir: &'a Path,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl<'a> Pki<'a> {
+    fn new(dir: &'a Path, name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), ca.pem()).unwrap();
+        Self { dir, ca }
+    }
+
+    /// Writes `<name>.crt` and `<name>.key` for `host`, signed by this CA.
+    fn issue(&self, name: &str, host: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path.display().to_string(), key_path.display().to_string())
+    }
+}
+
+fn request() -> SensorValuesRequest {
+    let measurement =
+        Measurement { sensor_value: Some(1), created_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }) };
+    SensorValuesRequest {
+        items: vec![SensorValue { sensor_name: "s".into(), measurement: Some(measurement), sequence: 0 }],
+    }
+}
+
+/// Serves a sink configured by `pairs` on a free port; returns its address,
+/// a stop token and a handle that yields its summary.
+async fn sink(
+    name: &str,
+    pairs: &[(&str, String)],
+) -> (String, CancellationToken, tokio::task::JoinHandle<SinkSummary>) {
+    let mut pairs = pairs.to_vec();
+    pairs.push(("FILE_PATH", scratch(name).join("out").display().to_string()));
+    let config = sink_config(&pairs);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            receiver::serve(&config, listener, Arc::new(SinkStats::default()), stop.cancelled_owned()).await.unwrap()
+        }
+    });
+    (format!("localhost:{port}"), stop, handle)
+}
+
+/// Sends one request through a node transport configured by `pairs`.
+async fn send(socket: &str, pairs: &[(&str, String)]) -> Result<(), tonic::Status> {
+    let mut pairs = pairs.to_vec();
+    pairs.push(("GRPC_SERVER_SOCKET", socket.to_owned()));
+    pairs.push(("RPC_TIMEOUT", "5s".into()));
+    let transport = GrpcTransport::from_config(&node_config(&pairs)).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), transport.send(request())).await.expect("an answer in time")
+}
+
+async fn stop(stop: CancellationToken, handle: tokio::task::JoinHandle<SinkSummary>) -> SinkSummary {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), handle).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn tls_works_and_a_wrong_ca_fails_with_a_clear_error() {
+    let dir = scratch("tls");
+    let pki = Pki::new(&dir, "ca");
+    let other = Pki::new(&dir, "other-ca");
+    let (cert, key) = pki.issue("sink", "localhost");
+    let (socket, token, handle) = sink("tls-sink", &[("TLS_CERT", cert), ("TLS_KEY", key)]).await;
+
+    let ca = dir.join("ca.pem").display().to_string();
+    assert!(send(&socket, &[("TLS_CA_CERT", ca.clone())]).await.is_ok());
+
+    let wrong = send(&socket, &[("TLS_CA_CERT", dir.join("other-ca.pem").display().to_string())]).await.unwrap_err();
+    assert_eq!(wrong.code(), Code::Unavailable);
+    assert!(wrong.message().contains("invalid peer certificate"), "{}", wrong.message());
+
+    // Plaintext to a TLS sink is refused too.
+    assert!(send(&socket, &[]).await.is_err());
+    drop(other);
+    assert_eq!(stop(token, handle).await.readings_written, 1);
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_a_node_without_a_client_certificate() {
+    let dir = scratch("mtls");
+    let pki = Pki::new(&dir, "ca");
+    let (cert, key) = pki.issue("sink", "localhost");
+    let (client_cert, client_key) = pki.issue("node", "node-1");
+    let ca = dir.join("ca.pem").display().to_string();
+    let (socket, token, handle) =
+        sink("mtls-sink", &[("TLS_CERT", cert), ("TLS_KEY", key), ("TLS_CLIENT_CA", ca.clone())]).await;
+
+    let refused = send(&socket, &[("TLS_CA_CERT", ca.clone())]).await.unwrap_err();
+    assert!(refused.message().contains("CertificateRequired"), "{}", refused.message());
+
+    let with_cert = [("TLS_CA_CERT", ca), ("TLS_CLIENT_CERT", client_cert), ("TLS_CLIENT_KEY", client_key)];
+    assert!(send(&socket, &with_cert).await.is_ok());
+    assert_eq!(stop(token, handle).await.readings_written, 1);
+}
+
+#[tokio::test]
+async fn a_missing_or_wrong_token_is_refused_and_counted() {
+    let (socket, token, handle) = sink("token", &[("SINK_AUTH_TOKEN", "s3cret".into())]).await;
+    assert_eq!(send(&socket, &[]).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(send(&socket, &[("SINK_AUTH_TOKEN", "guess".into())]).await.unwrap_err().code(), Code::Unauthenticated);
+    assert!(send(&socket, &[("SINK_AUTH_TOKEN", "s3cret".into())]).await.is_ok());
+    let summary = stop(token, handle).await;
+    assert_eq!((summary.rejected, summary.readings_written), (2, 1));
+}
+
+#[tokio::test]
+async fn gzip_requests_are_accepted_only_when_the_sink_allows_them() {
+    let (socket, token, handle) = sink("gzip", &[]).await;
+    assert!(send(&socket, &[("GRPC_COMPRESSION", "gzip".into())]).await.is_ok());
+    assert_eq!(stop(token, handle).await.readings_written, 1);
+
+    let (socket, token, handle) = sink("no-gzip", &[("GRPC_COMPRESSION", "none".into())]).await;
+    assert_eq!(send(&socket, &[("GRPC_COMPRESSION", "gzip".into())]).await.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(stop(token, handle).await.readings_written, 0);
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused_and_nothing_is_written() {
+    let (socket, token, handle) =
+        sink("caps", &[("MAX_ITEMS_PER_REQUEST", "1".into()), ("MAX_MESSAGE_BYTES", "1024".into())]).await;
+    let transport = GrpcTransport::from_config(&node_config(&[("GRPC_SERVER_SOCKET", socket.clone())])).unwrap();
+    let mut two = request();
+    two.items.push(two.items[0].clone());
+    assert_eq!(transport.send(two).await.unwrap_err().code(), Code::InvalidArgument);
+    let mut big = request();
+    big.items[0].sensor_name = "x".repeat(2000);
+    assert_eq!(transport.send(big).await.unwrap_err().code(), Code::OutOfRange);
+    assert!(transport.send(request()).await.is_ok());
+    assert_eq!(stop(token, handle).await.readings_written, 1);
+}
