@@ -21,12 +21,14 @@ use tonic::Code;
 
 const RETRYABLE: [Code; 3] = [Code::Unavailable, Code::ResourceExhausted, Code::DeadlineExceeded];
 
-/// A node of 2 sensors at 10/s sending batches of 5 at 4 requests/s.
+/// A node of 2 sensors at 10/s sending batches of 5 at 4 requests/s, one
+/// request at a time, so that the scripted failures meet a known batch.
 fn config(max_retries: usize) -> telemetry_node::config::NodeConfig {
     node_config(&[
         ("SENSOR_COUNT", "2".into()),
         ("SENSOR_VALUE_RATE_PER_SECOND", "10".into()),
         ("BATCH_SIZE", "5".into()),
+        ("MAX_IN_FLIGHT", "1".into()),
         ("REQUEST_RATE_PER_SECOND", "4".into()),
         ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", max_retries.to_string()),
         ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "200ms".into()),

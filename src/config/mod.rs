@@ -50,6 +50,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more"),
     ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0, e.g. 500ms or 1s"),
     ("BATCH_SIZE", "a whole number from 1 to 1000000"),
+    ("MAX_IN_FLIGHT", "a whole number from 1 to 256"),
     ("BATCH_TIMEOUT", "a duration greater than 0, e.g. 500ms or 1s"),
     ("RPC_TIMEOUT", "a duration greater than 0, e.g. 5s"),
     ("SHUTDOWN_TIMEOUT", "a duration greater than 0, e.g. 10s"),

@@ -37,6 +37,10 @@ pub struct NodeConfig {
     /// Wait between two attempts at the same send.
     #[envconfig(from = "GRPC_CLIENT_RETRY_SEND_INTERVAL", default = "1s")]
     pub retry_interval: humantime::Duration,
+    /// Requests in flight at once, at most: sensors are spread over this
+    /// many lanes, each sending one request at a time.
+    #[envconfig(from = "MAX_IN_FLIGHT", default = "4")]
+    pub max_in_flight: usize,
     /// Readings per request at most.
     #[envconfig(from = "BATCH_SIZE", default = "1000")]
     pub batch_size: usize,
@@ -103,6 +107,7 @@ impl NodeConfig {
         self.endpoint()?;
         ensure_positive("GRPC_CLIENT_RETRY_SEND_INTERVAL", self.retry_interval)?;
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
+        ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
         ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
         ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)?;
@@ -161,9 +166,15 @@ impl NodeConfig {
         (batch_period * 3).max(Duration::from_secs(10))
     }
 
-    /// Time between two readings of one sensor.
-    pub fn sensor_period(&self) -> Duration {
-        Duration::from_secs_f64(1.0 / self.sensor_rate)
+    /// The sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
+    /// SENSOR_COUNT) lanes.
+    pub fn lanes(&self) -> Vec<Vec<Arc<str>>> {
+        let count = self.max_in_flight.min(self.sensor_count).max(1);
+        let mut lanes = vec![Vec::new(); count];
+        for (i, name) in self.sensor_names().into_iter().enumerate() {
+            lanes[i % count].push(name);
+        }
+        lanes
     }
 
     /// The request rate limit, or `None` when the rate is unlimited.

@@ -1,21 +1,41 @@
 //! The node's pipeline, composed top to bottom, and its shutdown.
+//!
+//! Sensors are split into lanes (MAX_IN_FLIGHT at most); each lane is one
+//! chain sensors → batch → throttle → sender, with one request in flight.
+//! A sensor belongs to exactly one lane, so its readings reach the sink in
+//! order however many requests are in flight; all lanes share one token
+//! bucket, so the request rate is the node's, not the lane's.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use super::{batch, sender, sensor, throttle, transport::Transport};
-use crate::{config::NodeConfig, stats::NodeStats, stats::Summary};
+use super::{batch, sender, sensor, throttle::Throttle, transport::Transport};
+use crate::{config::NodeConfig, reading::Reading, stats::NodeStats, stats::Summary};
+
+/// What every lane is built from.
+#[derive(Debug, Clone)]
+struct LaneSettings {
+    /// Readings per second, per sensor.
+    sensor_rate: f64,
+    /// BATCH_SIZE.
+    batch_size: usize,
+    /// BATCH_TIMEOUT.
+    batch_timeout: Duration,
+    /// Retries of failed sends.
+    retry: sender::RetryPolicy,
+}
 
 /// Runs the node until `shutdown` resolves, then delivers what it holds.
 ///
-/// Shutdown follows the data: only the sensors are cancelled; the batcher
-/// emits its partial batch when their stream ends, and the sender delivers
-/// it and everything before it. That drain is bounded by
-/// `SHUTDOWN_TIMEOUT`; readings still held when it runs out are counted as
-/// dropped, so the returned summary accounts for every reading.
+/// Shutdown follows the data: only the sensors are cancelled; each batcher
+/// emits its partial batch when their stream ends, and each sender delivers
+/// it and everything before it. That drain is bounded by `SHUTDOWN_TIMEOUT`;
+/// readings still held when it runs out are counted as dropped, so the
+/// returned summary accounts for every reading.
 pub async fn run<T: Transport>(
     config: &NodeConfig,
     transport: T,
@@ -23,26 +43,57 @@ pub async fn run<T: Transport>(
     shutdown: impl Future<Output = ()>,
 ) -> Summary {
     let stop_sensors = CancellationToken::new();
-    let readings = sensor::merged(config.sensor_names(), config.sensor_period(), &stats)
-        .take_until(stop_sensors.clone().cancelled_owned());
-    let batches = batch::batches(readings, config.batch_size, config.batch_timeout.into());
-    let throttled = throttle::throttle(batches, config.request_rate());
-    let retry = sender::RetryPolicy { interval: config.retry_interval.into(), max_retries: config.max_retries };
-    let delivered = throttled.map(Ok).forward(sender::batch_sender(transport, retry, Arc::clone(&stats)));
+    let throttle = Throttle::new(config.request_rate());
+    let settings = LaneSettings {
+        sensor_rate: config.sensor_rate,
+        batch_size: config.batch_size,
+        batch_timeout: config.batch_timeout.into(),
+        retry: sender::RetryPolicy { interval: config.retry_interval.into(), max_retries: config.max_retries },
+    };
+    let mut lanes = JoinSet::new();
+    for names in config.lanes() {
+        let readings =
+            sensor::merged(names, settings.sensor_rate, &stats).take_until(stop_sensors.clone().cancelled_owned());
+        lanes.spawn(lane(readings, settings.clone(), transport.clone(), throttle.clone(), Arc::clone(&stats)));
+    }
 
-    let mut delivered = std::pin::pin!(delivered);
-    tokio::select! {
-        // The sensors never end by themselves, so this only returns early if
-        // the sender's stream does, which it does not; handled for completeness.
-        _ = &mut delivered => {}
-        () = shutdown => {
-            info!(message = "Stopping sensors and flushing.", produced = stats.snapshot().produced);
-            stop_sensors.cancel();
-            if tokio::time::timeout(config.shutdown_timeout.into(), delivered).await.is_err() {
-                let lost = stats.drop_unaccounted();
-                warn!(message = "Shutdown timeout ran out before every reading was delivered.", dropped = lost);
-            }
-        }
+    let drain_deadline = async {
+        shutdown.await;
+        info!(message = "Stopping sensors and flushing.", produced = stats.snapshot().produced);
+        stop_sensors.cancel();
+        tokio::time::sleep(config.shutdown_timeout.into()).await;
+    };
+    let drained = tokio::select! {
+        () = join_all(&mut lanes) => true,
+        () = drain_deadline => false,
+    };
+    if !drained {
+        lanes.abort_all();
+        let lost = stats.drop_unaccounted();
+        warn!(message = "Shutdown timeout ran out before every reading was delivered.", dropped = lost);
     }
     stats.snapshot()
+}
+
+/// One lane: batches `readings`, paces the batches and sends them, until
+/// `readings` ends and the last batch is delivered.
+async fn lane<T: Transport>(
+    readings: impl futures::Stream<Item = Reading>,
+    settings: LaneSettings,
+    transport: T,
+    throttle: Throttle,
+    stats: Arc<NodeStats>,
+) {
+    let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
+    let paced = throttle.apply(batches);
+    let Ok(()) = paced.map(Ok).forward(sender::batch_sender(transport, settings.retry, stats)).await;
+}
+
+/// Waits for every lane to finish.
+async fn join_all(lanes: &mut JoinSet<()>) {
+    while let Some(finished) = lanes.join_next().await {
+        if let Err(failure) = finished {
+            error!(message = "A lane failed.", error = %failure);
+        }
+    }
 }

@@ -1,34 +1,94 @@
 //! Sensors: streams of readings driven by interval timers, and their merge.
 
-use std::{sync::Arc, time::Duration, time::SystemTime};
-
-use futures::{Stream, StreamExt, stream};
-use tokio::time::MissedTickBehavior;
-use tokio_stream::wrappers::IntervalStream;
-
-use crate::{
-    reading::Reading,
-    stats::{NodeStats, count},
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::{Duration, SystemTime},
 };
 
-/// One sensor: a reading every `period`, the first one at once.
+use futures::{Stream, stream};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use crate::{reading::Reading, stats::NodeStats};
+
+/// The finest step of tokio's timers. A sensor faster than one reading per
+/// step takes several readings per step instead of asking for a finer timer.
+const FINEST_TICK: Duration = Duration::from_millis(1);
+
+/// One sensor: `rate` readings per second, the first one at once.
 ///
 /// A tick that cannot be taken on time, because the pipeline is pushing back,
 /// is skipped rather than bunched up later, as Go's `time.Ticker` does: a
 /// sensor samples the present, it does not make up for the past.
-pub fn sensor(name: Arc<str>, period: Duration, stats: Arc<NodeStats>) -> impl Stream<Item = Reading> + Unpin {
-    let mut interval = tokio::time::interval(period);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let seed = seed_of(&name);
-    IntervalStream::new(interval).zip(stream::iter(0u64..)).map(move |(_, sequence)| {
-        count(&stats.produced, 1);
-        Reading { sensor: Arc::clone(&name), sequence, value: value_at(seed, sequence), created_at: SystemTime::now() }
-    })
+#[derive(Debug)]
+pub struct Sensor {
+    /// The sensor's name, shared with every reading.
+    name: Arc<str>,
+    /// Readings per second.
+    rate: f64,
+    /// Fires every max(1 / rate, 1 ms).
+    interval: Interval,
+    /// When the first tick was due: tick k is due at `start + k × period`.
+    start: Instant,
+    /// Sequence of the next reading.
+    next_sequence: u64,
+    /// Readings still owed for the current tick.
+    owed: u64,
+    /// Makes this sensor's values differ from other sensors'.
+    seed: u64,
+    /// Where `produced` is counted.
+    stats: Arc<NodeStats>,
 }
 
-/// Every sensor named in `names`, merged into one stream.
-pub fn merged(names: Vec<Arc<str>>, period: Duration, stats: &Arc<NodeStats>) -> impl Stream<Item = Reading> {
-    stream::select_all(names.into_iter().map(|name| sensor(name, period, Arc::clone(stats))))
+impl Sensor {
+    /// A sensor named `name` taking `rate` readings per second.
+    pub fn new(name: Arc<str>, rate: f64, stats: Arc<NodeStats>) -> Self {
+        let period = Duration::from_secs_f64(1.0 / rate).max(FINEST_TICK);
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let seed = seed_of(&name);
+        Self { name, rate, interval, start: Instant::now(), next_sequence: 0, owed: 0, seed, stats }
+    }
+
+    /// Readings due at the tick that fired at `at`: one at rates up to one
+    /// per millisecond; above that, this tick's share of the rate.
+    fn due_at(&self, at: Instant) -> u64 {
+        let period = self.interval.period();
+        if period > FINEST_TICK || self.rate <= 1000.0 {
+            return 1;
+        }
+        let k = (at.saturating_duration_since(self.start).as_nanos() / period.as_nanos()) as f64;
+        let per_tick = self.rate * period.as_secs_f64();
+        ((k + 1.0) * per_tick).floor() as u64 - (k * per_tick).floor() as u64
+    }
+}
+
+impl Stream for Sensor {
+    type Item = Reading;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Reading>> {
+        while self.owed == 0 {
+            let at = ready!(self.interval.poll_tick(cx));
+            self.owed = self.due_at(at);
+        }
+        self.owed -= 1;
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.stats.produced.inc();
+        Poll::Ready(Some(Reading {
+            sensor: Arc::clone(&self.name),
+            sequence,
+            value: value_at(self.seed, sequence),
+            created_at: SystemTime::now(),
+        }))
+    }
+}
+
+/// Every sensor named in `names`, at `rate` readings per second each, merged
+/// into one stream.
+pub fn merged(names: Vec<Arc<str>>, rate: f64, stats: &Arc<NodeStats>) -> impl Stream<Item = Reading> + use<> {
+    stream::select_all(names.into_iter().map(|name| Sensor::new(name, rate, Arc::clone(stats))))
 }
 
 /// A stable per-sensor seed, so that two sensors do not report the same series.
@@ -46,13 +106,15 @@ fn value_at(seed: u64, sequence: u64) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn emits_at_its_rate_with_increasing_sequence() {
         let stats = Arc::new(NodeStats::default());
-        let start = tokio::time::Instant::now();
-        let readings: Vec<_> = sensor("t".into(), Duration::from_millis(200), stats.clone()).take(6).collect().await;
+        let start = Instant::now();
+        let readings: Vec<_> = Sensor::new("t".into(), 5.0, stats.clone()).take(6).collect().await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
         let sequences: Vec<u64> = readings.iter().map(|r| r.sequence).collect();
         assert_eq!(sequences, vec![0, 1, 2, 3, 4, 5]);
@@ -60,10 +122,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_sensor_faster_than_the_timer_takes_several_readings_per_tick() {
+        let stats = Arc::new(NodeStats::default());
+        let start = Instant::now();
+        let mut sensor = Sensor::new("fast".into(), 2500.0, stats);
+        // 2.5 readings per millisecond: 2, 3, 2, 3, ... per tick.
+        let mut first_10ms = 0;
+        while let Some(_) = sensor.next().await {
+            if start.elapsed() >= Duration::from_millis(10) {
+                break;
+            }
+            first_10ms += 1;
+        }
+        assert_eq!(first_10ms, 25);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_missed_under_backpressure_are_skipped_not_bunched() {
+        let stats = Arc::new(NodeStats::default());
+        let mut sensor = Sensor::new("slow".into(), 10.0, stats);
+        assert_eq!(sensor.next().await.unwrap().sequence, 0);
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+        let start = Instant::now();
+        sensor.next().await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO, "the overdue tick fires at once");
+        sensor.next().await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(50), "the next one waits for its slot");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn merge_keeps_every_sensor() {
         let stats = Arc::new(NodeStats::default());
         let names: Vec<Arc<str>> = vec!["a".into(), "b".into(), "c".into()];
-        let readings: Vec<_> = merged(names, Duration::from_millis(100), &stats).take(30).collect().await;
+        let readings: Vec<_> = merged(names, 10.0, &stats).take(30).collect().await;
         for name in ["a", "b", "c"] {
             let sequences: Vec<u64> = readings.iter().filter(|r| &*r.sensor == name).map(|r| r.sequence).collect();
             assert_eq!(sequences, (0..10).collect::<Vec<_>>(), "sensor {name}");

@@ -1,6 +1,7 @@
-//! Throttling: passes items on no faster than a token bucket allows.
+//! Throttling: passes items on no faster than a token bucket allows. One
+//! bucket is shared by every lane of the node.
 
-use std::{num::NonZeroU32, time::Duration};
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
 use futures::Stream;
 use governor::{Quota, RateLimiter, clock::Clock};
@@ -36,36 +37,51 @@ impl RequestRate {
     /// by up to 1 ms per period (2.7% at 47 requests/s). With it, the sends
     /// in any window of W never exceed `per_second × (W + 1 ms) + burst`.
     pub fn quota(&self) -> Quota {
-        let cell_period = Duration::from_secs_f64(1.0 / (self.per_second * f64::from(CELLS_PER_REQUEST)));
-        let slack = (self.per_second * f64::from(CELLS_PER_REQUEST) * TIMER_RESOLUTION.as_secs_f64()).ceil() as u32;
+        let cells_per_second = self.per_second * f64::from(CELLS_PER_REQUEST);
+        let cell_period = Duration::from_secs_f64(1.0 / cells_per_second).max(Duration::from_nanos(1));
+        let slack = (cells_per_second * TIMER_RESOLUTION.as_secs_f64()).ceil() as u32;
         let cells = self.burst.get().saturating_mul(CELLS_PER_REQUEST).saturating_add(slack);
-        let cell_period = cell_period.max(Duration::from_nanos(1));
         Quota::with_period(cell_period)
             .expect("period is at least 1 ns")
             .allow_burst(NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN))
     }
 }
 
-/// Yields the items of `input` in order, each once the bucket allows, or at
-/// once when `rate` is `None`.
-pub fn throttle<S: Stream>(input: S, rate: Option<RequestRate>) -> impl Stream<Item = S::Item> {
-    let clock = TokioClock::new();
-    let bucket = rate.map(|rate| RateLimiter::direct_with_clock(rate.quota(), clock));
-    async_stream::stream! {
-        for await item in input {
-            if let Some(bucket) = &bucket {
-                until_ready(bucket, &clock).await;
-            }
-            yield item;
-        }
-    }
+/// A request-rate limit that any number of streams can share.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// The shared bucket, or `None` for no limit.
+    bucket: Option<Arc<TokenBucket>>,
+    /// The bucket's clock, to turn its answers into sleeps.
+    clock: TokioClock,
 }
 
-/// Waits, on tokio's clock, until `bucket` grants one request, and takes it.
-async fn until_ready(bucket: &TokenBucket, clock: &TokioClock) {
-    let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
-    while let Ok(Err(not_until)) = bucket.check_n(cost) {
-        tokio::time::sleep(not_until.wait_time_from(clock.now())).await;
+impl Throttle {
+    /// A throttle at `rate`, or one that never waits for `None`.
+    pub fn new(rate: Option<RequestRate>) -> Self {
+        let clock = TokioClock::new();
+        let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(rate.quota(), clock)));
+        Self { bucket, clock }
+    }
+
+    /// Yields the items of `input` in order, each once the bucket allows.
+    pub fn apply<S: Stream>(&self, input: S) -> impl Stream<Item = S::Item> + use<S> {
+        let throttle = self.clone();
+        async_stream::stream! {
+            for await item in input {
+                throttle.until_ready().await;
+                yield item;
+            }
+        }
+    }
+
+    /// Waits, on tokio's clock, until the bucket grants one request, and takes it.
+    async fn until_ready(&self) {
+        let Some(bucket) = &self.bucket else { return };
+        let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
+        while let Ok(Err(not_until)) = bucket.check_n(cost) {
+            tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
+        }
     }
 }
 
@@ -78,17 +94,28 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn spaces_items_by_the_rate_after_the_burst() {
-        let rate = RequestRate { per_second: 2.0, burst: NonZeroU32::new(2).unwrap() };
+        let throttle = Throttle::new(Some(RequestRate { per_second: 2.0, burst: NonZeroU32::new(2).unwrap() }));
         let start = Instant::now();
-        let times: Vec<Duration> = throttle(stream::iter(0..5), Some(rate)).map(|_| start.elapsed()).collect().await;
+        let times: Vec<Duration> = throttle.apply(stream::iter(0..5)).map(|_| start.elapsed()).collect().await;
         let ms: Vec<u128> = times.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, vec![0, 0, 499, 999, 1499]);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn streams_sharing_a_throttle_share_its_rate() {
+        let throttle = Throttle::new(Some(RequestRate { per_second: 10.0, burst: NonZeroU32::MIN }));
+        let start = Instant::now();
+        let (a, b) =
+            futures::join!(throttle.apply(stream::iter(0..10)).count(), throttle.apply(stream::iter(0..10)).count());
+        assert_eq!(a + b, 20);
+        // 20 requests at 10/s: the last one goes out after about 1.9 s.
+        assert!(start.elapsed() >= Duration::from_millis(1880), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn no_rate_means_no_wait() {
         let start = Instant::now();
-        assert_eq!(throttle(stream::iter(0..1000), None).count().await, 1000);
+        assert_eq!(Throttle::new(None).apply(stream::iter(0..1000)).count().await, 1000);
         assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Delivers one request, once. Retrying is the sender's business.
-pub trait Transport: Send + Sync + 'static {
+pub trait Transport: Clone + Send + Sync + 'static {
     /// Sends `request` and waits for the sink's answer.
     fn send(&self, request: SensorValuesRequest) -> impl Future<Output = Result<(), Status>> + Send;
 }
