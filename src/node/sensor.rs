@@ -128,7 +128,7 @@ mod tests {
         let mut sensor = Sensor::new("fast".into(), 2500.0, stats);
         // 2.5 readings per millisecond: 2, 3, 2, 3, ... per tick.
         let mut first_10ms = 0;
-        while let Some(_) = sensor.next().await {
+        while sensor.next().await.is_some() {
             if start.elapsed() >= Duration::from_millis(10) {
                 break;
             }
