@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -6,6 +6,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use telemetry_node::{
+    bench::{self, BenchOptions},
     config::{self, NodeConfig},
     demo, logging,
     node::{self, GrpcTransport},
@@ -17,12 +18,16 @@ use tracing::info;
 const USAGE: &str = "\
 usage: telemetry-node [run]                  run the node, configured by environment variables
        telemetry-node demo [--duration D]    run a node against an embedded sink for D (default 10s)
+       telemetry-node bench [--duration D] [--batch-size N] [--sensors N] [--in-flight N] [--writer on|off]
+                                             measure readings/s: bare client vs the node's pipeline
+                                             (defaults: 10s, 1000, 16, 4, off)
        telemetry-node help                   show this text";
 
 /// What the command line asks for.
 enum Command {
     Run,
     Demo { duration: Duration },
+    Bench(BenchOptions),
     Help,
 }
 
@@ -47,7 +52,7 @@ fn main() -> ExitCode {
     };
     // The demo's progress lines are the show; logs only interrupt them
     // unless asked for.
-    if matches!(command, Command::Demo { .. }) && !vars.contains_key("LOGGER_MIN_LOG_LEVEL") {
+    if matches!(command, Command::Demo { .. } | Command::Bench(_)) && !vars.contains_key("LOGGER_MIN_LOG_LEVEL") {
         config.log_level = tracing::Level::WARN;
     }
     logging::init(config.log_level, config.log_format);
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match command {
             Command::Demo { duration } => run_demo(config, duration).await,
+            Command::Bench(options) => run_bench(options).await,
             _ => run_node(config).await,
         }
     })
@@ -124,27 +130,111 @@ async fn run_demo(config: NodeConfig, duration: Duration) -> ExitCode {
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String> {
-    let command = match args.next().as_deref() {
-        None | Some("run") => Command::Run,
-        Some("help" | "--help" | "-h") => Command::Help,
+    match args.next().as_deref() {
+        None | Some("run") => match args.next() {
+            Some(extra) => Err(format!("unexpected argument {extra:?}")),
+            None => Ok(Command::Run),
+        },
+        Some("help" | "--help" | "-h") => Ok(Command::Help),
         Some("demo") => {
             let mut duration = Duration::from_secs(10);
-            while let Some(arg) = args.next() {
-                let value = match arg.split_once('=') {
-                    Some(("--duration", value)) => value.to_owned(),
-                    None if arg == "--duration" => args.next().ok_or("--duration needs a value, e.g. 30s")?,
-                    _ => return Err(format!("unknown demo option {arg:?}")),
-                };
-                duration = humantime::parse_duration(&value)
-                    .map_err(|_| format!("--duration {value:?}: expected a duration, e.g. 30s"))?;
+            for (option, value) in options(args)? {
+                match option.as_str() {
+                    "--duration" => duration = parse_duration(&value)?,
+                    _ => return Err(format!("unknown demo option {option:?}")),
+                }
             }
-            Command::Demo { duration }
+            Ok(Command::Demo { duration })
         }
-        Some(other) => return Err(format!("unknown command {other:?}")),
-    };
-    match args.next() {
-        Some(extra) => Err(format!("unexpected argument {extra:?}")),
-        None => Ok(command),
+        Some("bench") => {
+            let mut bench = BenchOptions {
+                duration: Duration::from_secs(10),
+                batch_size: 1000,
+                sensors: 16,
+                in_flight: 4,
+                writer: false,
+            };
+            for (option, value) in options(args)? {
+                match option.as_str() {
+                    "--duration" => bench.duration = parse_duration(&value)?,
+                    "--batch-size" => bench.batch_size = parse_count(&option, &value, 1_000_000)?,
+                    "--sensors" => bench.sensors = parse_count(&option, &value, 1_000_000)?,
+                    "--in-flight" => bench.in_flight = parse_count(&option, &value, 256)?,
+                    "--writer" => {
+                        bench.writer = match value.as_str() {
+                            "on" => true,
+                            "off" => false,
+                            _ => return Err(format!("--writer {value:?}: expected on or off")),
+                        }
+                    }
+                    _ => return Err(format!("unknown bench option {option:?}")),
+                }
+            }
+            Ok(Command::Bench(bench))
+        }
+        Some(other) => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// The `--name value` or `--name=value` pairs in `args`.
+fn options(args: impl Iterator<Item = String>) -> Result<Vec<(String, String)>, String> {
+    let mut args = args.peekable();
+    let mut pairs = Vec::new();
+    while let Some(arg) = args.next() {
+        if !arg.starts_with("--") {
+            return Err(format!("unexpected argument {arg:?}"));
+        }
+        let pair = match arg.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => {
+                let value = args.next().ok_or_else(|| format!("{arg} needs a value"))?;
+                (arg, value)
+            }
+        };
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(format!("--duration {value:?}: expected a duration greater than 0, e.g. 30s")),
+    }
+}
+
+fn parse_count(option: &str, value: &str, max: usize) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{option} {value:?}: expected a whole number from 1 to {max}")),
+    }
+}
+
+async fn run_bench(options: BenchOptions) -> ExitCode {
+    let writer = if options.writer { "on" } else { "off" };
+    eprintln!(
+        "bench: batch={} in-flight={} sensors={} writer={writer}, {} per run",
+        options.batch_size,
+        options.in_flight,
+        options.sensors,
+        humantime::format_duration(options.duration)
+    );
+    match bench::run(&options).await {
+        Ok(report) => {
+            let ratio = report.pipeline / report.ceiling;
+            eprintln!("ceiling  (bare tonic client, pre-built batches): {:>12.0} readings/s", report.ceiling);
+            eprintln!("pipeline (sensors, merge, batch, retrying sink):  {:>12.0} readings/s", report.pipeline);
+            eprintln!("ratio {ratio:.3}, peak RSS {:.1} MiB (node and sink in one process)", report.rss_mb);
+            println!(
+                "bench: ceiling={:.0} pipeline={:.0} ratio={ratio:.3} rss_mb={:.1}",
+                report.ceiling, report.pipeline, report.rss_mb
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("telemetry-node: bench failed: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

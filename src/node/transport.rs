@@ -64,13 +64,7 @@ impl GrpcTransport {
         compression: Compression,
         authorization: Option<MetadataValue<Ascii>>,
     ) -> Self {
-        let mut endpoint = endpoint
-            .tcp_nodelay(true)
-            .initial_stream_window_size(WINDOW_BYTES)
-            .initial_connection_window_size(WINDOW_BYTES)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_timeout(rpc_timeout);
+        let mut endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
         if let Some(tls) = tls {
             // Only fails for a plaintext URI, and the config makes it https.
             endpoint = endpoint.tls_config(tls).expect("an https endpoint accepts TLS settings");
@@ -81,6 +75,18 @@ impl GrpcTransport {
         }
         Self { client, rpc_timeout, authorization }
     }
+}
+
+/// `endpoint` with the transport settings that let a batch use the wire:
+/// no Nagle delay, windows that hold whole batches, and keep-alives that
+/// notice a dead sink.
+pub fn tuned(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(WINDOW_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
 }
 
 impl Transport for GrpcTransport {

@@ -42,14 +42,39 @@ pub async fn serve(
     stats: Arc<SinkStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<SinkSummary, ServeError> {
+    serve_with(config, listener, stats, shutdown, Output::File).await
+}
+
+/// What the sink does with accepted readings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Append them to `FILE_PATH/readings.jsonl`.
+    File,
+    /// Check and render them, then let them go: for measuring the sink
+    /// without its disk (`telemetry-node bench --writer off`).
+    Discard,
+}
+
+/// [`serve`], with the choice of what happens to accepted readings.
+pub async fn serve_with(
+    config: &SinkConfig,
+    listener: TcpListener,
+    stats: Arc<SinkStats>,
+    shutdown: impl Future<Output = ()>,
+    output: Output,
+) -> Result<SinkSummary, ServeError> {
     let path = config.output_file();
-    tokio::fs::create_dir_all(&config.file_path)
-        .await
-        .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
-    let output = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
-    let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
     let stop_writer = CancellationToken::new();
-    let writing = tokio::spawn(output.run(queue, config.flush_interval.into(), stop_writer.clone()));
+    let (chunks, writing) = if output == Output::File {
+        tokio::fs::create_dir_all(&config.file_path)
+            .await
+            .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
+        let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
+        let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
+        (Some(chunks), Some(tokio::spawn(writer.run(queue, config.flush_interval.into(), stop_writer.clone()))))
+    } else {
+        (None, None)
+    };
 
     let mut service = SensorServiceServer::new(ReceiverService::new(config, chunks, Arc::clone(&stats)))
         .max_decoding_message_size(config.max_message_bytes);
@@ -87,8 +112,10 @@ pub async fn serve(
     // Every request has been answered: whatever was acknowledged is queued
     // for the writer, which drains the queue before it returns.
     stop_writer.cancel();
-    let written = writing.await.map_err(|error| ServeError::Writer(error.to_string()))?;
+    if let Some(writing) = writing {
+        let written = writing.await.map_err(|error| ServeError::Writer(error.to_string()))?;
+        written.map_err(|source| ServeError::Output { path, source })?;
+    }
     served?;
-    written.map_err(|source| ServeError::Output { path, source })?;
     Ok(stats.snapshot())
 }

@@ -31,14 +31,15 @@ pub struct ReceiverService {
     /// RATE_PER_SECOND, for messages.
     rate: u32,
     /// Queue to the writer; bounded, so a slow disk slows the callers down.
-    output: mpsc::Sender<Chunk>,
+    /// `None` when accepted readings are discarded.
+    output: Option<mpsc::Sender<Chunk>>,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
 }
 
 impl ReceiverService {
     /// A service that accepts what `config` allows and queues it on `output`.
-    pub fn new(config: &SinkConfig, output: mpsc::Sender<Chunk>, stats: Arc<SinkStats>) -> Self {
+    pub fn new(config: &SinkConfig, output: Option<mpsc::Sender<Chunk>>, stats: Arc<SinkStats>) -> Self {
         let rate = config.rate_per_second;
         let burst = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), TokioClock::new());
@@ -70,8 +71,9 @@ impl ReceiverService {
             }
         }
         let readings = request.items.len();
-        let chunk = Chunk { lines, readings };
-        self.output.send(chunk).await.map_err(|_| ReceiveError::WriterStopped)?;
+        if let Some(output) = &self.output {
+            output.send(Chunk { lines, readings }).await.map_err(|_| ReceiveError::WriterStopped)?;
+        }
         count(&self.stats.requests_accepted, 1);
         count(&self.stats.readings_accepted, readings);
         Ok(())

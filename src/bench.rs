@@ -1,0 +1,154 @@
+//! `telemetry-node bench`: how fast the node ships readings, against the
+//! fastest a bare tonic client can push the same batches to the same sink.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{NodeConfig, SinkConfig},
+    error::ServeError,
+    node::{self, GrpcTransport, transport::tuned},
+    proto::{SensorValuesRequest, sensor_service_client::SensorServiceClient},
+    reading::{Reading, to_request},
+    receiver::{self, Output},
+    stats::{NodeStats, SinkStats},
+};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// How long each of the two runs lasts.
+    pub duration: Duration,
+    /// Readings per request.
+    pub batch_size: usize,
+    /// Sensors of the node (spread over `in_flight` lanes).
+    pub sensors: usize,
+    /// Requests in flight at once, in both runs.
+    pub in_flight: usize,
+    /// Whether the sink writes JSON lines to a file, or checks and discards.
+    pub writer: bool,
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchReport {
+    /// Readings per second acknowledged to the bare client.
+    pub ceiling: f64,
+    /// Readings per second acknowledged to the node's pipeline.
+    pub pipeline: f64,
+    /// Peak resident memory of the whole process (node and sink), MiB.
+    pub rss_mb: f64,
+}
+
+/// Runs both measurements against one embedded sink.
+pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
+    let folder = std::env::temp_dir().join(format!("telemetry-node-bench-{}", std::process::id()));
+    let vars = HashMap::from([("FILE_PATH".to_owned(), folder.display().to_string())]);
+    let mut sink_config = SinkConfig::from_vars(&vars).map_err(|error| ServeError::Writer(error.to_string()))?;
+    sink_config.rate_per_second = u32::MAX;
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(ServeError::Listen)?;
+    let address = listener.local_addr().map_err(ServeError::Listen)?;
+    let stop_sink = CancellationToken::new();
+    let output = if options.writer { Output::File } else { Output::Discard };
+    let sink = tokio::spawn({
+        let stop = stop_sink.clone();
+        let stats = Arc::new(SinkStats::default());
+        async move { receiver::serve_with(&sink_config, listener, stats, stop.cancelled_owned(), output).await }
+    });
+
+    let ceiling = ceiling(&address.to_string(), options).await;
+    let pipeline = pipeline(&address.to_string(), options).await;
+
+    stop_sink.cancel();
+    sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
+    let _ = std::fs::remove_dir_all(&folder);
+    Ok(BenchReport { ceiling, pipeline, rss_mb: peak_rss_mb() })
+}
+
+/// The ceiling: `in_flight` loops sending one pre-built batch as fast as
+/// the sink answers, over a channel with the node's transport settings.
+async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
+    let endpoint = tuned(tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("a loopback URI"));
+    let client = SensorServiceClient::new(endpoint.connect_lazy());
+    let request = Arc::new(sample_batch(options.sensors, options.batch_size));
+    let deadline = tokio::time::Instant::now() + options.duration;
+    let started = Instant::now();
+    let loops: Vec<_> = (0..options.in_flight)
+        .map(|_| {
+            let (mut client, request) = (client.clone(), Arc::clone(&request));
+            tokio::spawn(async move {
+                let mut acked = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    if client.send_sensor_values((*request).clone()).await.is_ok() {
+                        acked += request.items.len() as u64;
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let mut acked = 0;
+    for one in loops {
+        acked += one.await.unwrap_or(0);
+    }
+    acked as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The node's own pipeline with the rate limit off and sensors faster than
+/// the wire, counted up to the end of the duration.
+async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
+    let vars = HashMap::from([
+        ("GRPC_SERVER_SOCKET".to_owned(), address.to_owned()),
+        ("SENSOR_COUNT".to_owned(), options.sensors.to_string()),
+        ("SENSOR_VALUE_RATE_PER_SECOND".to_owned(), "1000000".to_owned()),
+        ("REQUEST_RATE_PER_SECOND".to_owned(), "inf".to_owned()),
+        ("BATCH_SIZE".to_owned(), options.batch_size.to_string()),
+        ("BATCH_TIMEOUT".to_owned(), "100ms".to_owned()),
+        ("MAX_IN_FLIGHT".to_owned(), options.in_flight.to_string()),
+    ]);
+    let config = NodeConfig::from_vars(&vars).expect("the bench's own settings are valid");
+    let transport = GrpcTransport::from_config(&config).expect("the bench's own settings are valid");
+    let stats = Arc::new(NodeStats::default());
+    let measured = Arc::new(std::sync::Mutex::new(0.0));
+    let stop = {
+        let (stats, measured, duration) = (Arc::clone(&stats), Arc::clone(&measured), options.duration);
+        async move {
+            let started = Instant::now();
+            tokio::time::sleep(duration).await;
+            let rate = stats.snapshot().acked as f64 / started.elapsed().as_secs_f64();
+            *measured.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = rate;
+        }
+    };
+    node::run(&config, transport, stats, stop).await;
+    *measured.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A batch shaped like the pipeline's: `sensors` names taking turns.
+fn sample_batch(sensors: usize, size: usize) -> SensorValuesRequest {
+    let names: Vec<Arc<str>> = (1..=sensors.max(1)).map(|i| Arc::from(format!("sensor-{i}"))).collect();
+    let readings: Vec<Reading> = (0..size)
+        .map(|i| Reading {
+            sensor: Arc::clone(&names[i % names.len()]),
+            sequence: i as u64,
+            value: (i % 1000) as i64,
+            created_at: SystemTime::now(),
+        })
+        .collect();
+    to_request(&readings)
+}
+
+/// Peak resident set size of this process, in MiB (0 where unknown).
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
