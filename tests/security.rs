@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration, time::SystemTime};
 
 use common::{node_config, scratch, sink_config};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use telemetry_node::{
     node::{GrpcTransport, Transport},
-    proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement},
+    reading::{Batch, Reading},
     receiver,
     stats::{SinkStats, SinkSummary},
 };
@@ -42,12 +42,12 @@ impl<'a> Pki<'a> {
     }
 }
 
-fn request() -> SensorValuesRequest {
-    let measurement =
-        Measurement { sensor_value: Some(1), created_at: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }) };
-    SensorValuesRequest {
-        items: vec![SensorValue { sensor_name: "s".into(), measurement: Some(measurement), sequence: 0 }],
-    }
+fn reading(name: &str) -> Reading {
+    Reading { sensor: Arc::from(name), sequence: 0, value: 1, created_at: SystemTime::now() }
+}
+
+fn request() -> Arc<Batch> {
+    Arc::new(vec![reading("s")])
 }
 
 /// Serves a sink configured by `pairs` on a free port; returns its address,
@@ -150,11 +150,9 @@ async fn oversized_requests_are_refused_and_nothing_is_written() {
     let (socket, token, handle) =
         sink("caps", &[("MAX_ITEMS_PER_REQUEST", "1".into()), ("MAX_MESSAGE_BYTES", "1024".into())]).await;
     let transport = GrpcTransport::from_config(&node_config(&[("GRPC_SERVER_SOCKET", socket.clone())])).unwrap();
-    let mut two = request();
-    two.items.push(two.items[0].clone());
+    let two = Arc::new(vec![reading("a"), reading("b")]);
     assert_eq!(transport.send(two).await.unwrap_err().code(), Code::InvalidArgument);
-    let mut big = request();
-    big.items[0].sensor_name = "x".repeat(2000);
+    let big = Arc::new(vec![reading(&"x".repeat(2000))]);
     assert_eq!(transport.send(big).await.unwrap_err().code(), Code::OutOfRange);
     assert!(transport.send(request()).await.is_ok());
     assert_eq!(stop(token, handle).await.readings_written, 1);

@@ -4,6 +4,7 @@
 //! yields; [`pipeline`] composes them.
 
 pub mod batch;
+pub mod codec;
 pub mod pipeline;
 pub mod sender;
 pub mod sensor;

@@ -12,7 +12,7 @@ use tracing::{error, warn};
 use super::transport::Transport;
 use crate::{
     error::{SendError, is_retryable},
-    reading::{Batch, to_request},
+    reading::Batch,
     stats::{DropReason, NodeStats, count},
 };
 
@@ -42,7 +42,7 @@ pub fn batch_sender<T: Transport>(
         stats.batches_sent.inc();
         stats.batch_size.observe(readings as f64);
         let started = tokio::time::Instant::now();
-        let outcome = deliver(transport, retry, stats, &batch).await;
+        let outcome = deliver(transport, retry, stats, Arc::new(batch)).await;
         stats.send_latency.observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => stats.ack(readings),
@@ -64,13 +64,12 @@ async fn deliver<T: Transport>(
     transport: &T,
     retry: RetryPolicy,
     stats: &NodeStats,
-    batch: &Batch,
+    batch: Arc<Batch>,
 ) -> Result<(), SendError> {
-    let request = to_request(batch);
     let mut attempts = 0;
     let attempt = || {
         attempts += 1;
-        transport.send(request.clone())
+        transport.send(Arc::clone(&batch))
     };
     let backoff = ConstantBuilder::default().with_delay(retry.interval).with_max_times(retry.max_retries);
     attempt

@@ -1,6 +1,6 @@
 //! Transport: one attempt at delivering one request to the sink.
 
-use std::{error::Error as _, future::Future, time::Duration};
+use std::{error::Error as _, future::Future, sync::Arc, time::Duration};
 
 use tonic::{
     Status,
@@ -9,15 +9,18 @@ use tonic::{
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
+use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
+
+use super::codec::{Payload, SEND_PATH, SendCodec};
 use crate::{
     config::{Compression, ConfigError, NodeConfig},
-    proto::{SensorValuesRequest, sensor_service_client::SensorServiceClient},
+    reading::Batch,
 };
 
-/// Delivers one request, once. Retrying is the sender's business.
+/// Delivers one batch, once. Retrying is the sender's business.
 pub trait Transport: Clone + Send + Sync + 'static {
-    /// Sends `request` and waits for the sink's answer.
-    fn send(&self, request: SensorValuesRequest) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Sends `batch` as one request and waits for the sink's answer.
+    fn send(&self, batch: Arc<Batch>) -> impl Future<Output = Result<(), Status>> + Send;
 }
 
 /// HTTP/2 flow-control window per stream and per connection. tonic's
@@ -30,7 +33,7 @@ const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct GrpcTransport {
     /// Client over the shared channel; cloning it is cheap.
-    client: SensorServiceClient<Channel>,
+    client: Grpc<Channel>,
     /// Deadline of one attempt.
     rpc_timeout: Duration,
     /// `Bearer <SINK_AUTH_TOKEN>`, sent with every request when set.
@@ -69,7 +72,7 @@ impl GrpcTransport {
             // Only fails for a plaintext URI, and the config makes it https.
             endpoint = endpoint.tls_config(tls).expect("an https endpoint accepts TLS settings");
         }
-        let mut client = SensorServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
+        let mut client = Grpc::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
         if compression == Compression::Gzip {
             client = client.send_compressed(CompressionEncoding::Gzip);
         }
@@ -89,9 +92,10 @@ pub fn tuned(endpoint: Endpoint) -> Endpoint {
         .keep_alive_timeout(Duration::from_secs(10))
 }
 
-impl Transport for GrpcTransport {
-    async fn send(&self, request: SensorValuesRequest) -> Result<(), Status> {
-        let mut request = tonic::Request::new(request);
+impl GrpcTransport {
+    /// Sends one request made of `payload`.
+    pub async fn send_payload<P: Payload>(&self, payload: P) -> Result<(), Status> {
+        let mut request = tonic::Request::new(payload);
         // Tells the sink the deadline; the local timeout enforces it even
         // when the sink never answers.
         request.set_timeout(self.rpc_timeout);
@@ -99,11 +103,22 @@ impl Transport for GrpcTransport {
             request.metadata_mut().insert("authorization", authorization.clone());
         }
         let mut client = self.client.clone();
-        match tokio::time::timeout(self.rpc_timeout, client.send_sensor_values(request)).await {
+        let call = async {
+            client.ready().await.map_err(|error| Status::unavailable(error.to_string()))?;
+            let path = PathAndQuery::from_static(SEND_PATH);
+            client.unary(request, path, SendCodec::<P>::default()).await
+        };
+        match tokio::time::timeout(self.rpc_timeout, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(status)) => Err(explained(status)),
             Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.rpc_timeout))),
         }
+    }
+}
+
+impl Transport for GrpcTransport {
+    async fn send(&self, batch: Arc<Batch>) -> Result<(), Status> {
+        self.send_payload(batch).await
     }
 }
 

@@ -19,6 +19,7 @@ use telemetry_node::{
         SensorValue, SensorValuesRequest, SensorValuesResponse,
         sensor_service_server::{SensorService, SensorServiceServer},
     },
+    reading::{Batch, to_request},
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -94,8 +95,8 @@ impl Recording {
 
 /// The in-memory transport: hands each request to a [`Recording`].
 impl Transport for Recording {
-    async fn send(&self, request: SensorValuesRequest) -> Result<(), Status> {
-        self.receive(request.items)
+    async fn send(&self, batch: Arc<Batch>) -> Result<(), Status> {
+        self.receive(to_request(&batch).items)
     }
 }
 
