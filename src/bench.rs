@@ -20,13 +20,13 @@ use crate::{
 };
 
 /// Alternating rounds of each measurement in one run.
-const ROUNDS: u32 = 3;
+const ROUNDS: u32 = 5;
 
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// How long each of the two measurements lasts in all, split into
-    /// alternating rounds.
+    /// alternating rounds; each reports its median round.
     pub duration: Duration,
     /// Readings per request.
     pub batch_size: usize,
@@ -67,13 +67,15 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
 
     // The machine's other load comes and goes: alternating short runs
     // exposes both measurements to the same conditions.
+    // exposes both measurements to the same conditions, and the median
+    // round of each leaves out the rounds a burst of load hit.
     let round = BenchOptions { duration: options.duration / ROUNDS, ..options.clone() };
-    let (mut ceiling_sum, mut pipeline_sum) = (0.0, 0.0);
+    let (mut ceilings, mut pipelines) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        ceiling_sum += ceiling(&address.to_string(), &round).await;
-        pipeline_sum += pipeline(&address.to_string(), &round).await;
+        ceilings.push(ceiling(&address.to_string(), &round).await);
+        pipelines.push(pipeline(&address.to_string(), &round).await);
     }
-    let (ceiling, pipeline) = (ceiling_sum / f64::from(ROUNDS), pipeline_sum / f64::from(ROUNDS));
+    let (ceiling, pipeline) = (median(ceilings), median(pipelines));
 
     stop_sink.cancel();
     sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
@@ -155,6 +157,12 @@ fn sample_batch(sensors: usize, size: usize) -> Vec<Reading> {
             created_at: SystemTime::now(),
         })
         .collect()
+}
+
+/// The middle value of `values`.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Peak resident set size of this process, in MiB (0 where unknown).

@@ -8,7 +8,7 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -86,7 +86,10 @@ async fn lane<T: Transport>(
 ) {
     let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
     let paced = throttle.apply(batches);
-    let Ok(()) = paced.map(Ok).forward(sender::batch_sender(transport, settings.retry, stats)).await;
+    // One batch waits ready behind the one in flight, so the next batch is
+    // gathered while the sink answers instead of after.
+    let sender = sender::batch_sender(transport, settings.retry, stats).buffer(1);
+    let Ok(()) = paced.map(Ok).forward(sender).await;
 }
 
 /// Waits for every lane to finish.
