@@ -1,0 +1,77 @@
+//! Each stage alone: batching, encoding a batch, and the sink's decode,
+//! validate and render. Throughput in readings.
+
+use std::{hint::black_box, sync::Arc, time::Duration, time::SystemTime};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use futures::{StreamExt, stream};
+use prost::Message;
+use telemetry_node::{
+    node::batch::batches,
+    proto::SensorValuesRequest,
+    reading::{Reading, encode_batch, to_request},
+    receiver::validate::to_json_lines,
+};
+
+const READINGS: usize = 100_000;
+const BATCH: usize = 1000;
+
+fn readings(n: usize) -> Vec<Reading> {
+    let names: Vec<Arc<str>> = (1..=16).map(|i| Arc::from(format!("sensor-{i}"))).collect();
+    let now = SystemTime::now();
+    (0..n)
+        .map(|i| Reading { sensor: Arc::clone(&names[i % 16]), sequence: i as u64, value: (i % 1000) as i64, created_at: now })
+        .collect()
+}
+
+fn batching(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let input = readings(READINGS);
+    let mut group = c.benchmark_group("batch");
+    group.throughput(Throughput::Elements(READINGS as u64));
+    group.bench_function("chunks_timeout_1000", |b| {
+        b.to_async(&runtime).iter_batched(
+            || input.clone(),
+            |input| async move { batches(stream::iter(input), BATCH, Duration::from_secs(1)).count().await },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+fn encoding(c: &mut Criterion) {
+    let batch = readings(BATCH);
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut buf = Vec::with_capacity(64 * 1024);
+    group.bench_function("encode_batch_1000", |b| {
+        b.iter(|| {
+            buf.clear();
+            encode_batch(black_box(&batch), &mut buf);
+            buf.len()
+        })
+    });
+    group.bench_function("prost_request_1000", |b| b.iter(|| to_request(black_box(&batch)).encode_to_vec().len()));
+    group.finish();
+}
+
+fn sink(c: &mut Criterion) {
+    let mut encoded = Vec::new();
+    encode_batch(&readings(BATCH), &mut encoded);
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    let mut out = Vec::with_capacity(256 * 1024);
+    group.bench_function("decode_validate_render_1000", |b| {
+        b.iter(|| {
+            let request = SensorValuesRequest::decode(black_box(encoded.as_slice())).unwrap();
+            let lines = to_json_lines(&request).unwrap();
+            out.clear();
+            out.extend_from_slice(&lines);
+            out.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, batching, encoding, sink);
+criterion_main!(benches);
