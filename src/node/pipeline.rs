@@ -53,7 +53,7 @@ pub async fn run<T: Transport>(
     let mut lanes = JoinSet::new();
     for names in config.lanes() {
         let readings =
-            sensor::merged(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
+            sensor::readings(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
         lanes.spawn(lane(readings, settings.clone(), transport.clone(), throttle.clone(), Arc::clone(&stats)));
     }
 
