@@ -20,7 +20,12 @@ fn readings(n: usize) -> Vec<Reading> {
     let names: Vec<Arc<str>> = (1..=16).map(|i| Arc::from(format!("sensor-{i}"))).collect();
     let now = SystemTime::now();
     (0..n)
-        .map(|i| Reading { sensor: Arc::clone(&names[i % 16]), sequence: i as u64, value: (i % 1000) as i64, created_at: now })
+        .map(|i| Reading {
+            sensor: Arc::clone(&names[i % 16]),
+            sequence: i as u64,
+            value: (i % 1000) as i64,
+            created_at: now,
+        })
         .collect()
 }
 

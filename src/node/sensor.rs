@@ -227,6 +227,9 @@ mod tests {
     fn values_stay_in_range_and_differ_between_sensors() {
         let (a, b) = (seed_of("a"), seed_of("b"));
         assert!((0..1000).all(|i| (0..1000).contains(&value_at(a, i))));
-        assert_ne!((0..10).map(|i| value_at(a, i)).collect::<Vec<_>>(), (0..10).map(|i| value_at(b, i)).collect::<Vec<_>>());
+        assert_ne!(
+            (0..10).map(|i| value_at(a, i)).collect::<Vec<_>>(),
+            (0..10).map(|i| value_at(b, i)).collect::<Vec<_>>()
+        );
     }
 }
