@@ -19,9 +19,9 @@ pub enum SendError {
 }
 
 /// Whether a call that failed with `code` may succeed if sent again: the sink
-/// was unreachable, busy or slow, and did not look at the request.
+/// was unreachable, busy or slow, or asked for the call again (ABORTED).
 pub fn is_retryable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded)
+    matches!(code, Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Aborted)
 }
 
 /// Why the sink refused a request. Each maps to one gRPC status.

@@ -42,7 +42,7 @@ impl From<&Reading> for SensorValue {
 
 /// The request that carries `batch`.
 pub fn to_request(batch: &[Reading]) -> SensorValuesRequest {
-    SensorValuesRequest { items: batch.iter().map(SensorValue::from).collect() }
+    SensorValuesRequest { items: batch.iter().map(SensorValue::from).collect(), ..Default::default() }
 }
 
 /// Writes the `SensorValuesRequest` that carries `batch` straight into

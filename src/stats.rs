@@ -83,6 +83,10 @@ pub struct NodeStats {
     pub retries: Counter,
     /// Retries, by the code of the failure that caused them.
     pub retries_by_code: Family<CodeLabel, Counter>,
+    /// Batches the sink refused for good, by code.
+    pub refused_by_code: Family<CodeLabel, Counter>,
+    /// Retries that waited as long as the sink asked.
+    pub pushbacks: Counter,
     /// Readings per batch sent.
     pub batch_size: Histogram,
     /// Seconds from a batch's first attempt to its outcome.
@@ -110,6 +114,8 @@ impl Default for NodeStats {
             dropped_by_reason: Family::default(),
             retries: Counter::default(),
             retries_by_code: Family::default(),
+            refused_by_code: Family::default(),
+            pushbacks: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             held: Gauge::default(),
@@ -143,6 +149,11 @@ impl NodeStats {
         self.retries_by_code.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
     }
 
+    /// Counts a batch the sink refused for good with `code`.
+    pub fn refuse(&self, code: tonic::Code) {
+        self.refused_by_code.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
+    }
+
     /// Counts an acknowledged batch of `n` readings.
     pub fn ack(&self, n: usize) {
         count(&self.acked, n);
@@ -173,6 +184,7 @@ impl NodeStats {
             acked: self.acked.get(),
             dropped: self.dropped.get(),
             retries: self.retries.get(),
+            pushbacks: self.pushbacks.get(),
         }
     }
 
@@ -202,6 +214,8 @@ impl NodeStats {
             "Repeated attempts, by the code that failed the previous one",
             self.retries_by_code.clone(),
         );
+        r.register("batches_refused", "Batches the sink refused for good, by code", self.refused_by_code.clone());
+        r.register("pushbacks", "Retries that waited as long as the sink asked", self.pushbacks.clone());
         r.register("readings_held", "Readings produced but not yet acked or dropped", self.held.clone());
         r.register("send_rate", "Readings acked per second since the previous scrape", self.send_rate.clone());
         r.register("batch_size", "Readings per batch sent", self.batch_size.clone());
@@ -228,14 +242,16 @@ pub struct Summary {
     pub dropped: u64,
     /// Repeated attempts.
     pub retries: u64,
+    /// Retries that waited as long as the sink asked.
+    pub pushbacks: u64,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "produced={} sent={} acked={} dropped={} retries={}",
-            self.produced, self.sent, self.acked, self.dropped, self.retries
+            "produced={} sent={} acked={} dropped={} retries={} pushbacks={}",
+            self.produced, self.sent, self.acked, self.dropped, self.retries, self.pushbacks
         )
     }
 }

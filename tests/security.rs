@@ -8,8 +8,8 @@ use std::{path::Path, sync::Arc, time::Duration, time::SystemTime};
 use common::{node_config, scratch, sink_config};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use telemetry_node::{
-    node::{GrpcTransport, Transport},
-    reading::{Batch, Reading},
+    node::{GrpcTransport, Transport, codec::Outgoing},
+    reading::Reading,
     receiver,
     stats::{SinkStats, SinkSummary},
 };
@@ -46,8 +46,12 @@ fn reading(name: &str) -> Reading {
     Reading { sensor: Arc::from(name), sequence: 0, value: 1, created_at: SystemTime::now() }
 }
 
-fn request() -> Arc<Batch> {
-    Arc::new(vec![reading("s")])
+fn outgoing(batch: Vec<Reading>) -> Outgoing {
+    Outgoing { batch: Arc::new(batch), node_id: Arc::from(""), lane: 0, batch_sequence: 0 }
+}
+
+fn request() -> Outgoing {
+    outgoing(vec![reading("s")])
 }
 
 /// Serves a sink configured by `pairs` on a free port; returns its address,
@@ -150,9 +154,9 @@ async fn oversized_requests_are_refused_and_nothing_is_written() {
     let (socket, token, handle) =
         sink("caps", &[("MAX_ITEMS_PER_REQUEST", "1".into()), ("MAX_MESSAGE_BYTES", "1024".into())]).await;
     let transport = GrpcTransport::from_config(&node_config(&[("GRPC_SERVER_SOCKET", socket.clone())])).unwrap();
-    let two = Arc::new(vec![reading("a"), reading("b")]);
+    let two = outgoing(vec![reading("a"), reading("b")]);
     assert_eq!(transport.send(two).await.unwrap_err().code(), Code::InvalidArgument);
-    let big = Arc::new(vec![reading(&"x".repeat(2000))]);
+    let big = outgoing(vec![reading(&"x".repeat(2000))]);
     assert_eq!(transport.send(big).await.unwrap_err().code(), Code::OutOfRange);
     assert!(transport.send(request()).await.is_ok());
     assert_eq!(stop(token, handle).await.readings_written, 1);

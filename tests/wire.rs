@@ -14,6 +14,7 @@ fn request(value: Option<i64>, sequence: u64) -> SensorValuesRequest {
             }),
             sequence,
         }],
+        ..Default::default()
     }
 }
 
@@ -52,6 +53,19 @@ fn a_go_node_request_without_sequence_decodes_with_sequence_zero() {
     // What the Go node sends: the same reading with no field 3.
     let go = [0x0a, 0x0f, 0x0a, 0x01, b't', 0x12, 0x0a, 0x12, 0x02, 0x08, 0x05, 0x1a, 0x04, 0x08, 0x01, 0x10, 0x02];
     assert_eq!(SensorValuesRequest::decode(go.as_slice()).unwrap(), request(Some(5), 0));
+}
+
+#[test]
+fn the_batch_identity_takes_new_field_numbers() {
+    let mut with_identity = request(Some(5), 3);
+    with_identity.node_id = "n".into();
+    with_identity.lane = 1;
+    with_identity.batch_sequence = 2;
+    let bytes = with_identity.encode_to_vec();
+    let mut expected = request(Some(5), 3).encode_to_vec();
+    // node_id (2) "n", lane (3) = 1, batch_sequence (4) = 2: a Go sink skips them.
+    expected.extend_from_slice(&[0x12, 0x01, b'n', 0x18, 0x01, 0x20, 0x02]);
+    assert_eq!(bytes, expected);
 }
 
 #[test]

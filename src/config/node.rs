@@ -34,9 +34,30 @@ pub struct NodeConfig {
     /// Retries of a failed send before its readings are dropped.
     #[envconfig(from = "GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", default = "10")]
     pub max_retries: usize,
-    /// Wait between two attempts at the same send.
+    /// First wait before a retry; later waits grow by the multiplier.
     #[envconfig(from = "GRPC_CLIENT_RETRY_SEND_INTERVAL", default = "1s")]
     pub retry_interval: humantime::Duration,
+    /// Growth of the wait from one retry to the next.
+    #[envconfig(from = "GRPC_CLIENT_RETRY_MULTIPLIER", default = "2")]
+    pub retry_multiplier: f32,
+    /// Longest wait between two attempts; a sink that stays down is probed
+    /// this often.
+    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_INTERVAL", default = "30s")]
+    pub retry_max_interval: humantime::Duration,
+    /// Most time spent waiting to retry one batch (0s: no limit).
+    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_ELAPSED", default = "5m")]
+    pub retry_max_elapsed: humantime::Duration,
+    /// `full`: each wait is drawn between 0 and the backoff; `none`: exact.
+    #[envconfig(from = "GRPC_CLIENT_RETRY_JITTER", default = "full")]
+    pub retry_jitter: Jitter,
+    /// Retry tokens: a failure spends one, a success earns a tenth; under
+    /// half, retries wait the longest interval.
+    #[envconfig(from = "GRPC_CLIENT_RETRY_BUDGET", default = "10")]
+    pub retry_budget: f64,
+    /// The node's identity in every request, for the sink's de-duplication;
+    /// a random one per start when unset.
+    #[envconfig(from = "NODE_ID")]
+    pub node_id: Option<String>,
     /// Requests in flight at once, at most: sensors are spread over this
     /// many lanes, each sending one request at a time.
     #[envconfig(from = "MAX_IN_FLIGHT", default = "4")]
@@ -106,6 +127,15 @@ impl NodeConfig {
         ensure(self.request_burst > 0, "REQUEST_BURST", self.request_burst)?;
         self.endpoint()?;
         ensure_positive("GRPC_CLIENT_RETRY_SEND_INTERVAL", self.retry_interval)?;
+        let multiplier_ok = self.retry_multiplier.is_finite() && (1.0..=100.0).contains(&self.retry_multiplier);
+        ensure(multiplier_ok, "GRPC_CLIENT_RETRY_MULTIPLIER", self.retry_multiplier)?;
+        let cap_ok = Duration::from(self.retry_max_interval) >= Duration::from(self.retry_interval);
+        ensure(cap_ok, "GRPC_CLIENT_RETRY_MAX_INTERVAL", self.retry_max_interval)?;
+        let budget_ok = self.retry_budget.is_finite() && (1.0..=1_000_000.0).contains(&self.retry_budget);
+        ensure(budget_ok, "GRPC_CLIENT_RETRY_BUDGET", self.retry_budget)?;
+        if let Some(id) = &self.node_id {
+            ensure(!id.is_empty() && id.len() <= 128, "NODE_ID", id)?;
+        }
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
@@ -166,6 +196,33 @@ impl NodeConfig {
         (batch_period * 3).max(Duration::from_secs(10))
     }
 
+    /// How failed sends are retried.
+    pub fn retry_policy(&self) -> crate::node::RetryPolicy {
+        let max_elapsed = Duration::from(self.retry_max_elapsed);
+        crate::node::RetryPolicy {
+            initial: self.retry_interval.into(),
+            multiplier: self.retry_multiplier,
+            cap: self.retry_max_interval.into(),
+            max_elapsed: (!max_elapsed.is_zero()).then_some(max_elapsed),
+            max_retries: self.max_retries,
+            jitter: self.retry_jitter == Jitter::Full,
+        }
+    }
+
+    /// `NODE_ID`, or a random identity for this run.
+    pub fn node_identity(&self) -> Arc<str> {
+        match &self.node_id {
+            Some(id) => Arc::from(id.as_str()),
+            None => {
+                use std::hash::{BuildHasher, Hasher};
+                // RandomState is seeded from the OS's randomness per process.
+                let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+                hasher.write_u32(std::process::id());
+                Arc::from(format!("node-{:016x}", hasher.finish()))
+            }
+        }
+    }
+
     /// The sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
     /// SENSOR_COUNT) lanes.
     pub fn lanes(&self) -> Vec<Vec<Arc<str>>> {
@@ -193,6 +250,27 @@ impl NodeConfig {
         }
         let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
         Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
+    }
+}
+
+/// Whether retry waits are drawn at random.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// Each wait between 0 and the backoff ("full jitter").
+    Full,
+    /// Exactly the backoff.
+    None,
+}
+
+impl FromStr for Jitter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Self::Full),
+            "none" => Ok(Self::None),
+            _ => Err(format!("unknown jitter {s:?}")),
+        }
     }
 }
 

@@ -3,7 +3,11 @@
 
 use std::{marker::PhantomData, sync::Arc};
 
-use prost::{Message, bytes::BufMut};
+use prost::{
+    Message,
+    bytes::BufMut,
+    encoding::{WireType, encode_key, encode_varint},
+};
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -23,9 +27,36 @@ pub trait Payload: Send + Sync + 'static {
     fn write_to(&self, buf: &mut impl BufMut);
 }
 
-impl Payload for Arc<Batch> {
+/// One batch as the sender sends it: the readings and who sent them. Cheap
+/// to clone, so every retry sends the same request.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The readings.
+    pub batch: Arc<Batch>,
+    /// The sending node's identity.
+    pub node_id: Arc<str>,
+    /// The sending lane.
+    pub lane: u32,
+    /// The batch's number within its lane.
+    pub batch_sequence: u64,
+}
+
+impl Payload for Outgoing {
     fn write_to(&self, buf: &mut impl BufMut) {
-        encode_batch(self, buf);
+        encode_batch(&self.batch, buf);
+        if !self.node_id.is_empty() {
+            encode_key(2, WireType::LengthDelimited, buf);
+            encode_varint(self.node_id.len() as u64, buf);
+            buf.put_slice(self.node_id.as_bytes());
+        }
+        if self.lane != 0 {
+            encode_key(3, WireType::Varint, buf);
+            encode_varint(u64::from(self.lane), buf);
+        }
+        if self.batch_sequence != 0 {
+            encode_key(4, WireType::Varint, buf);
+            encode_varint(self.batch_sequence, buf);
+        }
     }
 }
 
@@ -85,5 +116,28 @@ impl Decoder for ResponseDecoder {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SensorValuesResponse>, Status> {
         SensorValuesResponse::decode(src).map(Some).map_err(|error| Status::internal(error.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::{proto::SensorValuesRequest, reading::Reading};
+
+    #[test]
+    fn outgoing_encodes_as_the_request_with_its_identity() {
+        let reading = Reading { sensor: Arc::from("s"), sequence: 3, value: 7, created_at: SystemTime::now() };
+        let outgoing =
+            Outgoing { batch: Arc::new(vec![reading.clone()]), node_id: Arc::from("n1"), lane: 2, batch_sequence: 99 };
+        let mut bytes = Vec::new();
+        outgoing.write_to(&mut bytes);
+        let decoded = SensorValuesRequest::decode(bytes.as_slice()).unwrap();
+        let mut expected = crate::reading::to_request(&[reading]);
+        expected.node_id = "n1".into();
+        expected.lane = 2;
+        expected.batch_sequence = 99;
+        assert_eq!(decoded, expected);
     }
 }

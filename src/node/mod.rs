@@ -6,11 +6,12 @@
 pub mod batch;
 pub mod codec;
 pub mod pipeline;
+pub mod retry;
 pub mod sender;
 pub mod sensor;
 pub mod throttle;
 pub mod transport;
 
 pub use pipeline::run;
-pub use sender::RetryPolicy;
+pub use retry::RetryPolicy;
 pub use transport::{GrpcTransport, Transport};

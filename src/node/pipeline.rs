@@ -6,14 +6,25 @@
 //! order however many requests are in flight; all lanes share one token
 //! bucket, so the request rate is the node's, not the lane's.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use futures::{SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{batch, sender, sensor, throttle::Throttle, transport::Transport};
+use super::{
+    batch,
+    retry::RetryBudget,
+    sender::{self, LaneIdentity, SendContext},
+    sensor,
+    throttle::Throttle,
+    transport::Transport,
+};
 use crate::{config::NodeConfig, reading::Reading, stats::NodeStats, stats::Summary};
 
 /// What every lane is built from.
@@ -25,8 +36,6 @@ struct LaneSettings {
     batch_size: usize,
     /// BATCH_TIMEOUT.
     batch_timeout: Duration,
-    /// Retries of failed sends.
-    retry: sender::RetryPolicy,
 }
 
 /// Runs the node until `shutdown` resolves, then delivers what it holds.
@@ -48,13 +57,25 @@ pub async fn run<T: Transport>(
         sensor_rate: config.sensor_rate,
         batch_size: config.batch_size,
         batch_timeout: config.batch_timeout.into(),
-        retry: sender::RetryPolicy { interval: config.retry_interval.into(), max_retries: config.max_retries },
     };
+    let context = SendContext {
+        transport,
+        retry: config.retry_policy(),
+        budget: RetryBudget::new(config.retry_budget),
+        throttle: throttle.clone(),
+        stats: Arc::clone(&stats),
+    };
+    let node_id = config.node_identity();
+    // Batch numbers only grow, across restarts too: each run starts from the
+    // clock, in microseconds.
+    let first_batch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    info!(message = "Node identity.", node_id = %node_id);
     let mut lanes = JoinSet::new();
-    for names in config.lanes() {
+    for (lane, names) in config.lanes().into_iter().enumerate() {
+        let identity = LaneIdentity { node_id: Arc::clone(&node_id), lane: lane as u32, first_batch };
         let readings =
             sensor::readings(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
-        lanes.spawn(lane(readings, settings.clone(), transport.clone(), throttle.clone(), Arc::clone(&stats)));
+        lanes.spawn(run_lane(readings, settings.clone(), context.clone(), identity));
     }
 
     let drain_deadline = async {
@@ -77,18 +98,17 @@ pub async fn run<T: Transport>(
 
 /// One lane: batches `readings`, paces the batches and sends them, until
 /// `readings` ends and the last batch is delivered.
-async fn lane<T: Transport>(
+async fn run_lane<T: Transport>(
     readings: impl futures::Stream<Item = Reading>,
     settings: LaneSettings,
-    transport: T,
-    throttle: Throttle,
-    stats: Arc<NodeStats>,
+    context: SendContext<T>,
+    identity: LaneIdentity,
 ) {
     let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
-    let paced = throttle.apply(batches);
+    let paced = context.throttle.apply(batches);
     // One batch waits ready behind the one in flight, so the next batch is
     // gathered while the sink answers instead of after.
-    let sender = sender::batch_sender(transport, settings.retry, stats).buffer(1);
+    let sender = sender::batch_sender(context, identity).buffer(1);
     let Ok(()) = paced.map(Ok).forward(sender).await;
 }
 

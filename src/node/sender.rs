@@ -4,79 +4,121 @@
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
-use backon::{ConstantBuilder, Retryable};
+use backon::Retryable;
 use futures::{Sink, sink};
 use tonic::Status;
 use tracing::{error, warn};
 
-use super::transport::Transport;
+use super::{
+    codec::Outgoing,
+    retry::{RetryBudget, RetryPolicy, pushback},
+    throttle::Throttle,
+    transport::Transport,
+};
 use crate::{
     error::{SendError, is_retryable},
     reading::Batch,
     stats::{DropReason, NodeStats, count},
 };
 
-/// How a failed send is repeated.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Wait between two attempts.
-    pub interval: Duration,
-    /// Attempts after the first one, at most.
-    pub max_retries: usize,
+/// Who a lane's batches come from.
+#[derive(Debug, Clone)]
+pub struct LaneIdentity {
+    /// The node's identity.
+    pub node_id: Arc<str>,
+    /// The lane's number.
+    pub lane: u32,
+    /// The number of the lane's first batch; later ones count up from it.
+    pub first_batch: u64,
 }
 
-/// A sink that sends every batch it is given, one at a time, in order.
+/// What every lane's sender shares.
+#[derive(Debug, Clone)]
+pub struct SendContext<T> {
+    /// Where batches go.
+    pub transport: T,
+    /// How failures are retried.
+    pub retry: RetryPolicy,
+    /// Retry throttling across lanes.
+    pub budget: RetryBudget,
+    /// The request rate limit, paused while the sink pushes back.
+    pub throttle: Throttle,
+    /// Counters.
+    pub stats: Arc<NodeStats>,
+}
+
+/// A sink that sends every batch it is given, one at a time, in order,
+/// each under the next batch number of `lane`.
 ///
 /// It never fails: a batch that cannot be delivered is counted as dropped
 /// and logged, and the sink takes the next one.
-pub fn batch_sender<T: Transport>(
-    transport: T,
-    retry: RetryPolicy,
-    stats: Arc<NodeStats>,
-) -> impl Sink<Batch, Error = Infallible> {
-    let state = Arc::new((transport, stats));
-    sink::unfold(state, move |state, batch: Batch| async move {
-        let (transport, stats) = &*state;
+pub fn batch_sender<T: Transport>(context: SendContext<T>, lane: LaneIdentity) -> impl Sink<Batch, Error = Infallible> {
+    let state = (Arc::new(context), lane);
+    sink::unfold(state, |(context, mut lane), batch: Batch| async move {
         let readings = batch.len();
+        let stats = &context.stats;
         count(&stats.sent, readings);
         stats.batches_sent.inc();
         stats.batch_size.observe(readings as f64);
+        let request = Outgoing {
+            batch: Arc::new(batch),
+            node_id: Arc::clone(&lane.node_id),
+            lane: lane.lane,
+            batch_sequence: lane.first_batch,
+        };
+        lane.first_batch += 1;
         let started = tokio::time::Instant::now();
-        let outcome = deliver(transport, retry, stats, Arc::new(batch)).await;
+        let outcome = deliver(&context, request).await;
         stats.send_latency.observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => stats.ack(readings),
             Err(error) => {
-                let reason = match error {
-                    SendError::Refused(_) => DropReason::Refused,
+                let reason = match &error {
+                    SendError::Refused(status) => {
+                        stats.refuse(status.code());
+                        DropReason::Refused
+                    }
                     SendError::Exhausted { .. } => DropReason::RetriesExhausted,
                 };
                 stats.drop_readings(reason, readings as u64);
                 error!(message = "Dropped batch.", %error, readings);
             }
         }
-        Ok(state)
+        Ok((context, lane))
     })
 }
 
-/// Sends `batch`, repeating retryable failures as `retry` allows.
-async fn deliver<T: Transport>(
-    transport: &T,
-    retry: RetryPolicy,
-    stats: &NodeStats,
-    batch: Arc<Batch>,
-) -> Result<(), SendError> {
+/// Sends `request`, repeating retryable failures as the policy allows.
+async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
     let mut attempts = 0;
     let attempt = || {
         attempts += 1;
-        transport.send(Arc::clone(&batch))
+        let request = request.clone();
+        async move {
+            let answer = context.transport.send(request).await;
+            match &answer {
+                Ok(()) => context.budget.succeeded(),
+                Err(_) => context.budget.failed(),
+            }
+            answer
+        }
     };
-    let backoff = ConstantBuilder::default().with_delay(retry.interval).with_max_times(retry.max_retries);
     attempt
-        .retry(backoff)
+        .retry(context.retry.backoff())
+        .sleep(tokio::time::sleep)
         .when(|status: &Status| is_retryable(status.code()))
+        .adjust(|status: &Status, planned: Option<Duration>| {
+            let wait = context.retry.wait(status, planned?, &context.budget);
+            if pushback(status).is_some() {
+                context.throttle.pause(wait);
+            }
+            Some(wait)
+        })
         .notify(|status: &Status, wait: Duration| {
-            stats.retry(status.code());
+            context.stats.retry(status.code());
+            if pushback(status).is_some() {
+                context.stats.pushbacks.inc();
+            }
             warn!(message = "Failed to send batch, retrying.", code = ?status.code(), error = status.message(), ?wait);
         })
         .await

@@ -47,9 +47,12 @@ impl RequestRate {
     }
 }
 
-/// A request-rate limit that any number of streams can share.
+/// A request-rate limit that any number of streams can share, and that a
+/// sink's pushback can pause.
 #[derive(Debug, Clone)]
 pub struct Throttle {
+    /// No request leaves before this instant (a sink asked for the pause).
+    paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// The shared bucket, or `None` for no limit.
     bucket: Option<Arc<TokenBucket>>,
     /// The bucket's clock, to turn its answers into sleeps.
@@ -61,7 +64,15 @@ impl Throttle {
     pub fn new(rate: Option<RequestRate>) -> Self {
         let clock = TokioClock::new();
         let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(rate.quota(), clock)));
-        Self { bucket, clock }
+        Self { paused_until: Arc::default(), bucket, clock }
+    }
+
+    /// Holds every request back for `wait` from now, or longer if already
+    /// paused longer.
+    pub fn pause(&self, wait: Duration) {
+        let until = tokio::time::Instant::now() + wait;
+        let mut paused = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *paused = Some(paused.map_or(until, |current| current.max(until)));
     }
 
     /// Yields the items of `input` in order, each once the bucket allows.
@@ -77,6 +88,10 @@ impl Throttle {
 
     /// Waits, on tokio's clock, until the bucket grants one request, and takes it.
     async fn until_ready(&self) {
+        let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(until) = paused {
+            tokio::time::sleep_until(until).await;
+        }
         let Some(bucket) = &self.bucket else { return };
         let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
         while let Ok(Err(not_until)) = bucket.check_n(cost) {

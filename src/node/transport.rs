@@ -1,6 +1,6 @@
 //! Transport: one attempt at delivering one request to the sink.
 
-use std::{error::Error as _, future::Future, sync::Arc, time::Duration};
+use std::{error::Error as _, future::Future, time::Duration};
 
 use tonic::{
     Status,
@@ -11,16 +11,13 @@ use tonic::{
 
 use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
 
-use super::codec::{Payload, SEND_PATH, SendCodec};
-use crate::{
-    config::{Compression, ConfigError, NodeConfig},
-    reading::Batch,
-};
+use super::codec::{Outgoing, Payload, SEND_PATH, SendCodec};
+use crate::config::{Compression, ConfigError, NodeConfig};
 
 /// Delivers one batch, once. Retrying is the sender's business.
 pub trait Transport: Clone + Send + Sync + 'static {
-    /// Sends `batch` as one request and waits for the sink's answer.
-    fn send(&self, batch: Arc<Batch>) -> impl Future<Output = Result<(), Status>> + Send;
+    /// Sends `request` and waits for the sink's answer.
+    fn send(&self, request: Outgoing) -> impl Future<Output = Result<(), Status>> + Send;
 }
 
 /// HTTP/2 flow-control window per stream and per connection. tonic's
@@ -117,8 +114,8 @@ impl GrpcTransport {
 }
 
 impl Transport for GrpcTransport {
-    async fn send(&self, batch: Arc<Batch>) -> Result<(), Status> {
-        self.send_payload(batch).await
+    async fn send(&self, request: Outgoing) -> Result<(), Status> {
+        self.send_payload(request).await
     }
 }
 

@@ -72,7 +72,8 @@ mod tests {
 
     #[test]
     fn renders_one_line_per_reading() {
-        let request = SensorValuesRequest { items: vec![item("a\"b", Some(-3), 0), item("c", Some(0), 1)] };
+        let request =
+            SensorValuesRequest { items: vec![item("a\"b", Some(-3), 0), item("c", Some(0), 1)], ..Default::default() };
         let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
         assert_eq!(
             text,
@@ -91,7 +92,7 @@ mod tests {
             (item("a", Some(1), MAX_SECONDS + 1), ReceiveError::BadTimestamp { index: 1 }),
         ];
         for (bad, expected) in cases {
-            let request = SensorValuesRequest { items: vec![item("ok", Some(1), 0), bad] };
+            let request = SensorValuesRequest { items: vec![item("ok", Some(1), 0), bad], ..Default::default() };
             assert_eq!(to_json_lines(&request), Err(expected));
         }
         let no_time = SensorValue {
@@ -99,7 +100,7 @@ mod tests {
             ..item("a", Some(1), 0)
         };
         assert_eq!(
-            to_json_lines(&SensorValuesRequest { items: vec![no_time] }),
+            to_json_lines(&SensorValuesRequest { items: vec![no_time], ..Default::default() }),
             Err(ReceiveError::BadTimestamp { index: 0 })
         );
     }

@@ -14,12 +14,12 @@ use std::{
 
 use telemetry_node::{
     config::{NodeConfig, SinkConfig},
-    node::Transport,
+    node::{Transport, codec::Outgoing},
     proto::{
         SensorValue, SensorValuesRequest, SensorValuesResponse,
         sensor_service_server::{SensorService, SensorServiceServer},
     },
-    reading::{Batch, to_request},
+    reading::to_request,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -95,8 +95,8 @@ impl Recording {
 
 /// The in-memory transport: hands each request to a [`Recording`].
 impl Transport for Recording {
-    async fn send(&self, batch: Arc<Batch>) -> Result<(), Status> {
-        self.receive(to_request(&batch).items)
+    async fn send(&self, request: Outgoing) -> Result<(), Status> {
+        self.receive(to_request(&request.batch).items)
     }
 }
 
