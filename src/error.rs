@@ -71,8 +71,11 @@ pub enum ReceiveError {
     #[error("missing or wrong token")]
     Unauthenticated,
     /// Accepting the request now would exceed RATE_PER_SECOND.
-    #[error("over RATE_PER_SECOND: retry later")]
-    Throttled,
+    #[error("over RATE_PER_SECOND: retry in {} ms", .retry_after.as_millis())]
+    Throttled {
+        /// When the request would fit.
+        retry_after: std::time::Duration,
+    },
     /// The output writer has stopped, so nothing can be accepted.
     #[error("the sink is shutting down or its output failed")]
     WriterStopped,
@@ -82,7 +85,15 @@ impl From<ReceiveError> for Status {
     fn from(error: ReceiveError) -> Self {
         let message = error.to_string();
         match error {
-            ReceiveError::Throttled => Status::resource_exhausted(message),
+            ReceiveError::Throttled { retry_after } => {
+                let mut status = Status::resource_exhausted(message);
+                // At least 1 ms: 0 would read as "retry at once" and spin.
+                let ms = retry_after.as_millis().max(1).to_string();
+                if let Ok(value) = ms.parse() {
+                    status.metadata_mut().insert(crate::node::retry::PUSHBACK_TRAILER, value);
+                }
+                status
+            }
             ReceiveError::TooLarge { .. } => Status::failed_precondition(message),
             ReceiveError::WriterStopped => Status::unavailable(message),
             ReceiveError::Unauthenticated => Status::unauthenticated(message),

@@ -300,6 +300,8 @@ pub struct SinkStats {
     pub rejected_by_reason: Family<RejectLabel, Counter>,
     /// Requests refused over RATE_PER_SECOND.
     pub throttled: Counter,
+    /// Retried batches answered OK without writing them again.
+    pub duplicates: Counter,
     /// Encoded bytes of every request received.
     pub bytes_received: Counter,
     /// Readings written to the output file.
@@ -318,6 +320,7 @@ impl Default for SinkStats {
             rejected: Counter::default(),
             rejected_by_reason: Family::default(),
             throttled: Counter::default(),
+            duplicates: Counter::default(),
             bytes_received: Counter::default(),
             readings_written: Counter::default(),
             write_latency: Histogram::new(exponential_buckets(0.00005, 4.0, 10)),
@@ -340,6 +343,7 @@ impl SinkStats {
             readings_accepted: self.readings_accepted.get(),
             rejected: self.rejected.get(),
             throttled: self.throttled.get(),
+            duplicates: self.duplicates.get(),
             bytes_received: self.bytes_received.get(),
             readings_written: self.readings_written.get(),
         }
@@ -352,6 +356,7 @@ impl SinkStats {
         r.register("readings_accepted", "Readings in the requests answered OK", self.readings_accepted.clone());
         r.register("requests_rejected", "Requests refused, by reason", self.rejected_by_reason.clone());
         r.register("requests_throttled", "Requests refused over RATE_PER_SECOND", self.throttled.clone());
+        r.register("duplicates", "Retried batches answered OK without writing them again", self.duplicates.clone());
         r.register_with_unit("received", "Encoded request bytes received", Unit::Bytes, self.bytes_received.clone());
         r.register("readings_written", "Readings written to the output file", self.readings_written.clone());
         let latency = self.write_latency.clone();
@@ -370,6 +375,8 @@ pub struct SinkSummary {
     pub rejected: u64,
     /// Requests refused over RATE_PER_SECOND.
     pub throttled: u64,
+    /// Retried batches answered OK without writing them again.
+    pub duplicates: u64,
     /// Encoded bytes of every request received.
     pub bytes_received: u64,
     /// Readings written to the output file.
@@ -380,12 +387,13 @@ impl fmt::Display for SinkSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "requests={} accepted={} written={} rejected={} throttled={} bytes={}",
+            "requests={} accepted={} written={} rejected={} throttled={} duplicates={} bytes={}",
             self.requests_accepted,
             self.readings_accepted,
             self.readings_written,
             self.rejected,
             self.throttled,
+            self.duplicates,
             self.bytes_received
         )
     }

@@ -41,7 +41,11 @@ impl Running {
     }
 
     async fn send(&mut self, items: Vec<SensorValue>) -> Result<(), Code> {
-        self.client.send_sensor_values(SensorValuesRequest { items, ..Default::default() }).await.map(drop).map_err(|s| s.code())
+        self.client
+            .send_sensor_values(SensorValuesRequest { items, ..Default::default() })
+            .await
+            .map(drop)
+            .map_err(|s| s.code())
     }
 
     async fn stop(self) -> (SinkSummary, Vec<(String, u64)>) {

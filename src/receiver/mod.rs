@@ -3,6 +3,7 @@
 //! [`service`] answers each request; [`validate`] turns a request into
 //! output lines or refuses it; [`writer`] owns the output file.
 
+pub mod dedup;
 pub mod service;
 pub mod validate;
 pub mod writer;
@@ -16,7 +17,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{codec::CompressionEncoding, transport::Server};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     config::{Compression, SinkConfig},
@@ -29,6 +30,13 @@ pub use service::ReceiverService;
 /// Chunks of output that may wait for the writer before requests are
 /// slowed down: bounds the sink's memory.
 const WRITER_QUEUE: usize = 64;
+
+/// Node lanes whose last batch is remembered for de-duplication.
+const DEDUP_LANES: usize = 65_536;
+
+/// Bytes at the end of the output read back on start to recover the last
+/// batch of each lane.
+const RECOVERY_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// HTTP/2 flow-control windows, as large as the node's, so a large batch
 /// arrives in one flight.
@@ -65,10 +73,19 @@ pub async fn serve_with(
 ) -> Result<SinkSummary, ServeError> {
     let path = config.output_file();
     let stop_writer = CancellationToken::new();
+    let dedup = Arc::new(dedup::Deduplicator::new(DEDUP_LANES));
     let (chunks, writing) = if output == Output::File {
         tokio::fs::create_dir_all(&config.file_path)
             .await
             .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
+        let (lanes, torn) = dedup::recover(&path, RECOVERY_WINDOW)
+            .map_err(|source| ServeError::Output { path: path.clone(), source })?;
+        if torn > 0 {
+            warn!(message = "Cut off a torn last line of the output.", bytes = torn);
+        }
+        for (node, lane, batch) in &lanes {
+            dedup.seed(node, *lane, *batch);
+        }
         let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
         let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
         (Some(chunks), Some(tokio::spawn(writer.run(queue, config.flush_interval.into(), stop_writer.clone()))))
@@ -76,7 +93,7 @@ pub async fn serve_with(
         (None, None)
     };
 
-    let mut service = SensorServiceServer::new(ReceiverService::new(config, chunks, Arc::clone(&stats)))
+    let mut service = SensorServiceServer::new(ReceiverService::new(config, chunks, dedup, Arc::clone(&stats)))
         .max_decoding_message_size(config.max_message_bytes);
     if config.compression == Compression::Gzip {
         service = service.accept_compressed(CompressionEncoding::Gzip);

@@ -1,16 +1,18 @@
-//! The gRPC service that receives readings: checks, rate-limits and queues
-//! each request for the writer, and answers only once it is queued.
+//! The gRPC service that receives readings: checks, de-duplicates and
+//! rate-limits each request, and answers OK only once its readings are
+//! written.
 
 use std::{num::NonZeroU32, sync::Arc};
 
+use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
 use prost::Message;
 use subtle::ConstantTimeEq;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::{validate, writer::Chunk};
+use super::{dedup::Deduplicator, validate, writer::Chunk};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
@@ -28,23 +30,33 @@ pub struct ReceiverService {
     max_items: usize,
     /// Request bytes per second, with one second's worth as the burst.
     bucket: TokenBucket,
+    /// The bucket's clock, to tell a throttled node how long to wait.
+    clock: TokioClock,
     /// RATE_PER_SECOND, for messages.
     rate: u32,
     /// Queue to the writer; bounded, so a slow disk slows the callers down.
     /// `None` when accepted readings are discarded.
     output: Option<mpsc::Sender<Chunk>>,
+    /// The last batch written per node and lane.
+    dedup: Arc<Deduplicator>,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
 }
 
 impl ReceiverService {
     /// A service that accepts what `config` allows and queues it on `output`.
-    pub fn new(config: &SinkConfig, output: Option<mpsc::Sender<Chunk>>, stats: Arc<SinkStats>) -> Self {
+    pub fn new(
+        config: &SinkConfig,
+        output: Option<mpsc::Sender<Chunk>>,
+        dedup: Arc<Deduplicator>,
+        stats: Arc<SinkStats>,
+    ) -> Self {
         let rate = config.rate_per_second;
         let burst = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
-        let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), TokioClock::new());
+        let clock = TokioClock::new();
+        let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), clock);
         let authorization = config.auth_token.as_ref().map(|token| format!("Bearer {token}").into_bytes());
-        Self { authorization, max_items: config.max_items, bucket, rate, output, stats }
+        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, stats }
     }
 
     /// Whether `request` carries the token, compared in constant time.
@@ -63,20 +75,44 @@ impl ReceiverService {
             return Err(ReceiveError::TooManyItems { items, limit: self.max_items });
         }
         let lines = validate::to_json_lines(request)?;
-        if let Some(cost) = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)) {
-            match self.bucket.check_n(cost) {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(ReceiveError::Throttled),
-                Err(_) => return Err(ReceiveError::TooLarge { bytes, limit: self.rate }),
-            }
+        // Held until the batch is written, so a retry of it waits here and
+        // then finds it written.
+        let mut last_written = match request.node_id.as_str() {
+            "" => None,
+            node => Some(self.dedup.lock(node, request.lane).await),
+        };
+        // A lane sends one batch at a time and retries only that one, so a
+        // duplicate is exactly the last batch written. A lower number (a
+        // node restarted with its clock set back) is new data, not a retry.
+        if last_written.as_ref().is_some_and(|last| request.batch_sequence == **last) {
+            self.stats.duplicates.inc();
+            debug!(message = "Batch already written.", node_id = %request.node_id, lane = request.lane, batch = request.batch_sequence);
+            return Ok(());
         }
-        let readings = request.items.len();
+        self.charge(bytes)?;
         if let Some(output) = &self.output {
-            output.send(Chunk { lines, readings }).await.map_err(|_| ReceiveError::WriterStopped)?;
+            let (written, confirmed) = oneshot::channel();
+            output.send(Chunk { lines, readings: items, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+            confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
+        }
+        if let Some(last) = last_written.as_mut() {
+            **last = request.batch_sequence;
         }
         count(&self.stats.requests_accepted, 1);
-        count(&self.stats.readings_accepted, readings);
+        count(&self.stats.readings_accepted, items);
         Ok(())
+    }
+
+    /// Takes `bytes` from the byte-rate bucket, or says how long to wait.
+    fn charge(&self, bytes: usize) -> Result<(), ReceiveError> {
+        let Some(cost) = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)) else { return Ok(()) };
+        match self.bucket.check_n(cost) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                Err(ReceiveError::Throttled { retry_after: not_until.wait_time_from(self.clock.now()) })
+            }
+            Err(_) => Err(ReceiveError::TooLarge { bytes, limit: self.rate }),
+        }
     }
 }
 
@@ -95,7 +131,7 @@ impl SensorService for ReceiverService {
             Ok(()) => Ok(Response::new(SensorValuesResponse {})),
             Err(error) => {
                 match error {
-                    ReceiveError::Throttled => {
+                    ReceiveError::Throttled { .. } => {
                         self.stats.throttled.inc();
                         debug!(message = "Throttled request.", %error);
                     }

@@ -21,12 +21,25 @@ struct Line<'a> {
     created_at: String,
     /// The reading's position in its sensor's output.
     sequence: u64,
+    /// The sending node, when it said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<&'a str>,
+    /// The sending lane, with `node_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lane: Option<u32>,
+    /// The batch's number within its lane, with `node_id`: what a restarted
+    /// sink reads back to keep recognising retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<u64>,
 }
 
 /// Checks every reading of `request` and renders them all as JSON lines, or
 /// refuses the whole request at its first bad reading.
 pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveError> {
     let mut out = Vec::with_capacity(request.items.len() * 100);
+    let identified = !request.node_id.is_empty();
+    let node_id = identified.then_some(request.node_id.as_str());
+    let (lane, batch) = (identified.then_some(request.lane), identified.then_some(request.batch_sequence));
     for (index, item) in request.items.iter().enumerate() {
         if item.sensor_name.is_empty() {
             return Err(ReceiveError::EmptySensorName { index });
@@ -40,6 +53,9 @@ pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveEr
             value,
             created_at: humantime::format_rfc3339_nanos(created_at).to_string(),
             sequence: item.sequence,
+            node_id,
+            lane,
+            batch,
         };
         serde_json::to_writer(&mut out, &line).expect("a Vec accepts every write and the line has only string keys");
         out.push(b'\n');
@@ -80,6 +96,18 @@ mod tests {
             "{\"sensor_name\":\"a\\\"b\",\"value\":-3,\"created_at\":\"1970-01-01T00:00:00.000000005Z\",\"sequence\":7}\n\
              {\"sensor_name\":\"c\",\"value\":0,\"created_at\":\"1970-01-01T00:00:01.000000005Z\",\"sequence\":7}\n"
         );
+    }
+
+    #[test]
+    fn lines_carry_the_batch_identity_when_the_node_gives_one() {
+        let request = SensorValuesRequest {
+            items: vec![item("c", Some(0), 1)],
+            node_id: "n1".into(),
+            lane: 2,
+            batch_sequence: 9,
+        };
+        let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
+        assert!(text.ends_with(",\"sequence\":7,\"node_id\":\"n1\",\"lane\":2,\"batch\":9}\n"), "{text}");
     }
 
     #[test]

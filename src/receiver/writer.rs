@@ -1,9 +1,14 @@
-//! The output writer: appends JSON lines to one file, buffered by size and
-//! time, and writes out everything queued before it stops.
+//! The output writer: appends JSON lines to one file and confirms each
+//! chunk once it is written, gathering chunks that queue up meanwhile into
+//! one write.
 
 use std::{io, path::Path, sync::Arc, time::Duration};
 
-use tokio::{fs::File, io::AsyncWriteExt, sync::mpsc};
+use tokio::{
+    fs::File,
+    io::AsyncWriteExt,
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -19,19 +24,26 @@ pub struct Chunk {
     pub lines: Vec<u8>,
     /// How many readings the lines hold.
     pub readings: usize,
+    /// Told once the lines are in the file (handed to the operating system,
+    /// so a crash of the sink process cannot lose them).
+    pub written: oneshot::Sender<()>,
 }
 
-/// Owns the output file and its buffer.
+/// Owns the output file.
 #[derive(Debug)]
 pub struct JsonLinesWriter {
     /// The output, opened for appending.
     file: File,
-    /// Lines not yet written.
+    /// Lines gathered for the next write.
     buffer: Vec<u8>,
+    /// Confirmations owed once `buffer` is written.
+    pending: Vec<oneshot::Sender<()>>,
     /// Readings in `buffer`.
     buffered_readings: usize,
-    /// BUFFER_SIZE: the buffer is written once it holds this many bytes.
+    /// BUFFER_SIZE: the most bytes gathered into one write.
     buffer_size: usize,
+    /// Whether something was written since the last sync to disk.
+    unsynced: bool,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
 }
@@ -45,59 +57,84 @@ impl JsonLinesWriter {
             .open(path)
             .await
             .map_err(|source| ServeError::Output { path: path.to_owned(), source })?;
-        Ok(Self { file, buffer: Vec::with_capacity(buffer_size), buffered_readings: 0, buffer_size, stats })
+        let buffer = Vec::with_capacity(buffer_size.min(1 << 20));
+        Ok(Self { file, buffer, pending: Vec::new(), buffered_readings: 0, buffer_size, unsynced: false, stats })
     }
 
     /// Writes what arrives on `queue` until `stop` is cancelled, then
-    /// everything still queued, and syncs the file.
+    /// everything still queued, and syncs the file. Written data is synced
+    /// to disk every `sync_interval`.
     pub async fn run(
         mut self,
         mut queue: mpsc::Receiver<Chunk>,
-        flush_interval: Duration,
+        sync_interval: Duration,
         stop: CancellationToken,
     ) -> io::Result<()> {
-        let mut tick = tokio::time::interval(flush_interval);
+        let mut sync = tokio::time::interval(sync_interval);
         loop {
             tokio::select! {
                 chunk = queue.recv() => match chunk {
-                    Some(chunk) => self.push(chunk).await?,
+                    Some(chunk) => {
+                        self.gather(chunk, &mut queue);
+                        self.write().await?;
+                    }
                     None => break,
                 },
-                _ = tick.tick() => self.flush().await?,
+                _ = sync.tick() => self.sync().await?,
                 () = stop.cancelled() => break,
             }
         }
         queue.close();
         while let Some(chunk) = queue.recv().await {
-            self.push(chunk).await?;
+            self.gather(chunk, &mut queue);
+            self.write().await?;
         }
-        self.flush().await?;
-        self.file.sync_all().await
+        self.sync().await
     }
 
-    /// Buffers `chunk`, writing the buffer out once it is full.
-    async fn push(&mut self, chunk: Chunk) -> io::Result<()> {
+    /// Takes `chunk` and whatever else is already queued, up to BUFFER_SIZE.
+    fn gather(&mut self, chunk: Chunk, queue: &mut mpsc::Receiver<Chunk>) {
+        self.push(chunk);
+        while self.buffer.len() < self.buffer_size {
+            match queue.try_recv() {
+                Ok(chunk) => self.push(chunk),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn push(&mut self, chunk: Chunk) {
         self.buffer.extend_from_slice(&chunk.lines);
         self.buffered_readings += chunk.readings;
-        if self.buffer.len() >= self.buffer_size {
-            self.flush().await?;
+        self.pending.push(chunk.written);
+    }
+
+    /// Writes the gathered lines, then confirms their chunks. On an error
+    /// nothing is confirmed: the requests fail and their senders retry.
+    async fn write(&mut self) -> io::Result<()> {
+        if !self.buffer.is_empty() {
+            let started = std::time::Instant::now();
+            self.file.write_all(&self.buffer).await?;
+            self.file.flush().await?;
+            self.stats.write_latency.observe(started.elapsed().as_secs_f64());
+            debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
+            count(&self.stats.readings_written, self.buffered_readings);
+            self.unsynced = true;
         }
+        for written in self.pending.drain(..) {
+            let _ = written.send(());
+        }
+        self.buffer.clear();
+        self.buffered_readings = 0;
         Ok(())
     }
 
-    /// Writes the buffer to the file.
-    async fn flush(&mut self) -> io::Result<()> {
-        if self.buffer.is_empty() {
-            return Ok(());
+    /// Syncs written data to disk, if there is any new.
+    async fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data().await?;
+            self.unsynced = false;
         }
-        let started = std::time::Instant::now();
-        self.file.write_all(&self.buffer).await?;
-        self.file.flush().await?;
-        self.stats.write_latency.observe(started.elapsed().as_secs_f64());
-        debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
-        count(&self.stats.readings_written, self.buffered_readings);
-        self.buffer.clear();
-        self.buffered_readings = 0;
         Ok(())
     }
 }

@@ -1,0 +1,144 @@
+//! De-duplication of retried batches. A node's lane sends one batch at a
+//! time and retries only that one, so remembering, per node and lane, the
+//! last batch written is enough to recognise a retry of it.
+
+use std::{
+    collections::HashMap,
+    io::{self, Read, Seek, SeekFrom},
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+/// A node's lane: (node_id, lane).
+type LaneKey = (String, u32);
+
+/// The last batch written, per node and lane.
+#[derive(Debug)]
+pub struct Deduplicator {
+    /// One lock per lane: a retry waits for the attempt before it to finish,
+    /// then sees whether it was written.
+    lanes: Mutex<HashMap<LaneKey, Arc<AsyncMutex<u64>>>>,
+    /// Most lanes remembered; beyond it, idle ones are forgotten.
+    capacity: usize,
+}
+
+impl Deduplicator {
+    /// An empty window of `capacity` lanes.
+    pub fn new(capacity: usize) -> Self {
+        Self { lanes: Mutex::default(), capacity }
+    }
+
+    /// Remembers `batch` as the last one written by `lane` of `node`.
+    pub fn seed(&self, node: &str, lane: u32, batch: u64) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        lanes.insert((node.to_owned(), lane), Arc::new(AsyncMutex::new(batch)));
+    }
+
+    /// Locks `lane` of `node`; the guard holds the last batch it wrote.
+    pub async fn lock(&self, node: &str, lane: u32) -> OwnedMutexGuard<u64> {
+        let entry = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+            if lanes.len() >= self.capacity && !lanes.contains_key(&(node.to_owned(), lane)) {
+                // Forget a lane nobody is using right now.
+                let idle = lanes.iter().find(|(_, lock)| lock.try_lock().is_ok()).map(|(key, _)| key.clone());
+                if let Some(idle) = idle {
+                    lanes.remove(&idle);
+                }
+            }
+            Arc::clone(lanes.entry((node.to_owned(), lane)).or_default())
+        };
+        entry.lock_owned().await
+    }
+
+    /// How many lanes are remembered.
+    pub fn len(&self) -> usize {
+        self.lanes.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether no lane is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Prepares the output at `path` for appending after a crash: cuts off a
+/// torn last line, then reads the last `window` bytes for the last batch
+/// each node's lane wrote. Returns the lanes found and the bytes cut.
+pub fn recover(path: &Path, window: u64) -> io::Result<(Vec<(String, u32, u64)>, u64)> {
+    let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(error) => return Err(error),
+    };
+    let length = file.metadata()?.len();
+    let start = length.saturating_sub(window);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail)?;
+    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = (tail.len() - complete) as u64;
+    if torn > 0 {
+        file.set_len(length - torn)?;
+    }
+    let mut last: HashMap<LaneKey, u64> = HashMap::new();
+    // The first line of the window may be cut at its start: it fails to
+    // parse and is passed over like any other line without an identity.
+    for line in tail[..complete].split(|&b| b == b'\n') {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+        let (Some(node), Some(lane), Some(batch)) =
+            (value["node_id"].as_str(), value["lane"].as_u64(), value["batch"].as_u64())
+        else {
+            continue;
+        };
+        let Ok(lane) = u32::try_from(lane) else { continue };
+        let entry = last.entry((node.to_owned(), lane)).or_default();
+        *entry = (*entry).max(batch);
+    }
+    Ok((last.into_iter().map(|((node, lane), batch)| (node, lane, batch)).collect(), torn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn remembers_the_last_batch_per_lane() {
+        let dedup = Deduplicator::new(10);
+        *dedup.lock("a", 0).await = 5;
+        assert_eq!(*dedup.lock("a", 0).await, 5);
+        assert_eq!(*dedup.lock("a", 1).await, 0);
+        assert_eq!(*dedup.lock("b", 0).await, 0);
+    }
+
+    #[tokio::test]
+    async fn forgets_idle_lanes_beyond_its_capacity() {
+        let dedup = Deduplicator::new(2);
+        for lane in 0..5 {
+            *dedup.lock("a", lane).await = 1;
+        }
+        assert_eq!(dedup.len(), 2);
+    }
+
+    #[test]
+    fn recovery_cuts_a_torn_line_and_finds_the_last_batches() {
+        let dir = std::env::temp_dir().join(format!("dedup-recover-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("readings.jsonl");
+        let text = concat!(
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"n\",\"lane\":1,\"batch\":7}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":1,\"node_id\":\"n\",\"lane\":1,\"batch\":8}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"m\",\"lane\":0,\"batch\":3}\n",
+            "{\"sensor_name\":\"s\",\"val",
+        );
+        std::fs::write(&path, text).unwrap();
+        let (mut lanes, torn) = recover(&path, 1 << 20).unwrap();
+        lanes.sort();
+        assert_eq!(lanes, vec![("m".to_owned(), 0, 3), ("n".to_owned(), 1, 8)]);
+        assert_eq!(torn, "{\"sensor_name\":\"s\",\"val".len() as u64);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("\"batch\":3}\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
