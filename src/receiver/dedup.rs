@@ -63,13 +63,22 @@ impl Deduplicator {
     }
 }
 
+/// What [`recover`] found at the end of the output.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The last batch written by each node's lane: (node, lane, batch).
+    pub lanes: Vec<(String, u32, u64)>,
+    /// Bytes of a torn last line that were cut off.
+    pub torn: u64,
+}
+
 /// Prepares the output at `path` for appending after a crash: cuts off a
 /// torn last line, then reads the last `window` bytes for the last batch
-/// each node's lane wrote. Returns the lanes found and the bytes cut.
-pub fn recover(path: &Path, window: u64) -> io::Result<(Vec<(String, u32, u64)>, u64)> {
+/// each node's lane wrote.
+pub fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Recovered::default()),
         Err(error) => return Err(error),
     };
     let length = file.metadata()?.len();
@@ -96,7 +105,7 @@ pub fn recover(path: &Path, window: u64) -> io::Result<(Vec<(String, u32, u64)>,
         let entry = last.entry((node.to_owned(), lane)).or_default();
         *entry = (*entry).max(batch);
     }
-    Ok((last.into_iter().map(|((node, lane), batch)| (node, lane, batch)).collect(), torn))
+    Ok(Recovered { lanes: last.into_iter().map(|((node, lane), batch)| (node, lane, batch)).collect(), torn })
 }
 
 #[cfg(test)]
@@ -134,7 +143,7 @@ mod tests {
             "{\"sensor_name\":\"s\",\"val",
         );
         std::fs::write(&path, text).unwrap();
-        let (mut lanes, torn) = recover(&path, 1 << 20).unwrap();
+        let Recovered { mut lanes, torn } = recover(&path, 1 << 20).unwrap();
         lanes.sort();
         assert_eq!(lanes, vec![("m".to_owned(), 0, 3), ("n".to_owned(), 1, 8)]);
         assert_eq!(torn, "{\"sensor_name\":\"s\",\"val".len() as u64);

@@ -78,12 +78,12 @@ pub async fn serve_with(
         tokio::fs::create_dir_all(&config.file_path)
             .await
             .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
-        let (lanes, torn) = dedup::recover(&path, RECOVERY_WINDOW)
+        let recovered = dedup::recover(&path, RECOVERY_WINDOW)
             .map_err(|source| ServeError::Output { path: path.clone(), source })?;
-        if torn > 0 {
-            warn!(message = "Cut off a torn last line of the output.", bytes = torn);
+        if recovered.torn > 0 {
+            warn!(message = "Cut off a torn last line of the output.", bytes = recovered.torn);
         }
-        for (node, lane, batch) in &lanes {
+        for (node, lane, batch) in &recovered.lanes {
             dedup.seed(node, *lane, *batch);
         }
         let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
