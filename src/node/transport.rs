@@ -3,7 +3,7 @@
 use std::{error::Error as _, future::Future, time::Duration};
 
 use tonic::{
-    Status,
+    Code, Status,
     codec::CompressionEncoding,
     metadata::{Ascii, MetadataValue},
     transport::{Channel, ClientTlsConfig, Endpoint},
@@ -119,9 +119,16 @@ impl Transport for GrpcTransport {
     }
 }
 
-/// `status` with the chain of errors behind it in its message: a TLS or
-/// connection failure otherwise reads only "transport error".
+/// `status` with the chain of errors behind it in its message (a TLS or
+/// connection failure otherwise reads only "transport error"), and, when it
+/// was made here from a failed connection rather than sent by the sink, as
+/// UNAVAILABLE: tonic reports a connection closed mid-call as CANCELLED or
+/// UNKNOWN, codes that would otherwise read as the sink refusing the batch.
 fn explained(status: Status) -> Status {
+    let code = match status.code() {
+        Code::Cancelled | Code::Unknown | Code::Internal if status.source().is_some() => Code::Unavailable,
+        code => code,
+    };
     let mut message = status.message().to_owned();
     let mut source = status.source();
     while let Some(error) = source {
@@ -132,5 +139,5 @@ fn explained(status: Status) -> Status {
         }
         source = error.source();
     }
-    Status::new(status.code(), message)
+    Status::with_details_and_metadata(code, message, status.details().to_vec().into(), status.metadata().clone())
 }

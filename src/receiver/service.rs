@@ -90,14 +90,27 @@ impl ReceiverService {
             return Ok(());
         }
         self.charge(bytes)?;
-        if let Some(output) = &self.output {
-            let (written, confirmed) = oneshot::channel();
-            output.send(Chunk { lines, readings: items, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
-            confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
-        }
-        if let Some(last) = last_written.as_mut() {
-            **last = request.batch_sequence;
-        }
+        // Once queued, the lines will be written even if the caller goes
+        // away (a timed-out node resets the stream): the write and the
+        // record of it run in a task of their own, so the record is never
+        // missing for lines that were written.
+        let output = self.output.clone();
+        let batch = request.batch_sequence;
+        let write = tokio::spawn(async move {
+            if let Some(output) = output {
+                let (written, confirmed) = oneshot::channel();
+                output
+                    .send(Chunk { lines, readings: items, written })
+                    .await
+                    .map_err(|_| ReceiveError::WriterStopped)?;
+                confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
+            }
+            if let Some(last) = last_written.as_mut() {
+                **last = batch;
+            }
+            Ok::<(), ReceiveError>(())
+        });
+        write.await.map_err(|_| ReceiveError::WriterStopped)??;
         count(&self.stats.requests_accepted, 1);
         count(&self.stats.readings_accepted, items);
         Ok(())

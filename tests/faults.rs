@@ -1,0 +1,383 @@
+//! Fault tests: the sink killed and restarted, the connection cut and
+//! stalled, the sink pushing back, responses lost, and bad input. Each
+//! checks at the sink, reading by reading, that nothing was lost, nothing
+//! duplicated, and each sensor's order kept.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{
+    Process, assert_complete_and_ordered, free_port, node_config, read_output, scratch, sink_config, summary_fields,
+    wait_for_port,
+};
+use prost::Message;
+use telemetry_node::{
+    config::NodeConfig,
+    node::{self, GrpcTransport, Transport, codec::Outgoing},
+    proto::{SensorValue, SensorValuesRequest},
+    receiver,
+    stats::{NodeStats, SinkStats, SinkSummary},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// Settings that never give a batch up: retries until the sink is back.
+fn patient(socket: String, extra: &[(&str, String)]) -> NodeConfig {
+    let mut pairs = vec![
+        ("GRPC_SERVER_SOCKET", socket),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
+        ("REQUEST_RATE_PER_SECOND", "50".into()),
+        ("BATCH_SIZE", "20".into()),
+        ("BATCH_TIMEOUT", "50ms".into()),
+        ("RPC_TIMEOUT", "500ms".into()),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "100000".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
+        ("SHUTDOWN_TIMEOUT", "20s".into()),
+    ];
+    pairs.extend(extra.iter().cloned());
+    node_config(&pairs)
+}
+
+/// A sink served by the library in this process.
+struct Sink {
+    stop: CancellationToken,
+    serving: JoinHandle<SinkSummary>,
+    output: std::path::PathBuf,
+}
+
+impl Sink {
+    async fn start(listener: TcpListener, dir: &std::path::Path, extra: &[(&str, String)]) -> Self {
+        let mut pairs = vec![("FILE_PATH", dir.display().to_string())];
+        pairs.extend(extra.iter().cloned());
+        let config = sink_config(&pairs);
+        let stop = CancellationToken::new();
+        let output = config.output_file();
+        let serving = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let stats = Arc::new(SinkStats::default());
+                receiver::serve(&config, listener, stats, stop.cancelled_owned()).await.expect("the sink serves")
+            }
+        });
+        Self { stop, serving, output }
+    }
+
+    async fn stop(self) -> (SinkSummary, Vec<(String, u64)>) {
+        self.stop.cancel();
+        let summary = tokio::time::timeout(Duration::from_secs(30), self.serving).await.unwrap().unwrap();
+        (summary, read_output(&self.output))
+    }
+}
+
+async fn run_node(config: &NodeConfig, transport: impl Transport, run: Duration) -> telemetry_node::stats::Summary {
+    let stats = Arc::new(NodeStats::default());
+    let node = node::run(config, transport, stats, tokio::time::sleep(run));
+    tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node stops in time")
+}
+
+/// A transport that loses the sink's answer to the first `lose` requests
+/// that succeed, as a network would after the sink wrote them.
+#[derive(Clone)]
+struct LosingAnswers {
+    inner: GrpcTransport,
+    lose: Arc<Mutex<usize>>,
+}
+
+impl Transport for LosingAnswers {
+    async fn send(&self, request: Outgoing) -> Result<(), Status> {
+        self.inner.send(request).await?;
+        let mut lose = self.lose.lock().unwrap();
+        if *lose > 0 {
+            *lose -= 1;
+            return Err(Status::deadline_exceeded("answer lost on the way back"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_a_lost_answer_is_not_written_twice() {
+    let dir = scratch("lost-answers");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let sink = Sink::start(listener, &dir, &[]).await;
+    let config = patient(address.to_string(), &[]);
+    let transport =
+        LosingAnswers { inner: GrpcTransport::from_config(&config).unwrap(), lose: Arc::new(Mutex::new(10)) };
+    let summary = run_node(&config, transport, Duration::from_secs(2)).await;
+    let (sink_summary, written) = sink.stop().await;
+
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
+    assert_eq!(summary.retries, 10);
+    assert_eq!(sink_summary.duplicates, 10, "each retried batch was recognised");
+}
+
+/// How a [`Proxy`] treats traffic.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// Forward both ways.
+    Pass,
+    /// Close every connection and refuse new ones.
+    Cut,
+    /// Keep connections open but forward nothing.
+    Stall,
+}
+
+/// A TCP proxy on loopback between a node and a sink.
+struct Proxy {
+    mode: Arc<Mutex<Mode>>,
+    address: SocketAddr,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accepting: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mode = Arc::new(Mutex::new(Mode::Pass));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accepting = tokio::spawn({
+            let (mode, connections) = (Arc::clone(&mode), Arc::clone(&connections));
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    if *mode.lock().unwrap() == Mode::Cut {
+                        continue; // dropped: closed at once
+                    }
+                    let Ok(server) = TcpStream::connect(upstream).await else { continue };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let up = tokio::spawn(pump(client_read, server_write, Arc::clone(&mode)));
+                    let down = tokio::spawn(pump(server_read, client_write, Arc::clone(&mode)));
+                    connections.lock().unwrap().extend([up, down]);
+                }
+            }
+        });
+        Self { mode, address, connections, accepting }
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+        if mode == Mode::Cut {
+            for connection in self.connections.lock().unwrap().drain(..) {
+                connection.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while the mode is `Stall`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<Mutex<Mode>>,
+) {
+    let mut buffer = vec![0; 64 * 1024];
+    loop {
+        while *mode.lock().unwrap() == Mode::Stall {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while *mode.lock().unwrap() == Mode::Stall {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_cut_and_stalled_by_a_proxy_lose_and_duplicate_nothing() {
+    let dir = scratch("proxy");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_address = listener.local_addr().unwrap();
+    let sink = Sink::start(listener, &dir, &[]).await;
+    let proxy = Proxy::start(sink_address).await;
+    let config = patient(proxy.address.to_string(), &[]);
+    let transport = GrpcTransport::from_config(&config).unwrap();
+    let stats = Arc::new(NodeStats::default());
+    let node = tokio::spawn({
+        let (config, stats) = (config.clone(), Arc::clone(&stats));
+        async move { node::run(&config, transport, stats, tokio::time::sleep(Duration::from_secs(7))).await }
+    });
+
+    for (mode, hold) in
+        [(Mode::Pass, 1000), (Mode::Cut, 1000), (Mode::Pass, 1000), (Mode::Stall, 2000), (Mode::Pass, 0)]
+    {
+        proxy.set(mode);
+        tokio::time::sleep(Duration::from_millis(hold)).await;
+    }
+    let summary = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node stops in time").unwrap();
+    let (_, written) = sink.stop().await;
+
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
+    assert!(summary.retries > 0, "the faults were felt: {summary}");
+}
+
+#[tokio::test]
+async fn a_throttling_sink_is_obeyed_with_bounded_memory_and_nothing_lost() {
+    let dir = scratch("pushback");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    // About 40 readings' worth of bytes a second, against 200 readings/s.
+    let sink = Sink::start(listener, &dir, &[("RATE_PER_SECOND", "2000".into())]).await;
+    let config = patient(address.to_string(), &[("REQUEST_RATE_PER_SECOND", "inf".into())]);
+    let transport = GrpcTransport::from_config(&config).unwrap();
+    let stats = Arc::new(NodeStats::default());
+    let most_held = Arc::new(Mutex::new(0u64));
+    let sampler = tokio::spawn({
+        let (stats, most_held) = (Arc::clone(&stats), Arc::clone(&most_held));
+        async move {
+            loop {
+                let s = stats.snapshot();
+                let held = s.produced - s.acked - s.dropped;
+                {
+                    let mut most = most_held.lock().unwrap();
+                    *most = (*most).max(held);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(4)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node stops in time");
+    sampler.abort();
+    let (sink_summary, written) = sink.stop().await;
+
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
+    assert!(sink_summary.throttled > 0 && summary.pushbacks > 0, "{summary} / {sink_summary}");
+    // 4 lanes, each with a batch in flight and one ready, plus the readings
+    // of the batch being gathered: the node held no more than that.
+    let bound = 4 * 3 * 20;
+    assert!(*most_held.lock().unwrap() <= bound, "held {} readings", most_held.lock().unwrap());
+}
+
+#[test]
+fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing() {
+    let dir = scratch("sink-kill");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let sink_env = [("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into())];
+    let sink_binary = env!("CARGO_BIN_EXE_telemetry-sink");
+    let sink = Process::start("sink-1", sink_binary, &[], &sink_env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start(
+        "node",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", socket),
+            ("NODE_ID", "node-under-test".into()),
+            ("SENSOR_COUNT", "4".into()),
+            ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
+            ("REQUEST_RATE_PER_SECOND", "50".into()),
+            ("BATCH_SIZE", "20".into()),
+            ("BATCH_TIMEOUT", "50ms".into()),
+            ("RPC_TIMEOUT", "500ms".into()),
+            ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "100000".into()),
+            ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms".into()),
+            ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "500ms".into()),
+            ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
+            ("SHUTDOWN_TIMEOUT", "20s".into()),
+        ],
+        &dir,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    sink.signal(libc::SIGKILL);
+    let _ = sink.wait(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(5));
+    let sink = Process::start("sink-2", sink_binary, &[], &sink_env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(3));
+
+    node.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    sink.signal(libc::SIGTERM);
+    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+
+    let summary = summary_fields(&stdout);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary["produced"], "{stdout}");
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    assert!(summary["retries"] > 0, "the outage was felt: {stdout}");
+}
+
+/// Sends `body` as the raw bytes of a SendSensorValues request.
+async fn send_raw(address: SocketAddr, body: Vec<u8>) -> Result<(), Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
+    GrpcTransport::new(endpoint, Duration::from_secs(20)).send_payload(prost::bytes::Bytes::from(body)).await
+}
+
+#[tokio::test]
+async fn bad_input_gets_an_error_status_writes_nothing_and_the_sink_stays_up() {
+    let dir = scratch("bad-input");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let sink = Sink::start(listener, &dir, &[]).await;
+
+    // Garbage that is not protobuf.
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    assert!(send_raw(address, garbage).await.is_err());
+    // Larger than MAX_MESSAGE_BYTES.
+    let oversized = SensorValuesRequest {
+        items: vec![SensorValue { sensor_name: "x".repeat(5 << 20), ..Default::default() }],
+        ..Default::default()
+    };
+    assert_eq!(send_raw(address, oversized.encode_to_vec()).await.unwrap_err().code(), tonic::Code::OutOfRange);
+    // A million readings, all without a measurement.
+    let million = SensorValuesRequest { items: vec![SensorValue::default(); 1_000_000], ..Default::default() };
+    assert_eq!(send_raw(address, million.encode_to_vec()).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // A valid request still gets through.
+    let good = Outgoing {
+        batch: Arc::new(vec![telemetry_node::reading::Reading {
+            sensor: Arc::from("ok"),
+            sequence: 0,
+            value: 1,
+            created_at: std::time::SystemTime::now(),
+        }]),
+        node_id: Arc::from(""),
+        lane: 0,
+        batch_sequence: 0,
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
+    GrpcTransport::new(endpoint, Duration::from_secs(20)).send(good).await.unwrap();
+
+    let (summary, written) = sink.stop().await;
+    assert_eq!(written, vec![("ok".to_owned(), 0)]);
+    assert_eq!(summary.readings_written, 1);
+}
