@@ -133,3 +133,57 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use prost::Message;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::proto::{SensorValue, sensor_value::Measurement};
+
+    fn any_item() -> impl Strategy<Value = SensorValue> {
+        (
+            ".{0,12}",
+            proptest::option::of((proptest::option::of(any::<i64>()), proptest::option::of((any::<i64>(), any::<i32>())))),
+            any::<u64>(),
+        )
+            .prop_map(|(sensor_name, measurement, sequence)| SensorValue {
+                sensor_name,
+                measurement: measurement.map(|(sensor_value, time)| Measurement {
+                    sensor_value,
+                    created_at: time.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+                }),
+                sequence,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// The request path from the wire on: any bytes either fail to
+        /// decode or are checked without a panic.
+        #[test]
+        fn any_bytes_are_refused_or_checked_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(request) = SensorValuesRequest::decode(bytes.as_slice()) {
+                let _ = to_json_lines(&request);
+            }
+        }
+
+        /// Every request is refused whole or rendered as one JSON line per
+        /// reading.
+        #[test]
+        fn a_request_is_refused_whole_or_written_line_per_reading(
+            items in proptest::collection::vec(any_item(), 0..20),
+        ) {
+            let request = SensorValuesRequest { items, ..Default::default() };
+            if let Ok(lines) = to_json_lines(&request) {
+                let text = String::from_utf8(lines).expect("JSON is UTF-8");
+                prop_assert_eq!(text.lines().count(), request.items.len());
+                for line in text.lines() {
+                    prop_assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "{}", line);
+                }
+            }
+        }
+    }
+}
