@@ -30,6 +30,10 @@ pub enum DropReason {
     RetriesExhausted,
     /// Still held when the shutdown timeout ran out.
     Shutdown,
+    /// Pushed out of a full queue by a newer reading (drop-oldest).
+    OverflowOldest,
+    /// Refused by a full queue (drop-newest).
+    OverflowNewest,
 }
 
 impl EncodeLabelValue for DropReason {
@@ -40,6 +44,8 @@ impl EncodeLabelValue for DropReason {
                 Self::Refused => "refused",
                 Self::RetriesExhausted => "retries_exhausted",
                 Self::Shutdown => "shutdown",
+                Self::OverflowOldest => "overflow_oldest",
+                Self::OverflowNewest => "overflow_newest",
             },
         )
     }
@@ -67,6 +73,9 @@ pub struct CodeLabel {
 pub struct NodeStats {
     /// Readings the sensors emitted.
     pub produced: Counter,
+    /// Readings the sensors could not take on time because the pipeline
+    /// was pushing back (OVERFLOW_POLICY=block); never produced.
+    pub missed: Counter,
     /// Readings handed to the transport at least once.
     pub sent: Counter,
     /// Batches handed to the transport at least once.
@@ -106,6 +115,7 @@ impl Default for NodeStats {
     fn default() -> Self {
         Self {
             produced: Counter::default(),
+            missed: Counter::default(),
             sent: Counter::default(),
             batches_sent: Counter::default(),
             acked: Counter::default(),
@@ -185,6 +195,7 @@ impl NodeStats {
             dropped: self.dropped.get(),
             retries: self.retries.get(),
             pushbacks: self.pushbacks.get(),
+            missed: self.missed.get(),
         }
     }
 
@@ -204,6 +215,8 @@ impl NodeStats {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("telemetry_node");
         r.register("readings_produced", "Readings the sensors emitted", self.produced.clone());
+        let missed = self.missed.clone();
+        r.register("readings_missed", "Readings not taken on time because the pipeline pushed back", missed);
         r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
         r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
         r.register("readings_acked", "Readings the sink acknowledged", self.acked.clone());
@@ -244,14 +257,16 @@ pub struct Summary {
     pub retries: u64,
     /// Retries that waited as long as the sink asked.
     pub pushbacks: u64,
+    /// Readings the sensors could not take on time (never produced).
+    pub missed: u64,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "produced={} sent={} acked={} dropped={} retries={} pushbacks={}",
-            self.produced, self.sent, self.acked, self.dropped, self.retries, self.pushbacks
+            "produced={} sent={} acked={} dropped={} retries={} pushbacks={} missed={}",
+            self.produced, self.sent, self.acked, self.dropped, self.retries, self.pushbacks, self.missed
         )
     }
 }

@@ -381,3 +381,82 @@ async fn bad_input_gets_an_error_status_writes_nothing_and_the_sink_stays_up() {
     assert_eq!(written, vec![("ok".to_owned(), 0)]);
     assert_eq!(summary.readings_written, 1);
 }
+
+/// Runs a fast node against a sink that takes 200 ms per call, under
+/// `policy`; returns the node's summary, its most readings held at once,
+/// and the readings the sink got.
+async fn against_a_slow_sink(policy: &str) -> (telemetry_node::stats::Summary, u64, Vec<(String, u64)>) {
+    let recording = common::Recording::default();
+    recording.0.lock().unwrap().delay = Duration::from_millis(200);
+    let stop = CancellationToken::new();
+    let address = common::serve_recording(recording.clone(), stop.clone()).await;
+    let config = patient(
+        address.to_string(),
+        &[
+            ("SENSOR_VALUE_RATE_PER_SECOND", "500".into()),
+            ("BATCH_SIZE", "50".into()),
+            ("MAX_IN_FLIGHT", "2".into()),
+            ("REQUEST_RATE_PER_SECOND", "inf".into()),
+            ("RPC_TIMEOUT", "5s".into()),
+            ("OVERFLOW_POLICY", policy.into()),
+            ("QUEUE_CAPACITY", "200".into()),
+        ],
+    );
+    let stats = Arc::new(NodeStats::default());
+    let most_held = Arc::new(Mutex::new(0u64));
+    let sampler = tokio::spawn({
+        let (stats, most_held) = (Arc::clone(&stats), Arc::clone(&most_held));
+        async move {
+            loop {
+                let s = stats.snapshot();
+                let held = s.produced - s.acked - s.dropped;
+                {
+                    let mut most = most_held.lock().unwrap();
+                    *most = (*most).max(held);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let transport = GrpcTransport::from_config(&config).unwrap();
+    let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(3)));
+    let summary = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node stops in time");
+    sampler.abort();
+    stop.cancel();
+    let most = *most_held.lock().unwrap();
+    (summary, most, recording.readings())
+}
+
+/// Checks each sensor's readings only ever move forward, gaps allowed.
+fn assert_in_order(readings: &[(String, u64)]) {
+    let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for (sensor, sequence) in readings {
+        if let Some(previous) = last.insert(sensor, *sequence) {
+            assert!(*sequence > previous, "sensor {sensor}: {sequence} after {previous}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_sink_under_block_loses_nothing_and_memory_stays_bounded() {
+    let (summary, most_held, delivered) = against_a_slow_sink("block").await;
+    let per_sensor = assert_complete_and_ordered(&delivered);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
+    // 2 lanes, each: a batch in flight, one ready, one being gathered.
+    assert!(most_held <= 2 * 3 * 50, "held {most_held}");
+    assert!(summary.missed > 0, "the sensors were held back and said so: {summary}");
+}
+
+#[tokio::test]
+async fn a_slow_sink_under_drop_policies_drops_exactly_what_is_missing() {
+    for policy in ["drop-oldest", "drop-newest"] {
+        let (summary, most_held, delivered) = against_a_slow_sink(policy).await;
+        assert_in_order(&delivered);
+        assert!(summary.dropped > 0, "{policy}: the queue overflowed: {summary}");
+        assert_eq!(summary.produced - delivered.len() as u64, summary.dropped, "{policy}: {summary}");
+        assert_eq!(summary.acked, delivered.len() as u64, "{policy}");
+        // Per lane: the queue, plus a batch in flight, one ready, one gathering.
+        assert!(most_held <= 2 * (200 + 3 * 50), "{policy}: held {most_held}");
+    }
+}

@@ -11,7 +11,7 @@ mod sink;
 use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
-pub use node::{LogFormat, NodeConfig};
+pub use node::{LogFormat, NodeConfig, Overflow};
 pub use sink::SinkConfig;
 
 /// A configuration value that cannot be used.
@@ -57,6 +57,8 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("NODE_ID", "a non-empty identity of at most 128 characters"),
     ("BATCH_SIZE", "a whole number from 1 to 1000000"),
     ("MAX_IN_FLIGHT", "a whole number from 1 to 256"),
+    ("OVERFLOW_POLICY", "block, drop-oldest or drop-newest (spool is not available yet)"),
+    ("QUEUE_CAPACITY", "a whole number of readings from 1 to 100000000"),
     ("BATCH_TIMEOUT", "a duration greater than 0, e.g. 500ms or 1s"),
     ("RPC_TIMEOUT", "a duration greater than 0, e.g. 5s"),
     ("SHUTDOWN_TIMEOUT", "a duration greater than 0, e.g. 10s"),

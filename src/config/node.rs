@@ -62,6 +62,12 @@ pub struct NodeConfig {
     /// many lanes, each sending one request at a time.
     #[envconfig(from = "MAX_IN_FLIGHT", default = "4")]
     pub max_in_flight: usize,
+    /// What happens when the sender cannot keep up.
+    #[envconfig(from = "OVERFLOW_POLICY", default = "block")]
+    pub overflow: Overflow,
+    /// Readings a lane may queue under a drop policy.
+    #[envconfig(from = "QUEUE_CAPACITY", default = "10000")]
+    pub queue_capacity: usize,
     /// Readings per request at most.
     #[envconfig(from = "BATCH_SIZE", default = "1000")]
     pub batch_size: usize,
@@ -138,6 +144,7 @@ impl NodeConfig {
         }
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
+        ensure((1..=100_000_000).contains(&self.queue_capacity), "QUEUE_CAPACITY", self.queue_capacity)?;
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
         ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
         ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)?;
@@ -250,6 +257,33 @@ impl NodeConfig {
         }
         let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
         Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
+    }
+}
+
+/// What happens when the sender cannot keep up with the sensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Push back to the sensors, which skip the ticks they cannot take on
+    /// time and count them as missed. Nothing produced is dropped.
+    Block,
+    /// Queue up to QUEUE_CAPACITY readings per lane; when full, drop the
+    /// oldest queued reading.
+    DropOldest,
+    /// Queue up to QUEUE_CAPACITY readings per lane; when full, drop the
+    /// arriving reading.
+    DropNewest,
+}
+
+impl FromStr for Overflow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "block" => Ok(Self::Block),
+            "drop-oldest" => Ok(Self::DropOldest),
+            "drop-newest" => Ok(Self::DropNewest),
+            _ => Err(format!("unknown overflow policy {s:?}")),
+        }
     }
 }
 

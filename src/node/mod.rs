@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod codec;
 pub mod pipeline;
+pub mod queue;
 pub mod retry;
 pub mod sender;
 pub mod sensor;

@@ -19,13 +19,19 @@ use tracing::{error, info, warn};
 
 use super::{
     batch,
+    queue::{self, Drop},
     retry::RetryBudget,
     sender::{self, LaneIdentity, SendContext},
     sensor,
     throttle::Throttle,
     transport::Transport,
 };
-use crate::{config::NodeConfig, reading::Reading, stats::NodeStats, stats::Summary};
+use crate::{
+    config::{NodeConfig, Overflow},
+    reading::Reading,
+    stats::NodeStats,
+    stats::Summary,
+};
 
 /// What every lane is built from.
 #[derive(Debug, Clone)]
@@ -73,8 +79,15 @@ pub async fn run<T: Transport>(
     let mut lanes = JoinSet::new();
     for (lane, names) in config.lanes().into_iter().enumerate() {
         let identity = LaneIdentity { node_id: Arc::clone(&node_id), lane: lane as u32, first_batch };
-        let readings =
-            sensor::readings(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
+        let ticks =
+            sensor::ticks(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
+        let readings = match config.overflow {
+            Overflow::Block => ticks.flat_map(futures::stream::iter).left_stream(),
+            Overflow::DropOldest | Overflow::DropNewest => {
+                let drop = if config.overflow == Overflow::DropOldest { Drop::Oldest } else { Drop::Newest };
+                queue::decouple(ticks, config.queue_capacity, drop, Arc::clone(&stats)).right_stream()
+            }
+        };
         lanes.spawn(run_lane(readings, settings.clone(), context.clone(), identity));
     }
 

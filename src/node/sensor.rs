@@ -55,6 +55,8 @@ pub struct Sensors {
     interval: Interval,
     /// When the first tick was due: tick k is due at `start + k × period`.
     start: Instant,
+    /// Readings due up to the last tick taken, taken or missed.
+    due_taken: u64,
     /// Where `produced` is counted.
     stats: Arc<NodeStats>,
 }
@@ -68,20 +70,30 @@ impl Sensors {
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let sensors =
             names.into_iter().map(|name| SensorState { seed: seed_of(&name), name, next_sequence: 0 }).collect();
-        Self { sensors, cursor: 0, total_rate, interval, start: Instant::now(), stats }
+        Self { sensors, cursor: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
     }
 
-    /// Readings due at the tick that fired at `at`: one when the timer runs
-    /// at the combined rate; this tick's share of it when that is faster
-    /// than the timer.
-    fn due_at(&self, at: Instant) -> u64 {
+    /// Readings due from the start up to, not including, tick `k`: one a
+    /// tick when the timer runs at the combined rate, else each tick's share.
+    fn due_before(&self, k: u64) -> u64 {
         let period = self.interval.period();
         if period > FINEST_TICK || self.total_rate <= 1000.0 {
-            return 1;
+            return k;
         }
-        let k = (at.saturating_duration_since(self.start).as_nanos() / period.as_nanos()) as f64;
-        let per_tick = self.total_rate * period.as_secs_f64();
-        ((k + 1.0) * per_tick).floor() as u64 - (k * per_tick).floor() as u64
+        (k as f64 * self.total_rate * period.as_secs_f64()).floor() as u64
+    }
+
+    /// Readings due at the tick that fired at `at`, counting as missed the
+    /// readings of earlier ticks that were skipped.
+    fn due_at(&mut self, at: Instant) -> u64 {
+        let k = (at.saturating_duration_since(self.start).as_nanos() / self.interval.period().as_nanos()) as u64;
+        let (before, through) = (self.due_before(k), self.due_before(k + 1));
+        let missed = before.saturating_sub(self.due_taken);
+        if missed > 0 {
+            self.stats.missed.inc_by(missed);
+        }
+        self.due_taken = through;
+        through - before
     }
 
     /// Takes `count` readings, each from the next sensor in turn.
@@ -123,16 +135,27 @@ impl Stream for Sensors {
     }
 }
 
-/// The readings of sensors `names`, at `rate` readings per second each, as
-/// one stream that ends when `stop` resolves. The sensors stop at a tick
-/// boundary; every reading of the last tick is still yielded.
+/// The readings of sensors `names`, at `rate` readings per second each, a
+/// tick at a time, until `stop` resolves. The sensors stop at a tick
+/// boundary.
+pub fn ticks<F: Future<Output = ()>>(
+    names: Vec<Arc<str>>,
+    rate: f64,
+    stats: Arc<NodeStats>,
+    stop: F,
+) -> impl Stream<Item = Vec<Reading>> + use<F> {
+    Sensors::new(names, rate, stats).take_until(stop)
+}
+
+/// [`ticks`], one reading at a time; every reading of the last tick is
+/// still yielded.
 pub fn readings<F: Future<Output = ()>>(
     names: Vec<Arc<str>>,
     rate: f64,
     stats: Arc<NodeStats>,
     stop: F,
 ) -> impl Stream<Item = Reading> + use<F> {
-    Sensors::new(names, rate, stats).take_until(stop).flat_map(stream::iter)
+    ticks(names, rate, stats, stop).flat_map(stream::iter)
 }
 
 /// A stable per-sensor seed, so that two sensors do not report the same series.
@@ -210,6 +233,10 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO, "the overdue tick fires at once");
         sensors.next().await.unwrap();
         assert!(start.elapsed() >= Duration::from_millis(50), "the next one waits for its slot");
+        // Ticks at 100 ms ... 1000 ms were due while the stream was not
+        // polled; the one at 1000 ms was taken late, the other 9 missed.
+        assert_eq!(sensors.stats.snapshot().produced, 3);
+        assert_eq!(sensors.stats.missed.get(), 9);
     }
 
     #[tokio::test(start_paused = true)]

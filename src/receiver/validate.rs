@@ -136,8 +136,8 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
-    use prost::Message;
     use proptest::prelude::*;
+    use prost::Message;
 
     use super::*;
     use crate::proto::{SensorValue, sensor_value::Measurement};
@@ -145,7 +145,10 @@ mod fuzz {
     fn any_item() -> impl Strategy<Value = SensorValue> {
         (
             ".{0,12}",
-            proptest::option::of((proptest::option::of(any::<i64>()), proptest::option::of((any::<i64>(), any::<i32>())))),
+            proptest::option::of((
+                proptest::option::of(any::<i64>()),
+                proptest::option::of((any::<i64>(), any::<i32>())),
+            )),
             any::<u64>(),
         )
             .prop_map(|(sensor_name, measurement, sequence)| SensorValue {

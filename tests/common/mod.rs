@@ -55,6 +55,8 @@ pub struct Recorder {
     pub failures: VecDeque<Code>,
     /// Calls made, failed or not.
     pub calls: usize,
+    /// How long the gRPC service takes to answer each call.
+    pub delay: Duration,
 }
 
 /// A shared [`Recorder`].
@@ -107,6 +109,8 @@ impl SensorService for Recording {
         &self,
         request: Request<SensorValuesRequest>,
     ) -> Result<Response<SensorValuesResponse>, Status> {
+        let delay = self.0.lock().unwrap().delay;
+        tokio::time::sleep(delay).await;
         self.receive(request.into_inner().items).map(|()| Response::new(SensorValuesResponse {}))
     }
 }

@@ -1,0 +1,161 @@
+//! The overflow queue: decouples a lane's sensors from its sender when the
+//! policy is to drop rather than to push back. Bounded; every reading it
+//! drops is counted by reason and logged, at most once a second.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::Notify;
+use tracing::warn;
+
+use crate::{
+    reading::Reading,
+    stats::{DropReason, NodeStats},
+};
+
+/// What a full queue gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// The oldest reading queued, to make room.
+    Oldest,
+    /// The reading arriving.
+    Newest,
+}
+
+/// The queue and its end-of-input mark.
+#[derive(Debug, Default)]
+struct State {
+    /// Readings waiting for the batcher, oldest first.
+    readings: VecDeque<Reading>,
+    /// Whether the sensors have stopped.
+    closed: bool,
+}
+
+/// Shared between the sensors' task and the batcher.
+#[derive(Debug)]
+struct Queue {
+    state: Mutex<State>,
+    /// Wakes the batcher when readings arrive or the input ends.
+    arrived: Notify,
+}
+
+/// Runs `ticks` in a task of its own, so the sensors never wait for the
+/// sender, and yields their readings through a queue of `capacity`
+/// readings that drops as `drop` says when full.
+pub fn decouple(
+    ticks: impl Stream<Item = Vec<Reading>> + Send + 'static,
+    capacity: usize,
+    drop: Drop,
+    stats: Arc<NodeStats>,
+) -> impl Stream<Item = Reading> {
+    let queue = Arc::new(Queue { state: Mutex::default(), arrived: Notify::new() });
+    let producer = tokio::spawn(produce(ticks, Arc::clone(&queue), capacity, drop, stats));
+    let guard = AbortOnDrop(producer);
+    futures::stream::unfold((queue, guard), |(queue, guard)| async move {
+        loop {
+            let notified = queue.arrived.notified();
+            {
+                let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(reading) = state.readings.pop_front() {
+                    return Some((reading, (Arc::clone(&queue), guard)));
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    })
+}
+
+/// Stops the sensors' task when the lane is dropped (shutdown timeout).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl std::ops::Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Moves each tick's readings into the queue, dropping as told.
+async fn produce(
+    ticks: impl Stream<Item = Vec<Reading>>,
+    queue: Arc<Queue>,
+    capacity: usize,
+    drop: Drop,
+    stats: Arc<NodeStats>,
+) {
+    let reason = match drop {
+        Drop::Oldest => DropReason::OverflowOldest,
+        Drop::Newest => DropReason::OverflowNewest,
+    };
+    let mut unreported = 0u64;
+    let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
+    let mut ticks = std::pin::pin!(ticks);
+    while let Some(tick) = ticks.next().await {
+        let mut dropped = 0u64;
+        {
+            let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
+            for reading in tick {
+                if state.readings.len() < capacity {
+                    state.readings.push_back(reading);
+                } else if drop == Drop::Oldest {
+                    state.readings.pop_front();
+                    state.readings.push_back(reading);
+                    dropped += 1;
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        queue.arrived.notify_one();
+        if dropped > 0 {
+            stats.drop_readings(reason, dropped);
+            unreported += dropped;
+        }
+        if unreported > 0 && last_report.elapsed() >= Duration::from_secs(1) {
+            warn!(message = "Queue full, dropped readings.", dropped = unreported, policy = ?drop, capacity);
+            unreported = 0;
+            last_report = tokio::time::Instant::now();
+        }
+    }
+    queue.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
+    queue.arrived.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use futures::stream;
+
+    use super::*;
+
+    fn tick(from: u64, to: u64) -> Vec<Reading> {
+        (from..to)
+            .map(|sequence| Reading { sensor: Arc::from("s"), sequence, value: 0, created_at: SystemTime::UNIX_EPOCH })
+            .collect()
+    }
+
+    async fn run(drop: Drop) -> (Vec<u64>, u64) {
+        let stats = Arc::new(NodeStats::default());
+        // 10 readings into a queue of 4 before anyone reads.
+        let ticks = stream::iter([tick(0, 10)]);
+        let out: Vec<u64> = decouple(ticks, 4, drop, Arc::clone(&stats)).map(|r| r.sequence).collect().await;
+        (out, stats.snapshot().dropped)
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_keeps_the_newest_readings_and_counts_the_rest() {
+        assert_eq!(run(Drop::Oldest).await, (vec![6, 7, 8, 9], 6));
+    }
+
+    #[tokio::test]
+    async fn drop_newest_keeps_the_oldest_readings_and_counts_the_rest() {
+        assert_eq!(run(Drop::Newest).await, (vec![0, 1, 2, 3], 6));
+    }
+}
