@@ -10,6 +10,7 @@ pub mod queue;
 pub mod retry;
 pub mod sender;
 pub mod sensor;
+pub mod spool;
 pub mod throttle;
 pub mod transport;
 

@@ -1,0 +1,378 @@
+//! The spool: batches the sink could not take, kept on disk in a redb
+//! database until they are delivered, in order, ahead of newer data.
+//!
+//! redb is an embedded, crash-safe B-tree store with checksummed pages and
+//! atomic, fsynced commits: a batch the spool has committed survives a
+//! SIGKILL of the node, and a torn commit is rolled back on open. Each
+//! stored batch also carries its own CRC32, so a damaged record is found,
+//! skipped and counted rather than sent.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
+
+use prost::Message;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::{
+    proto::SensorValuesRequest,
+    reading::{Batch, Reading, encode_batch},
+};
+
+/// Stored batches: (lane, batch number) → CRC32 (4 bytes, LE) + encoded request.
+const BATCHES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("batches");
+/// Node facts that outlive a run: its identity.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Why the spool failed.
+#[derive(Debug, thiserror::Error)]
+#[error("spool {}: {message}", .path.display())]
+pub struct SpoolError {
+    /// The database file.
+    path: PathBuf,
+    /// What went wrong.
+    message: String,
+}
+
+/// One batch read back from the spool.
+#[derive(Debug)]
+pub struct Stored {
+    /// Its lane.
+    pub lane: u32,
+    /// Its number within the lane.
+    pub batch_sequence: u64,
+    /// Its readings, or `None` when the record is damaged.
+    pub readings: Option<Batch>,
+}
+
+/// A durable FIFO of batches per lane, bounded in bytes.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    /// The database.
+    db: Arc<Database>,
+    /// Its file, for messages.
+    path: PathBuf,
+    /// SPOOL_MAX_BYTES.
+    max_bytes: u64,
+    /// Bytes of stored records.
+    bytes: Arc<Mutex<u64>>,
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir`. A database redb cannot open is
+    /// moved aside as `spool.redb.damaged` and a new one started.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Option<String>), SpoolError> {
+        let path = dir.join("spool.redb");
+        let fail = |message: String| SpoolError { path: path.clone(), message };
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        let (db, damage) = match Database::create(&path) {
+            Ok(db) => (db, None),
+            Err(error) => {
+                let aside = dir.join("spool.redb.damaged");
+                std::fs::rename(&path, &aside).map_err(|e| fail(e.to_string()))?;
+                let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
+                (db, Some(format!("{error}; moved to {}", aside.display())))
+            }
+        };
+        let spool = Self { db: Arc::new(db), path, max_bytes, bytes: Arc::default() };
+        let total = spool.read(|table| {
+            let mut total = 0;
+            for entry in table.iter()? {
+                total += entry?.1.value().len() as u64;
+            }
+            Ok(total)
+        })?;
+        *spool.bytes.lock().unwrap_or_else(PoisonError::into_inner) = total;
+        Ok((spool, damage))
+    }
+
+    /// The node identity kept in the spool, or `fresh` stored as it.
+    pub fn node_id(&self, fresh: &str) -> Result<String, SpoolError> {
+        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let id = {
+            let mut meta = write.open_table(META).map_err(|e| self.error(e))?;
+            let existing = meta.get("node_id").map_err(|e| self.error(e))?.map(|v| v.value().to_owned());
+            match existing {
+                Some(id) => id,
+                None => {
+                    meta.insert("node_id", fresh).map_err(|e| self.error(e))?;
+                    fresh.to_owned()
+                }
+            }
+        };
+        write.commit().map_err(|e| self.error(e))?;
+        Ok(id)
+    }
+
+    /// Stores a batch durably. When the spool would exceed its size, the
+    /// oldest stored batches are evicted first; returns how many readings
+    /// they held (0 for damaged ones).
+    pub fn push(&self, lane: u32, batch_sequence: u64, readings: &[Reading]) -> Result<u64, SpoolError> {
+        let mut encoded = Vec::with_capacity(readings.len() * 48 + 4);
+        encoded.extend_from_slice(&[0; 4]);
+        encode_batch(readings, &mut encoded);
+        let crc = crc32fast::hash(&encoded[4..]);
+        encoded[..4].copy_from_slice(&crc.to_le_bytes());
+        let mut evicted = 0;
+        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+            let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+            while *bytes + encoded.len() as u64 > self.max_bytes && !table.is_empty().map_err(|e| self.error(e))? {
+                let oldest = oldest_key(&table).map_err(|e| self.error(e))?;
+                let Some(key) = oldest else { break };
+                if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
+                    *bytes -= old.value().len() as u64;
+                    evicted += decode(old.value()).map_or(0, |b| b.len() as u64);
+                }
+            }
+            table.insert((lane, batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?;
+            *bytes += encoded.len() as u64;
+        }
+        write.commit().map_err(|e| self.error(e))?;
+        Ok(evicted)
+    }
+
+    /// The oldest batch of `lane`, if any.
+    pub fn oldest(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
+        self.read(|table| {
+            let mut range = table.range((lane, 0)..=(lane, u64::MAX))?;
+            Ok(range.next().transpose()?.map(|(key, value)| {
+                let (lane, batch_sequence) = key.value();
+                Stored { lane, batch_sequence, readings: decode(value.value()) }
+            }))
+        })
+    }
+
+    /// Removes a delivered (or damaged) batch.
+    pub fn remove(&self, lane: u32, batch_sequence: u64) -> Result<(), SpoolError> {
+        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+            if let Some(old) = table.remove((lane, batch_sequence)).map_err(|e| self.error(e))? {
+                let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+                *bytes = bytes.saturating_sub(old.value().len() as u64);
+            }
+        }
+        write.commit().map_err(|e| self.error(e))
+    }
+
+    /// Lanes with stored batches.
+    pub fn lanes(&self) -> Result<Vec<u32>, SpoolError> {
+        self.read(|table| {
+            let mut lanes: Vec<u32> = Vec::new();
+            for entry in table.iter()? {
+                let lane = entry?.0.value().0;
+                if lanes.last() != Some(&lane) {
+                    lanes.push(lane);
+                }
+            }
+            Ok(lanes)
+        })
+    }
+
+    /// Whether `lane` has stored batches.
+    pub fn has(&self, lane: u32) -> Result<bool, SpoolError> {
+        Ok(self.oldest(lane)?.is_some())
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadOnlyTable<(u32, u64), &[u8]>) -> Result<T, redb::StorageError>,
+    ) -> Result<T, SpoolError> {
+        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        match read.open_table(BATCHES) {
+            Ok(table) => f(&table).map_err(|e| self.error(e)),
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                drop(read);
+                let write = self.db.begin_write().map_err(|e| self.error(e))?;
+                write.open_table(BATCHES).map_err(|e| self.error(e))?;
+                write.commit().map_err(|e| self.error(e))?;
+                let read = self.db.begin_read().map_err(|e| self.error(e))?;
+                let table = read.open_table(BATCHES).map_err(|e| self.error(e))?;
+                f(&table).map_err(|e| self.error(e))
+            }
+            Err(error) => Err(self.error(error)),
+        }
+    }
+
+    fn error(&self, error: impl std::fmt::Display) -> SpoolError {
+        SpoolError { path: self.path.clone(), message: error.to_string() }
+    }
+}
+
+/// The key of the oldest batch over all lanes: the lowest batch number
+/// among each lane's first.
+fn oldest_key(table: &redb::Table<(u32, u64), &[u8]>) -> Result<Option<(u32, u64)>, redb::StorageError> {
+    let mut oldest: Option<(u32, u64)> = None;
+    let mut lane = 0u32;
+    loop {
+        let mut range = table.range((lane, 0)..=(u32::MAX, u64::MAX))?;
+        let Some(entry) = range.next().transpose()? else { break };
+        let key = entry.0.value();
+        if oldest.is_none_or(|(_, sequence)| key.1 < sequence) {
+            oldest = Some(key);
+        }
+        match key.0.checked_add(1) {
+            Some(next) => lane = next,
+            None => break,
+        }
+    }
+    Ok(oldest)
+}
+
+/// The readings of a stored record, or `None` if it is damaged.
+fn decode(record: &[u8]) -> Option<Batch> {
+    let (crc, body) = record.split_at_checked(4)?;
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
+        return None;
+    }
+    let request = SensorValuesRequest::decode(body).ok()?;
+    request
+        .items
+        .into_iter()
+        .map(|item| {
+            let measurement = item.measurement?;
+            Some(Reading {
+                sensor: Arc::from(item.sensor_name),
+                sequence: item.sequence,
+                value: measurement.sensor_value?,
+                created_at: SystemTime::try_from(measurement.created_at?).ok()?,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn batch(lane: u32, sequence: u64, n: usize) -> Batch {
+        (0..n)
+            .map(|i| Reading {
+                sensor: Arc::from(format!("lane-{lane}")),
+                sequence: sequence * 100 + i as u64,
+                value: i as i64,
+                created_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(sequence),
+            })
+            .collect()
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("spool-{name}-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(u32, usize),
+        Pop(u32),
+        Reopen,
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        proptest::collection::vec(
+            prop_oneof![
+                4 => (0u32..3, 1usize..5).prop_map(|(lane, n)| Op::Push(lane, n)),
+                3 => (0u32..3).prop_map(Op::Pop),
+                1 => Just(Op::Reopen),
+            ],
+            1..40,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Against an in-memory model: every lane is a FIFO, and what was
+        /// committed survives the spool being closed and opened again (as
+        /// after a SIGKILL: redb's commits are already on disk).
+        #[test]
+        fn the_spool_behaves_as_a_fifo_per_lane_across_reopens(ops in ops()) {
+            let dir = dir("model");
+            let (mut spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+            let mut model: BTreeMap<u32, VecDeque<(u64, Batch)>> = BTreeMap::new();
+            let mut next = 1u64;
+            for op in ops {
+                match op {
+                    Op::Push(lane, n) => {
+                        let readings = batch(lane, next, n);
+                        prop_assert_eq!(spool.push(lane, next, &readings).unwrap(), 0);
+                        model.entry(lane).or_default().push_back((next, readings));
+                        next += 1;
+                    }
+                    Op::Pop(lane) => {
+                        let expected = model.entry(lane).or_default().pop_front();
+                        let got = spool.oldest(lane).unwrap();
+                        match (expected, got) {
+                            (None, None) => {}
+                            (Some((sequence, readings)), Some(stored)) => {
+                                prop_assert_eq!(stored.batch_sequence, sequence);
+                                prop_assert_eq!(stored.readings, Some(readings));
+                                spool.remove(lane, sequence).unwrap();
+                            }
+                            (expected, got) => prop_assert!(false, "model {:?}, spool {:?}", expected, got),
+                        }
+                    }
+                    Op::Reopen => {
+                        drop(spool);
+                        spool = Spool::open(&dir, u64::MAX).unwrap().0;
+                    }
+                }
+                let lanes: Vec<u32> = model.iter().filter(|(_, q)| !q.is_empty()).map(|(l, _)| *l).collect();
+                prop_assert_eq!(spool.lanes().unwrap(), lanes);
+            }
+            drop(spool);
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_full_spool_evicts_its_oldest_batch_and_says_how_many_readings() {
+        let dir = dir("evict");
+        let (spool, _) = Spool::open(&dir, 1200).unwrap();
+        for sequence in 1..=20 {
+            spool.push(sequence as u32 % 2, sequence, &batch(0, sequence, 5)).unwrap();
+        }
+        let evicted: u64 = (21..=25).map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).sum();
+        assert!(evicted >= 25, "evicted {evicted}");
+        assert!(*spool.bytes.lock().unwrap() <= 1200);
+        // What is left is the newest, in order.
+        let oldest = spool.oldest(1).unwrap().map(|s| s.batch_sequence);
+        assert!(oldest.is_none_or(|s| s > 5), "{oldest:?}");
+        drop(spool);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_record_is_found_and_a_damaged_file_moved_aside() {
+        let dir = dir("damage");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        spool.push(0, 1, &batch(0, 1, 3)).unwrap();
+        let write = spool.db.begin_write().unwrap();
+        write.open_table(BATCHES).unwrap().insert((0, 2), &b"\x01\x02\x03\x04garbage"[..]).unwrap();
+        write.commit().unwrap();
+        spool.push(0, 3, &batch(0, 3, 3)).unwrap();
+        assert!(spool.oldest(0).unwrap().unwrap().readings.is_some());
+        spool.remove(0, 1).unwrap();
+        let damaged = spool.oldest(0).unwrap().unwrap();
+        assert_eq!((damaged.batch_sequence, damaged.readings), (2, None));
+        drop(spool);
+
+        std::fs::write(dir.join("spool.redb"), b"not a database at all").unwrap();
+        let (spool, damage) = Spool::open(&dir, u64::MAX).unwrap();
+        assert!(damage.is_some());
+        assert!(dir.join("spool.redb.damaged").exists());
+        assert_eq!(spool.lanes().unwrap(), Vec::<u32>::new());
+        drop(spool);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
