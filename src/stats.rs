@@ -34,6 +34,10 @@ pub enum DropReason {
     OverflowOldest,
     /// Refused by a full queue (drop-newest).
     OverflowNewest,
+    /// Evicted from a full spool.
+    SpoolFull,
+    /// Stored in the spool but damaged when read back.
+    SpoolDamaged,
 }
 
 impl EncodeLabelValue for DropReason {
@@ -46,6 +50,8 @@ impl EncodeLabelValue for DropReason {
                 Self::Shutdown => "shutdown",
                 Self::OverflowOldest => "overflow_oldest",
                 Self::OverflowNewest => "overflow_newest",
+                Self::SpoolFull => "spool_full",
+                Self::SpoolDamaged => "spool_damaged",
             },
         )
     }
@@ -96,6 +102,14 @@ pub struct NodeStats {
     pub refused_by_code: Family<CodeLabel, Counter>,
     /// Retries that waited as long as the sink asked.
     pub pushbacks: Counter,
+    /// Readings of this run written to the spool.
+    pub spooled: Counter,
+    /// Readings delivered from the spool, of this run or an earlier one.
+    pub replayed: Counter,
+    /// Readings of this run in the spool now.
+    pub in_spool: Gauge,
+    /// Spool records found damaged and skipped.
+    pub spool_damaged: Counter,
     /// Readings per batch sent.
     pub batch_size: Histogram,
     /// Seconds from a batch's first attempt to its outcome.
@@ -126,6 +140,10 @@ impl Default for NodeStats {
             retries_by_code: Family::default(),
             refused_by_code: Family::default(),
             pushbacks: Counter::default(),
+            spooled: Counter::default(),
+            replayed: Counter::default(),
+            in_spool: Gauge::default(),
+            spool_damaged: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             held: Gauge::default(),
@@ -181,7 +199,7 @@ impl NodeStats {
     /// called once the pipeline can no longer deliver them.
     pub fn drop_unaccounted(&self) -> u64 {
         let s = self.snapshot();
-        let missing = s.produced.saturating_sub(s.acked + s.dropped);
+        let missing = s.produced.saturating_sub(s.acked + s.dropped + s.in_spool);
         self.drop_readings(DropReason::Shutdown, missing);
         missing
     }
@@ -196,13 +214,16 @@ impl NodeStats {
             retries: self.retries.get(),
             pushbacks: self.pushbacks.get(),
             missed: self.missed.get(),
+            spooled: self.spooled.get(),
+            replayed: self.replayed.get(),
+            in_spool: self.in_spool.get().max(0) as u64,
         }
     }
 
     /// Brings the derived gauges up to date; called before each scrape.
     pub fn refresh(&self) {
         let s = self.snapshot();
-        self.held.set(s.produced.saturating_sub(s.acked + s.dropped) as i64);
+        self.held.set(s.produced.saturating_sub(s.acked + s.dropped + s.in_spool) as i64);
         let mut base = self.rate_base.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let elapsed = base.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
@@ -229,6 +250,10 @@ impl NodeStats {
         );
         r.register("batches_refused", "Batches the sink refused for good, by code", self.refused_by_code.clone());
         r.register("pushbacks", "Retries that waited as long as the sink asked", self.pushbacks.clone());
+        r.register("readings_spooled", "Readings of this run written to the spool", self.spooled.clone());
+        r.register("readings_replayed", "Readings delivered from the spool", self.replayed.clone());
+        r.register("readings_in_spool", "Readings of this run in the spool now", self.in_spool.clone());
+        r.register("spool_damaged", "Spool records found damaged and skipped", self.spool_damaged.clone());
         r.register("readings_held", "Readings produced but not yet acked or dropped", self.held.clone());
         r.register("send_rate", "Readings acked per second since the previous scrape", self.send_rate.clone());
         r.register("batch_size", "Readings per batch sent", self.batch_size.clone());
@@ -259,6 +284,13 @@ pub struct Summary {
     pub pushbacks: u64,
     /// Readings the sensors could not take on time (never produced).
     pub missed: u64,
+    /// Readings of this run written to the spool.
+    pub spooled: u64,
+    /// Readings delivered from the spool.
+    pub replayed: u64,
+    /// Readings of this run still in the spool: `produced = acked + dropped
+    /// + in_spool`.
+    pub in_spool: u64,
 }
 
 impl fmt::Display for Summary {
@@ -267,7 +299,11 @@ impl fmt::Display for Summary {
             f,
             "produced={} sent={} acked={} dropped={} retries={} pushbacks={} missed={}",
             self.produced, self.sent, self.acked, self.dropped, self.retries, self.pushbacks, self.missed
-        )
+        )?;
+        if self.spooled + self.replayed + self.in_spool > 0 {
+            write!(f, " spooled={} replayed={} in_spool={}", self.spooled, self.replayed, self.in_spool)?;
+        }
+        Ok(())
     }
 }
 

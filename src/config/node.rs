@@ -68,6 +68,12 @@ pub struct NodeConfig {
     /// Readings a lane may queue under a drop policy.
     #[envconfig(from = "QUEUE_CAPACITY", default = "10000")]
     pub queue_capacity: usize,
+    /// Folder of the spool (OVERFLOW_POLICY=spool).
+    #[envconfig(from = "SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Most bytes the spool keeps; when full it evicts its oldest batch.
+    #[envconfig(from = "SPOOL_MAX_BYTES", default = "1073741824")]
+    pub spool_max_bytes: u64,
     /// Readings per request at most.
     #[envconfig(from = "BATCH_SIZE", default = "1000")]
     pub batch_size: usize,
@@ -145,6 +151,11 @@ impl NodeConfig {
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure((1..=100_000_000).contains(&self.queue_capacity), "QUEUE_CAPACITY", self.queue_capacity)?;
+        ensure(self.spool_max_bytes >= 1 << 16, "SPOOL_MAX_BYTES", self.spool_max_bytes)?;
+        if self.overflow == Overflow::Spool {
+            let dir = self.spool_dir.as_ref().ok_or_else(|| invalid("SPOOL_DIR", ""))?;
+            ensure(std::fs::create_dir_all(dir).is_ok(), "SPOOL_DIR", dir.display())?;
+        }
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
         ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
         ensure_positive("SHUTDOWN_TIMEOUT", self.shutdown_timeout)?;
@@ -272,6 +283,9 @@ pub enum Overflow {
     /// Queue up to QUEUE_CAPACITY readings per lane; when full, drop the
     /// arriving reading.
     DropNewest,
+    /// Keep batches the sink cannot take in a durable spool under
+    /// SPOOL_DIR, and deliver them, in order, ahead of newer data.
+    Spool,
 }
 
 impl FromStr for Overflow {
@@ -282,6 +296,7 @@ impl FromStr for Overflow {
             "block" => Ok(Self::Block),
             "drop-oldest" => Ok(Self::DropOldest),
             "drop-newest" => Ok(Self::DropNewest),
+            "spool" => Ok(Self::Spool),
             _ => Err(format!("unknown overflow policy {s:?}")),
         }
     }

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod codec;
 pub mod pipeline;
 pub mod queue;
+pub mod replay;
 pub mod retry;
 pub mod sender;
 pub mod sensor;

@@ -20,9 +20,11 @@ use tracing::{error, info, warn};
 use super::{
     batch,
     queue::{self, Drop},
+    replay::{self, LaneSpool},
     retry::RetryBudget,
     sender::{self, LaneIdentity, SendContext},
     sensor,
+    spool::{Spool, SpoolError},
     throttle::Throttle,
     transport::Transport,
 };
@@ -71,24 +73,59 @@ pub async fn run<T: Transport>(
         throttle: throttle.clone(),
         stats: Arc::clone(&stats),
     };
-    let node_id = config.node_identity();
     // Batch numbers only grow, across restarts too: each run starts from the
     // clock, in microseconds.
     let first_batch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let spool = match open_spool(config) {
+        Ok(spool) => spool,
+        Err(error) => {
+            error!(message = "Cannot open the spool; not starting.", %error);
+            return stats.snapshot();
+        }
+    };
+    let node_id = match &spool {
+        // The identity lives in the spool, so that the sink recognises the
+        // batches this node replays after a restart.
+        Some(spool) if config.node_id.is_none() => match spool.node_id(&config.node_identity()) {
+            Ok(id) => Arc::from(id),
+            Err(error) => {
+                error!(message = "Cannot read the node identity from the spool.", %error);
+                config.node_identity()
+            }
+        },
+        _ => config.node_identity(),
+    };
     info!(message = "Node identity.", node_id = %node_id);
+    let stop_replay = CancellationToken::new();
+    let mut replayers = JoinSet::new();
+    let mut lane_spools = Vec::new();
+    if let Some(spool) = &spool {
+        let mut lane_ids: Vec<u32> = (0..config.lanes().len() as u32).collect();
+        lane_ids.extend(spool.lanes().unwrap_or_default());
+        lane_ids.sort_unstable();
+        lane_ids.dedup();
+        for lane in lane_ids {
+            let lane_spool = LaneSpool { spool: spool.clone(), wake: Arc::default(), first_of_run: first_batch };
+            let replaying =
+                replay::replay(context.clone(), lane_spool.clone(), lane, Arc::clone(&node_id), stop_replay.clone());
+            replayers.spawn(replaying);
+            lane_spools.push((lane, lane_spool));
+        }
+    }
     let mut lanes = JoinSet::new();
     for (lane, names) in config.lanes().into_iter().enumerate() {
         let identity = LaneIdentity { node_id: Arc::clone(&node_id), lane: lane as u32, first_batch };
+        let lane_spool = lane_spools.iter().find(|(id, _)| *id == lane as u32).map(|(_, s)| s.clone());
         let ticks =
             sensor::ticks(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
         let readings = match config.overflow {
-            Overflow::Block => ticks.flat_map(futures::stream::iter).left_stream(),
+            Overflow::Block | Overflow::Spool => ticks.flat_map(futures::stream::iter).left_stream(),
             Overflow::DropOldest | Overflow::DropNewest => {
                 let drop = if config.overflow == Overflow::DropOldest { Drop::Oldest } else { Drop::Newest };
                 queue::decouple(ticks, config.queue_capacity, drop, Arc::clone(&stats)).right_stream()
             }
         };
-        lanes.spawn(run_lane(readings, settings.clone(), context.clone(), identity));
+        lanes.spawn(run_lane(readings, settings.clone(), context.clone(), identity, lane_spool));
     }
 
     let drain_deadline = async {
@@ -97,16 +134,36 @@ pub async fn run<T: Transport>(
         stop_sensors.cancel();
         tokio::time::sleep(config.shutdown_timeout.into()).await;
     };
+    let lanes_and_spool_drained = async {
+        join_all(&mut lanes).await;
+        // This run's spooled batches go out too if the sink takes them in time.
+        while stats.in_spool.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     let drained = tokio::select! {
-        () = join_all(&mut lanes) => true,
+        () = lanes_and_spool_drained => true,
         () = drain_deadline => false,
     };
+    stop_replay.cancel();
+    join_all(&mut replayers).await;
     if !drained {
         lanes.abort_all();
         let lost = stats.drop_unaccounted();
-        warn!(message = "Shutdown timeout ran out before every reading was delivered.", dropped = lost);
+        let in_spool = stats.in_spool.get();
+        warn!(message = "Shutdown timeout ran out before every reading was delivered.", dropped = lost, in_spool);
     }
     stats.snapshot()
+}
+
+/// The spool, when OVERFLOW_POLICY=spool.
+fn open_spool(config: &NodeConfig) -> Result<Option<Spool>, SpoolError> {
+    let (Overflow::Spool, Some(dir)) = (config.overflow, &config.spool_dir) else { return Ok(None) };
+    let (spool, damage) = Spool::open(dir, config.spool_max_bytes)?;
+    if let Some(damage) = damage {
+        error!(message = "The spool was damaged; started a new one.", %damage);
+    }
+    Ok(Some(spool))
 }
 
 /// One lane: batches `readings`, paces the batches and sends them, until
@@ -116,12 +173,13 @@ async fn run_lane<T: Transport>(
     settings: LaneSettings,
     context: SendContext<T>,
     identity: LaneIdentity,
+    spool: Option<LaneSpool>,
 ) {
     let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
     let paced = context.throttle.apply(batches);
     // One batch waits ready behind the one in flight, so the next batch is
     // gathered while the sink answers instead of after.
-    let sender = sender::batch_sender(context, identity).buffer(1);
+    let sender = sender::batch_sender(context, identity, spool).buffer(1);
     let Ok(()) = paced.map(Ok).forward(sender).await;
 }
 

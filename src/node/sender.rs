@@ -11,6 +11,7 @@ use tracing::{error, warn};
 
 use super::{
     codec::Outgoing,
+    replay::LaneSpool,
     retry::{RetryBudget, RetryPolicy, pushback},
     throttle::Throttle,
     transport::Transport,
@@ -52,9 +53,13 @@ pub struct SendContext<T> {
 ///
 /// It never fails: a batch that cannot be delivered is counted as dropped
 /// and logged, and the sink takes the next one.
-pub fn batch_sender<T: Transport>(context: SendContext<T>, lane: LaneIdentity) -> impl Sink<Batch, Error = Infallible> {
-    let state = (Arc::new(context), lane);
-    sink::unfold(state, |(context, mut lane), batch: Batch| async move {
+pub fn batch_sender<T: Transport>(
+    context: SendContext<T>,
+    lane: LaneIdentity,
+    spool: Option<LaneSpool>,
+) -> impl Sink<Batch, Error = Infallible> {
+    let state = (Arc::new(context), lane, spool);
+    sink::unfold(state, |(context, mut lane, spool), batch: Batch| async move {
         let readings = batch.len();
         let stats = &context.stats;
         count(&stats.sent, readings);
@@ -68,7 +73,13 @@ pub fn batch_sender<T: Transport>(context: SendContext<T>, lane: LaneIdentity) -
         };
         lane.first_batch += 1;
         let started = tokio::time::Instant::now();
-        let outcome = deliver(&context, request).await;
+        let outcome = match &spool {
+            Some(spool) => match send_or_spill(&context, spool, request).await {
+                Some(outcome) => outcome,
+                None => return Ok((context, lane, Some(spool.clone()))),
+            },
+            None => deliver(&context, request).await,
+        };
         stats.send_latency.observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => stats.ack(readings),
@@ -84,12 +95,37 @@ pub fn batch_sender<T: Transport>(context: SendContext<T>, lane: LaneIdentity) -
                 error!(message = "Dropped batch.", %error, readings);
             }
         }
-        Ok((context, lane))
+        Ok((context, lane, spool))
     })
 }
 
+/// With a spool: sends `request` once if nothing of its lane waits in the
+/// spool; if something does, or the sink cannot take it now, spools it for
+/// the replayer. `None` when spooled; the outcome when it was sent (or the
+/// spool failed and it was delivered in memory).
+async fn send_or_spill<T: Transport>(
+    context: &SendContext<T>,
+    spool: &LaneSpool,
+    request: Outgoing,
+) -> Option<Result<(), SendError>> {
+    if !spool.has_waiting(request.lane).await {
+        match context.transport.send(request.clone()).await {
+            Ok(()) => {
+                context.budget.succeeded();
+                return Some(Ok(()));
+            }
+            Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
+            Err(status) => {
+                context.budget.failed();
+                warn!(message = "Failed to send batch, spooling it.", code = ?status.code(), error = status.message());
+            }
+        }
+    }
+    if spool.spill(context, &request).await { None } else { Some(deliver(context, request).await) }
+}
+
 /// Sends `request`, repeating retryable failures as the policy allows.
-async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
+pub(crate) async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
     let mut attempts = 0;
     let attempt = || {
         attempts += 1;

@@ -107,15 +107,15 @@ impl Spool {
     }
 
     /// Stores a batch durably. When the spool would exceed its size, the
-    /// oldest stored batches are evicted first; returns how many readings
-    /// they held (0 for damaged ones).
-    pub fn push(&self, lane: u32, batch_sequence: u64, readings: &[Reading]) -> Result<u64, SpoolError> {
+    /// oldest stored batches are evicted first; returns their numbers and
+    /// how many readings each held (0 for damaged ones).
+    pub fn push(&self, lane: u32, batch_sequence: u64, readings: &[Reading]) -> Result<Vec<(u64, u64)>, SpoolError> {
         let mut encoded = Vec::with_capacity(readings.len() * 48 + 4);
         encoded.extend_from_slice(&[0; 4]);
         encode_batch(readings, &mut encoded);
         let crc = crc32fast::hash(&encoded[4..]);
         encoded[..4].copy_from_slice(&crc.to_le_bytes());
-        let mut evicted = 0;
+        let mut evicted = Vec::new();
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
@@ -125,7 +125,7 @@ impl Spool {
                 let Some(key) = oldest else { break };
                 if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
                     *bytes -= old.value().len() as u64;
-                    evicted += decode(old.value()).map_or(0, |b| b.len() as u64);
+                    evicted.push((key.1, decode(old.value()).map_or(0, |b| b.len() as u64)));
                 }
             }
             table.insert((lane, batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?;
@@ -178,6 +178,29 @@ impl Spool {
         Ok(self.oldest(lane)?.is_some())
     }
 
+    /// [`Spool::push`] off the async threads (it waits for the disk).
+    pub async fn push_async(
+        &self,
+        lane: u32,
+        batch_sequence: u64,
+        readings: Arc<Batch>,
+    ) -> Result<Vec<(u64, u64)>, SpoolError> {
+        let spool = self.clone();
+        blocking(move || spool.push(lane, batch_sequence, &readings)).await
+    }
+
+    /// [`Spool::oldest`] off the async threads.
+    pub async fn oldest_async(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
+        let spool = self.clone();
+        blocking(move || spool.oldest(lane)).await
+    }
+
+    /// [`Spool::remove`] off the async threads.
+    pub async fn remove_async(&self, lane: u32, batch_sequence: u64) -> Result<(), SpoolError> {
+        let spool = self.clone();
+        blocking(move || spool.remove(lane, batch_sequence)).await
+    }
+
     fn read<T>(
         &self,
         f: impl FnOnce(&redb::ReadOnlyTable<(u32, u64), &[u8]>) -> Result<T, redb::StorageError>,
@@ -201,6 +224,15 @@ impl Spool {
     fn error(&self, error: impl std::fmt::Display) -> SpoolError {
         SpoolError { path: self.path.clone(), message: error.to_string() }
     }
+}
+
+/// Runs `f` on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|error| Err(SpoolError { path: PathBuf::new(), message: error.to_string() }))
 }
 
 /// The key of the oldest batch over all lanes: the lowest batch number
@@ -305,7 +337,7 @@ mod tests {
                 match op {
                     Op::Push(lane, n) => {
                         let readings = batch(lane, next, n);
-                        prop_assert_eq!(spool.push(lane, next, &readings).unwrap(), 0);
+                        prop_assert_eq!(spool.push(lane, next, &readings).unwrap(), vec![]);
                         model.entry(lane).or_default().push_back((next, readings));
                         next += 1;
                     }
@@ -342,7 +374,7 @@ mod tests {
         for sequence in 1..=20 {
             spool.push(sequence as u32 % 2, sequence, &batch(0, sequence, 5)).unwrap();
         }
-        let evicted: u64 = (21..=25).map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).sum();
+        let evicted: u64 = (21..=25).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(_, n)| n).sum();
         assert!(evicted >= 25, "evicted {evicted}");
         assert!(*spool.bytes.lock().unwrap() <= 1200);
         // What is left is the newest, in order.

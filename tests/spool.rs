@@ -1,0 +1,142 @@
+//! The durable spool, with real processes: a node killed while its sink is
+//! down, and a sink stopped while the node shuts down.
+
+mod common;
+
+use std::{io::Read, io::Write, path::Path, time::Duration};
+
+use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields, wait_for_port};
+
+const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
+const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
+
+fn node_env(socket: &str, name: &str, spool: Option<&Path>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("GRPC_SERVER_SOCKET", socket.to_owned()),
+        ("SENSOR_NAME", name.to_owned()),
+        ("SENSOR_COUNT", "3".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "40".into()),
+        ("REQUEST_RATE_PER_SECOND", "50".into()),
+        ("BATCH_SIZE", "20".into()),
+        ("BATCH_TIMEOUT", "100ms".into()),
+        ("RPC_TIMEOUT", "1s".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "300ms".into()),
+        ("SHUTDOWN_TIMEOUT", "2s".into()),
+    ];
+    if let Some(spool) = spool {
+        env.push(("OVERFLOW_POLICY", "spool".into()));
+        env.push(("SPOOL_DIR", spool.display().to_string()));
+    }
+    env
+}
+
+/// Only the readings of sensors whose name starts with `prefix`.
+fn of(written: &[(String, u64)], prefix: &str) -> Vec<(String, u64)> {
+    written.iter().filter(|(sensor, _)| sensor.starts_with(prefix)).cloned().collect()
+}
+
+/// The value of an unlabelled metric at `127.0.0.1:port`.
+fn metric(port: u16, name: &str) -> u64 {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    page.lines()
+        .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or_else(|| panic!("{name} in {page}"))
+}
+
+fn start_sink(dir: &Path, socket: &str, port: u16, name: &'static str) -> Process {
+    let sink =
+        Process::start(name, SINK, &[], &[("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())], dir);
+    wait_for_port(port, Duration::from_secs(20));
+    sink
+}
+
+fn stop(process: Process) -> std::collections::HashMap<String, u64> {
+    process.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = process.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    if stdout.contains("summary:") { summary_fields(&stdout) } else { Default::default() }
+}
+
+#[test]
+fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
+    let dir = scratch("spool-kill");
+    let spool = dir.join("spool");
+    let (port, metrics) = (free_port(), free_port());
+    let socket = format!("127.0.0.1:{port}");
+
+    // The sink is down: everything goes to the spool; then SIGKILL.
+    let mut env = node_env(&socket, "first", Some(&spool));
+    env.push(("METRICS_ADDR", format!("127.0.0.1:{metrics}")));
+    let first = Process::start("node-1", NODE, &[], &env, &dir);
+    wait_for_port(metrics, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(2));
+    let spooled = metric(metrics, "telemetry_node_readings_spooled_total");
+    assert!(spooled > 0);
+    first.signal(libc::SIGKILL);
+    let _ = first.wait(Duration::from_secs(10));
+
+    // The sink is back; a new node on the same spool replays it.
+    let sink = start_sink(&dir, &socket, port, "sink");
+    let second = Process::start("node-2", NODE, &[], &node_env(&socket, "second", Some(&spool)), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop(second);
+    stop(sink);
+
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let replayed = assert_complete_and_ordered(&of(&written, "first-"));
+    let replayed: u64 = replayed.values().sum();
+    assert!(replayed >= spooled, "every reading the spool had committed arrived: {replayed} < {spooled}");
+    assert_eq!(replayed, summary["replayed"]);
+    let own = assert_complete_and_ordered(&of(&written, "second-"));
+    assert_eq!(own.values().sum::<u64>(), summary["produced"]);
+    assert_eq!((summary["acked"], summary["dropped"], summary["in_spool"]), (summary["produced"], 0, 0));
+}
+
+#[test]
+fn the_sink_stopped_while_the_node_shuts_down_loses_nothing_with_a_spool() {
+    let dir = scratch("spool-shutdown");
+    let spool = dir.join("spool");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let sink = start_sink(&dir, &socket, port, "sink-1");
+    let first = Process::start("node-1", NODE, &[], &node_env(&socket, "first", Some(&spool)), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    stop(sink);
+    let first = stop(first);
+    assert_eq!(first["dropped"], 0);
+    assert!(first["in_spool"] > 0, "the last batches waited in the spool: {first:?}");
+    assert_eq!(first["acked"] + first["in_spool"], first["produced"]);
+
+    let sink = start_sink(&dir, &socket, port, "sink-2");
+    let second = Process::start("node-2", NODE, &[], &node_env(&socket, "second", Some(&spool)), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    let second = stop(second);
+    stop(sink);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let delivered = assert_complete_and_ordered(&of(&written, "first-"));
+    assert_eq!(delivered.values().sum::<u64>(), first["produced"], "every reading of the first run, once");
+    assert!(second["replayed"] >= first["in_spool"]);
+}
+
+#[test]
+fn the_sink_stopped_while_the_node_shuts_down_loses_exactly_what_the_summary_says_without_one() {
+    let dir = scratch("no-spool-shutdown");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let sink = start_sink(&dir, &socket, port, "sink");
+    let node = Process::start("node", NODE, &[], &node_env(&socket, "only", None), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    stop(sink);
+    let summary = stop(node);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    assert!(summary["dropped"] > 0, "{summary:?}");
+    assert_eq!(written.len() as u64, summary["produced"] - summary["dropped"]);
+    assert_eq!(written.len() as u64, summary["acked"]);
+}
