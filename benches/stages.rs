@@ -7,7 +7,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use futures::{StreamExt, stream};
 use prost::Message;
 use telemetry_node::{
-    node::batch::batches,
+    node::{batch::batches, spool::Spool},
     proto::SensorValuesRequest,
     reading::{Reading, encode_batch, to_request},
     receiver::validate::to_json_lines,
@@ -78,5 +78,23 @@ fn sink(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, batching, encoding, sink);
+fn spool(c: &mut Criterion) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spool");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+    let batch = readings(100);
+    let mut group = c.benchmark_group("spool");
+    group.throughput(Throughput::Elements(1)).sample_size(20);
+    let mut sequence = 0u64;
+    group.bench_function("commit_and_remove_batch_100", |b| {
+        b.iter(|| {
+            sequence += 1;
+            spool.push(0, sequence, &batch).unwrap();
+            spool.remove(0, sequence).unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, batching, encoding, sink, spool);
 criterion_main!(benches);
