@@ -36,24 +36,35 @@ pub enum DropReason {
     OverflowNewest,
     /// Evicted from a full spool.
     SpoolFull,
-    /// Stored in the spool but damaged when read back.
-    SpoolDamaged,
+}
+
+impl DropReason {
+    /// Every reason, in the order the summary lists them.
+    pub const ALL: [DropReason; 6] = [
+        Self::Refused,
+        Self::RetriesExhausted,
+        Self::Shutdown,
+        Self::OverflowOldest,
+        Self::OverflowNewest,
+        Self::SpoolFull,
+    ];
+
+    /// The reason's name in metrics and the summary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::Shutdown => "shutdown",
+            Self::OverflowOldest => "overflow_oldest",
+            Self::OverflowNewest => "overflow_newest",
+            Self::SpoolFull => "spool_full",
+        }
+    }
 }
 
 impl EncodeLabelValue for DropReason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
-        fmt::Write::write_str(
-            encoder,
-            match self {
-                Self::Refused => "refused",
-                Self::RetriesExhausted => "retries_exhausted",
-                Self::Shutdown => "shutdown",
-                Self::OverflowOldest => "overflow_oldest",
-                Self::OverflowNewest => "overflow_newest",
-                Self::SpoolFull => "spool_full",
-                Self::SpoolDamaged => "spool_damaged",
-            },
-        )
+        fmt::Write::write_str(encoder, self.name())
     }
 }
 
@@ -217,6 +228,8 @@ impl NodeStats {
             spooled: self.spooled.get(),
             replayed: self.replayed.get(),
             in_spool: self.in_spool.get().max(0) as u64,
+            dropped_by: DropReason::ALL
+                .map(|reason| self.dropped_by_reason.get(&ReasonLabel { reason }).map_or(0, |counter| counter.get())),
         }
     }
 
@@ -291,6 +304,8 @@ pub struct Summary {
     /// Readings of this run still in the spool: `produced = acked + dropped
     /// + in_spool`.
     pub in_spool: u64,
+    /// Readings given up, by reason, in the order of [`DropReason::ALL`].
+    pub dropped_by: [u64; 6],
 }
 
 impl fmt::Display for Summary {
@@ -300,6 +315,15 @@ impl fmt::Display for Summary {
             "produced={} sent={} acked={} dropped={} retries={} pushbacks={} missed={}",
             self.produced, self.sent, self.acked, self.dropped, self.retries, self.pushbacks, self.missed
         )?;
+        if self.dropped > 0 {
+            let reasons: Vec<String> = DropReason::ALL
+                .iter()
+                .zip(self.dropped_by)
+                .filter(|(_, n)| *n > 0)
+                .map(|(reason, n)| format!("{}:{n}", reason.name()))
+                .collect();
+            write!(f, " dropped_by={}", reasons.join(","))?;
+        }
         if self.spooled + self.replayed + self.in_spool > 0 {
             write!(f, " spooled={} replayed={} in_spool={}", self.spooled, self.replayed, self.in_spool)?;
         }

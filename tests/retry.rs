@@ -75,6 +75,7 @@ fn a_sink_failing_more_than_the_retries_allow_drops_the_batch_and_counts_it() {
     let readings = recording.readings();
     assert_eq!(summary.retries, 3);
     assert_eq!(summary.dropped, 5, "the first batch of 5 is given up");
+    assert!(summary.to_string().contains(" dropped_by=retries_exhausted:5"), "{summary}");
     assert_eq!(readings.len() as u64, summary.produced - 5);
     assert_eq!(summary.acked + summary.dropped, summary.produced);
 }

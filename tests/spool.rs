@@ -125,6 +125,12 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_nothing_with_a_spool() {
     assert!(second["replayed"] >= first["in_spool"]);
 }
 
+/// Whether the node's summary line in `dir` lists its drops by reason.
+fn stdout_has_reasons(dir: &Path) -> bool {
+    let out = std::fs::read_to_string(dir.join("node.out")).unwrap_or_default();
+    out.lines().any(|l| l.starts_with("summary:") && l.contains(" dropped_by="))
+}
+
 #[test]
 fn the_sink_stopped_while_the_node_shuts_down_loses_exactly_what_the_summary_says_without_one() {
     let dir = scratch("no-spool-shutdown");
@@ -137,6 +143,7 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_exactly_what_the_summary_say
     let summary = stop(node);
     let written = read_output(&dir.join("out/readings.jsonl"));
     assert!(summary["dropped"] > 0, "{summary:?}");
+    assert!(stdout_has_reasons(&dir), "the summary says why");
     assert_eq!(written.len() as u64, summary["produced"] - summary["dropped"]);
     assert_eq!(written.len() as u64, summary["acked"]);
 }

@@ -240,6 +240,8 @@ pub fn summary_fields(stdout: &str) -> HashMap<String, u64> {
     let line = stdout.lines().find_map(|l| l.strip_prefix("summary: ")).expect("a summary line");
     line.split_whitespace()
         .filter_map(|field| field.split_once('='))
+        // dropped_by=reason:n,... is for people; every other field is a number.
+        .filter(|(k, _)| *k != "dropped_by")
         .map(|(k, v)| (k.to_owned(), v.parse().expect("a number")))
         .collect()
 }
