@@ -175,13 +175,30 @@ async fn run_lane<T: Transport>(
     identity: LaneIdentity,
     spool: Option<LaneSpool>,
 ) {
+    // Gathering runs on while finished batches wait for a token: without
+    // this slack the sensors would be held back (and miss ticks) whenever
+    // the lanes queue at the token bucket, even with the rate to spare.
+    let (ready, waiting) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
     let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
-    let paced = context.throttle.apply(batches);
+    let gathering = async move {
+        let mut batches = std::pin::pin!(batches);
+        while let Some(batch) = batches.next().await {
+            // The receiver lives as long as this lane: sending cannot fail.
+            if ready.send(batch).await.is_err() {
+                break;
+            }
+        }
+    };
+    let paced = context.throttle.apply(tokio_stream::wrappers::ReceiverStream::new(waiting));
     // One batch waits ready behind the one in flight, so the next batch is
     // gathered while the sink answers instead of after.
     let sender = sender::batch_sender(context, identity, spool).buffer(1);
-    let Ok(()) = paced.map(Ok).forward(sender).await;
+    let sending = paced.map(Ok).forward(sender);
+    let ((), Ok(())) = futures::join!(gathering, sending);
 }
+
+/// Finished batches a lane may hold while they wait for a token.
+const BATCHES_AHEAD: usize = 2;
 
 /// Waits for every lane to finish.
 async fn join_all(lanes: &mut JoinSet<()>) {
