@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport},
+    node::{self, GrpcTransport, codec::Prebuilt},
     reading::{Reading, encode_batch},
     receiver::{self, Output},
     stats::{NodeStats, SinkStats},
@@ -84,9 +84,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
 }
 
 /// The ceiling: `in_flight` loops sending one batch, encoded once before
-/// the clock starts, as fast as the sink answers, over a channel with the
-/// node's transport settings. Nothing is left but tonic, the wire and the
-/// sink.
+/// the clock starts (each request under its own batch number, as a node's
+/// lane would), as fast as the sink answers, over a channel with the node's
+/// transport settings. Nothing is left but tonic, the wire and the sink.
 async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("a loopback URI");
     let client = GrpcTransport::new(endpoint, Duration::from_secs(30));
@@ -97,12 +97,21 @@ async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
     let deadline = tokio::time::Instant::now() + options.duration;
     let started = Instant::now();
     let loops: Vec<_> = (0..options.in_flight)
-        .map(|_| {
+        .map(|lane| {
             let (client, encoded, readings) = (client.clone(), encoded.clone(), batch.len() as u64);
+            let node_id: Arc<str> = Arc::from(format!("bench-ceiling-{}", std::process::id()));
             tokio::spawn(async move {
                 let mut acked = 0u64;
+                let mut batch_sequence = 1;
                 while tokio::time::Instant::now() < deadline {
-                    if client.send_payload(encoded.clone()).await.is_ok() {
+                    let request = Prebuilt {
+                        items: encoded.clone(),
+                        node_id: Arc::clone(&node_id),
+                        lane: lane as u32,
+                        batch_sequence,
+                    };
+                    batch_sequence += 1;
+                    if client.send_payload(request).await.is_ok() {
                         acked += readings;
                     }
                 }

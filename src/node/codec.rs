@@ -44,19 +44,24 @@ pub struct Outgoing {
 impl Payload for Outgoing {
     fn write_to(&self, buf: &mut impl BufMut) {
         encode_batch(&self.batch, buf);
-        if !self.node_id.is_empty() {
-            encode_key(2, WireType::LengthDelimited, buf);
-            encode_varint(self.node_id.len() as u64, buf);
-            buf.put_slice(self.node_id.as_bytes());
-        }
-        if self.lane != 0 {
-            encode_key(3, WireType::Varint, buf);
-            encode_varint(u64::from(self.lane), buf);
-        }
-        if self.batch_sequence != 0 {
-            encode_key(4, WireType::Varint, buf);
-            encode_varint(self.batch_sequence, buf);
-        }
+        encode_identity(&self.node_id, self.lane, self.batch_sequence, buf);
+    }
+}
+
+/// Writes fields 2 to 4 of a request: who sent the batch.
+fn encode_identity(node_id: &str, lane: u32, batch_sequence: u64, buf: &mut impl BufMut) {
+    if !node_id.is_empty() {
+        encode_key(2, WireType::LengthDelimited, buf);
+        encode_varint(node_id.len() as u64, buf);
+        buf.put_slice(node_id.as_bytes());
+    }
+    if lane != 0 {
+        encode_key(3, WireType::Varint, buf);
+        encode_varint(u64::from(lane), buf);
+    }
+    if batch_sequence != 0 {
+        encode_key(4, WireType::Varint, buf);
+        encode_varint(batch_sequence, buf);
     }
 }
 
@@ -64,6 +69,28 @@ impl Payload for Outgoing {
 impl Payload for prost::bytes::Bytes {
     fn write_to(&self, buf: &mut impl BufMut) {
         buf.put_slice(self);
+    }
+}
+
+/// Readings encoded once, sent under a new identity each time: what the
+/// bench's ceiling sends, so that the sink does for it all it does for a
+/// node (de-duplication included) while the sender does nothing per reading.
+#[derive(Debug, Clone)]
+pub struct Prebuilt {
+    /// The encoded readings (field 1 of the request).
+    pub items: prost::bytes::Bytes,
+    /// The sender's identity.
+    pub node_id: Arc<str>,
+    /// The sending lane.
+    pub lane: u32,
+    /// The batch's number within its lane.
+    pub batch_sequence: u64,
+}
+
+impl Payload for Prebuilt {
+    fn write_to(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.items);
+        encode_identity(&self.node_id, self.lane, self.batch_sequence, buf);
     }
 }
 

@@ -175,11 +175,21 @@ async fn run_lane<T: Transport>(
     identity: LaneIdentity,
     spool: Option<LaneSpool>,
 ) {
-    // Gathering runs on while finished batches wait for a token: without
-    // this slack the sensors would be held back (and miss ticks) whenever
-    // the lanes queue at the token bucket, even with the rate to spare.
-    let (ready, waiting) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
     let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
+    // One batch waits ready behind the one in flight, so the next batch is
+    // gathered while the sink answers instead of after.
+    let sender = sender::batch_sender(context.clone(), identity, spool).buffer(1);
+    if !context.throttle.is_limited() {
+        // Still through the throttle: a sink's pushback pauses it.
+        let Ok(()) = context.throttle.apply(batches).map(Ok).forward(sender).await;
+        return;
+    }
+    // With a rate limit, gathering runs on while finished batches wait for a
+    // token: without this slack the sensors would be held back (and miss
+    // ticks) whenever the lanes queue at the token bucket, even with the
+    // rate to spare. (Without a limit nothing waits there, and the hand-over
+    // would only cost time.)
+    let (ready, waiting) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
     let gathering = async move {
         let mut batches = std::pin::pin!(batches);
         while let Some(batch) = batches.next().await {
@@ -190,9 +200,6 @@ async fn run_lane<T: Transport>(
         }
     };
     let paced = context.throttle.apply(tokio_stream::wrappers::ReceiverStream::new(waiting));
-    // One batch waits ready behind the one in flight, so the next batch is
-    // gathered while the sink answers instead of after.
-    let sender = sender::batch_sender(context, identity, spool).buffer(1);
     let sending = paced.map(Ok).forward(sender);
     let ((), Ok(())) = futures::join!(gathering, sending);
 }

@@ -67,6 +67,11 @@ impl Throttle {
         Self { paused_until: Arc::default(), bucket, clock }
     }
 
+    /// Whether requests are limited at all.
+    pub fn is_limited(&self) -> bool {
+        self.bucket.is_some()
+    }
+
     /// Holds every request back for `wait` from now, or longer if already
     /// paused longer.
     pub fn pause(&self, wait: Duration) {
