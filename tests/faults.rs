@@ -36,6 +36,27 @@ use tonic::Status;
 /// flight, and the one in flight.
 const LANE_BATCHES: u64 = 6;
 
+/// Samples, every 2 ms until aborted, the most readings the node held at
+/// once (produced, neither acked nor dropped).
+fn sample_most_held(stats: &Arc<NodeStats>) -> (JoinHandle<()>, Arc<Mutex<u64>>) {
+    let most_held = Arc::new(Mutex::new(0u64));
+    let sampler = tokio::spawn({
+        let (stats, most_held) = (Arc::clone(stats), Arc::clone(&most_held));
+        async move {
+            loop {
+                let s = stats.snapshot();
+                let held = s.produced - s.acked - s.dropped;
+                {
+                    let mut most = most_held.lock().unwrap();
+                    *most = (*most).max(held);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    (sampler, most_held)
+}
+
 /// Settings that never give a batch up: retries until the sink is back.
 fn patient(socket: String, extra: &[(&str, String)]) -> NodeConfig {
     let mut pairs = vec![
@@ -259,21 +280,7 @@ async fn a_throttling_sink_is_obeyed_with_bounded_memory_and_nothing_lost() {
     let config = patient(address.to_string(), &[("REQUEST_RATE_PER_SECOND", "inf".into())]);
     let transport = GrpcTransport::from_config(&config).unwrap();
     let stats = Arc::new(NodeStats::default());
-    let most_held = Arc::new(Mutex::new(0u64));
-    let sampler = tokio::spawn({
-        let (stats, most_held) = (Arc::clone(&stats), Arc::clone(&most_held));
-        async move {
-            loop {
-                let s = stats.snapshot();
-                let held = s.produced - s.acked - s.dropped;
-                {
-                    let mut most = most_held.lock().unwrap();
-                    *most = (*most).max(held);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let (sampler, most_held) = sample_most_held(&stats);
     let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(4)));
     let summary = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node stops in time");
     sampler.abort();
@@ -408,21 +415,7 @@ async fn against_a_slow_sink(policy: &str) -> (telemetry_node::stats::Summary, u
         ],
     );
     let stats = Arc::new(NodeStats::default());
-    let most_held = Arc::new(Mutex::new(0u64));
-    let sampler = tokio::spawn({
-        let (stats, most_held) = (Arc::clone(&stats), Arc::clone(&most_held));
-        async move {
-            loop {
-                let s = stats.snapshot();
-                let held = s.produced - s.acked - s.dropped;
-                {
-                    let mut most = most_held.lock().unwrap();
-                    *most = (*most).max(held);
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-    });
+    let (sampler, most_held) = sample_most_held(&stats);
     let transport = GrpcTransport::from_config(&config).unwrap();
     let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(3)));
     let summary = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node stops in time");
