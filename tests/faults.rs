@@ -149,8 +149,10 @@ async fn a_retry_after_a_lost_answer_is_not_written_twice() {
     let per_sensor = assert_complete_and_ordered(&written);
     assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
     assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
-    assert_eq!(summary.retries, 10);
-    assert_eq!(sink_summary.duplicates, 10, "each retried batch was recognised");
+    // Ten answers were lost; a slow moment of the machine can add a timeout
+    // or two, each also retried and recognised.
+    assert!(summary.retries >= 10, "{summary}");
+    assert!(sink_summary.duplicates >= 10, "each retried batch was recognised: {sink_summary}");
 }
 
 /// How a [`Proxy`] treats traffic.
