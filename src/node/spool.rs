@@ -173,11 +173,6 @@ impl Spool {
         })
     }
 
-    /// Whether `lane` has stored batches.
-    pub fn has(&self, lane: u32) -> Result<bool, SpoolError> {
-        Ok(self.oldest(lane)?.is_some())
-    }
-
     /// [`Spool::push`] off the async threads (it waits for the disk).
     pub async fn push_async(
         &self,
