@@ -82,7 +82,8 @@ fn spool(c: &mut Criterion) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spool");
     let _ = std::fs::remove_dir_all(&dir);
     let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
-    let batch = readings(100);
+    let mut batch = Vec::new();
+    encode_batch(&readings(100), &mut batch);
     let mut group = c.benchmark_group("spool");
     group.throughput(Throughput::Elements(1)).sample_size(20);
     let mut sequence = 0u64;

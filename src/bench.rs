@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport, codec::Prebuilt},
-    reading::{Reading, encode_batch},
+    node::{self, GrpcTransport, codec::Outgoing},
+    reading::Reading,
     receiver::{self, Output},
     stats::{NodeStats, SinkStats},
 };
@@ -66,7 +66,6 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
     });
 
     // The machine's other load comes and goes: alternating short runs
-    // exposes both measurements to the same conditions.
     // exposes both measurements to the same conditions, and the median
     // round of each leaves out the rounds a burst of load hit.
     let round = BenchOptions { duration: options.duration / ROUNDS, ..options.clone() };
@@ -90,30 +89,20 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
 async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("a loopback URI");
     let client = GrpcTransport::new(endpoint, Duration::from_secs(30));
-    let batch = sample_batch(options.sensors, options.batch_size);
-    let mut encoded = Vec::new();
-    encode_batch(&batch, &mut encoded);
-    let encoded = prost::bytes::Bytes::from(encoded);
+    let node_id: Arc<str> = Arc::from(format!("bench-ceiling-{}", std::process::id()));
+    let batch = Outgoing::new(&sample_batch(options.sensors, options.batch_size), node_id, 0, 1);
     let deadline = tokio::time::Instant::now() + options.duration;
     let started = Instant::now();
     let loops: Vec<_> = (0..options.in_flight)
         .map(|lane| {
-            let (client, encoded, readings) = (client.clone(), encoded.clone(), batch.len() as u64);
-            let node_id: Arc<str> = Arc::from(format!("bench-ceiling-{}", std::process::id()));
+            let (client, mut request) = (client.clone(), Outgoing { lane: lane as u32, ..batch.clone() });
             tokio::spawn(async move {
                 let mut acked = 0u64;
-                let mut batch_sequence = 1;
                 while tokio::time::Instant::now() < deadline {
-                    let request = Prebuilt {
-                        items: encoded.clone(),
-                        node_id: Arc::clone(&node_id),
-                        lane: lane as u32,
-                        batch_sequence,
-                    };
-                    batch_sequence += 1;
-                    if client.send_payload(request).await.is_ok() {
-                        acked += readings;
+                    if client.send_payload(request.clone()).await.is_ok() {
+                        acked += request.readings as u64;
                     }
+                    request.batch_sequence += 1;
                 }
                 acked
             })

@@ -376,17 +376,13 @@ async fn bad_input_gets_an_error_status_writes_nothing_and_the_sink_stays_up() {
     let million = SensorValuesRequest { items: vec![SensorValue::default(); 1_000_000], ..Default::default() };
     assert_eq!(send_raw(address, million.encode_to_vec()).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     // A valid request still gets through.
-    let good = Outgoing {
-        batch: Arc::new(vec![telemetry_node::reading::Reading {
-            sensor: Arc::from("ok"),
-            sequence: 0,
-            value: 1,
-            created_at: std::time::SystemTime::now(),
-        }]),
-        node_id: Arc::from(""),
-        lane: 0,
-        batch_sequence: 0,
+    let ok = telemetry_node::reading::Reading {
+        sensor: Arc::from("ok"),
+        sequence: 0,
+        value: 1,
+        created_at: std::time::SystemTime::now(),
     };
+    let good = Outgoing::new(&[ok], Arc::from(""), 0, 0);
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
     GrpcTransport::new(endpoint, Duration::from_secs(20)).send(good).await.unwrap();
 

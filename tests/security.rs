@@ -47,7 +47,7 @@ fn reading(name: &str) -> Reading {
 }
 
 fn outgoing(batch: Vec<Reading>) -> Outgoing {
-    Outgoing { batch: Arc::new(batch), node_id: Arc::from(""), lane: 0, batch_sequence: 0 }
+    Outgoing::new(&batch, Arc::from(""), 0, 0)
 }
 
 fn request() -> Outgoing {

@@ -1,11 +1,12 @@
-//! The wire codec of the node's requests: encodes a batch straight into
-//! tonic's outgoing buffer, and shares the encoded form across retries.
+//! The wire codec of the node's requests: a batch is encoded once, and the
+//! encoded form is shared by its retries and written into tonic's outgoing
+//! buffer with the sender's identity.
 
 use std::{marker::PhantomData, sync::Arc};
 
 use prost::{
     Message,
-    bytes::BufMut,
+    bytes::{BufMut, Bytes},
     encoding::{WireType, encode_key, encode_varint},
 };
 use tonic::{
@@ -15,7 +16,7 @@ use tonic::{
 
 use crate::{
     proto::SensorValuesResponse,
-    reading::{Batch, encode_batch},
+    reading::{Reading, encode_batch},
 };
 
 /// The path of `sensor.v1.SensorService/SendSensorValues`.
@@ -27,12 +28,16 @@ pub trait Payload: Send + Sync + 'static {
     fn write_to(&self, buf: &mut impl BufMut);
 }
 
-/// One batch as the sender sends it: the readings and who sent them. Cheap
-/// to clone, so every retry sends the same request.
+/// One batch as the sender sends it: its readings, encoded once when the
+/// batch is made (on the lane's task, not on the connection's, which all
+/// lanes share), and who sent them. Cheap to clone, so every retry sends the
+/// same bytes.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
-    /// The readings.
-    pub batch: Arc<Batch>,
+    /// The encoded readings: field 1 of the request, repeated.
+    pub items: Bytes,
+    /// How many readings `items` holds.
+    pub readings: usize,
     /// The sending node's identity.
     pub node_id: Arc<str>,
     /// The sending lane.
@@ -41,11 +46,26 @@ pub struct Outgoing {
     pub batch_sequence: u64,
 }
 
+impl Outgoing {
+    /// Encodes `batch`, to be sent by `node_id` as `batch_sequence` of `lane`.
+    pub fn new(batch: &[Reading], node_id: Arc<str>, lane: u32, batch_sequence: u64) -> Self {
+        let mut items = Vec::with_capacity(encoded_len_hint(batch));
+        encode_batch(batch, &mut items);
+        Self { items: items.into(), readings: batch.len(), node_id, lane, batch_sequence }
+    }
+}
+
 impl Payload for Outgoing {
     fn write_to(&self, buf: &mut impl BufMut) {
-        encode_batch(&self.batch, buf);
+        buf.put_slice(&self.items);
         encode_identity(&self.node_id, self.lane, self.batch_sequence, buf);
     }
+}
+
+/// Room for `batch` encoded, so that encoding does not reallocate: a
+/// reading's name plus at most 40 bytes of framing and numbers.
+fn encoded_len_hint(batch: &[Reading]) -> usize {
+    batch.first().map_or(0, |reading| batch.len() * (reading.sensor.len() + 40))
 }
 
 /// Writes fields 2 to 4 of a request: who sent the batch.
@@ -66,31 +86,9 @@ fn encode_identity(node_id: &str, lane: u32, batch_sequence: u64, buf: &mut impl
 }
 
 /// An already encoded request, sent as it is.
-impl Payload for prost::bytes::Bytes {
+impl Payload for Bytes {
     fn write_to(&self, buf: &mut impl BufMut) {
         buf.put_slice(self);
-    }
-}
-
-/// Readings encoded once, sent under a new identity each time: what the
-/// bench's ceiling sends, so that the sink does for it all it does for a
-/// node (de-duplication included) while the sender does nothing per reading.
-#[derive(Debug, Clone)]
-pub struct Prebuilt {
-    /// The encoded readings (field 1 of the request).
-    pub items: prost::bytes::Bytes,
-    /// The sender's identity.
-    pub node_id: Arc<str>,
-    /// The sending lane.
-    pub lane: u32,
-    /// The batch's number within its lane.
-    pub batch_sequence: u64,
-}
-
-impl Payload for Prebuilt {
-    fn write_to(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.items);
-        encode_identity(&self.node_id, self.lane, self.batch_sequence, buf);
     }
 }
 
@@ -151,15 +149,15 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::{proto::SensorValuesRequest, reading::Reading};
+    use crate::proto::SensorValuesRequest;
 
     #[test]
     fn outgoing_encodes_as_the_request_with_its_identity() {
         let reading = Reading { sensor: Arc::from("s"), sequence: 3, value: 7, created_at: SystemTime::now() };
-        let outgoing =
-            Outgoing { batch: Arc::new(vec![reading.clone()]), node_id: Arc::from("n1"), lane: 2, batch_sequence: 99 };
+        let outgoing = Outgoing::new(std::slice::from_ref(&reading), Arc::from("n1"), 2, 99);
         let mut bytes = Vec::new();
         outgoing.write_to(&mut bytes);
+        assert_eq!(outgoing.readings, 1);
         let decoded = SensorValuesRequest::decode(bytes.as_slice()).unwrap();
         let mut expected = crate::reading::to_request(&[reading]);
         expected.node_id = "n1".into();

@@ -36,8 +36,8 @@ impl LaneSpool {
     /// failed, and the caller must deliver the batch itself.
     pub async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
         let stats = &context.stats;
-        let readings = request.batch.len();
-        let pushed = self.spool.push_async(request.lane, request.batch_sequence, Arc::clone(&request.batch)).await;
+        let readings = request.readings;
+        let pushed = self.spool.push_async(request.lane, request.batch_sequence, request.items.clone()).await;
         match pushed {
             Ok(evicted) => {
                 count(&stats.spooled, readings);
@@ -93,19 +93,14 @@ pub async fn replay<T: Transport>(
             }
         };
         let this_run = stored.batch_sequence >= spool.first_of_run;
-        let Some(readings) = stored.readings else {
+        let Some((items, n)) = stored.items else {
             stats.spool_damaged.inc();
             error!(message = "Skipped a damaged spool record.", lane, batch = stored.batch_sequence);
             let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;
             continue;
         };
-        let n = readings.len();
-        let request = Outgoing {
-            batch: Arc::new(readings),
-            node_id: Arc::clone(&node_id),
-            lane,
-            batch_sequence: stored.batch_sequence,
-        };
+        let request =
+            Outgoing { items, readings: n, node_id: Arc::clone(&node_id), lane, batch_sequence: stored.batch_sequence };
         let delivered = tokio::select! {
             delivered = super::sender::deliver(&context, request) => delivered,
             () = stop.cancelled() => return,

@@ -65,12 +65,8 @@ pub fn batch_sender<T: Transport>(
         count(&stats.sent, readings);
         stats.batches_sent.inc();
         stats.batch_size.observe(readings as f64);
-        let request = Outgoing {
-            batch: Arc::new(batch),
-            node_id: Arc::clone(&lane.node_id),
-            lane: lane.lane,
-            batch_sequence: lane.first_batch,
-        };
+        let request = Outgoing::new(&batch, Arc::clone(&lane.node_id), lane.lane, lane.first_batch);
+        drop(batch);
         lane.first_batch += 1;
         let started = tokio::time::Instant::now();
         let outcome = match &spool {

@@ -10,18 +10,15 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
 };
 
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::{
-    proto::SensorValuesRequest,
-    reading::{Batch, Reading, encode_batch},
-};
+use crate::proto::SensorValuesRequest;
 
-/// Stored batches: (lane, batch number) → CRC32 (4 bytes, LE) + encoded request.
+/// Stored batches: (lane, batch number) → CRC32 (4 bytes, LE) + encoded
+/// readings (field 1 of the request, repeated).
 const BATCHES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("batches");
 /// Node facts that outlive a run: its identity.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
@@ -43,8 +40,9 @@ pub struct Stored {
     pub lane: u32,
     /// Its number within the lane.
     pub batch_sequence: u64,
-    /// Its readings, or `None` when the record is damaged.
-    pub readings: Option<Batch>,
+    /// Its encoded readings and how many there are, or `None` when the
+    /// record is damaged.
+    pub items: Option<(Bytes, usize)>,
 }
 
 /// A durable FIFO of batches per lane, bounded in bytes.
@@ -106,15 +104,13 @@ impl Spool {
         Ok(id)
     }
 
-    /// Stores a batch durably. When the spool would exceed its size, the
-    /// oldest stored batches are evicted first; returns their numbers and
-    /// how many readings each held (0 for damaged ones).
-    pub fn push(&self, lane: u32, batch_sequence: u64, readings: &[Reading]) -> Result<Vec<(u64, u64)>, SpoolError> {
-        let mut encoded = Vec::with_capacity(readings.len() * 48 + 4);
-        encoded.extend_from_slice(&[0; 4]);
-        encode_batch(readings, &mut encoded);
-        let crc = crc32fast::hash(&encoded[4..]);
-        encoded[..4].copy_from_slice(&crc.to_le_bytes());
+    /// Stores a batch's encoded readings durably. When the spool would
+    /// exceed its size, the oldest stored batches are evicted first; returns
+    /// their numbers and how many readings each held (0 for damaged ones).
+    pub fn push(&self, lane: u32, batch_sequence: u64, items: &[u8]) -> Result<Vec<(u64, u64)>, SpoolError> {
+        let mut encoded = Vec::with_capacity(items.len() + 4);
+        encoded.extend_from_slice(&crc32fast::hash(items).to_le_bytes());
+        encoded.extend_from_slice(items);
         let mut evicted = Vec::new();
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
@@ -125,7 +121,7 @@ impl Spool {
                 let Some(key) = oldest else { break };
                 if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
                     *bytes -= old.value().len() as u64;
-                    evicted.push((key.1, decode(old.value()).map_or(0, |b| b.len() as u64)));
+                    evicted.push((key.1, decode(old.value()).map_or(0, |(_, n)| n as u64)));
                 }
             }
             table.insert((lane, batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?;
@@ -141,7 +137,7 @@ impl Spool {
             let mut range = table.range((lane, 0)..=(lane, u64::MAX))?;
             Ok(range.next().transpose()?.map(|(key, value)| {
                 let (lane, batch_sequence) = key.value();
-                Stored { lane, batch_sequence, readings: decode(value.value()) }
+                Stored { lane, batch_sequence, items: decode(value.value()) }
             }))
         })
     }
@@ -178,10 +174,10 @@ impl Spool {
         &self,
         lane: u32,
         batch_sequence: u64,
-        readings: Arc<Batch>,
+        items: Bytes,
     ) -> Result<Vec<(u64, u64)>, SpoolError> {
         let spool = self.clone();
-        blocking(move || spool.push(lane, batch_sequence, &readings)).await
+        blocking(move || spool.push(lane, batch_sequence, &items)).await
     }
 
     /// [`Spool::oldest`] off the async threads.
@@ -250,26 +246,15 @@ fn oldest_key(table: &redb::Table<(u32, u64), &[u8]>) -> Result<Option<(u32, u64
     Ok(oldest)
 }
 
-/// The readings of a stored record, or `None` if it is damaged.
-fn decode(record: &[u8]) -> Option<Batch> {
+/// The encoded readings of a stored record and how many there are, or
+/// `None` if it is damaged: its CRC does not match or it does not decode.
+fn decode(record: &[u8]) -> Option<(Bytes, usize)> {
     let (crc, body) = record.split_at_checked(4)?;
     if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().ok()?) {
         return None;
     }
-    let request = SensorValuesRequest::decode(body).ok()?;
-    request
-        .items
-        .into_iter()
-        .map(|item| {
-            let measurement = item.measurement?;
-            Some(Reading {
-                sensor: Arc::from(item.sensor_name),
-                sequence: item.sequence,
-                value: measurement.sensor_value?,
-                created_at: SystemTime::try_from(measurement.created_at?).ok()?,
-            })
-        })
-        .collect()
+    let readings = SensorValuesRequest::decode(body).ok()?.items.len();
+    Some((Bytes::copy_from_slice(body), readings))
 }
 
 #[cfg(test)]
@@ -279,16 +264,21 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::reading::{Reading, encode_batch};
 
-    fn batch(lane: u32, sequence: u64, n: usize) -> Batch {
-        (0..n)
+    /// `n` readings of `lane`'s sensor, encoded.
+    fn batch(lane: u32, sequence: u64, n: usize) -> Bytes {
+        let readings: Vec<Reading> = (0..n)
             .map(|i| Reading {
                 sensor: Arc::from(format!("lane-{lane}")),
                 sequence: sequence * 100 + i as u64,
                 value: i as i64,
-                created_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(sequence),
+                created_at: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(sequence),
             })
-            .collect()
+            .collect();
+        let mut items = Vec::new();
+        encode_batch(&readings, &mut items);
+        items.into()
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -326,14 +316,14 @@ mod tests {
         fn the_spool_behaves_as_a_fifo_per_lane_across_reopens(ops in ops()) {
             let dir = dir("model");
             let (mut spool, _) = Spool::open(&dir, u64::MAX).unwrap();
-            let mut model: BTreeMap<u32, VecDeque<(u64, Batch)>> = BTreeMap::new();
+            let mut model: BTreeMap<u32, VecDeque<(u64, Bytes, usize)>> = BTreeMap::new();
             let mut next = 1u64;
             for op in ops {
                 match op {
                     Op::Push(lane, n) => {
-                        let readings = batch(lane, next, n);
-                        prop_assert_eq!(spool.push(lane, next, &readings).unwrap(), vec![]);
-                        model.entry(lane).or_default().push_back((next, readings));
+                        let items = batch(lane, next, n);
+                        prop_assert_eq!(spool.push(lane, next, &items).unwrap(), vec![]);
+                        model.entry(lane).or_default().push_back((next, items, n));
                         next += 1;
                     }
                     Op::Pop(lane) => {
@@ -341,9 +331,9 @@ mod tests {
                         let got = spool.oldest(lane).unwrap();
                         match (expected, got) {
                             (None, None) => {}
-                            (Some((sequence, readings)), Some(stored)) => {
+                            (Some((sequence, items, n)), Some(stored)) => {
                                 prop_assert_eq!(stored.batch_sequence, sequence);
-                                prop_assert_eq!(stored.readings, Some(readings));
+                                prop_assert_eq!(stored.items, Some((items, n)));
                                 spool.remove(lane, sequence).unwrap();
                             }
                             (expected, got) => prop_assert!(false, "model {:?}, spool {:?}", expected, got),
@@ -388,10 +378,10 @@ mod tests {
         write.open_table(BATCHES).unwrap().insert((0, 2), &b"\x01\x02\x03\x04garbage"[..]).unwrap();
         write.commit().unwrap();
         spool.push(0, 3, &batch(0, 3, 3)).unwrap();
-        assert!(spool.oldest(0).unwrap().unwrap().readings.is_some());
+        assert_eq!(spool.oldest(0).unwrap().unwrap().items.map(|(_, n)| n), Some(3));
         spool.remove(0, 1).unwrap();
         let damaged = spool.oldest(0).unwrap().unwrap();
-        assert_eq!((damaged.batch_sequence, damaged.readings), (2, None));
+        assert_eq!((damaged.batch_sequence, damaged.items), (2, None));
         drop(spool);
 
         std::fs::write(dir.join("spool.redb"), b"not a database at all").unwrap();

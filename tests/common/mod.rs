@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use prost::Message;
 use telemetry_node::{
     config::{NodeConfig, SinkConfig},
     node::{Transport, codec::Outgoing},
@@ -19,7 +20,6 @@ use telemetry_node::{
         SensorValue, SensorValuesRequest, SensorValuesResponse,
         sensor_service_server::{SensorService, SensorServiceServer},
     },
-    reading::to_request,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -98,7 +98,7 @@ impl Recording {
 /// The in-memory transport: hands each request to a [`Recording`].
 impl Transport for Recording {
     async fn send(&self, request: Outgoing) -> Result<(), Status> {
-        self.receive(to_request(&request.batch).items)
+        self.receive(SensorValuesRequest::decode(request.items).expect("the node encodes what prost decodes").items)
     }
 }
 
