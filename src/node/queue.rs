@@ -46,8 +46,8 @@ struct Queue {
 /// Runs `ticks` in a task of its own, so the sensors never wait for the
 /// sender, and yields their readings through a queue of `capacity`
 /// readings that drops as `drop` says when full.
-pub fn decouple(
-    ticks: impl Stream<Item = Vec<Reading>> + Send + 'static,
+pub fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
+    ticks: impl Stream<Item = T> + Send + 'static,
     capacity: usize,
     drop: Drop,
     stats: Arc<NodeStats>,
@@ -82,8 +82,8 @@ impl std::ops::Drop for AbortOnDrop {
 }
 
 /// Moves each tick's readings into the queue, dropping as told.
-async fn produce(
-    ticks: impl Stream<Item = Vec<Reading>>,
+async fn produce<T: IntoIterator<Item = Reading>>(
+    ticks: impl Stream<Item = T>,
     queue: Arc<Queue>,
     capacity: usize,
     drop: Drop,

@@ -26,19 +26,17 @@ use crate::{reading::Reading, stats::NodeStats};
 /// several readings per step instead of asking for a finer timer.
 const FINEST_TICK: Duration = Duration::from_millis(1);
 
-/// One sensor's own state.
+/// One sensor.
 #[derive(Debug)]
-struct SensorState {
+struct Sensor {
     /// The sensor's name, shared with every reading.
     name: Arc<str>,
     /// Makes this sensor's values differ from other sensors'.
     seed: u64,
-    /// Sequence of its next reading.
-    next_sequence: u64,
 }
 
 /// A set of sensors taking `rate` readings per second each, the first
-/// reading at once.
+/// reading at once; yields the readings of each tick as a [`Tick`].
 ///
 /// A tick that cannot be taken on time, because the pipeline is pushing back,
 /// is skipped rather than bunched up later, as Go's `time.Ticker` does: a
@@ -46,9 +44,10 @@ struct SensorState {
 #[derive(Debug)]
 pub struct Sensors {
     /// Every sensor, in turn order.
-    sensors: Vec<SensorState>,
-    /// The sensor whose turn is next.
-    cursor: usize,
+    sensors: Arc<[Sensor]>,
+    /// Readings taken so far. The sensors take turns from the first, so
+    /// this fixes whose turn is next, and that sensor's sequence.
+    taken: u64,
     /// Readings per second of all the sensors together.
     total_rate: f64,
     /// Fires every max(1 / total_rate, 1 ms).
@@ -68,9 +67,8 @@ impl Sensors {
         let period = Duration::from_secs_f64(1.0 / total_rate).max(FINEST_TICK);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let sensors =
-            names.into_iter().map(|name| SensorState { seed: seed_of(&name), name, next_sequence: 0 }).collect();
-        Self { sensors, cursor: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
+        let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(&name), name }).collect();
+        Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
     }
 
     /// Readings due from the start up to, not including, tick `k`: one a
@@ -96,32 +94,26 @@ impl Sensors {
         through - before
     }
 
-    /// Takes `count` readings, each from the next sensor in turn.
-    fn take_readings(&mut self, count: u64) -> Vec<Reading> {
-        let created_at = SystemTime::now();
-        let mut readings = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let sensor = &mut self.sensors[self.cursor];
-            let sequence = sensor.next_sequence;
-            sensor.next_sequence += 1;
-            readings.push(Reading {
-                sensor: Arc::clone(&sensor.name),
-                sequence,
-                value: value_at(sensor.seed, sequence),
-                created_at,
-            });
-            self.cursor = (self.cursor + 1) % self.sensors.len();
-        }
+    /// The next `count` readings, each from the next sensor in turn.
+    fn take_readings(&mut self, count: u64) -> Tick {
+        let n = self.sensors.len() as u64;
+        let tick = Tick {
+            sensors: Arc::clone(&self.sensors),
+            created_at: SystemTime::now(),
+            turn: (self.taken % n) as usize,
+            sequence: self.taken / n,
+            left: count,
+        };
+        self.taken += count;
         self.stats.produced.inc_by(count);
-        readings
+        tick
     }
 }
 
 impl Stream for Sensors {
-    /// The readings of one tick.
-    type Item = Vec<Reading>;
+    type Item = Tick;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Vec<Reading>>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Tick>> {
         if self.sensors.is_empty() {
             return Poll::Ready(None);
         }
@@ -135,6 +127,50 @@ impl Stream for Sensors {
     }
 }
 
+/// The readings of one tick, made as they are iterated: a tick of thousands
+/// of readings costs no buffer of its own.
+#[derive(Debug)]
+pub struct Tick {
+    /// The lane's sensors.
+    sensors: Arc<[Sensor]>,
+    /// When the tick's readings were taken.
+    created_at: SystemTime,
+    /// The sensor whose reading comes next.
+    turn: usize,
+    /// That reading's sequence.
+    sequence: u64,
+    /// Readings still to come.
+    left: u64,
+}
+
+impl Iterator for Tick {
+    type Item = Reading;
+
+    fn next(&mut self) -> Option<Reading> {
+        self.left = self.left.checked_sub(1)?;
+        let sensor = &self.sensors[self.turn];
+        let reading = Reading {
+            sensor: Arc::clone(&sensor.name),
+            sequence: self.sequence,
+            value: value_at(sensor.seed, self.sequence),
+            created_at: self.created_at,
+        };
+        self.turn += 1;
+        if self.turn == self.sensors.len() {
+            self.turn = 0;
+            self.sequence += 1;
+        }
+        Some(reading)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = usize::try_from(self.left).unwrap_or(usize::MAX);
+        (left, Some(left))
+    }
+}
+
+impl ExactSizeIterator for Tick {}
+
 /// The readings of sensors `names`, at `rate` readings per second each, a
 /// tick at a time, until `stop` resolves. The sensors stop at a tick
 /// boundary.
@@ -143,7 +179,7 @@ pub fn ticks<F: Future<Output = ()>>(
     rate: f64,
     stats: Arc<NodeStats>,
     stop: F,
-) -> impl Stream<Item = Vec<Reading>> + use<F> {
+) -> impl Stream<Item = Tick> + use<F> {
     Sensors::new(names, rate, stats).take_until(stop)
 }
 
@@ -198,7 +234,7 @@ mod tests {
         let mut sensors = Sensors::new(names(&["a", "b", "c"]), 5.0, stats);
         let mut seen = Vec::new();
         for _ in 0..6 {
-            let tick = sensors.next().await.unwrap();
+            let tick: Vec<Reading> = sensors.next().await.unwrap().collect();
             assert_eq!(tick.len(), 1);
             seen.push((tick[0].sensor.to_string(), tick[0].sequence, start.elapsed().as_millis()));
         }
@@ -226,10 +262,10 @@ mod tests {
     async fn ticks_missed_under_backpressure_are_skipped_not_bunched() {
         let stats = Arc::new(NodeStats::default());
         let mut sensors = Sensors::new(names(&["slow"]), 10.0, stats);
-        assert_eq!(sensors.next().await.unwrap()[0].sequence, 0);
+        assert_eq!(sensors.next().await.unwrap().next().unwrap().sequence, 0);
         tokio::time::sleep(Duration::from_millis(1050)).await;
         let start = Instant::now();
-        assert_eq!(sensors.next().await.unwrap()[0].sequence, 1);
+        assert_eq!(sensors.next().await.unwrap().next().unwrap().sequence, 1);
         assert_eq!(start.elapsed(), Duration::ZERO, "the overdue tick fires at once");
         sensors.next().await.unwrap();
         assert!(start.elapsed() >= Duration::from_millis(50), "the next one waits for its slot");
