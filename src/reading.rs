@@ -44,53 +44,69 @@ pub fn to_request(batch: &[Reading]) -> SensorValuesRequest {
 
 /// Appends the `SensorValuesRequest` that carries `batch` to `out`: the
 /// same bytes as encoding [`to_request`], without building the intermediate
-/// messages (a string copy per reading). Each reading's fields are put
-/// together on the stack and copied out in three slices.
+/// messages (a string copy per reading). Lengths are worked out first, so
+/// each byte is written once, straight into `out`.
 pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
     // Readings of one sensor tick share their time: encode it once.
-    let mut time: Option<(SystemTime, Scratch)> = None;
+    let mut time = Time::of(SystemTime::UNIX_EPOCH);
     for reading in batch {
-        let created_at = match &time {
-            Some((at, encoded)) if *at == reading.created_at => encoded,
-            _ => &time.insert((reading.created_at, timestamp_field(reading.created_at))).1,
-        };
-        // SensorValue fields 2 (measurement) and 3 (sequence).
-        let mut rest = Scratch::default();
-        rest.byte(key(2, WireType::LengthDelimited));
-        // Under 128 bytes (a value and a time), so its length is one byte.
-        let measurement_len = 2 + varint_field_len(reading.value as u64) + created_at.len;
-        rest.byte(measurement_len as u8);
-        rest.byte(key(2, WireType::LengthDelimited));
-        rest.byte(varint_field_len(reading.value as u64) as u8);
-        rest.varint_field(key(1, WireType::Varint), reading.value as u64);
-        rest.extend(created_at.as_slice());
-        rest.varint_field(key(3, WireType::Varint), reading.sequence);
-
-        let name = reading.sensor.as_bytes();
-        let name_field_len = if name.is_empty() { 0 } else { 1 + encoded_len_varint(name.len() as u64) + name.len() };
-        let mut head = Scratch::default();
-        head.byte(key(1, WireType::LengthDelimited));
-        head.varint((name_field_len + rest.len) as u64);
-        if !name.is_empty() {
-            head.byte(key(1, WireType::LengthDelimited));
-            head.varint(name.len() as u64);
+        if reading.created_at != time.at {
+            time = Time::of(reading.created_at);
         }
-        out.extend_from_slice(head.as_slice());
-        out.extend_from_slice(name);
-        out.extend_from_slice(rest.as_slice());
+        let name = reading.sensor.as_bytes();
+        let value = reading.value as u64;
+        // A value and a time: under 128 bytes, so its length is one byte.
+        let measurement_len = 2 + varint_field_len(value) + time.len;
+        let name_len = if name.is_empty() { 0 } else { 1 + encoded_len_varint(name.len() as u64) + name.len() };
+        let len = name_len + 2 + measurement_len + varint_field_len(reading.sequence);
+
+        // SensorValue { sensor_name = 1, measurement = 2, sequence = 3 }
+        out.push(key(1, WireType::LengthDelimited));
+        push_varint(out, len as u64);
+        if !name.is_empty() {
+            out.push(key(1, WireType::LengthDelimited));
+            push_varint(out, name.len() as u64);
+            out.extend_from_slice(name);
+        }
+        // Measurement { sensor_value = 2: Int64Value { value = 1 }, created_at = 3 }
+        out.push(key(2, WireType::LengthDelimited));
+        out.push(measurement_len as u8);
+        out.push(key(2, WireType::LengthDelimited));
+        out.push(varint_field_len(value) as u8);
+        push_varint_field(out, 1, value);
+        out.extend_from_slice(time.field());
+        push_varint_field(out, 3, reading.sequence);
     }
 }
 
-/// `Measurement.created_at = 3`, a `Timestamp { seconds, nanos }`.
-fn timestamp_field(at: SystemTime) -> Scratch {
-    let timestamp = prost_types::Timestamp::from(at);
-    let (seconds, nanos) = (timestamp.seconds as u64, timestamp.nanos as u64);
-    let mut field = Scratch::default();
-    field.byte(key(3, WireType::LengthDelimited));
-    field.byte((varint_field_len(seconds) + varint_field_len(nanos)) as u8);
-    field.varint_field(key(1, WireType::Varint), seconds);
-    field.varint_field(key(2, WireType::Varint), nanos);
-    field
+/// A reading's time, encoded as field 3 of a `Measurement`.
+struct Time {
+    /// The time encoded.
+    at: SystemTime,
+    /// The field: key, length, `Timestamp { seconds = 1, nanos = 2 }`, at
+    /// most 2 + 11 + 11 bytes.
+    bytes: [u8; 24],
+    /// How many of `bytes` it takes.
+    len: usize,
+}
+
+impl Time {
+    fn of(at: SystemTime) -> Self {
+        let timestamp = prost_types::Timestamp::from(at);
+        let (seconds, nanos) = (timestamp.seconds as u64, timestamp.nanos as u64);
+        let mut field = Vec::with_capacity(24);
+        field.push(key(3, WireType::LengthDelimited));
+        field.push((varint_field_len(seconds) + varint_field_len(nanos)) as u8);
+        push_varint_field(&mut field, 1, seconds);
+        push_varint_field(&mut field, 2, nanos);
+        let mut bytes = [0; 24];
+        bytes[..field.len()].copy_from_slice(&field);
+        Self { at, bytes, len: field.len() }
+    }
+
+    fn field(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// The one-byte key of field `tag` (1 to 15).
@@ -103,49 +119,19 @@ fn varint_field_len(value: u64) -> usize {
     if value == 0 { 0 } else { 1 + encoded_len_varint(value) }
 }
 
-/// Bytes put together on the stack: the fixed-size fields of one reading,
-/// at most 50 bytes (a measurement of two varints and a time of two, each
-/// varint at most 10 bytes, and a sequence).
-struct Scratch {
-    bytes: [u8; 64],
-    len: usize,
+fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
-impl Default for Scratch {
-    fn default() -> Self {
-        Self { bytes: [0; 64], len: 0 }
-    }
-}
-
-impl Scratch {
-    fn byte(&mut self, byte: u8) {
-        self.bytes[self.len] = byte;
-        self.len += 1;
-    }
-
-    fn varint(&mut self, mut value: u64) {
-        while value >= 0x80 {
-            self.byte(value as u8 | 0x80);
-            value >>= 7;
-        }
-        self.byte(value as u8);
-    }
-
-    /// A varint field, left out when it holds the default value, as proto3 does.
-    fn varint_field(&mut self, key: u8, value: u64) {
-        if value != 0 {
-            self.byte(key);
-            self.varint(value);
-        }
-    }
-
-    fn extend(&mut self, bytes: &[u8]) {
-        self.bytes[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
+/// Varint field `tag`, left out when it holds the default value, as proto3 does.
+fn push_varint_field(out: &mut Vec<u8>, tag: u8, value: u64) {
+    if value != 0 {
+        out.push(key(tag, WireType::Varint));
+        push_varint(out, value);
     }
 }
 
