@@ -26,6 +26,9 @@ pub const SEND_PATH: &str = "/sensor.v1.SensorService/SendSensorValues";
 pub trait Payload: Send + Sync + 'static {
     /// Writes the encoded request into `buf`.
     fn write_to(&self, buf: &mut impl BufMut);
+
+    /// How many bytes [`Payload::write_to`] writes, at most.
+    fn encoded_len(&self) -> usize;
 }
 
 /// One batch as the sender sends it: its readings, encoded once when the
@@ -60,6 +63,12 @@ impl Payload for Outgoing {
         buf.put_slice(&self.items);
         encode_identity(&self.node_id, self.lane, self.batch_sequence, buf);
     }
+
+    fn encoded_len(&self) -> usize {
+        // Three identity fields, each a key byte and a varint of at most 10
+        // bytes, and node_id's text.
+        self.items.len() + 3 * 11 + self.node_id.len()
+    }
 }
 
 /// Room for `batch` encoded, so that encoding does not reallocate: a
@@ -89,6 +98,10 @@ fn encode_identity(node_id: &str, lane: u32, batch_sequence: u64, buf: &mut impl
 impl Payload for Bytes {
     fn write_to(&self, buf: &mut impl BufMut) {
         buf.put_slice(self);
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.len()
     }
 }
 
@@ -126,6 +139,9 @@ impl<P: Payload> Encoder for PayloadEncoder<P> {
     type Error = Status;
 
     fn encode(&mut self, item: P, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // At once: growing the buffer as the request is written would copy
+        // what is already in it.
+        dst.reserve(item.encoded_len());
         item.write_to(dst);
         Ok(())
     }
@@ -158,6 +174,7 @@ mod tests {
         let mut bytes = Vec::new();
         outgoing.write_to(&mut bytes);
         assert_eq!(outgoing.readings, 1);
+        assert!(bytes.len() <= outgoing.encoded_len());
         let decoded = SensorValuesRequest::decode(bytes.as_slice()).unwrap();
         let mut expected = crate::reading::to_request(&[reading]);
         expected.node_id = "n1".into();
