@@ -71,8 +71,9 @@ impl Payload for Outgoing {
     }
 }
 
-/// Room for `batch` encoded, so that encoding does not reallocate: a
-/// reading's name plus at most 40 bytes of framing and numbers.
+/// Room for `batch` encoded, so that encoding seldom reallocates: per
+/// reading, a name as long as the first one plus 40 bytes of framing and
+/// numbers (a few more for the largest values; the buffer then grows).
 fn encoded_len_hint(batch: &[Reading]) -> usize {
     batch.first().map_or(0, |reading| batch.len() * (reading.sensor.len() + 40))
 }
