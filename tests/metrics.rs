@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Process, free_port, read_output, scratch, summary_fields, wait_for_port};
+use common::{Process, free_ports, read_output, scratch, summary_fields, wait_for_port};
 
 /// GETs `path` from `127.0.0.1:port`; returns the status code and body.
 fn get(port: u16, path: &str) -> (u16, String) {
@@ -35,7 +35,7 @@ fn samples(page: &str) -> HashMap<String, f64> {
 #[test]
 fn scraped_counters_agree_with_the_sink_file() {
     let dir = scratch("metrics");
-    let (grpc, sink_http, node_http) = (free_port(), free_port(), free_port());
+    let [grpc, sink_http, node_http] = free_ports();
     let sink = Process::start(
         "sink",
         env!("CARGO_BIN_EXE_telemetry-sink"),

@@ -5,7 +5,9 @@ mod common;
 
 use std::{io::Read, io::Write, path::Path, time::Duration};
 
-use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields, wait_for_port};
+use common::{
+    Process, assert_complete_and_ordered, free_port, free_ports, read_output, scratch, summary_fields, wait_for_port,
+};
 
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
@@ -68,7 +70,7 @@ fn stop(process: Process) -> std::collections::HashMap<String, u64> {
 fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
     let dir = scratch("spool-kill");
     let spool = dir.join("spool");
-    let (port, metrics) = (free_port(), free_port());
+    let [port, metrics] = free_ports();
     let socket = format!("127.0.0.1:{port}");
 
     // The sink is down: everything goes to the spool; then SIGKILL.

@@ -166,7 +166,14 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
 
 /// A free loopback port (free when asked; taken by the caller soon after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_ports::<1>()[0]
+}
+
+/// `N` different free loopback ports: each stays bound until all are
+/// picked, since the system may hand out a port again once it is let go.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    held.map(|listener| listener.local_addr().unwrap().port())
 }
 
 /// A child process that is killed by PID if the test ends without stopping it.
