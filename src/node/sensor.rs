@@ -7,7 +7,9 @@
 //! combined rate (at most once a millisecond, tokio's resolution), which
 //! spreads the sensors evenly over their period instead of waking them all
 //! at once, and makes 100,000 sensors cost what 1 sensor costs per reading:
-//! no task, no timer, just a name and a counter each.
+//! no task, no timer, just a name and a seed each. Since the sensors take
+//! turns from the first, the number of readings taken fixes whose turn is
+//! next and its sequence: no counter per sensor either.
 
 use std::{
     future::Future,
