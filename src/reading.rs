@@ -47,6 +47,10 @@ pub fn to_request(batch: &[Reading]) -> SensorValuesRequest {
 /// messages (a string copy per reading). Lengths are worked out first, so
 /// each byte is written once, straight into `out`.
 pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
+    // Room for every reading, so that `out` seldom grows mid-batch: a name as
+    // long as the first one plus 40 bytes of framing and numbers (a few more
+    // for the largest values; `out` then grows).
+    out.reserve(batch.first().map_or(0, |reading| batch.len() * (reading.sensor.len() + 40)));
     // Readings of one sensor tick share their time: encode it once.
     let mut time = Time::of(SystemTime::UNIX_EPOCH);
     for reading in batch {
@@ -54,9 +58,9 @@ pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
             time = Time::of(reading.created_at);
         }
         let name = reading.sensor.as_bytes();
-        let value = reading.value as u64;
+        let (value, value_len) = (reading.value as u64, varint_field_len(reading.value as u64));
         // A value and a time: under 128 bytes, so its length is one byte.
-        let measurement_len = 2 + varint_field_len(value) + time.len;
+        let measurement_len = 2 + value_len + time.len;
         let name_len = if name.is_empty() { 0 } else { 1 + encoded_len_varint(name.len() as u64) + name.len() };
         let len = name_len + 2 + measurement_len + varint_field_len(reading.sequence);
 
@@ -72,7 +76,7 @@ pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
         out.push(key(2, WireType::LengthDelimited));
         out.push(measurement_len as u8);
         out.push(key(2, WireType::LengthDelimited));
-        out.push(varint_field_len(value) as u8);
+        out.push(value_len as u8);
         push_varint_field(out, 1, value);
         out.extend_from_slice(time.field());
         push_varint_field(out, 3, reading.sequence);
@@ -119,6 +123,8 @@ fn varint_field_len(value: u64) -> usize {
     if value == 0 { 0 } else { 1 + encoded_len_varint(value) }
 }
 
+/// prost's `encode_varint`, for a `Vec` only: written for any `BufMut`, it
+/// is not inlined, and its calls cost more than the encoding.
 fn push_varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push(value as u8 | 0x80);

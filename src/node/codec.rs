@@ -52,7 +52,7 @@ pub struct Outgoing {
 impl Outgoing {
     /// Encodes `batch`, to be sent by `node_id` as `batch_sequence` of `lane`.
     pub fn new(batch: &[Reading], node_id: Arc<str>, lane: u32, batch_sequence: u64) -> Self {
-        let mut items = Vec::with_capacity(encoded_len_hint(batch));
+        let mut items = Vec::new();
         encode_batch(batch, &mut items);
         Self { items: items.into(), readings: batch.len(), node_id, lane, batch_sequence }
     }
@@ -69,13 +69,6 @@ impl Payload for Outgoing {
         // bytes, and node_id's text.
         self.items.len() + 3 * 11 + self.node_id.len()
     }
-}
-
-/// Room for `batch` encoded, so that encoding seldom reallocates: per
-/// reading, a name as long as the first one plus 40 bytes of framing and
-/// numbers (a few more for the largest values; the buffer then grows).
-fn encoded_len_hint(batch: &[Reading]) -> usize {
-    batch.first().map_or(0, |reading| batch.len() * (reading.sensor.len() + 40))
 }
 
 /// Writes fields 2 to 4 of a request: who sent the batch.

@@ -66,6 +66,7 @@ pub fn batch_sender<T: Transport>(
         stats.batches_sent.inc();
         stats.batch_size.observe(readings as f64);
         let request = Outgoing::new(&batch, Arc::clone(&lane.node_id), lane.lane, lane.first_batch);
+        // Encoded, the readings are not needed while the sink answers.
         drop(batch);
         lane.first_batch += 1;
         let started = tokio::time::Instant::now();
