@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use tokio::net::TcpListener;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport, codec::Outgoing},
+    node::{self, GrpcTransport, codec::Outgoing, sensor, transport::Transport},
     reading::Reading,
     receiver::{self, Output},
     stats::{NodeStats, SinkStats},
@@ -47,6 +47,8 @@ pub struct BenchReport {
     pub pipeline: f64,
     /// Peak resident memory of the whole process (node and sink), MiB.
     pub rss_mb: f64,
+    /// The sequence number the ceiling's readings start from.
+    pub sequence: u64,
 }
 
 /// Runs both measurements against one embedded sink.
@@ -65,41 +67,55 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
         async move { receiver::serve_with(&sink_config, listener, stats, stop.cancelled_owned(), output).await }
     });
 
+    let address = address.to_string();
+    // The ceiling sends what the pipeline's lanes send halfway through a
+    // round (sequence numbers as long, on the wire and in the sink's
+    // output): a short pipeline run first says how far in that is.
+    let round = BenchOptions { duration: options.duration / ROUNDS, ..options.clone() };
+    let warm_up = pipeline(&address, &BenchOptions { duration: round.duration / 4, ..options.clone() }).await;
+    let sequence = (warm_up * round.duration.as_secs_f64() / 2.0 / options.sensors as f64) as u64;
     // The machine's other load comes and goes: alternating short runs
     // exposes both measurements to the same conditions, and the median
     // round of each leaves out the rounds a burst of load hit.
-    let round = BenchOptions { duration: options.duration / ROUNDS, ..options.clone() };
     let (mut ceilings, mut pipelines) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        ceilings.push(ceiling(&address.to_string(), &round).await);
-        pipelines.push(pipeline(&address.to_string(), &round).await);
+        ceilings.push(ceiling(&address, &round, sequence).await);
+        pipelines.push(pipeline(&address, &round).await);
     }
     let (ceiling, pipeline) = (median(ceilings), median(pipelines));
 
     stop_sink.cancel();
     sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
     let _ = std::fs::remove_dir_all(&folder);
-    Ok(BenchReport { ceiling, pipeline, rss_mb: peak_rss_mb() })
+    Ok(BenchReport { ceiling, pipeline, rss_mb: peak_rss_mb(), sequence })
 }
 
-/// The ceiling: `in_flight` loops sending one batch, encoded once before
-/// the clock starts (each request under its own batch number, as a node's
-/// lane would), as fast as the sink answers, over a channel with the node's
-/// transport settings. Nothing is left but tonic, the wire and the sink.
-async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("a loopback URI");
-    let client = GrpcTransport::new(endpoint, Duration::from_secs(30));
-    let node_id: Arc<str> = Arc::from(format!("bench-ceiling-{}", std::process::id()));
-    let batch = Outgoing::new(&sample_batch(options.sensors, options.batch_size), node_id, 0, 1);
+/// The ceiling: a loop per lane of the node, each sending its lane's
+/// batch, encoded once before the clock starts (each request under its own
+/// batch number, as a lane would), as fast as the sink answers, over a
+/// transport built from the node's own settings. The batches hold the
+/// readings the lane's sensors take from their `sequence`-th on. Nothing is
+/// left but tonic, the wire and the sink.
+async fn ceiling(address: &str, options: &BenchOptions, sequence: u64) -> f64 {
+    let config = node_config(address, options);
+    let client = GrpcTransport::from_config(&config).expect("the bench's own settings are valid");
+    let node_id = config.node_identity();
+    let batches: Vec<Outgoing> = (config.lanes().into_iter().enumerate())
+        .map(|(lane, names)| {
+            let batch: Vec<Reading> = sensor::readings_from(names, sequence, options.batch_size as u64).collect();
+            Outgoing::new(&batch, Arc::clone(&node_id), lane as u32, 1)
+        })
+        .collect();
     let deadline = tokio::time::Instant::now() + options.duration;
     let started = Instant::now();
-    let loops: Vec<_> = (0..options.in_flight)
-        .map(|lane| {
-            let (client, mut request) = (client.clone(), Outgoing { lane: lane as u32, ..batch.clone() });
+    let loops: Vec<_> = batches
+        .into_iter()
+        .map(|mut request| {
+            let client = client.clone();
             tokio::spawn(async move {
                 let mut acked = 0u64;
                 while tokio::time::Instant::now() < deadline {
-                    if client.send_payload(request.clone()).await.is_ok() {
+                    if client.send(request.clone()).await.is_ok() {
                         acked += request.readings as u64;
                     }
                     request.batch_sequence += 1;
@@ -118,16 +134,7 @@ async fn ceiling(address: &str, options: &BenchOptions) -> f64 {
 /// The node's own pipeline with the rate limit off and sensors faster than
 /// the wire, counted up to the end of the duration.
 async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
-    let vars = HashMap::from([
-        ("GRPC_SERVER_SOCKET".to_owned(), address.to_owned()),
-        ("SENSOR_COUNT".to_owned(), options.sensors.to_string()),
-        ("SENSOR_VALUE_RATE_PER_SECOND".to_owned(), "1000000".to_owned()),
-        ("REQUEST_RATE_PER_SECOND".to_owned(), "inf".to_owned()),
-        ("BATCH_SIZE".to_owned(), options.batch_size.to_string()),
-        ("BATCH_TIMEOUT".to_owned(), "100ms".to_owned()),
-        ("MAX_IN_FLIGHT".to_owned(), options.in_flight.to_string()),
-    ]);
-    let config = NodeConfig::from_vars(&vars).expect("the bench's own settings are valid");
+    let config = node_config(address, options);
     let transport = GrpcTransport::from_config(&config).expect("the bench's own settings are valid");
     let stats = Arc::new(NodeStats::default());
     let measured = Arc::new(std::sync::Mutex::new(0.0));
@@ -144,17 +151,19 @@ async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
     *measured.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A batch shaped like the pipeline's: `sensors` names taking turns.
-fn sample_batch(sensors: usize, size: usize) -> Vec<Reading> {
-    let names: Vec<Arc<str>> = (1..=sensors.max(1)).map(|i| Arc::from(format!("sensor-{i}"))).collect();
-    (0..size)
-        .map(|i| Reading {
-            sensor: Arc::clone(&names[i % names.len()]),
-            sequence: i as u64,
-            value: (i % 1000) as i64,
-            created_at: SystemTime::now(),
-        })
-        .collect()
+/// The node's default settings, sending to `address`, with the rate limit
+/// off and sensors faster than the wire.
+fn node_config(address: &str, options: &BenchOptions) -> NodeConfig {
+    let vars = HashMap::from([
+        ("GRPC_SERVER_SOCKET".to_owned(), address.to_owned()),
+        ("SENSOR_COUNT".to_owned(), options.sensors.to_string()),
+        ("SENSOR_VALUE_RATE_PER_SECOND".to_owned(), "1000000".to_owned()),
+        ("REQUEST_RATE_PER_SECOND".to_owned(), "inf".to_owned()),
+        ("BATCH_SIZE".to_owned(), options.batch_size.to_string()),
+        ("BATCH_TIMEOUT".to_owned(), "100ms".to_owned()),
+        ("MAX_IN_FLIGHT".to_owned(), options.in_flight.to_string()),
+    ]);
+    NodeConfig::from_vars(&vars).expect("the bench's own settings are valid")
 }
 
 /// The middle value of `values`.

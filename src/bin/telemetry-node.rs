@@ -223,6 +223,10 @@ async fn run_bench(options: BenchOptions) -> ExitCode {
         Ok(report) => {
             let ratio = report.pipeline / report.ceiling;
             eprintln!("ceiling  (bare tonic client, pre-built batches): {:>12.0} readings/s", report.ceiling);
+            eprintln!(
+                "         (the lanes' readings from sequence {}, as far as a round gets halfway)",
+                report.sequence
+            );
             eprintln!("pipeline (sensors, merge, batch, retrying sink):  {:>12.0} readings/s", report.pipeline);
             eprintln!("ratio {ratio:.3}, peak RSS {:.1} MiB (node and sink in one process)", report.rss_mb);
             println!(

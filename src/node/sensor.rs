@@ -196,6 +196,14 @@ pub fn readings<F: Future<Output = ()>>(
     ticks(names, rate, stats, stop).flat_map(stream::iter)
 }
 
+/// The `count` readings sensors `names` take from the `sequence`-th reading
+/// of each on, taking turns as a lane's sensors do: what a lane sends once
+/// it has run for a while, made without the wait.
+pub fn readings_from(names: Vec<Arc<str>>, sequence: u64, count: u64) -> impl Iterator<Item = Reading> {
+    let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(&name), name }).collect();
+    Tick { sensors, created_at: SystemTime::now(), turn: 0, sequence, left: count }
+}
+
 /// A stable per-sensor seed, so that two sensors do not report the same series.
 fn seed_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3))
@@ -286,6 +294,16 @@ mod tests {
             let sequences: Vec<u64> = all.iter().filter(|r| &*r.sensor == name).map(|r| r.sequence).collect();
             assert_eq!(sequences, (0..10).collect::<Vec<_>>(), "sensor {name}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readings_from_a_sequence_are_those_the_sensors_take_then() {
+        let stats = Arc::new(NodeStats::default());
+        let taken: Vec<_> =
+            readings(names(&["a", "b", "c"]), 10.0, stats, std::future::pending()).take(15).collect().await;
+        let made: Vec<_> = readings_from(names(&["a", "b", "c"]), 2, 9).collect();
+        let fields = |r: &Reading| (r.sensor.to_string(), r.sequence, r.value);
+        assert_eq!(made.iter().map(fields).collect::<Vec<_>>(), taken[6..].iter().map(fields).collect::<Vec<_>>());
     }
 
     #[test]
