@@ -1,7 +1,7 @@
 //! Each stage alone: batching, encoding a batch, and the sink's decode,
 //! validate and render. Throughput in readings.
 
-use std::{hint::black_box, sync::Arc, time::Duration, time::SystemTime};
+use std::{hint::black_box, time::Duration, time::SystemTime};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, stream};
@@ -9,7 +9,7 @@ use prost::Message;
 use telemetry_node::{
     node::{batch::batches, spool::Spool},
     proto::SensorValuesRequest,
-    reading::{Reading, encode_batch, to_request},
+    reading::{Reading, encode_batch, sensor_name, to_request},
     receiver::validate::to_json_lines,
 };
 
@@ -17,15 +17,10 @@ const READINGS: usize = 100_000;
 const BATCH: usize = 1000;
 
 fn readings(n: usize) -> Vec<Reading> {
-    let names: Vec<Arc<str>> = (1..=16).map(|i| Arc::from(format!("sensor-{i}"))).collect();
+    let names: Vec<&'static str> = (1..=16).map(|i| sensor_name(&format!("sensor-{i}"))).collect();
     let now = SystemTime::now();
     (0..n)
-        .map(|i| Reading {
-            sensor: Arc::clone(&names[i % 16]),
-            sequence: i as u64,
-            value: (i % 1000) as i64,
-            created_at: now,
-        })
+        .map(|i| Reading { sensor: names[i % 16], sequence: i as u64, value: (i % 1000) as i64, created_at: now })
         .collect()
 }
 

@@ -1,17 +1,22 @@
 //! The domain type that flows through the node: one sensor reading.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    collections::HashSet,
+    sync::{Mutex, PoisonError},
+    time::SystemTime,
+};
 
 use prost::encoding::{WireType, encoded_len_varint};
 
 use crate::proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement};
 
 /// One value measured by one sensor.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reading {
-    /// The sensor's name, shared by all its readings so that producing a
-    /// reading does not allocate a string.
-    pub sensor: Arc<str>,
+    /// The sensor's name: the process's one copy of it (see
+    /// [`sensor_name`]), so that a reading neither allocates a string nor
+    /// counts references to one.
+    pub sensor: &'static str,
     /// Position in the sensor's output, from 0 up: the sink uses it to prove
     /// that nothing was lost, duplicated or reordered.
     pub sequence: u64,
@@ -19,6 +24,27 @@ pub struct Reading {
     pub value: i64,
     /// When the reading was taken.
     pub created_at: SystemTime,
+}
+
+/// The one copy of sensor name `name` this process keeps, made on first
+/// use and kept for good.
+///
+/// A node's sensors are fixed by its configuration and live as long as it
+/// does, so their names are never freed; keeping one copy of each name
+/// bounds that by the names ever configured. In return a reading is plain
+/// data: taking, batching and dropping one costs no atomic reference count
+/// (one up and one down per reading, a tenth of the node's work per reading
+/// at full speed).
+pub fn sensor_name(name: &str) -> &'static str {
+    static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    let names = names.get_or_insert_with(HashSet::new);
+    if let Some(&kept) = names.get(name) {
+        return kept;
+    }
+    let kept: &'static str = Box::leak(Box::from(name));
+    names.insert(kept);
+    kept
 }
 
 /// Readings sent together in one request.
@@ -175,7 +201,7 @@ mod tests {
                         UNIX_EPOCH - Duration::from_millis(millis.unsigned_abs())
                     };
                     let created_at = base + Duration::from_nanos(u64::from(nanos % 1_000_000));
-                    Reading { sensor: Arc::from(name), sequence, value, created_at }
+                    Reading { sensor: sensor_name(&name), sequence, value, created_at }
                 })
                 .collect();
             let mut ours = Vec::new();

@@ -377,7 +377,7 @@ async fn bad_input_gets_an_error_status_writes_nothing_and_the_sink_stays_up() {
     assert_eq!(send_raw(address, million.encode_to_vec()).await.unwrap_err().code(), tonic::Code::InvalidArgument);
     // A valid request still gets through.
     let ok = telemetry_node::reading::Reading {
-        sensor: Arc::from("ok"),
+        sensor: "ok",
         sequence: 0,
         value: 1,
         created_at: std::time::SystemTime::now(),

@@ -9,7 +9,7 @@ use common::{node_config, scratch, sink_config};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use telemetry_node::{
     node::{GrpcTransport, Transport, codec::Outgoing},
-    reading::Reading,
+    reading::{Reading, sensor_name},
     receiver,
     stats::{SinkStats, SinkSummary},
 };
@@ -43,7 +43,7 @@ impl<'a> Pki<'a> {
 }
 
 fn reading(name: &str) -> Reading {
-    Reading { sensor: Arc::from(name), sequence: 0, value: 1, created_at: SystemTime::now() }
+    Reading { sensor: sensor_name(name), sequence: 0, value: 1, created_at: SystemTime::now() }
 }
 
 fn outgoing(batch: Vec<Reading>) -> Outgoing {

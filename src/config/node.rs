@@ -6,7 +6,10 @@ use envconfig::Envconfig;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{ConfigError, ensure, ensure_positive, invalid};
-use crate::node::throttle::{MAX_RATE, RequestRate};
+use crate::{
+    node::throttle::{MAX_RATE, RequestRate},
+    reading::sensor_name,
+};
 
 /// Everything `telemetry-node` reads from its environment. Defaults match
 /// the Go node's load (one sensor, 5 readings/s, 1 request/s) and a sink
@@ -197,11 +200,11 @@ impl NodeConfig {
     }
 
     /// Names of the sensors: `SENSOR_NAME` alone, or numbered from 1.
-    pub fn sensor_names(&self) -> Vec<Arc<str>> {
+    pub fn sensor_names(&self) -> Vec<&'static str> {
         if self.sensor_count == 1 {
-            return vec![Arc::from(self.sensor_name.as_str())];
+            return vec![sensor_name(&self.sensor_name)];
         }
-        (1..=self.sensor_count).map(|i| Arc::from(format!("{}-{i}", self.sensor_name))).collect()
+        (1..=self.sensor_count).map(|i| sensor_name(&format!("{}-{i}", self.sensor_name))).collect()
     }
 
     /// How recently the sink must have acknowledged a batch for the node to
@@ -243,7 +246,7 @@ impl NodeConfig {
 
     /// The sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
     /// SENSOR_COUNT) lanes.
-    pub fn lanes(&self) -> Vec<Vec<Arc<str>>> {
+    pub fn lanes(&self) -> Vec<Vec<&'static str>> {
         let count = self.max_in_flight.min(self.sensor_count).max(1);
         let mut lanes = vec![Vec::new(); count];
         for (i, name) in self.sensor_names().into_iter().enumerate() {

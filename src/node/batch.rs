@@ -16,7 +16,7 @@ pub fn batches(readings: impl Stream<Item = Reading>, max_size: usize, timeout: 
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::SystemTime};
+    use std::time::SystemTime;
 
     use futures::stream;
     use tokio::time::Instant;
@@ -24,7 +24,7 @@ mod tests {
     use super::*;
 
     fn reading(sequence: u64) -> Reading {
-        Reading { sensor: Arc::from("s"), sequence, value: 0, created_at: SystemTime::UNIX_EPOCH }
+        Reading { sensor: "s", sequence, value: 0, created_at: SystemTime::UNIX_EPOCH }
     }
 
     #[tokio::test(start_paused = true)]

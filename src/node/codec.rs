@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn outgoing_encodes_as_the_request_with_its_identity() {
-        let reading = Reading { sensor: Arc::from("s"), sequence: 3, value: 7, created_at: SystemTime::now() };
+        let reading = Reading { sensor: "s", sequence: 3, value: 7, created_at: SystemTime::now() };
         let outgoing = Outgoing::new(std::slice::from_ref(&reading), Arc::from("n1"), 2, 99);
         let mut bytes = Vec::new();
         outgoing.write_to(&mut bytes);

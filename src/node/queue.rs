@@ -137,7 +137,7 @@ mod tests {
 
     fn tick(from: u64, to: u64) -> Vec<Reading> {
         (from..to)
-            .map(|sequence| Reading { sensor: Arc::from("s"), sequence, value: 0, created_at: SystemTime::UNIX_EPOCH })
+            .map(|sequence| Reading { sensor: "s", sequence, value: 0, created_at: SystemTime::UNIX_EPOCH })
             .collect()
     }
 

@@ -32,7 +32,7 @@ const FINEST_TICK: Duration = Duration::from_millis(1);
 #[derive(Debug)]
 struct Sensor {
     /// The sensor's name, shared with every reading.
-    name: Arc<str>,
+    name: &'static str,
     /// Makes this sensor's values differ from other sensors'.
     seed: u64,
 }
@@ -64,12 +64,12 @@ pub struct Sensors {
 
 impl Sensors {
     /// Sensors named `names`, each taking `rate` readings per second.
-    pub fn new(names: Vec<Arc<str>>, rate: f64, stats: Arc<NodeStats>) -> Self {
+    pub fn new(names: Vec<&'static str>, rate: f64, stats: Arc<NodeStats>) -> Self {
         let total_rate = rate * names.len() as f64;
         let period = Duration::from_secs_f64(1.0 / total_rate).max(FINEST_TICK);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(&name), name }).collect();
+        let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(name), name }).collect();
         Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
     }
 
@@ -152,7 +152,7 @@ impl Iterator for Tick {
         self.left = self.left.checked_sub(1)?;
         let sensor = &self.sensors[self.turn];
         let reading = Reading {
-            sensor: Arc::clone(&sensor.name),
+            sensor: sensor.name,
             sequence: self.sequence,
             value: value_at(sensor.seed, self.sequence),
             created_at: self.created_at,
@@ -177,7 +177,7 @@ impl ExactSizeIterator for Tick {}
 /// tick at a time, until `stop` resolves. The sensors stop at a tick
 /// boundary.
 pub fn ticks<F: Future<Output = ()>>(
-    names: Vec<Arc<str>>,
+    names: Vec<&'static str>,
     rate: f64,
     stats: Arc<NodeStats>,
     stop: F,
@@ -188,7 +188,7 @@ pub fn ticks<F: Future<Output = ()>>(
 /// [`ticks`], one reading at a time; every reading of the last tick is
 /// still yielded.
 pub fn readings<F: Future<Output = ()>>(
-    names: Vec<Arc<str>>,
+    names: Vec<&'static str>,
     rate: f64,
     stats: Arc<NodeStats>,
     stop: F,
@@ -199,8 +199,8 @@ pub fn readings<F: Future<Output = ()>>(
 /// The `count` readings sensors `names` take from the `sequence`-th reading
 /// of each on, taking turns as a lane's sensors do: what a lane sends once
 /// it has run for a while, made without the wait.
-pub fn readings_from(names: Vec<Arc<str>>, sequence: u64, count: u64) -> impl Iterator<Item = Reading> {
-    let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(&name), name }).collect();
+pub fn readings_from(names: Vec<&'static str>, sequence: u64, count: u64) -> impl Iterator<Item = Reading> {
+    let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(name), name }).collect();
     Tick { sensors, created_at: SystemTime::now(), turn: 0, sequence, left: count }
 }
 
@@ -221,8 +221,8 @@ fn value_at(seed: u64, sequence: u64) -> i64 {
 mod tests {
     use super::*;
 
-    fn names(names: &[&str]) -> Vec<Arc<str>> {
-        names.iter().map(|&n| Arc::from(n)).collect()
+    fn names(names: &[&'static str]) -> Vec<&'static str> {
+        names.to_vec()
     }
 
     #[tokio::test(start_paused = true)]
@@ -291,7 +291,7 @@ mod tests {
         let all: Vec<_> =
             readings(names(&["a", "b", "c"]), 10.0, stats, std::future::pending()).take(30).collect().await;
         for name in ["a", "b", "c"] {
-            let sequences: Vec<u64> = all.iter().filter(|r| &*r.sensor == name).map(|r| r.sequence).collect();
+            let sequences: Vec<u64> = all.iter().filter(|r| r.sensor == name).map(|r| r.sequence).collect();
             assert_eq!(sequences, (0..10).collect::<Vec<_>>(), "sensor {name}");
         }
     }

@@ -264,13 +264,13 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::reading::{Reading, encode_batch};
+    use crate::reading::{Reading, encode_batch, sensor_name};
 
     /// `n` readings of `lane`'s sensor, encoded.
     fn batch(lane: u32, sequence: u64, n: usize) -> Bytes {
         let readings: Vec<Reading> = (0..n)
             .map(|i| Reading {
-                sensor: Arc::from(format!("lane-{lane}")),
+                sensor: sensor_name(&format!("lane-{lane}")),
                 sequence: sequence * 100 + i as u64,
                 value: i as i64,
                 created_at: std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(sequence),
