@@ -26,13 +26,35 @@ fn readings(n: usize) -> Vec<Reading> {
 
 fn batching(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
-    let input = readings(READINGS);
+    // A tick of 250 readings: e.g. a lane of 4 sensors at 62,500/s each.
+    let ticks: Vec<Vec<Reading>> = readings(READINGS).chunks(250).map(<[Reading]>::to_vec).collect();
+    let timeout = Duration::from_secs(1);
     let mut group = c.benchmark_group("batch");
     group.throughput(Throughput::Elements(READINGS as u64));
-    group.bench_function("chunks_timeout_1000", |b| {
+    group.bench_function("ticks_of_250_into_1000", |b| {
         b.to_async(&runtime).iter_batched(
-            || input.clone(),
-            |input| async move { batches(stream::iter(input), BATCH, Duration::from_secs(1)).count().await },
+            || ticks.clone(),
+            |ticks| async move { batches(stream::iter(ticks), BATCH, timeout).count().await },
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("one_by_one_into_1000", |b| {
+        b.to_async(&runtime).iter_batched(
+            || readings(READINGS),
+            |input| async move {
+                batches(stream::iter(input.into_iter().map(std::iter::once)), BATCH, timeout).count().await
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    // The same ticks through tokio-stream's chunks_timeout, a reading at a time.
+    group.bench_function("chunks_timeout_ticks_of_250_into_1000", |b| {
+        b.to_async(&runtime).iter_batched(
+            || ticks.clone(),
+            |ticks| async move {
+                let readings = stream::iter(ticks).flat_map(stream::iter);
+                tokio_stream::StreamExt::chunks_timeout(readings, BATCH, timeout).count().await
+            },
             BatchSize::LargeInput,
         )
     });

@@ -118,14 +118,17 @@ pub async fn run<T: Transport>(
         let lane_spool = lane_spools.iter().find(|(id, _)| *id == lane as u32).map(|(_, s)| s.clone());
         let ticks =
             sensor::ticks(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
-        let readings = match config.overflow {
-            Overflow::Block | Overflow::Spool => ticks.flat_map(futures::stream::iter).left_stream(),
+        let (settings, context) = (settings.clone(), context.clone());
+        match config.overflow {
+            Overflow::Block | Overflow::Spool => {
+                lanes.spawn(run_lane(Box::pin(ticks), settings, context, identity, lane_spool));
+            }
             Overflow::DropOldest | Overflow::DropNewest => {
                 let drop = if config.overflow == Overflow::DropOldest { Drop::Oldest } else { Drop::Newest };
-                queue::decouple(ticks, config.queue_capacity, drop, Arc::clone(&stats)).right_stream()
+                let readings = queue::decouple(ticks, config.queue_capacity, drop, Arc::clone(&stats));
+                lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, lane_spool));
             }
-        };
-        lanes.spawn(run_lane(readings, settings.clone(), context.clone(), identity, lane_spool));
+        }
     }
 
     let drain_deadline = async {
@@ -166,16 +169,16 @@ fn open_spool(config: &NodeConfig) -> Result<Option<Spool>, SpoolError> {
     Ok(Some(spool))
 }
 
-/// One lane: batches `readings`, paces the batches and sends them, until
-/// `readings` ends and the last batch is delivered.
-async fn run_lane<T: Transport>(
-    readings: impl futures::Stream<Item = Reading>,
+/// One lane: batches the readings of `runs` (ticks), paces the batches and
+/// sends them, until `runs` ends and the last batch is delivered.
+async fn run_lane<T: Transport, R: IntoIterator<Item = Reading>>(
+    runs: impl futures::Stream<Item = R> + Unpin,
     settings: LaneSettings,
     context: SendContext<T>,
     identity: LaneIdentity,
     spool: Option<LaneSpool>,
 ) {
-    let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
+    let batches = batch::batches(runs, settings.batch_size, settings.batch_timeout);
     // One batch waits ready behind the one in flight, so the next batch is
     // gathered while the sink answers instead of after.
     let sender = sender::batch_sender(context.clone(), identity, spool).buffer(1);
