@@ -19,7 +19,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::{Stream, StreamExt, stream};
+use futures::{Stream, StreamExt};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::{reading::Reading, stats::NodeStats};
@@ -185,17 +185,6 @@ pub fn ticks<F: Future<Output = ()>>(
     Sensors::new(names, rate, stats).take_until(stop)
 }
 
-/// [`ticks`], one reading at a time; every reading of the last tick is
-/// still yielded.
-pub fn readings<F: Future<Output = ()>>(
-    names: Vec<&'static str>,
-    rate: f64,
-    stats: Arc<NodeStats>,
-    stop: F,
-) -> impl Stream<Item = Reading> + use<F> {
-    ticks(names, rate, stats, stop).flat_map(stream::iter)
-}
-
 /// The `count` readings sensors `names` take from the `sequence`-th reading
 /// of each on, taking turns as a lane's sensors do: what a lane sends once
 /// it has run for a while, made without the wait.
@@ -223,6 +212,16 @@ mod tests {
 
     fn names(names: &[&'static str]) -> Vec<&'static str> {
         names.to_vec()
+    }
+
+    /// [`ticks`], one reading at a time.
+    fn readings(
+        names: Vec<&'static str>,
+        rate: f64,
+        stats: Arc<NodeStats>,
+        stop: impl Future<Output = ()>,
+    ) -> impl Stream<Item = Reading> {
+        ticks(names, rate, stats, stop).flat_map(futures::stream::iter)
     }
 
     #[tokio::test(start_paused = true)]
