@@ -1,7 +1,8 @@
-//! Each stage alone: batching, encoding a batch, and the sink's decode,
-//! validate and render. Throughput in readings.
+//! Each stage alone: batching, encoding a batch, the sink's decode,
+//! validate and render, the same through the sink's writer into a file, and
+//! the spool. Throughput in readings.
 
-use std::{hint::black_box, time::Duration, time::SystemTime};
+use std::{hint::black_box, sync::Arc, time::Duration, time::SystemTime};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, stream};
@@ -10,8 +11,13 @@ use telemetry_node::{
     node::{batch::batches, spool::Spool},
     proto::SensorValuesRequest,
     reading::{Reading, encode_batch, sensor_name, to_request},
-    receiver::validate::to_json_lines,
+    receiver::{
+        validate::to_json_lines,
+        writer::{Chunk, JsonLinesWriter},
+    },
+    stats::SinkStats,
 };
+use tokio_util::sync::CancellationToken;
 
 const READINGS: usize = 100_000;
 const BATCH: usize = 1000;
@@ -95,6 +101,42 @@ fn sink(c: &mut Criterion) {
     group.finish();
 }
 
+/// A request at a time, decoded, checked, rendered and handed to the sink's
+/// writer, until the writer says the lines are in the file (which it syncs
+/// every second, as the sink does by default). Each iteration appends about
+/// 100 KB: the run writes a gigabyte or so to CARGO_TARGET_TMPDIR and
+/// removes it at the end.
+fn sink_writing(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-sink-writer");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut encoded = Vec::new();
+    encode_batch(&readings(BATCH), &mut encoded);
+    let (queue, waiting) = tokio::sync::mpsc::channel(64);
+    let stop = CancellationToken::new();
+    let writer = runtime
+        .block_on(JsonLinesWriter::open(&dir.join("readings.jsonl"), 65536, Arc::new(SinkStats::default())))
+        .unwrap();
+    let writing = runtime.spawn(writer.run(waiting, Duration::from_secs(1), stop.clone()));
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(BATCH as u64)).sample_size(10);
+    group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
+    group.bench_function("decode_validate_write_1000", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let request = SensorValuesRequest::decode(black_box(encoded.as_slice())).unwrap();
+            let lines = to_json_lines(&request).unwrap();
+            let (written, confirmed) = tokio::sync::oneshot::channel();
+            queue.send(Chunk { lines, readings: BATCH, written }).await.unwrap();
+            confirmed.await.unwrap();
+        })
+    });
+    group.finish();
+    stop.cancel();
+    runtime.block_on(writing).unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn spool(c: &mut Criterion) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spool");
     let _ = std::fs::remove_dir_all(&dir);
@@ -114,5 +156,5 @@ fn spool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, batching, encoding, sink, spool);
+criterion_group!(benches, batching, encoding, sink, sink_writing, spool);
 criterion_main!(benches);
