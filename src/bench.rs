@@ -22,6 +22,13 @@ use crate::{
 /// Alternating rounds of each measurement in one run.
 const ROUNDS: u32 = 5;
 
+/// Readings per second of all the bench's sensors together: several times
+/// what the wire takes, so the sensors never hold the pipeline back, and no
+/// more. A tick takes its share of this (a millisecond's worth) at once, and
+/// a lane delivers every reading it took before it stops: a rate far above
+/// the wire would leave the last ticks too much to deliver in time.
+const SENSORS_TOTAL_RATE: f64 = 16_000_000.0;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -152,12 +159,14 @@ async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
 }
 
 /// The node's default settings, sending to `address`, with the rate limit
-/// off and sensors faster than the wire.
+/// off and sensors faster than the wire: [`SENSORS_TOTAL_RATE`] readings
+/// per second between them.
 fn node_config(address: &str, options: &BenchOptions) -> NodeConfig {
+    let sensor_rate = SENSORS_TOTAL_RATE / options.sensors.max(1) as f64;
     let vars = HashMap::from([
         ("GRPC_SERVER_SOCKET".to_owned(), address.to_owned()),
         ("SENSOR_COUNT".to_owned(), options.sensors.to_string()),
-        ("SENSOR_VALUE_RATE_PER_SECOND".to_owned(), "1000000".to_owned()),
+        ("SENSOR_VALUE_RATE_PER_SECOND".to_owned(), sensor_rate.to_string()),
         ("REQUEST_RATE_PER_SECOND".to_owned(), "inf".to_owned()),
         ("BATCH_SIZE".to_owned(), options.batch_size.to_string()),
         ("BATCH_TIMEOUT".to_owned(), "100ms".to_owned()),
