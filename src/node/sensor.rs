@@ -28,6 +28,14 @@ use crate::{reading::Reading, stats::NodeStats};
 /// several readings per step instead of asking for a finer timer.
 const FINEST_TICK: Duration = Duration::from_millis(1);
 
+/// The most readings a lane's sensors take at one tick: 65 million a
+/// second, far more than any wire takes. A tick's readings are all taken at
+/// once (produced, to be delivered before the node stops), so without a
+/// bound, an absurd rate (10^6 sensors at 10^9 readings/s each is a valid
+/// configuration) would take more per millisecond than the node could ever
+/// send. Above it, readings are counted as missed.
+const MOST_PER_TICK: u64 = 65_536;
+
 /// One sensor.
 #[derive(Debug)]
 struct Sensor {
@@ -83,17 +91,20 @@ impl Sensors {
         (k as f64 * self.total_rate * period.as_secs_f64()).floor() as u64
     }
 
-    /// Readings due at the tick that fired at `at`, counting as missed the
-    /// readings of earlier ticks that were skipped.
+    /// Readings to take at the tick that fired at `at`, counting as missed
+    /// the readings of earlier ticks that were skipped, and those above
+    /// [`MOST_PER_TICK`].
     fn due_at(&mut self, at: Instant) -> u64 {
         let k = (at.saturating_duration_since(self.start).as_nanos() / self.interval.period().as_nanos()) as u64;
         let (before, through) = (self.due_before(k), self.due_before(k + 1));
-        let missed = before.saturating_sub(self.due_taken);
+        let due = through - before;
+        let taken = due.min(MOST_PER_TICK);
+        let missed = before.saturating_sub(self.due_taken) + (due - taken);
         if missed > 0 {
             self.stats.missed.inc_by(missed);
         }
         self.due_taken = through;
-        through - before
+        taken
     }
 
     /// The next `count` readings, each from the next sensor in turn.
@@ -265,6 +276,18 @@ mod tests {
         }
         assert_eq!(counts, vec![2, 3, 2, 3, 2, 3, 2, 3, 2, 3]);
         assert_eq!(start.elapsed(), Duration::from_millis(9));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tick_takes_at_most_its_bound_and_counts_the_rest_as_missed() {
+        let stats = Arc::new(NodeStats::default());
+        // 100 sensors at 10^9/s: 10^8 readings due every millisecond.
+        let names: Vec<&'static str> = (0..100).map(|i| crate::reading::sensor_name(&format!("fast-{i}"))).collect();
+        let mut sensors = Sensors::new(names, 1e9, Arc::clone(&stats));
+        assert_eq!(sensors.next().await.unwrap().len() as u64, MOST_PER_TICK);
+        assert_eq!(sensors.next().await.unwrap().len() as u64, MOST_PER_TICK);
+        assert_eq!(stats.snapshot().produced, 2 * MOST_PER_TICK);
+        assert_eq!(stats.missed.get(), 2 * (100_000_000 - MOST_PER_TICK));
     }
 
     #[tokio::test(start_paused = true)]
