@@ -107,7 +107,10 @@ async fn ceiling(address: &str, options: &BenchOptions, sequence: u64) -> f64 {
     let config = node_config(address, options);
     let client = GrpcTransport::from_config(&config).expect("the bench's own settings are valid");
     let node_id = config.node_identity();
-    let batches: Vec<Outgoing> = (config.lanes().into_iter().enumerate())
+    let batches: Vec<Outgoing> = config
+        .lanes()
+        .into_iter()
+        .enumerate()
         .map(|(lane, names)| {
             let batch: Vec<Reading> = sensor::readings_from(names, sequence, options.batch_size as u64).collect();
             Outgoing::new(&batch, Arc::clone(&node_id), lane as u32, 1)

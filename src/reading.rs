@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashSet,
-    sync::{Mutex, PoisonError},
+    sync::{LazyLock, Mutex, PoisonError},
     time::SystemTime,
 };
 
@@ -35,9 +35,8 @@ pub struct Reading {
 /// data: taking, batching and dropping one costs no atomic reference count
 /// (one up and one down per reading, as with an `Arc<str>`).
 pub fn sensor_name(name: &str) -> &'static str {
-    static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    static NAMES: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
     let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-    let names = names.get_or_insert_with(HashSet::new);
     if let Some(&kept) = names.get(name) {
         return kept;
     }
@@ -85,7 +84,7 @@ pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
         let name = reading.sensor.as_bytes();
         let (value, value_len) = (reading.value as u64, varint_field_len(reading.value as u64));
         // A value and a time: under 128 bytes, so its length is one byte.
-        let measurement_len = 2 + value_len + time.len;
+        let measurement_len = 2 + value_len + time.field.len();
         let name_len = if name.is_empty() { 0 } else { 1 + encoded_len_varint(name.len() as u64) + name.len() };
         let len = name_len + 2 + measurement_len + varint_field_len(reading.sequence);
 
@@ -103,7 +102,7 @@ pub fn encode_batch(batch: &[Reading], out: &mut Vec<u8>) {
         out.push(key(2, WireType::LengthDelimited));
         out.push(value_len as u8);
         push_varint_field(out, 1, value);
-        out.extend_from_slice(time.field());
+        out.extend_from_slice(&time.field);
         push_varint_field(out, 3, reading.sequence);
     }
 }
@@ -114,9 +113,7 @@ struct Time {
     at: SystemTime,
     /// The field: key, length, `Timestamp { seconds = 1, nanos = 2 }`, at
     /// most 2 + 11 + 11 bytes.
-    bytes: [u8; 24],
-    /// How many of `bytes` it takes.
-    len: usize,
+    field: Vec<u8>,
 }
 
 impl Time {
@@ -128,13 +125,7 @@ impl Time {
         field.push((varint_field_len(seconds) + varint_field_len(nanos)) as u8);
         push_varint_field(&mut field, 1, seconds);
         push_varint_field(&mut field, 2, nanos);
-        let mut bytes = [0; 24];
-        bytes[..field.len()].copy_from_slice(&field);
-        Self { at, bytes, len: field.len() }
-    }
-
-    fn field(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        Self { at, field }
     }
 }
 

@@ -77,7 +77,7 @@ impl Sensors {
         let period = Duration::from_secs_f64(1.0 / total_rate).max(FINEST_TICK);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(name), name }).collect();
+        let sensors = sensor_set(names);
         Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
     }
 
@@ -200,8 +200,12 @@ pub fn ticks<F: Future<Output = ()>>(
 /// of each on, taking turns as a lane's sensors do: what a lane sends once
 /// it has run for a while, made without the wait.
 pub fn readings_from(names: Vec<&'static str>, sequence: u64, count: u64) -> impl Iterator<Item = Reading> {
-    let sensors = names.into_iter().map(|name| Sensor { seed: seed_of(name), name }).collect();
-    Tick { sensors, created_at: SystemTime::now(), turn: 0, sequence, left: count }
+    Tick { sensors: sensor_set(names), created_at: SystemTime::now(), turn: 0, sequence, left: count }
+}
+
+/// Sensors named `names`, in turn order.
+fn sensor_set(names: Vec<&'static str>) -> Arc<[Sensor]> {
+    names.into_iter().map(|name| Sensor { seed: seed_of(name), name }).collect()
 }
 
 /// A stable per-sensor seed, so that two sensors do not report the same series.
@@ -221,10 +225,6 @@ fn value_at(seed: u64, sequence: u64) -> i64 {
 mod tests {
     use super::*;
 
-    fn names(names: &[&'static str]) -> Vec<&'static str> {
-        names.to_vec()
-    }
-
     /// [`ticks`], one reading at a time.
     fn readings(
         names: Vec<&'static str>,
@@ -239,8 +239,7 @@ mod tests {
     async fn one_sensor_emits_at_its_rate_with_increasing_sequence() {
         let stats = Arc::new(NodeStats::default());
         let start = Instant::now();
-        let readings: Vec<_> =
-            readings(names(&["t"]), 5.0, stats.clone(), std::future::pending()).take(6).collect().await;
+        let readings: Vec<_> = readings(vec!["t"], 5.0, stats.clone(), std::future::pending()).take(6).collect().await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
         let sequences: Vec<u64> = readings.iter().map(|r| r.sequence).collect();
         assert_eq!(sequences, vec![0, 1, 2, 3, 4, 5]);
@@ -251,7 +250,7 @@ mod tests {
     async fn sensors_take_turns_spread_over_their_period() {
         let stats = Arc::new(NodeStats::default());
         let start = Instant::now();
-        let mut sensors = Sensors::new(names(&["a", "b", "c"]), 5.0, stats);
+        let mut sensors = Sensors::new(vec!["a", "b", "c"], 5.0, stats);
         let mut seen = Vec::new();
         for _ in 0..6 {
             let tick: Vec<Reading> = sensors.next().await.unwrap().collect();
@@ -269,7 +268,7 @@ mod tests {
         let stats = Arc::new(NodeStats::default());
         let start = Instant::now();
         // Two sensors at 1250/s: 2.5 readings per millisecond together.
-        let mut sensors = Sensors::new(names(&["x", "y"]), 1250.0, stats);
+        let mut sensors = Sensors::new(vec!["x", "y"], 1250.0, stats);
         let mut counts = Vec::new();
         for _ in 0..10 {
             counts.push(sensors.next().await.unwrap().len());
@@ -293,7 +292,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn ticks_missed_under_backpressure_are_skipped_not_bunched() {
         let stats = Arc::new(NodeStats::default());
-        let mut sensors = Sensors::new(names(&["slow"]), 10.0, stats);
+        let mut sensors = Sensors::new(vec!["slow"], 10.0, stats);
         assert_eq!(sensors.next().await.unwrap().next().unwrap().sequence, 0);
         tokio::time::sleep(Duration::from_millis(1050)).await;
         let start = Instant::now();
@@ -310,8 +309,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn every_sensor_gets_its_readings_in_order() {
         let stats = Arc::new(NodeStats::default());
-        let all: Vec<_> =
-            readings(names(&["a", "b", "c"]), 10.0, stats, std::future::pending()).take(30).collect().await;
+        let all: Vec<_> = readings(vec!["a", "b", "c"], 10.0, stats, std::future::pending()).take(30).collect().await;
         for name in ["a", "b", "c"] {
             let sequences: Vec<u64> = all.iter().filter(|r| r.sensor == name).map(|r| r.sequence).collect();
             assert_eq!(sequences, (0..10).collect::<Vec<_>>(), "sensor {name}");
@@ -321,9 +319,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn readings_from_a_sequence_are_those_the_sensors_take_then() {
         let stats = Arc::new(NodeStats::default());
-        let taken: Vec<_> =
-            readings(names(&["a", "b", "c"]), 10.0, stats, std::future::pending()).take(15).collect().await;
-        let made: Vec<_> = readings_from(names(&["a", "b", "c"]), 2, 9).collect();
+        let taken: Vec<_> = readings(vec!["a", "b", "c"], 10.0, stats, std::future::pending()).take(15).collect().await;
+        let made: Vec<_> = readings_from(vec!["a", "b", "c"], 2, 9).collect();
         let fields = |r: &Reading| (r.sensor.to_string(), r.sequence, r.value);
         assert_eq!(made.iter().map(fields).collect::<Vec<_>>(), taken[6..].iter().map(fields).collect::<Vec<_>>());
     }

@@ -2,9 +2,13 @@
 //! chunk once it is written, gathering chunks that queue up meanwhile into
 //! one write.
 
-use std::{io, path::Path, sync::Arc, time::Duration};
-
-use std::{fs::File, io::Write};
+use std::{
+    fs::File,
+    io::{self, Write},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
