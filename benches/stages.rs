@@ -118,7 +118,7 @@ fn sink_writing(c: &mut Criterion) {
     let writer = runtime
         .block_on(JsonLinesWriter::open(&dir.join("readings.jsonl"), 65536, Arc::new(SinkStats::default())))
         .unwrap();
-    let writing = runtime.spawn(writer.run(waiting, Duration::from_secs(1), stop.clone()));
+    let writing = runtime.spawn(writer.run(waiting, Duration::from_secs(1), Arc::default(), stop.clone()));
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(BATCH as u64)).sample_size(10);
     group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
@@ -128,7 +128,7 @@ fn sink_writing(c: &mut Criterion) {
             let lines = to_json_lines(&request).unwrap();
             let (written, confirmed) = tokio::sync::oneshot::channel();
             queue.send(Chunk { lines, readings: BATCH, written }).await.unwrap();
-            confirmed.await.unwrap();
+            confirmed.await.unwrap().unwrap();
         })
     });
     group.finish();

@@ -71,7 +71,9 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
     let sink = tokio::spawn({
         let stop = stop_sink.clone();
         let stats = Arc::new(SinkStats::default());
-        async move { receiver::serve_with(&sink_config, listener, stats, stop.cancelled_owned(), output).await }
+        async move {
+            receiver::serve_with(&sink_config, listener, stats, stop.cancelled_owned(), output, Arc::default()).await
+        }
     });
 
     let address = address.to_string();

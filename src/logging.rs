@@ -12,3 +12,38 @@ pub fn init(level: tracing::Level, format: LogFormat) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
+
+/// A gate that lets a repeated log line through at most once per period,
+/// and says how many were held back since the last one.
+#[derive(Debug)]
+pub struct Every {
+    /// The shortest time between two lines.
+    period: std::time::Duration,
+    /// When the last line went through.
+    last: Option<std::time::Instant>,
+    /// Lines held back since then.
+    suppressed: u64,
+}
+
+impl Every {
+    /// At most one line a second.
+    pub fn second() -> Self {
+        Self::new(std::time::Duration::from_secs(1))
+    }
+
+    /// At most one line per `period`.
+    pub fn new(period: std::time::Duration) -> Self {
+        Self { period, last: None, suppressed: 0 }
+    }
+
+    /// `Some(lines held back since the last one)` if this line may go out.
+    pub fn ready(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|last| now.duration_since(last) < self.period) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}

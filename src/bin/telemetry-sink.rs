@@ -13,7 +13,10 @@ use telemetry_node::{
     logging, observe, receiver,
     stats::SinkStats,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
 use tracing::{error, info};
 
 fn main() -> ExitCode {
@@ -40,9 +43,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: SinkConfig) -> ExitCode {
-    info!(message = "Starting sink.", ?config);
-    let address = config.listen_address().expect("validated with the rest of the configuration");
-    let listener = match TcpListener::bind(&address).await {
+    log_config(&config);
+    let address = config.server_socket.trim();
+    let listener = match telemetry_node::listen::bind(address).await {
         Ok(listener) => listener,
         Err(error) => {
             eprintln!("telemetry-sink: cannot listen on GRPC_SERVER_SOCKET={address:?}: {error}");
@@ -61,7 +64,12 @@ async fn run(config: SinkConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let served = receiver::serve(&config, listener, stats, terminated()).await;
+    let reopen = Arc::new(Notify::new());
+    if let Err(error) = handle_file_signals(Arc::clone(&reopen)) {
+        eprintln!("telemetry-sink: cannot install signal handlers: {error}");
+        return ExitCode::FAILURE;
+    }
+    let served = receiver::serve_with(&config, listener, stats, terminated(), receiver::Output::File, reopen).await;
     stop_metrics.cancel();
     match served {
         Ok(summary) => {
@@ -74,6 +82,50 @@ async fn run(config: SinkConfig) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs the effective configuration as fields (each its own key in JSON
+/// logs), secrets as `[redacted]`.
+fn log_config(c: &SinkConfig) {
+    let path = |value: &Option<std::path::PathBuf>| value.as_ref().map_or("-".into(), |p| p.display().to_string());
+    info!(
+        message = "Starting sink.",
+        grpc_server_socket = %c.server_socket,
+        rate_per_second = c.rate_per_second,
+        file_path = %c.file_path.display(),
+        buffer_size = c.buffer_size,
+        buffer_flush_interval = %c.flush_interval,
+        max_message_bytes = c.max_message_bytes,
+        max_items_per_request = c.max_items,
+        grpc_compression = ?c.compression,
+        sink_auth_token = %c.auth_token.as_ref().map_or("-".into(), ToString::to_string),
+        tls_cert = %path(&c.tls_cert),
+        tls_key = %path(&c.tls_key),
+        tls_client_ca = %path(&c.tls_client_ca),
+        metrics_addr = %c.metrics_addr.clone().unwrap_or_else(|| "-".into()),
+        log_level = %c.log_level,
+        log_format = ?c.log_format,
+    );
+}
+
+/// SIGHUP reopens the output file (after a log rotation renamed it).
+/// SIGXFSZ, which a file-size limit (`ulimit -f`) sends, would kill the
+/// process mid-write; with a handler installed the write fails with EFBIG
+/// instead, and the sink refuses the request and keeps serving, as on a
+/// full disk.
+fn handle_file_signals(reopen: Arc<Notify>) -> std::io::Result<()> {
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut file_size = signal(SignalKind::from_raw(libc::SIGXFSZ))?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hangup.recv() => reopen.notify_one(),
+                Some(()) = file_size.recv() => {}
+                else => break,
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

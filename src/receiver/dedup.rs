@@ -18,8 +18,9 @@ type LaneKey = (String, u32);
 #[derive(Debug)]
 pub struct Deduplicator {
     /// One lock per lane: a retry waits for the attempt before it to finish,
-    /// then sees whether it was written.
-    lanes: Mutex<HashMap<LaneKey, Arc<AsyncMutex<u64>>>>,
+    /// then sees whether it was written. `None`: nothing written yet (a
+    /// client may number its first batch 0).
+    lanes: Mutex<HashMap<LaneKey, Arc<AsyncMutex<Option<u64>>>>>,
     /// Most lanes remembered; beyond it, idle ones are forgotten.
     capacity: usize,
 }
@@ -33,11 +34,12 @@ impl Deduplicator {
     /// Remembers `batch` as the last one written by `lane` of `node`.
     pub fn seed(&self, node: &str, lane: u32, batch: u64) {
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
-        lanes.insert((node.to_owned(), lane), Arc::new(AsyncMutex::new(batch)));
+        lanes.insert((node.to_owned(), lane), Arc::new(AsyncMutex::new(Some(batch))));
     }
 
-    /// Locks `lane` of `node`; the guard holds the last batch it wrote.
-    pub async fn lock(&self, node: &str, lane: u32) -> OwnedMutexGuard<u64> {
+    /// Locks `lane` of `node`; the guard holds the last batch it wrote, if
+    /// any.
+    pub async fn lock(&self, node: &str, lane: u32) -> OwnedMutexGuard<Option<u64>> {
         let entry = {
             let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
             if lanes.len() >= self.capacity && !lanes.contains_key(&(node.to_owned(), lane)) {
@@ -72,9 +74,14 @@ pub struct Recovered {
     pub torn: u64,
 }
 
-/// Prepares the output at `path` for appending after a crash: cuts off a
-/// torn last line, then reads the last `window` bytes for the last batch
-/// each node's lane wrote.
+/// Prepares the output at `path` for appending after a crash: cuts off an
+/// unfinished write (a torn last line, and the lines of a request after the
+/// last one marked whole with `batch_end`), then reads the last `window`
+/// bytes for the last batch each node's lane wrote whole.
+///
+/// A window without any `batch_end` line was written before the marker
+/// existed: only a torn line is cut from it, and no batch is taken from it,
+/// so a retry is written again rather than taken for a duplicate.
 pub fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
@@ -86,15 +93,19 @@ pub fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail)?;
-    let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let lines_end = tail.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let whole = last_batch_end(&tail[..lines_end]);
+    let complete = whole.unwrap_or(lines_end);
     let torn = (tail.len() - complete) as u64;
     if torn > 0 {
         file.set_len(length - torn)?;
+        file.sync_data()?;
     }
     let mut last: HashMap<LaneKey, u64> = HashMap::new();
+    let known_whole = if whole.is_some() { &tail[..complete] } else { &[][..] };
     // The first line of the window may be cut at its start: it fails to
     // parse and is passed over like any other line without an identity.
-    for line in tail[..complete].split(|&b| b == b'\n') {
+    for line in known_whole.split(|&b| b == b'\n') {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
         let (Some(node), Some(lane), Some(batch)) =
             (value["node_id"].as_str(), value["lane"].as_u64(), value["batch"].as_u64())
@@ -108,6 +119,21 @@ pub fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     Ok(Recovered { lanes: last.into_iter().map(|((node, lane), batch)| (node, lane, batch)).collect(), torn })
 }
 
+/// The end (just past its newline) of the last line in `lines` that closes a
+/// request, if any.
+fn last_batch_end(lines: &[u8]) -> Option<usize> {
+    const MARK: &[u8] = b",\"batch_end\":true}";
+    let mut end = lines.len();
+    while end > 0 {
+        let start = lines[..end - 1].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        if lines[start..end - 1].ends_with(MARK) {
+            return Some(end);
+        }
+        end = start;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,17 +141,17 @@ mod tests {
     #[tokio::test]
     async fn remembers_the_last_batch_per_lane() {
         let dedup = Deduplicator::new(10);
-        *dedup.lock("a", 0).await = 5;
-        assert_eq!(*dedup.lock("a", 0).await, 5);
-        assert_eq!(*dedup.lock("a", 1).await, 0);
-        assert_eq!(*dedup.lock("b", 0).await, 0);
+        *dedup.lock("a", 0).await = Some(5);
+        assert_eq!(*dedup.lock("a", 0).await, Some(5));
+        assert_eq!(*dedup.lock("a", 1).await, None);
+        assert_eq!(*dedup.lock("b", 0).await, None);
     }
 
     #[tokio::test]
     async fn forgets_idle_lanes_beyond_its_capacity() {
         let dedup = Deduplicator::new(2);
         for lane in 0..5 {
-            *dedup.lock("a", lane).await = 1;
+            *dedup.lock("a", lane).await = Some(1);
         }
         assert_eq!(dedup.len(), 2);
     }
@@ -136,10 +162,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("readings.jsonl");
         let text = concat!(
-            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0}\n",
-            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"n\",\"lane\":1,\"batch\":7}\n",
-            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":1,\"node_id\":\"n\",\"lane\":1,\"batch\":8}\n",
-            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"m\",\"lane\":0,\"batch\":3}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"batch_end\":true}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"n\",\"lane\":1,\"batch\":7,\"batch_end\":true}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":1,\"node_id\":\"n\",\"lane\":1,\"batch\":8,\"batch_end\":true}\n",
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"m\",\"lane\":0,\"batch\":3,\"batch_end\":true}\n",
             "{\"sensor_name\":\"s\",\"val",
         );
         std::fs::write(&path, text).unwrap();
@@ -147,7 +173,38 @@ mod tests {
         lanes.sort();
         assert_eq!(lanes, vec![("m".to_owned(), 0, 3), ("n".to_owned(), 1, 8)]);
         assert_eq!(torn, "{\"sensor_name\":\"s\",\"val".len() as u64);
-        assert!(std::fs::read_to_string(&path).unwrap().ends_with("\"batch\":3}\n"));
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("\"batch\":3,\"batch_end\":true}\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn recovery_cuts_a_partly_written_batch_and_does_not_take_it_for_written() {
+        let dir = std::env::temp_dir().join(format!("dedup-partial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("readings.jsonl");
+        let whole = "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"n\",\"lane\":0,\"batch\":4,\"batch_end\":true}\n";
+        let partial = concat!(
+            "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":1,\"node_id\":\"n\",\"lane\":0,\"batch\":5}\n",
+            "{\"sensor_name\":\"t\",\"value\":1,\"created_at\":\"x\",\"sequence\":1,\"node_id\":\"n\",\"lane\":0,\"batch\":5}\n",
+            "{\"sensor_name\":\"u\",\"value\":1,\"cre",
+        );
+        std::fs::write(&path, format!("{whole}{partial}")).unwrap();
+        let Recovered { lanes, torn } = recover(&path, 1 << 20).unwrap();
+        assert_eq!(lanes, vec![("n".to_owned(), 0, 4)]);
+        assert_eq!(torn, partial.len() as u64);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_before_the_marker_keeps_its_lines_and_seeds_nothing() {
+        let dir = std::env::temp_dir().join(format!("dedup-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("readings.jsonl");
+        let text = "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"x\",\"sequence\":0,\"node_id\":\"n\",\"lane\":0,\"batch\":4}\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(recover(&path, 1 << 20).unwrap(), Recovered::default());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

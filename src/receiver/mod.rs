@@ -3,7 +3,11 @@
 //! [`service`] answers each request; [`validate`] turns a request into
 //! output lines or refuses it; [`writer`] owns the output file.
 
+mod codec;
 pub mod dedup;
+mod output_file;
+mod refusals;
+mod route;
 pub mod service;
 pub mod validate;
 pub mod writer;
@@ -13,18 +17,17 @@ use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
 };
 
-use tokio::{net::TcpListener, sync::mpsc};
-use tokio_util::sync::CancellationToken;
-use tonic::{
-    codec::CompressionEncoding,
-    transport::{Server, server::TcpIncoming},
+use tokio::{
+    net::TcpListener,
+    sync::{Notify, mpsc},
 };
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, server::TcpIncoming};
 use tracing::{info, warn};
 
 use crate::{
     config::{Compression, SinkConfig},
     error::ServeError,
-    proto::sensor_service_server::SensorServiceServer,
     stats::{SinkStats, SinkSummary},
 };
 pub use service::ReceiverService;
@@ -52,7 +55,7 @@ pub async fn serve(
     stats: Arc<SinkStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<SinkSummary, ServeError> {
-    serve_with(config, listener, stats, shutdown, Output::File).await
+    serve_with(config, listener, stats, shutdown, Output::File, Arc::default()).await
 }
 
 /// What the sink does with accepted readings.
@@ -65,13 +68,16 @@ pub enum Output {
     Discard,
 }
 
-/// [`serve`], with the choice of what happens to accepted readings.
+/// [`serve`], with the choice of what happens to accepted readings, and a
+/// notification on which the output file is reopened at its path (the
+/// binary gives SIGHUP, for log rotation).
 pub async fn serve_with(
     config: &SinkConfig,
     listener: TcpListener,
     stats: Arc<SinkStats>,
     shutdown: impl Future<Output = ()>,
     output: Output,
+    reopen: Arc<Notify>,
 ) -> Result<SinkSummary, ServeError> {
     let path = config.output_file();
     let stop_writer = CancellationToken::new();
@@ -83,25 +89,24 @@ pub async fn serve_with(
         let recovered = dedup::recover(&path, RECOVERY_WINDOW)
             .map_err(|source| ServeError::Output { path: path.clone(), source })?;
         if recovered.torn > 0 {
-            warn!(message = "Cut off a torn last line of the output.", bytes = recovered.torn);
+            warn!(message = "Cut off an unfinished write at the end of the output.", bytes = recovered.torn);
         }
         for (node, lane, batch) in &recovered.lanes {
             dedup.seed(node, *lane, *batch);
         }
         let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
         let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
-        (Some(chunks), Some(tokio::spawn(writer.run(queue, config.flush_interval.into(), stop_writer.clone()))))
+        (Some(chunks), Some(tokio::spawn(writer.run(queue, config.flush_interval.into(), reopen, stop_writer.clone()))))
     } else {
         (None, None)
     };
 
-    let mut service = SensorServiceServer::new(ReceiverService::new(config, chunks, dedup, Arc::clone(&stats)))
-        .max_decoding_message_size(config.max_message_bytes);
-    if config.compression == Compression::Gzip {
-        service = service.accept_compressed(CompressionEncoding::Gzip);
-    }
+    let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&stats)));
+    let receiver = ReceiverService::new(config, chunks, dedup, Arc::clone(&stats), Arc::clone(&refusals));
+    let accept_gzip = config.compression == Compression::Gzip;
+    let service = route::SensorRoute::new(receiver, accept_gzip, config.max_message_bytes, config.max_items, refusals);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<SensorServiceServer<ReceiverService>>().await;
+    health.set_serving::<route::SensorRoute>().await;
     let tls = config.tls().map_err(|error| ServeError::Tls(error.to_string()))?;
     let mut server = Server::builder();
     if let Some(tls) = tls {
@@ -117,7 +122,7 @@ pub async fn serve_with(
     let shutdown = async {
         shutdown.await;
         stats.serving.store(false, Relaxed);
-        health.set_not_serving::<SensorServiceServer<ReceiverService>>().await;
+        health.set_not_serving::<route::SensorRoute>().await;
     };
     let served = server
         .initial_stream_window_size(WINDOW_BYTES)

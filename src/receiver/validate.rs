@@ -31,6 +31,11 @@ struct Line<'a> {
     /// sink reads back to keep recognising retries.
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<u64>,
+    /// On the last line of each request: the request is in the file whole
+    /// up to here. What a crash leaves after the last such line is an
+    /// unfinished write, which a restarted sink cuts off.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    batch_end: bool,
 }
 
 /// Checks every reading of `request` and renders them all as JSON lines, or
@@ -40,6 +45,7 @@ pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveEr
     let identified = !request.node_id.is_empty();
     let node_id = identified.then_some(request.node_id.as_str());
     let (lane, batch) = (identified.then_some(request.lane), identified.then_some(request.batch_sequence));
+    let last = request.items.len().saturating_sub(1);
     for (index, item) in request.items.iter().enumerate() {
         if item.sensor_name.is_empty() {
             return Err(ReceiveError::EmptySensorName { index });
@@ -56,6 +62,7 @@ pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveEr
             node_id,
             lane,
             batch,
+            batch_end: index == last,
         };
         serde_json::to_writer(&mut out, &line).expect("a Vec accepts every write and the line has only string keys");
         out.push(b'\n');
@@ -94,7 +101,7 @@ mod tests {
         assert_eq!(
             text,
             "{\"sensor_name\":\"a\\\"b\",\"value\":-3,\"created_at\":\"1970-01-01T00:00:00.000000005Z\",\"sequence\":7}\n\
-             {\"sensor_name\":\"c\",\"value\":0,\"created_at\":\"1970-01-01T00:00:01.000000005Z\",\"sequence\":7}\n"
+             {\"sensor_name\":\"c\",\"value\":0,\"created_at\":\"1970-01-01T00:00:01.000000005Z\",\"sequence\":7,\"batch_end\":true}\n"
         );
     }
 
@@ -107,7 +114,10 @@ mod tests {
             batch_sequence: 9,
         };
         let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
-        assert!(text.ends_with(",\"sequence\":7,\"node_id\":\"n1\",\"lane\":2,\"batch\":9}\n"), "{text}");
+        assert!(
+            text.ends_with(",\"sequence\":7,\"node_id\":\"n1\",\"lane\":2,\"batch\":9,\"batch_end\":true}\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,23 +1,23 @@
 //! The output writer: appends JSON lines to one file and confirms each
 //! chunk once it is written, gathering chunks that queue up meanwhile into
-//! one write.
+//! one write. A write that fails is refused to its senders and leaves
+//! nothing behind; the writer keeps serving and the next write tries again.
 
-use std::{
-    fs::File,
-    io::{self, Write},
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{fs::File, io, path::Path, sync::Arc, time::Duration};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, error, info};
 
+use super::output_file::OutputFile;
 use crate::{
     error::ServeError,
+    logging::Every,
     stats::{SinkStats, count},
 };
+
+/// What a chunk's sender is told: written, or why not.
+pub type Written = Result<(), Arc<io::Error>>;
 
 /// The lines of one accepted request.
 #[derive(Debug)]
@@ -27,19 +27,20 @@ pub struct Chunk {
     /// How many readings the lines hold.
     pub readings: usize,
     /// Told once the lines are in the file (handed to the operating system,
-    /// so a crash of the sink process cannot lose them).
-    pub written: oneshot::Sender<()>,
+    /// so a crash of the sink process cannot lose them), or that they could
+    /// not be written and nothing of them is in the file.
+    pub written: oneshot::Sender<Written>,
 }
 
 /// Owns the output file.
 #[derive(Debug)]
 pub struct JsonLinesWriter {
     /// The output, opened for appending.
-    file: File,
+    output: OutputFile,
     /// Lines gathered for the next write.
     buffer: Vec<u8>,
     /// Confirmations owed once `buffer` is written.
-    pending: Vec<oneshot::Sender<()>>,
+    pending: Vec<oneshot::Sender<Written>>,
     /// Readings in `buffer`.
     buffered_readings: usize,
     /// BUFFER_SIZE: the most bytes gathered into one write.
@@ -48,27 +49,37 @@ pub struct JsonLinesWriter {
     unsynced: bool,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
+    /// Failed writes are logged at most once a second.
+    failures: Every,
 }
 
 impl JsonLinesWriter {
     /// Opens `path` for appending, creating it if needed.
     pub async fn open(path: &Path, buffer_size: usize, stats: Arc<SinkStats>) -> Result<Self, ServeError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| ServeError::Output { path: path.to_owned(), source })?;
+        let output = OutputFile::open(path).map_err(|source| ServeError::Output { path: path.to_owned(), source })?;
         let buffer = Vec::with_capacity(buffer_size.min(1 << 20));
-        Ok(Self { file, buffer, pending: Vec::new(), buffered_readings: 0, buffer_size, unsynced: false, stats })
+        Ok(Self {
+            output,
+            buffer,
+            pending: Vec::new(),
+            buffered_readings: 0,
+            buffer_size,
+            unsynced: false,
+            stats,
+            failures: Every::second(),
+        })
     }
 
     /// Writes what arrives on `queue` until `stop` is cancelled, then
     /// everything still queued, and syncs the file. Written data is synced
-    /// to disk every `sync_interval`.
+    /// to disk every `sync_interval`; at the same pace, and whenever
+    /// `reopen` is notified (SIGHUP), the file is reopened if its path no
+    /// longer names it (deleted, or rotated away).
     pub async fn run(
         mut self,
         mut queue: mpsc::Receiver<Chunk>,
         sync_interval: Duration,
+        reopen: Arc<Notify>,
         stop: CancellationToken,
     ) -> io::Result<()> {
         let mut sync = tokio::time::interval(sync_interval);
@@ -77,20 +88,35 @@ impl JsonLinesWriter {
                 chunk = queue.recv() => match chunk {
                     Some(chunk) => {
                         self.gather(chunk, &mut queue);
-                        self.write().await?;
+                        self.write();
                     }
                     None => break,
                 },
-                _ = sync.tick() => self.sync().await?,
+                _ = sync.tick() => {
+                    self.sync().await;
+                    if self.output.moved() {
+                        self.reopen("The output file was moved or deleted; reopened it at its path.").await;
+                    }
+                }
+                () = reopen.notified() => self.reopen("Reopened the output file, as asked.").await,
                 () = stop.cancelled() => break,
             }
         }
         queue.close();
         while let Some(chunk) = queue.recv().await {
             self.gather(chunk, &mut queue);
-            self.write().await?;
+            self.write();
         }
-        self.sync().await
+        self.sync_file().await
+    }
+
+    /// Syncs what was written, then opens the file at its path again.
+    async fn reopen(&mut self, message: &'static str) {
+        self.sync().await;
+        match self.output.reopen() {
+            Ok(()) => info!(message = %message, path = %self.output.path().display()),
+            Err(error) => error!(message = "Could not reopen the output file.", %error),
+        }
     }
 
     /// Takes `chunk` and whatever else is already queued, up to BUFFER_SIZE.
@@ -104,40 +130,62 @@ impl JsonLinesWriter {
         }
     }
 
+    /// Adds one chunk's lines to the next write.
     fn push(&mut self, chunk: Chunk) {
         self.buffer.extend_from_slice(&chunk.lines);
         self.buffered_readings += chunk.readings;
         self.pending.push(chunk.written);
     }
 
-    /// Writes the gathered lines, then confirms their chunks. On an error
-    /// nothing is confirmed: the requests fail and their senders retry.
-    async fn write(&mut self) -> io::Result<()> {
-        if !self.buffer.is_empty() {
+    /// Writes the gathered lines, then tells their chunks' senders. A write
+    /// that fails leaves nothing in the file, and every chunk in it is
+    /// refused: the requests fail and their senders retry.
+    fn write(&mut self) {
+        let outcome = if self.buffer.is_empty() {
+            Ok(())
+        } else {
             let started = std::time::Instant::now();
             // A write to the page cache takes microseconds: done in place
             // rather than on the blocking pool, whose hand-over cost more
             // than the write. Syncing to disk, which can take milliseconds,
             // goes to the blocking pool.
-            self.file.write_all(&self.buffer)?;
+            let appended = self.output.append(&self.buffer);
             self.stats.write_latency.observe(started.elapsed().as_secs_f64());
-            debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
-            count(&self.stats.readings_written, self.buffered_readings);
-            self.unsynced = true;
-        }
+            match appended {
+                Ok(()) => {
+                    debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
+                    count(&self.stats.readings_written, self.buffered_readings);
+                    self.unsynced = true;
+                    Ok(())
+                }
+                Err(error) => {
+                    self.stats.write_errors.inc();
+                    if let Some(suppressed) = self.failures.ready() {
+                        error!(message = "Could not write to the output; refusing the requests.", %error, readings = self.buffered_readings, suppressed);
+                    }
+                    Err(Arc::new(error))
+                }
+            }
+        };
         for written in self.pending.drain(..) {
-            let _ = written.send(());
+            let _ = written.send(outcome.clone());
         }
         self.buffer.clear();
         self.buffered_readings = 0;
-        Ok(())
     }
 
     /// Syncs written data to disk, if there is any new, and then lets go of
-    /// its pages in memory.
-    async fn sync(&mut self) -> io::Result<()> {
+    /// its pages in memory. A failure is logged: the data is written (in the
+    /// operating system's hands), only not yet known to be on disk.
+    async fn sync(&mut self) {
+        if let Err(error) = self.sync_file().await {
+            error!(message = "Could not sync the output to disk.", %error);
+        }
+    }
+
+    async fn sync_file(&mut self) -> io::Result<()> {
         if self.unsynced {
-            let file = self.file.try_clone()?;
+            let file = self.output.file().try_clone()?;
             let synced = move || -> io::Result<()> {
                 file.sync_data()?;
                 release_cached(&file);

@@ -1,0 +1,241 @@
+//! The sink's output under the faults of a real disk, with the real
+//! binaries: a full disk, a file-size limit, a crash while the disk is full,
+//! and the file deleted or rotated under a running sink. In each, every
+//! reading the node counts as acknowledged is in the output, once.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::Read,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields, wait_for_port};
+
+const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
+const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
+
+/// A node that keeps retrying quickly until the sink takes its batches.
+fn node_env(socket: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GRPC_SERVER_SOCKET", socket.to_owned()),
+        ("NODE_ID", "node-under-test".into()),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "250".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("BATCH_SIZE", "100".into()),
+        ("BATCH_TIMEOUT", "50ms".into()),
+        ("RPC_TIMEOUT", "2s".into()),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
+        ("SHUTDOWN_TIMEOUT", "30s".into()),
+    ]
+}
+
+fn sink_env(socket: &str, dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("GRPC_SERVER_SOCKET", socket.to_owned()),
+        ("FILE_PATH", dir.display().to_string()),
+        ("BUFFER_FLUSH_INTERVAL", "100ms".into()),
+    ]
+}
+
+/// Waits up to `limit` for `done`, checking every 20 ms.
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stderr_of(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default()
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Stops the node, then the sink, and returns the node's summary.
+fn stop(node: Process, sink: Process) -> BTreeMap<String, u64> {
+    node.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    sink.signal(libc::SIGTERM);
+    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout).into_iter().collect::<BTreeMap<_, _>>();
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    summary
+}
+
+/// Every sensor's readings in `readings` are 0, 1, 2, … once each, and
+/// there are `produced` of them in all.
+fn assert_all_once(readings: &[(String, u64)], produced: u64) {
+    let mut sorted = readings.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let per_sensor = assert_complete_and_ordered(&sorted);
+    assert_eq!(per_sensor.values().sum::<u64>(), produced);
+}
+
+/// A tmpfs of `size` mounted at a fresh folder, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (and a `skipped:` line) where mounting is not allowed; under
+    /// CI it must be.
+    fn mount(name: &str, size: &str) -> Option<Self> {
+        let dir = scratch(name).join("disk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).status();
+        if mounted.is_ok_and(|status| status.success()) {
+            return Some(Self(dir));
+        }
+        assert!(std::env::var_os("CI").is_none(), "CI must be able to mount a tmpfs (run as root)");
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills what is left of the file system at `dir` with a file, and returns it.
+fn fill(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    filler
+}
+
+#[test]
+fn a_full_disk_is_refused_cut_back_and_survived_with_and_without_a_restart() {
+    let Some(disk) = Tmpfs::mount("full-disk", "1m") else { return };
+    let dir = disk.0.parent().unwrap().to_owned();
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let output = disk.0.join("readings.jsonl");
+    let sink = Process::start("sink-1", SINK, &[], &sink_env(&socket, &disk.0), &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
+    wait_until("output written", Duration::from_secs(20), || file_len(&output) > 50_000);
+
+    // The disk fills up while the node keeps sending.
+    let filler = fill(&disk.0);
+    wait_until("a write refused", Duration::from_secs(20), || {
+        stderr_of(&dir, "sink-1").contains("Could not write to the output")
+    });
+    // Space comes back: the same sink process writes again.
+    std::fs::remove_file(&filler).unwrap();
+    let before = file_len(&output);
+    wait_until("writing again", Duration::from_secs(20), || file_len(&output) > before + 20_000);
+
+    // Full again, and this time the sink is killed while refusing, and
+    // started again once there is room.
+    let filler = fill(&disk.0);
+    let refusals = stderr_of(&dir, "sink-1").matches("Could not write").count();
+    wait_until("a second refusal", Duration::from_secs(20), || {
+        stderr_of(&dir, "sink-1").matches("Could not write").count() > refusals
+    });
+    sink.signal(libc::SIGKILL);
+    let _ = sink.wait(Duration::from_secs(10));
+    std::fs::remove_file(&filler).unwrap();
+    let sink = Process::start("sink-2", SINK, &[], &sink_env(&socket, &disk.0), &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let before = file_len(&output);
+    wait_until("the restarted sink writes", Duration::from_secs(20), || file_len(&output) > before + 20_000);
+
+    let summary = stop(node, sink);
+    let written = read_output(&output);
+    assert_complete_and_ordered(&written);
+    assert_eq!(written.len() as u64, summary["produced"]);
+}
+
+#[test]
+fn a_file_size_limit_is_refused_like_a_full_disk_and_rotation_ends_it() {
+    let dir = scratch("file-size-limit");
+    let out = dir.join("out");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let output = out.join("readings.jsonl");
+    // A limit of 512 KiB on every file the sink writes.
+    let sink = Process::start(
+        "sink",
+        "bash",
+        &["-c", &format!("ulimit -f 512 && exec {SINK}")],
+        &sink_env(&socket, &out),
+        &dir,
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
+    wait_until("a write refused", Duration::from_secs(30), || {
+        stderr_of(&dir, "sink").contains("Could not write to the output")
+    });
+    assert!(file_len(&output) <= 512 * 1024);
+    // Rotated away: the sink reopens on SIGHUP and writes to a new file.
+    let rotated = out.join("readings.jsonl.1");
+    std::fs::rename(&output, &rotated).unwrap();
+    sink.signal(libc::SIGHUP);
+    wait_until("writing to the new file", Duration::from_secs(20), || file_len(&output) > 20_000);
+
+    let summary = stop(node, sink);
+    let mut written = read_output(&rotated);
+    written.extend(read_output(&output));
+    assert_all_once(&written, summary["produced"]);
+}
+
+#[test]
+fn the_output_deleted_under_a_running_sink_is_made_again_and_nothing_acked_is_lost() {
+    let dir = scratch("deleted-output");
+    let out = dir.join("out");
+    let port = free_port();
+    let socket = format!("127.0.0.1:{port}");
+    let output = out.join("readings.jsonl");
+    let sink = Process::start("sink", SINK, &[], &sink_env(&socket, &out), &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
+    wait_until("output written", Duration::from_secs(20), || file_len(&output) > 50_000);
+    // Keep the old file readable, as the operator who deleted it cannot.
+    let mut deleted = std::fs::File::open(&output).unwrap();
+    std::fs::remove_file(&output).unwrap();
+    wait_until("a new file at the path", Duration::from_secs(20), || file_len(&output) > 50_000);
+
+    let summary = stop(node, sink);
+    let mut old = String::new();
+    deleted.read_to_string(&mut old).unwrap();
+    let new = read_output(&output);
+    // From some reading on, each sensor's readings are all in the new file.
+    let mut first_new: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut count_new: BTreeMap<&str, u64> = BTreeMap::new();
+    for (sensor, sequence) in &new {
+        first_new.entry(sensor).or_insert(*sequence);
+        *count_new.entry(sensor).or_default() += 1;
+    }
+    let produced: u64 = first_new.iter().map(|(sensor, first)| first + count_new[sensor]).sum();
+    assert_eq!(produced, summary["produced"], "the new file holds every sensor's readings to its last");
+    let mut sorted = new.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), new.len(), "nothing twice in the new file");
+    // And what came before is in the deleted file.
+    let old: Vec<(String, u64)> = old
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|v| (v["sensor_name"].as_str().unwrap().to_owned(), v["sequence"].as_u64().unwrap()))
+        .filter(|(sensor, sequence)| *sequence < first_new[sensor.as_str()])
+        .collect();
+    let mut all = old;
+    all.extend(new);
+    assert_all_once(&all, summary["produced"]);
+}
