@@ -76,6 +76,10 @@ pub enum ReceiveError {
         /// When the request would fit.
         retry_after: std::time::Duration,
     },
+    /// The output could not be written (a full disk, a file-size limit):
+    /// nothing of the request is in it, and a retry may succeed.
+    #[error("the sink could not write its output: {0}")]
+    WriteFailed(String),
     /// The output writer has stopped, so nothing can be accepted.
     #[error("the sink is shutting down or its output failed")]
     WriterStopped,
@@ -90,12 +94,12 @@ impl From<ReceiveError> for Status {
                 // At least 1 ms: 0 would read as "retry at once" and spin.
                 let ms = retry_after.as_millis().max(1).to_string();
                 if let Ok(value) = ms.parse() {
-                    status.metadata_mut().insert(crate::node::retry::PUSHBACK_TRAILER, value);
+                    status.metadata_mut().insert(crate::wire::PUSHBACK_TRAILER, value);
                 }
                 status
             }
             ReceiveError::TooLarge { .. } => Status::failed_precondition(message),
-            ReceiveError::WriterStopped => Status::unavailable(message),
+            ReceiveError::WriterStopped | ReceiveError::WriteFailed(_) => Status::unavailable(message),
             ReceiveError::Unauthenticated => Status::unauthenticated(message),
             _ => Status::invalid_argument(message),
         }

@@ -32,12 +32,14 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod listen;
 pub mod logging;
 pub mod node;
 pub mod observe;
 pub mod reading;
 pub mod receiver;
 pub mod stats;
+pub mod wire;
 
 /// Code generated from `proto/sensor/v1/sensor.proto`.
 #[allow(missing_docs, unreachable_pub)]

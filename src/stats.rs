@@ -3,11 +3,8 @@
 
 use std::{
     fmt,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-    },
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    sync::{Mutex, atomic::AtomicU64},
+    time::Instant,
 };
 
 use prometheus_client::{
@@ -78,8 +75,8 @@ pub struct ReasonLabel {
 /// Label of a metric split by gRPC status code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
-    /// The code's name, e.g. `Unavailable`.
-    pub code: String,
+    /// The code's canonical gRPC name, e.g. `UNAVAILABLE`.
+    pub code: &'static str,
 }
 
 /// Live counters of one node, shared by every stage.
@@ -129,9 +126,6 @@ pub struct NodeStats {
     held: Gauge,
     /// Readings acked per second, between the last two scrapes.
     send_rate: Gauge<f64, AtomicU64>,
-    /// When the sink last acknowledged a batch, in ms since the Unix epoch
-    /// (0: never). Backs readiness.
-    last_ack_ms: AtomicU64,
     /// Acked count and time at the previous scrape, for `send_rate`.
     rate_base: Mutex<(Instant, u64)>,
 }
@@ -159,7 +153,6 @@ impl Default for NodeStats {
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             held: Gauge::default(),
             send_rate: Gauge::default(),
-            last_ack_ms: AtomicU64::new(0),
             rate_base: Mutex::new((Instant::now(), 0)),
         }
     }
@@ -168,11 +161,6 @@ impl Default for NodeStats {
 /// Adds `n` to `counter`.
 pub fn count(counter: &Counter, n: usize) {
     counter.inc_by(n as u64);
-}
-
-/// Milliseconds since the Unix epoch, now.
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl NodeStats {
@@ -185,25 +173,18 @@ impl NodeStats {
     /// Counts one retry caused by a failure with `code`.
     pub fn retry(&self, code: tonic::Code) {
         self.retries.inc();
-        self.retries_by_code.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
+        self.retries_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
     }
 
     /// Counts a batch the sink refused for good with `code`.
     pub fn refuse(&self, code: tonic::Code) {
-        self.refused_by_code.get_or_create(&CodeLabel { code: format!("{code:?}") }).inc();
+        self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
     }
 
     /// Counts an acknowledged batch of `n` readings.
     pub fn ack(&self, n: usize) {
         count(&self.acked, n);
         self.batches_acked.inc();
-        self.last_ack_ms.store(now_ms(), Relaxed);
-    }
-
-    /// Whether the sink acknowledged a batch within the last `window`.
-    pub fn acked_within(&self, window: std::time::Duration) -> bool {
-        let last = self.last_ack_ms.load(Relaxed);
-        last != 0 && now_ms().saturating_sub(last) <= window.as_millis() as u64
     }
 
     /// Counts as dropped every reading that is neither acked nor dropped yet:
@@ -247,6 +228,19 @@ impl NodeStats {
 
     /// Registers every metric under the `telemetry_node` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        // Every label a counter can have is there from the start, at 0, so
+        // that rates and alerts see 0 rather than nothing.
+        for reason in DropReason::ALL {
+            let _ = self.dropped_by_reason.get_or_create(&ReasonLabel { reason });
+        }
+        for code in crate::wire::CODES.into_iter().filter(|code| *code != tonic::Code::Ok) {
+            let label = CodeLabel { code: crate::wire::code_name(code) };
+            if crate::error::is_retryable(code) {
+                let _ = self.retries_by_code.get_or_create(&label);
+            } else {
+                let _ = self.refused_by_code.get_or_create(&label);
+            }
+        }
         let r = registry.sub_registry_with_prefix("telemetry_node");
         r.register("readings_produced", "Readings the sensors emitted", self.produced.clone());
         let missed = self.missed.clone();
@@ -340,18 +334,32 @@ pub enum RejectReason {
     TooLarge,
     /// Missing or wrong token.
     Unauthenticated,
+    /// Compressed with an encoding the sink does not accept.
+    Compression,
+    /// The output could not be written (full disk, file-size limit).
+    WriteFailed,
+}
+
+impl RejectReason {
+    /// Every reason, so that each is exported from the start.
+    pub const ALL: [RejectReason; 5] =
+        [Self::Invalid, Self::TooLarge, Self::Unauthenticated, Self::Compression, Self::WriteFailed];
+
+    /// The reason's name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::TooLarge => "too_large",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Compression => "compression",
+            Self::WriteFailed => "write_failed",
+        }
+    }
 }
 
 impl EncodeLabelValue for RejectReason {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
-        fmt::Write::write_str(
-            encoder,
-            match self {
-                Self::Invalid => "invalid",
-                Self::TooLarge => "too_large",
-                Self::Unauthenticated => "unauthenticated",
-            },
-        )
+        fmt::Write::write_str(encoder, self.name())
     }
 }
 
@@ -381,6 +389,8 @@ pub struct SinkStats {
     pub bytes_received: Counter,
     /// Readings written to the output file.
     pub readings_written: Counter,
+    /// Writes to the output that failed (and were cut off again).
+    pub write_errors: Counter,
     /// Seconds one write of the buffer to the file took.
     pub write_latency: Histogram,
     /// Whether the server is accepting requests; backs readiness.
@@ -398,6 +408,7 @@ impl Default for SinkStats {
             duplicates: Counter::default(),
             bytes_received: Counter::default(),
             readings_written: Counter::default(),
+            write_errors: Counter::default(),
             write_latency: Histogram::new(exponential_buckets(0.00005, 4.0, 10)),
             serving: std::sync::atomic::AtomicBool::new(false),
         }
@@ -426,6 +437,9 @@ impl SinkStats {
 
     /// Registers every metric under the `telemetry_sink` prefix.
     pub fn register(&self, registry: &mut Registry) {
+        for reason in RejectReason::ALL {
+            let _ = self.rejected_by_reason.get_or_create(&RejectLabel { reason });
+        }
         let r = registry.sub_registry_with_prefix("telemetry_sink");
         r.register("requests_accepted", "Requests answered OK", self.requests_accepted.clone());
         r.register("readings_accepted", "Readings in the requests answered OK", self.readings_accepted.clone());
@@ -434,6 +448,7 @@ impl SinkStats {
         r.register("duplicates", "Retried batches answered OK without writing them again", self.duplicates.clone());
         r.register_with_unit("received", "Encoded request bytes received", Unit::Bytes, self.bytes_received.clone());
         r.register("readings_written", "Readings written to the output file", self.readings_written.clone());
+        r.register("write_errors", "Writes to the output that failed and were undone", self.write_errors.clone());
         let latency = self.write_latency.clone();
         r.register_with_unit("write_latency", "Time one buffer write to the output took", Unit::Seconds, latency);
     }

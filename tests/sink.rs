@@ -5,6 +5,8 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
+use prost::Message;
+
 use common::{read_output, scratch, sink_config};
 use telemetry_node::{
     config::SinkConfig,
@@ -22,30 +24,49 @@ struct Running {
     stop: CancellationToken,
     serving: JoinHandle<Result<SinkSummary, telemetry_node::error::ServeError>>,
     config: SinkConfig,
+    address: std::net::SocketAddr,
+    stats: Arc<SinkStats>,
 }
 
 impl Running {
     async fn start(name: &str, pairs: &[(&str, String)]) -> Self {
+        Self::start_in(&scratch(name), pairs).await
+    }
+
+    async fn start_in(dir: &std::path::Path, pairs: &[(&str, String)]) -> Self {
         let mut pairs = pairs.to_vec();
-        pairs.push(("FILE_PATH", scratch(name).display().to_string()));
+        pairs.push(("FILE_PATH", dir.display().to_string()));
         let config = sink_config(&pairs);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
+        let stats = Arc::new(SinkStats::default());
         let serving = tokio::spawn({
-            let (config, stop) = (config.clone(), stop.clone());
-            async move { receiver::serve(&config, listener, Arc::new(SinkStats::default()), stop.cancelled_owned()).await }
+            let (config, stop, stats) = (config.clone(), stop.clone(), Arc::clone(&stats));
+            async move { receiver::serve(&config, listener, stats, stop.cancelled_owned()).await }
         });
-        let client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
-        Self { client, stop, serving, config }
+        let client = SensorServiceClient::connect(format!("http://{address}"))
+            .await
+            .unwrap()
+            .max_encoding_message_size(usize::MAX);
+        Self { client, stop, serving, config, address, stats }
     }
 
     async fn send(&mut self, items: Vec<SensorValue>) -> Result<(), Code> {
-        self.client
-            .send_sensor_values(SensorValuesRequest { items, ..Default::default() })
-            .await
-            .map(drop)
-            .map_err(|s| s.code())
+        self.send_request(SensorValuesRequest { items, ..Default::default() }).await
+    }
+
+    async fn send_request(&mut self, request: SensorValuesRequest) -> Result<(), Code> {
+        self.client.send_sensor_values(request).await.map(drop).map_err(|s| s.code())
+    }
+
+    /// The sink's metrics, as a scrape would show them.
+    fn metrics(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.stats.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
     }
 
     async fn stop(self) -> (SinkSummary, Vec<(String, u64)>) {
@@ -122,4 +143,105 @@ async fn everything_acknowledged_is_written_when_the_sink_stops() {
     let sequences: Vec<u64> = written.iter().map(|(_, s)| *s).collect();
     assert_eq!(sequences, (0..1000).collect::<Vec<_>>());
     assert_eq!(summary.readings_written, 1000);
+}
+
+/// A request of `items` from lane 0 of node `n`, batch number `batch`.
+fn batch(batch: u64, items: Vec<SensorValue>) -> SensorValuesRequest {
+    SensorValuesRequest { items, node_id: "n".into(), lane: 0, batch_sequence: batch }
+}
+
+#[tokio::test]
+async fn a_first_batch_numbered_zero_is_written() {
+    let mut sink = Running::start("batch-zero", &[]).await;
+    assert_eq!(sink.send_request(batch(0, vec![item("a", 0)])).await, Ok(()));
+    // Its retry is recognised.
+    assert_eq!(sink.send_request(batch(0, vec![item("a", 0)])).await, Ok(()));
+    assert_eq!(sink.send_request(batch(1, vec![item("a", 1)])).await, Ok(()));
+    let (summary, written) = sink.stop().await;
+    assert_eq!(written, vec![("a".to_owned(), 0), ("a".to_owned(), 1)]);
+    assert_eq!(summary.duplicates, 1);
+}
+
+#[tokio::test]
+async fn a_batch_cut_short_by_a_crash_is_written_whole_when_it_is_retried() {
+    let dir = scratch("partial-batch");
+    // What a sink killed mid-write leaves: batch 4 whole, two of batch 5's
+    // three lines, and a torn fourth.
+    let line = |sequence: u64, batch: u64, end: bool| {
+        let end = if end { ",\"batch_end\":true" } else { "" };
+        format!(
+            "{{\"sensor_name\":\"a\",\"value\":42,\"created_at\":\"2023-11-14T22:13:20Z\",\"sequence\":{sequence},\"node_id\":\"n\",\"lane\":0,\"batch\":{batch}{end}}}\n"
+        )
+    };
+    let left = format!("{}{}{}{{\"sensor_na", line(0, 4, true), line(1, 5, false), line(2, 5, false));
+    std::fs::write(dir.join("readings.jsonl"), left).unwrap();
+    let mut sink = Running::start_in(&dir, &[]).await;
+    // Batch 4 is known as written: a retry of it is recognised.
+    assert_eq!(sink.send_request(batch(4, vec![item("a", 0)])).await, Ok(()));
+    // The node retries batch 5, whose answer it never got: written whole.
+    assert_eq!(sink.send_request(batch(5, vec![item("a", 1), item("a", 2), item("a", 3)])).await, Ok(()));
+    let (summary, written) = sink.stop().await;
+    let sequences: Vec<u64> = written.iter().map(|(_, s)| *s).collect();
+    assert_eq!(sequences, vec![0, 1, 2, 3]);
+    assert_eq!(summary.duplicates, 1);
+}
+
+#[tokio::test]
+async fn a_string_that_is_not_utf8_is_the_clients_fault() {
+    let mut sink = Running::start("utf8", &[]).await;
+    let mut bytes = SensorValuesRequest { items: vec![item("ab", 0)], ..Default::default() }.encode_to_vec();
+    let at = bytes.windows(2).position(|w| w == b"ab").unwrap();
+    bytes[at] = 0xff;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", sink.address)).unwrap();
+    let transport = telemetry_node::node::GrpcTransport::new(endpoint, Duration::from_secs(20));
+    let answer = transport.send_payload(prost::bytes::Bytes::from(bytes)).await;
+    assert_eq!(answer.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(sink.send(vec![item("ok", 0)]).await, Ok(()));
+    let (summary, written) = sink.stop().await;
+    assert_eq!(written, vec![("ok".to_owned(), 0)]);
+    assert_eq!(summary.rejected, 1);
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_out_of_range_compressed_or_not_and_counted() {
+    let mut sink = Running::start("oversized-gzip", &[("MAX_MESSAGE_BYTES", "65536".into())]).await;
+    let big: Vec<SensorValue> = (0..2000).map(|i| item("a-rather-long-sensor-name", i)).collect();
+    assert_eq!(sink.send(big.clone()).await, Err(Code::OutOfRange));
+    sink.client = sink.client.clone().send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    assert_eq!(sink.send(big).await, Err(Code::OutOfRange));
+    assert_eq!(sink.send(vec![item("ok", 0)]).await, Ok(()));
+    let metrics = sink.metrics();
+    let (summary, written) = sink.stop().await;
+    assert_eq!(written, vec![("ok".to_owned(), 0)]);
+    assert_eq!(summary.rejected, 2);
+    assert!(metrics.contains("telemetry_sink_requests_rejected_total{reason=\"too_large\"} 2"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_compressed_request_to_a_sink_that_refuses_compression_is_counted() {
+    let mut sink = Running::start("no-gzip", &[("GRPC_COMPRESSION", "none".into())]).await;
+    sink.client = sink.client.clone().send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    assert_eq!(sink.send(vec![item("a", 0)]).await, Err(Code::Unimplemented));
+    let metrics = sink.metrics();
+    let (summary, written) = sink.stop().await;
+    assert!(written.is_empty());
+    assert_eq!(summary.rejected, 1);
+    assert!(metrics.contains("telemetry_sink_requests_rejected_total{reason=\"compression\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_request_of_empty_items_is_refused_before_it_is_decoded() {
+    let mut sink = Running::start("empty-items", &[]).await;
+    // 4 MiB of two-byte items: 2 million of them, each costing some 80
+    // bytes once decoded. Refused at the first one, from the bytes.
+    let empty = SensorValuesRequest { items: vec![SensorValue::default(); 2 << 20], ..Default::default() };
+    assert!(empty.encoded_len() <= 4 << 20);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", sink.address)).unwrap();
+    let transport = telemetry_node::node::GrpcTransport::new(endpoint, Duration::from_secs(20));
+    let answer = transport.send_payload(prost::bytes::Bytes::from(empty.encode_to_vec())).await.unwrap_err();
+    assert_eq!(answer.code(), Code::InvalidArgument);
+    assert!(answer.message().contains("cannot hold a valid reading"), "{}", answer.message());
+    assert_eq!(sink.send(vec![item("ok", 0)]).await, Ok(()));
+    let (summary, _) = sink.stop().await;
+    assert_eq!(summary.rejected, 1);
 }

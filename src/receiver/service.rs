@@ -10,9 +10,9 @@ use prost::Message;
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
-use tracing::{debug, warn};
+use tracing::debug;
 
-use super::{dedup::Deduplicator, validate, writer::Chunk};
+use super::{dedup::Deduplicator, refusals::Refusals, validate, writer::Chunk};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
@@ -41,22 +41,25 @@ pub struct ReceiverService {
     dedup: Arc<Deduplicator>,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
+    /// Where refused requests are counted and logged.
+    refusals: Arc<Refusals>,
 }
 
 impl ReceiverService {
     /// A service that accepts what `config` allows and queues it on `output`.
-    pub fn new(
+    pub(crate) fn new(
         config: &SinkConfig,
         output: Option<mpsc::Sender<Chunk>>,
         dedup: Arc<Deduplicator>,
         stats: Arc<SinkStats>,
+        refusals: Arc<Refusals>,
     ) -> Self {
         let rate = config.rate_per_second;
         let burst = NonZeroU32::new(rate).unwrap_or(NonZeroU32::MIN);
         let clock = TokioClock::new();
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), clock);
-        let authorization = config.auth_token.as_ref().map(|token| format!("Bearer {token}").into_bytes());
-        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, stats }
+        let authorization = config.auth_token.as_ref().map(|token| format!("Bearer {}", token.expose()).into_bytes());
+        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, stats, refusals }
     }
 
     /// Whether `request` carries the token, compared in constant time.
@@ -84,7 +87,7 @@ impl ReceiverService {
         // A lane sends one batch at a time and retries only that one, so a
         // duplicate is exactly the last batch written. A lower number (a
         // node restarted with its clock set back) is new data, not a retry.
-        if last_written.as_ref().is_some_and(|last| request.batch_sequence == **last) {
+        if last_written.as_ref().is_some_and(|last| **last == Some(request.batch_sequence)) {
             self.stats.duplicates.inc();
             debug!(message = "Batch already written.", node_id = %request.node_id, lane = request.lane, batch = request.batch_sequence);
             return Ok(());
@@ -103,10 +106,11 @@ impl ReceiverService {
                     .send(Chunk { lines, readings: items, written })
                     .await
                     .map_err(|_| ReceiveError::WriterStopped)?;
-                confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
+                let written = confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
+                written.map_err(|error| ReceiveError::WriteFailed(error.to_string()))?;
             }
             if let Some(last) = last_written.as_mut() {
-                **last = batch;
+                **last = Some(batch);
             }
             Ok::<(), ReceiveError>(())
         });
@@ -143,26 +147,26 @@ impl SensorService for ReceiverService {
         match answer {
             Ok(()) => Ok(Response::new(SensorValuesResponse {})),
             Err(error) => {
-                match error {
+                let reason = match &error {
                     ReceiveError::Throttled { .. } => {
                         self.stats.throttled.inc();
                         debug!(message = "Throttled request.", %error);
+                        None
                     }
-                    ReceiveError::WriterStopped => warn!(message = "Refused request.", %error),
-                    ReceiveError::Unauthenticated => {
-                        self.stats.reject(RejectReason::Unauthenticated);
-                        warn!(message = "Refused request.", %error);
+                    ReceiveError::WriterStopped => {
+                        debug!(message = "Refused request while stopping.", %error);
+                        None
                     }
-                    ReceiveError::TooLarge { .. } | ReceiveError::TooManyItems { .. } => {
-                        self.stats.reject(RejectReason::TooLarge);
-                        warn!(message = "Rejected oversized request.", %error);
-                    }
-                    _ => {
-                        self.stats.reject(RejectReason::Invalid);
-                        warn!(message = "Rejected invalid request.", %error, items = request.get_ref().items.len());
-                    }
+                    ReceiveError::WriteFailed(_) => Some(RejectReason::WriteFailed),
+                    ReceiveError::Unauthenticated => Some(RejectReason::Unauthenticated),
+                    ReceiveError::TooLarge { .. } | ReceiveError::TooManyItems { .. } => Some(RejectReason::TooLarge),
+                    _ => Some(RejectReason::Invalid),
+                };
+                let status = Status::from(error);
+                if let Some(reason) = reason {
+                    self.refusals.refuse(reason, &status);
                 }
-                Err(error.into())
+                Err(status)
             }
         }
     }
