@@ -27,7 +27,7 @@ pub struct ObserveServer {
 impl ObserveServer {
     /// Binds `address` (METRICS_ADDR).
     pub async fn bind(address: &str) -> std::io::Result<Self> {
-        Ok(Self { listener: TcpListener::bind(address).await? })
+        Ok(Self { listener: crate::listen::bind(address).await? })
     }
 
     /// The address it listens on.

@@ -96,7 +96,45 @@ fn fractional_rates_and_go_style_addresses_are_accepted() {
         NodeConfig::from_vars(&vars(&[("REQUEST_RATE_PER_SECOND", "inf".into())])).unwrap().request_rate().is_none()
     );
     let sink = SinkConfig::from_vars(&vars(&[("GRPC_SERVER_SOCKET", ":50051".into())])).unwrap();
-    assert_eq!(sink.listen_address().unwrap(), "0.0.0.0:50051");
+    assert_eq!(sink.listen_address().unwrap(), ":50051");
+}
+
+#[test]
+fn retries_can_be_unlimited() {
+    let node = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into())])).unwrap();
+    assert_eq!(node.retry_policy().max_retries, None);
+    let node = NodeConfig::from_vars(&vars(&[])).unwrap();
+    assert_eq!(node.retry_policy().max_retries, Some(10));
+    let error = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "-1".into())])).unwrap_err();
+    assert!(error.to_string().contains("or inf for no limit"), "{error}");
+}
+
+#[test]
+fn tls_files_must_hold_what_they_name() {
+    let dir = scratch("tls-files");
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "not a certificate\n").unwrap();
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let pem = |label: &str| format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+    let key_only = dir.join("key.pem");
+    std::fs::write(&key_only, pem("PRIVATE KEY")).unwrap();
+    let cert_only = dir.join("cert.pem");
+    std::fs::write(&cert_only, pem("CERTIFICATE")).unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    for bad in [&text, &empty, &key_only] {
+        let error = NodeConfig::from_vars(&vars(&[("TLS_CA_CERT", path(bad))])).unwrap_err();
+        assert!(error.to_string().contains("TLS_CA_CERT"), "{error}");
+        let error = SinkConfig::from_vars(&vars(&[("TLS_CERT", path(bad)), ("TLS_KEY", path(&key_only))])).unwrap_err();
+        assert!(error.to_string().contains("TLS_CERT="), "{error}");
+    }
+    let error = SinkConfig::from_vars(&vars(&[("TLS_CERT", path(&cert_only)), ("TLS_KEY", path(&text))])).unwrap_err();
+    assert!(error.to_string().contains("TLS_KEY"), "{error}");
+    // Neither the file's contents nor anything else but its name is echoed.
+    assert!(!error.to_string().contains("not a certificate"), "{error}");
+    let bad_name = [("TLS_CA_CERT", path(&cert_only)), ("TLS_SERVER_NAME", "not a name!".into())];
+    let error = NodeConfig::from_vars(&vars(&bad_name)).unwrap_err();
+    assert!(error.to_string().contains("TLS_SERVER_NAME"), "{error}");
 }
 
 /// Runs `binary` with `env` in `dir` and returns its exit code and stderr.
@@ -116,6 +154,9 @@ fn binaries_exit_2_with_one_line_naming_the_variable() {
         (node, "BATCH_SIZE", "-5"),
         (node, "BATCH_TIMEOUT", "soon"),
         (node, "GRPC_SERVER_SOCKET", "nowhere"),
+        (node, "SENSOR_VALUE_RATE_PER_SECOND", "1e-20"),
+        (node, "REQUEST_RATE_PER_SECOND", "1e-300"),
+        (node, "SENSOR_VALUE_RATE_PER_SECOND", "NaN"),
         (sink, "RATE_PER_SECOND", "0"),
         (sink, "BUFFER_FLUSH_INTERVAL", "x"),
     ];
@@ -139,4 +180,18 @@ fn a_dot_env_file_is_read_and_the_environment_wins_over_it() {
     let (code, stderr) = run_binary(node, &[("BATCH_SIZE", "10".into())], &dir);
     assert_eq!(code, 2);
     assert!(stderr.contains("REQUEST_BURST=\"0\""), "{stderr}");
+}
+
+#[test]
+fn a_dot_env_file_in_a_parent_folder_is_not_read() {
+    let parent = scratch("dot-env-parent");
+    std::fs::write(parent.join(".env"), "BATCH_SIZE=zero\n").unwrap();
+    let dir = parent.join("a").join("b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = env!("CARGO_BIN_EXE_telemetry-node");
+    // Would exit 2 for BATCH_SIZE if the parent's file were read; it exits 2
+    // for the variable set here instead.
+    let (code, stderr) = run_binary(node, &[("REQUEST_BURST", "0".into())], &dir);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("REQUEST_BURST") && !stderr.contains("BATCH_SIZE"), "{stderr}");
 }

@@ -24,7 +24,12 @@ const RETRYABLE: [Code; 3] = [Code::Unavailable, Code::ResourceExhausted, Code::
 /// A node of 2 sensors at 10/s sending batches of 5 at 4 requests/s, one
 /// request at a time, so that the scripted failures meet a known batch.
 fn config(max_retries: usize) -> telemetry_node::config::NodeConfig {
-    node_config(&[
+    config_with(max_retries, &[])
+}
+
+/// [`config`], with `extra` settings on top.
+fn config_with(max_retries: usize, extra: &[(&str, String)]) -> telemetry_node::config::NodeConfig {
+    let mut pairs = vec![
         ("SENSOR_COUNT", "2".into()),
         ("SENSOR_VALUE_RATE_PER_SECOND", "10".into()),
         ("BATCH_SIZE", "5".into()),
@@ -36,7 +41,9 @@ fn config(max_retries: usize) -> telemetry_node::config::NodeConfig {
         ("GRPC_CLIENT_RETRY_MULTIPLIER", "1".into()),
         ("GRPC_CLIENT_RETRY_JITTER", "none".into()),
         ("SHUTDOWN_TIMEOUT", "1h".into()),
-    ])
+    ];
+    pairs.extend(extra.iter().cloned());
+    node_config(&pairs)
 }
 
 /// Runs the node against `recording` for `run` of paused time.
@@ -62,16 +69,49 @@ proptest! {
     }
 }
 
+/// When the first batch arrived, after three UNAVAILABLE answers, with
+/// the node stopped at 100 ms and `extra` settings.
+fn first_delivery_after_three_failures(extra: &[(&str, String)]) -> Duration {
+    let recording = Recording::failing_with([Code::Unavailable; 3]);
+    let (_, start) = common::run_paused(&config_with(10, extra), &recording, Duration::from_millis(100));
+    recording.deliveries()[0].at - start
+}
+
 #[test]
 fn retries_wait_the_retry_interval() {
-    let recording = Recording::failing_with([Code::Unavailable; 3]);
-    let (_, start) = run_paused(&recording, 10, Duration::from_millis(100));
-    let first = recording.deliveries()[0].at;
     // The partial batch leaves at the 100 ms shutdown; three failed
     // attempts follow, each followed by a 200 ms wait (tokio's timers end
     // on the next whole millisecond, hence the slack).
-    let waited = first - start;
+    let waited = first_delivery_after_three_failures(&[("REQUEST_RATE_PER_SECOND", "inf".into())]);
     assert!((700..=705).contains(&waited.as_millis()), "delivered after {waited:?}");
+}
+
+#[test]
+fn every_retry_takes_a_token() {
+    // At 4 requests/s the bucket, not the 200 ms retry interval, spaces the
+    // attempts: 250 ms each (the bucket holds 1 ms of slack, hence 849).
+    let waited = first_delivery_after_three_failures(&[]);
+    assert!((845..=855).contains(&waited.as_millis()), "delivered after {waited:?}");
+}
+
+#[test]
+fn a_sink_that_always_fails_sees_no_more_attempts_than_the_rate() {
+    // REQUEST_RATE_PER_SECOND=1, one lane, 50 ms retry waits, a sink that
+    // never recovers: over 10 s, at most 11 attempts (the burst and one a
+    // second), not the 200 that the retry waits alone would allow.
+    let recording = Recording::failing_with([Code::Unavailable; 10_000]);
+    let config = node_config(&[
+        ("REQUEST_RATE_PER_SECOND", "1".into()),
+        ("MAX_IN_FLIGHT", "1".into()),
+        ("BATCH_TIMEOUT", "50ms".into()),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "50ms".into()),
+        ("SHUTDOWN_TIMEOUT", "1ms".into()),
+    ]);
+    let _ = common::run_paused(&config, &recording, Duration::from_secs(10));
+    let calls = recording.calls();
+    assert!((9..=11).contains(&calls), "{calls} attempts in 10 s at 1 request/s");
 }
 
 #[test]

@@ -95,7 +95,10 @@ fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
     let replayed = assert_complete_and_ordered(&of(&written, "first-"));
     let replayed: u64 = replayed.values().sum();
     assert!(replayed >= spooled, "every reading the spool had committed arrived: {replayed} < {spooled}");
-    assert_eq!(replayed, summary["replayed"]);
+    // The second node's own batches may queue in the spool behind the
+    // first node's (every attempt takes a token, replays too): those are
+    // replayed as well.
+    assert_eq!(replayed, summary["replayed"] - summary["spooled"]);
     let own = assert_complete_and_ordered(&of(&written, "second-"));
     assert_eq!(own.values().sum::<u64>(), summary["produced"]);
     assert_eq!((summary["acked"], summary["dropped"], summary["in_spool"]), (summary["produced"], 0, 0));

@@ -1,6 +1,8 @@
 //! `telemetry-node`: runs the node configured by the environment, or the demo.
 
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
+
+use tokio::signal::unix::{SignalKind, signal};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -9,7 +11,7 @@ use telemetry_node::{
     bench::{self, BenchOptions},
     config::{self, NodeConfig},
     demo, logging,
-    node::{self, GrpcTransport},
+    node::{self, GrpcTransport, retry::SinkHealth},
     observe,
     stats::NodeStats,
 };
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
 }
 
 async fn run_node(config: NodeConfig) -> ExitCode {
-    info!(message = "Starting node.", ?config);
+    log_config(&config);
     let transport = match GrpcTransport::from_config(&config) {
         Ok(transport) => transport,
         Err(error) => {
@@ -82,12 +84,15 @@ async fn run_node(config: NodeConfig) -> ExitCode {
         }
     };
     let stats = Arc::new(NodeStats::default());
+    let health = SinkHealth::new(config.retry_budget);
     let stop_metrics = CancellationToken::new();
     if let Some(address) = &config.metrics_addr {
         let mut registry = Registry::default();
         stats.register(&mut registry);
-        let (refreshed, checked, window) = (Arc::clone(&stats), Arc::clone(&stats), config.ready_window());
-        let ready = move || checked.acked_within(window);
+        let (refreshed, checked) = (Arc::clone(&stats), health.clone());
+        // Ready while the sink answers (any answer: it is there), however
+        // rarely the sensors have something to send.
+        let ready = move || checked.reachable();
         if let Err(error) =
             observe::spawn(address, registry, move || refreshed.refresh(), ready, stop_metrics.clone()).await
         {
@@ -95,7 +100,8 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let summary = node::run(&config, transport, stats, terminated()).await;
+    let (first, second) = stop_signals();
+    let summary = node::run_with(&config, transport, health, stats, first, second).await;
     stop_metrics.cancel();
     info!(
         message = "Node stopped.",
@@ -240,6 +246,83 @@ async fn run_bench(options: BenchOptions) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs the effective configuration as fields (each its own key in JSON
+/// logs), secrets as `[redacted]`.
+fn log_config(c: &NodeConfig) {
+    let or_none = |value: &Option<String>| value.clone().unwrap_or_else(|| "-".into());
+    let path = |value: &Option<std::path::PathBuf>| value.as_ref().map_or("-".into(), |p| p.display().to_string());
+    info!(
+        message = "Starting node.",
+        sensor_name = %c.sensor_name,
+        sensor_count = c.sensor_count,
+        sensor_value_rate_per_second = c.sensor_rate,
+        request_rate_per_second = c.request_rate,
+        request_burst = c.request_burst,
+        batch_size = c.batch_size,
+        batch_timeout = %c.batch_timeout,
+        max_in_flight = c.max_in_flight,
+        overflow_policy = ?c.overflow,
+        queue_capacity = c.queue_capacity,
+        spool_dir = %path(&c.spool_dir),
+        spool_max_bytes = c.spool_max_bytes,
+        node_id = %or_none(&c.node_id),
+        shutdown_timeout = %c.shutdown_timeout,
+        metrics_addr = %or_none(&c.metrics_addr),
+        log_level = %c.log_level,
+        log_format = ?c.log_format,
+    );
+    info!(
+        message = "Sink connection.",
+        grpc_server_socket = %c.server_socket,
+        rpc_timeout = %c.rpc_timeout,
+        grpc_client_max_retry_attempts_number = %c.max_retries.0.map_or("inf".into(), |n| n.to_string()),
+        grpc_client_retry_send_interval = %c.retry_interval,
+        grpc_client_retry_multiplier = c.retry_multiplier,
+        grpc_client_retry_max_interval = %c.retry_max_interval,
+        grpc_client_retry_max_elapsed = %c.retry_max_elapsed,
+        grpc_client_retry_jitter = ?c.retry_jitter,
+        grpc_client_retry_budget = c.retry_budget,
+        grpc_compression = ?c.compression,
+        sink_auth_token = %c.auth_token.as_ref().map_or("-".into(), ToString::to_string),
+        tls_ca_cert = %path(&c.tls_ca_cert),
+        tls_server_name = %or_none(&c.tls_server_name),
+        tls_client_cert = %path(&c.tls_client_cert),
+        tls_client_key = %path(&c.tls_client_key),
+    );
+}
+
+/// The first and the second SIGINT or SIGTERM: the first starts a clean
+/// shutdown, the second cuts its drain short.
+fn stop_signals() -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+    let (count, counted) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        loop {
+            tokio::select! {
+                Some(()) = next(&mut term) => {}
+                Some(()) = next(&mut interrupt) => {}
+                else => std::future::pending::<()>().await,
+            }
+            count.send_modify(|n| *n += 1);
+        }
+    });
+    let nth = move |n: u32| {
+        let mut counted = counted.clone();
+        async move {
+            if counted.wait_for(|seen| *seen >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    (nth(1), nth(2))
+}
+
+/// The next delivery of a signal, if it could be listened for.
+async fn next(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    signal.as_mut()?.recv().await
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

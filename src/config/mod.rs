@@ -11,7 +11,7 @@ mod sink;
 use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
-pub use node::{LogFormat, NodeConfig, Overflow};
+pub use node::{LogFormat, NodeConfig, Overflow, Retries};
 pub use sink::SinkConfig;
 
 /// A configuration value that cannot be used.
@@ -39,15 +39,15 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("SENSOR_COUNT", "a whole number from 1 to 1000000"),
     (
         "SENSOR_VALUE_RATE_PER_SECOND",
-        "a number of readings per second greater than 0 and at most 1000000000 (fractions allowed, e.g. 0.5)",
+        "a number of readings per second from 0.000001 to 1000000000 (fractions allowed, e.g. 0.5)",
     ),
     (
         "REQUEST_RATE_PER_SECOND",
-        "a number of requests per second greater than 0 and at most 1000000 (fractions allowed, e.g. 0.5), or inf for no limit",
+        "a number of requests per second from 0.000001 to 1000000 (fractions allowed, e.g. 0.5), or inf for no limit",
     ),
     ("REQUEST_BURST", "a whole number from 1 to 4294967295"),
     ("GRPC_SERVER_SOCKET", "host:port, e.g. localhost:8000"),
-    ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more"),
+    ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more, or inf for no limit"),
     ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0, e.g. 500ms or 1s"),
     ("GRPC_CLIENT_RETRY_MULTIPLIER", "a number from 1 to 100, e.g. 2"),
     ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "a duration at least GRPC_CLIENT_RETRY_SEND_INTERVAL, e.g. 30s"),
@@ -73,22 +73,25 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("METRICS_ADDR", "host:port to serve /metrics, /healthz and /readyz on, e.g. 0.0.0.0:9100"),
     ("GRPC_COMPRESSION", "none or gzip"),
     ("SINK_AUTH_TOKEN", "a non-empty token of visible ASCII characters"),
-    ("TLS_CA_CERT", "a readable PEM file of the CA that signed the sink's certificate"),
-    ("TLS_SERVER_NAME", "the name the sink's certificate is issued for"),
-    ("TLS_CLIENT_CERT", "a readable PEM certificate file, set together with TLS_CLIENT_KEY and TLS_CA_CERT"),
-    ("TLS_CLIENT_KEY", "a readable PEM key file, set together with TLS_CLIENT_CERT"),
-    ("TLS_CERT", "a readable PEM certificate file, set together with TLS_KEY"),
-    ("TLS_KEY", "a readable PEM key file, set together with TLS_CERT"),
-    ("TLS_CLIENT_CA", "a readable PEM file of the CA that signs node certificates; needs TLS_CERT"),
+    ("TLS_CA_CERT", "a readable PEM file holding the certificate of the CA that signed the sink's certificate"),
+    ("TLS_SERVER_NAME", "the DNS name or IP address the sink's certificate is issued for"),
+    ("TLS_CLIENT_CERT", "a readable PEM file holding a certificate, set together with TLS_CLIENT_KEY and TLS_CA_CERT"),
+    ("TLS_CLIENT_KEY", "a readable PEM file holding a private key, set together with TLS_CLIENT_CERT"),
+    ("TLS_CERT", "a readable PEM file holding a certificate, set together with TLS_KEY"),
+    ("TLS_KEY", "a readable PEM file holding a private key, set together with TLS_CERT"),
+    (
+        "TLS_CLIENT_CA",
+        "a readable PEM file holding the certificate of the CA that signs node certificates; needs TLS_CERT",
+    ),
     ("MAX_MESSAGE_BYTES", "a whole number of bytes from 1024 to 1073741824"),
     ("MAX_ITEMS_PER_REQUEST", "a whole number from 1 to 10000000"),
 ];
 
 /// Reads the process environment, after loading `.env` from the working
-/// folder when there is one. Variables already set win over the file, as
-/// with `docker run --env-file`.
+/// folder when there is one (only there: not from a parent folder).
+/// Variables already set win over the file, as with `docker run --env-file`.
 pub fn process_env() -> Result<HashMap<String, String>, ConfigError> {
-    match dotenvy::dotenv() {
+    match dotenvy::from_path(".env") {
         Ok(_) => {}
         Err(error) if error.not_found() => {}
         Err(error) => return Err(ConfigError::EnvFile(error.to_string())),
@@ -116,6 +119,8 @@ pub(crate) fn load<C: envconfig::Envconfig>(
     validate(&config).map_err(|error| match error {
         // Secrets are never echoed.
         ConfigError::Invalid { variable: "SINK_AUTH_TOKEN", .. } => error,
+        // Nor are the contents of files: only their names.
+        ConfigError::Invalid { variable, .. } if variable.starts_with("TLS_") => error,
         ConfigError::Invalid { variable, value, expected } => {
             let value = vars.get(variable).cloned().unwrap_or(value);
             ConfigError::Invalid { variable, value, expected }
@@ -137,10 +142,69 @@ pub(crate) fn ensure(ok: bool, variable: &'static str, value: impl ToString) -> 
     if ok { Ok(()) } else { Err(invalid(variable, value.to_string())) }
 }
 
-/// Reads the PEM file named by `variable`, if it is set.
-pub(crate) fn read_pem(variable: &'static str, path: Option<&std::path::Path>) -> Result<Option<String>, ConfigError> {
-    path.map(|path| std::fs::read_to_string(path).map_err(|_| invalid(variable, path.display().to_string())))
-        .transpose()
+/// What a PEM file named by a TLS variable must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pem {
+    /// One or more certificates.
+    Certificates,
+    /// A private key.
+    PrivateKey,
+}
+
+/// Reads the PEM file named by `variable`, if it is set, and checks that it
+/// holds what it must: an empty file, a text file or a key where a
+/// certificate belongs is refused here, naming the variable, rather than
+/// failing every connection later.
+pub(crate) fn read_pem(
+    variable: &'static str,
+    path: Option<&std::path::Path>,
+    holds: Pem,
+) -> Result<Option<String>, ConfigError> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let Some(path) = path else { return Ok(None) };
+    let bad = || invalid(variable, path.display().to_string());
+    let text = std::fs::read_to_string(path).map_err(|_| bad())?;
+    let valid = match holds {
+        Pem::Certificates => {
+            let mut certificates = CertificateDer::pem_slice_iter(text.as_bytes()).peekable();
+            certificates.peek().is_some() && certificates.all(|certificate| certificate.is_ok())
+        }
+        Pem::PrivateKey => PrivateKeyDer::from_pem_slice(text.as_bytes()).is_ok(),
+    };
+    ensure(valid, variable, path.display())?;
+    Ok(Some(text))
+}
+
+/// A secret from the configuration (a token, a password): never shown by
+/// `Debug` or `Display`, so that no log line, error or metric can carry it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
 }
 
 /// Fails unless `address` is `host:port` (an empty host means every interface).

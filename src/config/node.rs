@@ -5,7 +5,7 @@ use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, str::FromStr, sy
 use envconfig::Envconfig;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::{ConfigError, ensure, ensure_positive, invalid};
+use super::{ConfigError, Pem, Secret, ensure, ensure_positive, invalid};
 use crate::{
     node::throttle::{MAX_RATE, RequestRate},
     reading::sensor_name,
@@ -36,7 +36,7 @@ pub struct NodeConfig {
     pub server_socket: String,
     /// Retries of a failed send before its readings are dropped.
     #[envconfig(from = "GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", default = "10")]
-    pub max_retries: usize,
+    pub max_retries: Retries,
     /// First wait before a retry; later waits grow by the multiplier.
     #[envconfig(from = "GRPC_CLIENT_RETRY_SEND_INTERVAL", default = "1s")]
     pub retry_interval: humantime::Duration,
@@ -103,7 +103,7 @@ pub struct NodeConfig {
     pub compression: super::Compression,
     /// Token sent to the sink as `authorization: Bearer <token>`.
     #[envconfig(from = "SINK_AUTH_TOKEN")]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     /// CA that signed the sink's certificate; setting it turns TLS on.
     #[envconfig(from = "TLS_CA_CERT")]
     pub tls_ca_cert: Option<PathBuf>,
@@ -134,10 +134,9 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(!self.sensor_name.is_empty(), "SENSOR_NAME", &self.sensor_name)?;
         ensure((1..=1_000_000).contains(&self.sensor_count), "SENSOR_COUNT", self.sensor_count)?;
-        let rate_ok = self.sensor_rate.is_finite() && self.sensor_rate > 0.0 && self.sensor_rate <= 1e9;
+        let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
-        let request_rate_ok =
-            self.request_rate > 0.0 && (self.request_rate <= MAX_RATE || self.request_rate.is_infinite());
+        let request_rate_ok = (MIN_RATE..=MAX_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
         ensure(request_rate_ok, "REQUEST_RATE_PER_SECOND", self.request_rate)?;
         ensure(self.request_burst > 0, "REQUEST_BURST", self.request_burst)?;
         self.endpoint()?;
@@ -166,7 +165,7 @@ impl NodeConfig {
             super::ensure_socket("METRICS_ADDR", address)?;
         }
         if let Some(token) = &self.auth_token {
-            ensure(tokenable(token), "SINK_AUTH_TOKEN", "(hidden)")?;
+            ensure(tokenable(token.expose()), "SINK_AUTH_TOKEN", "(hidden)")?;
         }
         self.tls()?;
         Ok(())
@@ -177,14 +176,14 @@ impl NodeConfig {
         let identity = match (&self.tls_client_cert, &self.tls_client_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
-                let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert))?.unwrap_or_default();
-                let key = super::read_pem("TLS_CLIENT_KEY", Some(key))?.unwrap_or_default();
+                let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert), Pem::Certificates)?.unwrap_or_default();
+                let key = super::read_pem("TLS_CLIENT_KEY", Some(key), Pem::PrivateKey)?.unwrap_or_default();
                 Some(Identity::from_pem(cert, key))
             }
             (Some(cert), None) => return Err(invalid("TLS_CLIENT_CERT", cert.display().to_string())),
             (None, Some(key)) => return Err(invalid("TLS_CLIENT_KEY", key.display().to_string())),
         };
-        let Some(ca) = super::read_pem("TLS_CA_CERT", self.tls_ca_cert.as_deref())? else {
+        let Some(ca) = super::read_pem("TLS_CA_CERT", self.tls_ca_cert.as_deref(), Pem::Certificates)? else {
             return match identity {
                 Some(_) => Err(invalid("TLS_CA_CERT", "")),
                 None => Ok(None),
@@ -192,6 +191,8 @@ impl NodeConfig {
         };
         let host = self.server_socket.trim().rsplit_once(':').map_or("", |(host, _)| host);
         let name = self.tls_server_name.as_deref().unwrap_or(host).trim_matches(|c| c == '[' || c == ']');
+        let variable = if self.tls_server_name.is_some() { "TLS_SERVER_NAME" } else { "GRPC_SERVER_SOCKET" };
+        ensure(rustls_pki_types::ServerName::try_from(name).is_ok(), variable, name)?;
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(name);
         if let Some(identity) = identity {
             tls = tls.identity(identity);
@@ -207,16 +208,6 @@ impl NodeConfig {
         (1..=self.sensor_count).map(|i| sensor_name(&format!("{}-{i}", self.sensor_name))).collect()
     }
 
-    /// How recently the sink must have acknowledged a batch for the node to
-    /// be ready: three times the longest a batch normally takes to go out,
-    /// and at least 10 s.
-    pub fn ready_window(&self) -> Duration {
-        let request_period =
-            self.request_rate().map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r.per_second));
-        let batch_period = Duration::from(self.batch_timeout).max(request_period);
-        (batch_period * 3).max(Duration::from_secs(10))
-    }
-
     /// How failed sends are retried.
     pub fn retry_policy(&self) -> crate::node::RetryPolicy {
         let max_elapsed = Duration::from(self.retry_max_elapsed);
@@ -225,7 +216,7 @@ impl NodeConfig {
             multiplier: self.retry_multiplier,
             cap: self.retry_max_interval.into(),
             max_elapsed: (!max_elapsed.is_zero()).then_some(max_elapsed),
-            max_retries: self.max_retries,
+            max_retries: self.max_retries.0,
             jitter: self.retry_jitter == Jitter::Full,
         }
     }
@@ -271,6 +262,25 @@ impl NodeConfig {
         }
         let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
         Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
+    }
+}
+
+/// Lowest sensor or request rate: one a million seconds (11.6 days).
+/// Slower rates would wait longer than a timer can.
+const MIN_RATE: f64 = 1e-6;
+
+/// A number of retries, or `inf` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retries(pub Option<usize>);
+
+impl FromStr for Retries {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "inf" | "infinite" | "unlimited" => Ok(Self(None)),
+            number => number.parse().map(|n| Self(Some(n))).map_err(|_| format!("not a number of retries: {s:?}")),
+        }
     }
 }
 

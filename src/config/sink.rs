@@ -5,14 +5,15 @@ use std::{collections::HashMap, path::PathBuf};
 use envconfig::Envconfig;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use super::{ConfigError, LogFormat, ensure, ensure_positive};
+use super::{ConfigError, LogFormat, Pem, Secret, ensure, ensure_positive};
 
 /// Everything `telemetry-sink` reads from its environment. Defaults accept
 /// what a node started with its own defaults sends.
 #[derive(Debug, Clone, Envconfig)]
 pub struct SinkConfig {
-    /// Address to listen on, `host:port`; `:port` listens on every interface.
-    #[envconfig(from = "GRPC_SERVER_SOCKET", default = "0.0.0.0:8000")]
+    /// Address to listen on, `host:port`; `:port` listens on every
+    /// interface, IPv6 and IPv4.
+    #[envconfig(from = "GRPC_SERVER_SOCKET", default = ":8000")]
     pub server_socket: String,
     /// Request bytes accepted per second; above it requests are refused with
     /// RESOURCE_EXHAUSTED.
@@ -41,7 +42,7 @@ pub struct SinkConfig {
     pub compression: super::Compression,
     /// Token every request must carry as `authorization: Bearer <token>`.
     #[envconfig(from = "SINK_AUTH_TOKEN")]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     /// The sink's certificate; with TLS_KEY it turns TLS on.
     #[envconfig(from = "TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -76,7 +77,7 @@ impl SinkConfig {
             super::ensure_socket("METRICS_ADDR", address)?;
         }
         if let Some(token) = &self.auth_token {
-            ensure(super::tokenable(token), "SINK_AUTH_TOKEN", "(hidden)")?;
+            ensure(super::tokenable(token.expose()), "SINK_AUTH_TOKEN", "(hidden)")?;
         }
         ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
@@ -97,21 +98,22 @@ impl SinkConfig {
             (Some(cert), None) => return Err(super::invalid("TLS_CERT", cert.display().to_string())),
             (None, Some(key)) => return Err(super::invalid("TLS_KEY", key.display().to_string())),
         };
-        let cert = super::read_pem("TLS_CERT", Some(cert))?.unwrap_or_default();
-        let key = super::read_pem("TLS_KEY", Some(key))?.unwrap_or_default();
+        let cert = super::read_pem("TLS_CERT", Some(cert), Pem::Certificates)?.unwrap_or_default();
+        let key = super::read_pem("TLS_KEY", Some(key), Pem::PrivateKey)?.unwrap_or_default();
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        if let Some(ca) = super::read_pem("TLS_CLIENT_CA", self.tls_client_ca.as_deref())? {
+        if let Some(ca) = super::read_pem("TLS_CLIENT_CA", self.tls_client_ca.as_deref(), Pem::Certificates)? {
             tls = tls.client_ca_root(Certificate::from_pem(ca));
         }
         Ok(Some(tls))
     }
 
-    /// The address to bind, with Go's `:port` meaning every interface.
+    /// The address to bind: `host:port`, or Go's `:port` for every
+    /// interface (see [`crate::listen::bind`]).
     pub fn listen_address(&self) -> Result<String, ConfigError> {
         let socket = self.server_socket.trim();
         let (host, port) = socket.rsplit_once(':').ok_or_else(|| super::invalid("GRPC_SERVER_SOCKET", socket))?;
         ensure(port.parse::<u16>().is_ok() && !host.contains('/'), "GRPC_SERVER_SOCKET", socket)?;
-        Ok(if host.is_empty() { format!("0.0.0.0:{port}") } else { socket.to_owned() })
+        Ok(socket.to_owned())
     }
 
     /// The file accepted readings are appended to.

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod codec;
+pub mod delivery;
 pub mod pipeline;
 pub mod queue;
 pub mod replay;
@@ -15,6 +16,6 @@ pub mod spool;
 pub mod throttle;
 pub mod transport;
 
-pub use pipeline::run;
+pub use pipeline::{run, run_with};
 pub use retry::RetryPolicy;
 pub use transport::{GrpcTransport, Transport};

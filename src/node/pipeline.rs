@@ -19,10 +19,11 @@ use tracing::{error, info, warn};
 
 use super::{
     batch,
+    delivery::SendContext,
     queue::{self, Drop},
     replay::{self, LaneSpool},
-    retry::RetryBudget,
-    sender::{self, LaneIdentity, SendContext},
+    retry::SinkHealth,
+    sender::{self, LaneIdentity},
     sensor,
     spool::{Spool, SpoolError},
     throttle::Throttle,
@@ -59,7 +60,23 @@ pub async fn run<T: Transport>(
     stats: Arc<NodeStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Summary {
+    run_with(config, transport, SinkHealth::new(config.retry_budget), stats, shutdown, std::future::pending()).await
+}
+
+/// [`run`], sharing `health` (what is known of the sink: readiness reads
+/// it), and cutting the drain short when `abort` resolves (a second stop
+/// signal): what is still held then is counted as dropped, as at the
+/// deadline.
+pub async fn run_with<T: Transport>(
+    config: &NodeConfig,
+    transport: T,
+    health: SinkHealth,
+    stats: Arc<NodeStats>,
+    shutdown: impl Future<Output = ()>,
+    abort: impl Future<Output = ()>,
+) -> Summary {
     let stop_sensors = CancellationToken::new();
+    let draining = CancellationToken::new();
     let throttle = Throttle::new(config.request_rate());
     let settings = LaneSettings {
         sensor_rate: config.sensor_rate,
@@ -69,9 +86,10 @@ pub async fn run<T: Transport>(
     let context = SendContext {
         transport,
         retry: config.retry_policy(),
-        budget: RetryBudget::new(config.retry_budget),
+        health,
         throttle: throttle.clone(),
         stats: Arc::clone(&stats),
+        draining: draining.clone(),
     };
     // Batch numbers only grow, across restarts too: each run starts from the
     // clock, in microseconds.
@@ -135,7 +153,11 @@ pub async fn run<T: Transport>(
         shutdown.await;
         info!(message = "Stopping sensors and flushing.", produced = stats.snapshot().produced);
         stop_sensors.cancel();
-        tokio::time::sleep(config.shutdown_timeout.into()).await;
+        draining.cancel();
+        tokio::select! {
+            () = tokio::time::sleep(config.shutdown_timeout.into()) => {}
+            () = abort => warn!(message = "Stopping at once, as asked by a second signal."),
+        }
     };
     let lanes_and_spool_drained = async {
         join_all(&mut lanes).await;
@@ -151,10 +173,18 @@ pub async fn run<T: Transport>(
     stop_replay.cancel();
     join_all(&mut replayers).await;
     if !drained {
-        lanes.abort_all();
+        // Settled only once no lane can ack any more.
+        lanes.shutdown().await;
         let lost = stats.drop_unaccounted();
         let in_spool = stats.in_spool.get();
-        warn!(message = "Shutdown timeout ran out before every reading was delivered.", dropped = lost, in_spool);
+        if lost > 0 {
+            error!(
+                message = "Stopped before every reading was delivered.",
+                reason = "shutdown",
+                dropped = lost,
+                in_spool
+            );
+        }
     }
     stats.snapshot()
 }
@@ -183,8 +213,7 @@ async fn run_lane<T: Transport, R: IntoIterator<Item = Reading>>(
     // gathered while the sink answers instead of after.
     let sender = sender::batch_sender(context.clone(), identity, spool).buffer(1);
     if !context.throttle.is_limited() {
-        // Still through the throttle: a sink's pushback pauses it.
-        let Ok(()) = context.throttle.apply(batches).map(Ok).forward(sender).await;
+        let Ok(()) = batches.map(Ok).forward(sender).await;
         return;
     }
     // With a rate limit, gathering runs on while finished batches wait for a
@@ -202,8 +231,8 @@ async fn run_lane<T: Transport, R: IntoIterator<Item = Reading>>(
             }
         }
     };
-    let paced = context.throttle.apply(tokio_stream::wrappers::ReceiverStream::new(waiting));
-    let sending = paced.map(Ok).forward(sender);
+    // Each attempt takes its token in the sender, retries included.
+    let sending = tokio_stream::wrappers::ReceiverStream::new(waiting).map(Ok).forward(sender);
     let ((), Ok(())) = futures::join!(gathering, sending);
 }
 

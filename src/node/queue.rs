@@ -10,7 +10,7 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
-use tracing::warn;
+use tracing::error;
 
 use crate::{
     reading::Reading,
@@ -118,13 +118,22 @@ async fn produce<T: IntoIterator<Item = Reading>>(
             unreported += dropped;
         }
         if unreported > 0 && last_report.elapsed() >= Duration::from_secs(1) {
-            warn!(message = "Queue full, dropped readings.", dropped = unreported, policy = ?drop, capacity);
+            report(reason, unreported, capacity);
             unreported = 0;
             last_report = tokio::time::Instant::now();
         }
     }
+    // What was dropped since the last line is logged too.
+    if unreported > 0 {
+        report(reason, unreported, capacity);
+    }
     queue.state.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
     queue.arrived.notify_one();
+}
+
+/// Logs readings dropped by a full queue, with their reason.
+fn report(reason: DropReason, dropped: u64, capacity: usize) {
+    error!(message = "Queue full, dropped readings.", reason = reason.name(), dropped, capacity);
 }
 
 #[cfg(test)]

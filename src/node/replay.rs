@@ -7,7 +7,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::{codec::Outgoing, sender::SendContext, spool::Spool, transport::Transport};
+use super::{
+    codec::Outgoing,
+    delivery::{SendContext, deliver},
+    spool::Spool,
+    transport::Transport,
+};
 use crate::{
     error::SendError,
     stats::{DropReason, ReasonLabel, count},
@@ -102,7 +107,7 @@ pub async fn replay<T: Transport>(
         let request =
             Outgoing { items, readings: n, node_id: Arc::clone(&node_id), lane, batch_sequence: stored.batch_sequence };
         let delivered = tokio::select! {
-            delivered = super::sender::deliver(&context, request) => delivered,
+            delivered = deliver(&context, request) => delivered,
             () = stop.cancelled() => return,
         };
         match delivered {
@@ -124,7 +129,13 @@ pub async fn replay<T: Transport>(
                     stats.in_spool.dec_by(n as i64);
                     stats.drop_readings(DropReason::Refused, n as u64);
                 }
-                error!(message = "Dropped spooled batch.", code = ?status.code(), error = status.message(), readings = n);
+                error!(
+                    message = "Dropped spooled batch.",
+                    reason = "refused",
+                    code = crate::wire::code_name(status.code()),
+                    error = status.message(),
+                    readings = n
+                );
             }
             Err(SendError::Exhausted { .. }) => {
                 // Kept: tried again after a pause, for as long as it takes.

@@ -2,24 +2,22 @@
 //! [`Transport`], retrying what is worth retrying, and accounts for every
 //! reading as acked or dropped.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, sync::Arc};
 
-use backon::Retryable;
 use futures::{Sink, sink};
-use tonic::Status;
 use tracing::{error, warn};
 
 use super::{
     codec::Outgoing,
+    delivery::{SendContext, deliver},
     replay::LaneSpool,
-    retry::{RetryBudget, RetryPolicy, pushback},
-    throttle::Throttle,
     transport::Transport,
 };
 use crate::{
     error::{SendError, is_retryable},
     reading::Batch,
-    stats::{DropReason, NodeStats, count},
+    stats::{DropReason, count},
+    wire::code_name,
 };
 
 /// Who a lane's batches come from.
@@ -31,21 +29,6 @@ pub struct LaneIdentity {
     pub lane: u32,
     /// The number of the lane's first batch; later ones count up from it.
     pub first_batch: u64,
-}
-
-/// What every lane's sender shares.
-#[derive(Debug, Clone)]
-pub struct SendContext<T> {
-    /// Where batches go.
-    pub transport: T,
-    /// How failures are retried.
-    pub retry: RetryPolicy,
-    /// Retry throttling across lanes.
-    pub budget: RetryBudget,
-    /// The request rate limit, paused while the sink pushes back.
-    pub throttle: Throttle,
-    /// Counters.
-    pub stats: Arc<NodeStats>,
 }
 
 /// A sink that sends every batch it is given, one at a time, in order,
@@ -89,7 +72,7 @@ pub fn batch_sender<T: Transport>(
                     SendError::Exhausted { .. } => DropReason::RetriesExhausted,
                 };
                 stats.drop_readings(reason, readings as u64);
-                error!(message = "Dropped batch.", %error, readings);
+                error!(message = "Dropped batch.", reason = reason.name(), %error, readings);
             }
         }
         Ok((context, lane, spool))
@@ -106,56 +89,17 @@ async fn send_or_spill<T: Transport>(
     request: Outgoing,
 ) -> Option<Result<(), SendError>> {
     if !spool.has_waiting(request.lane).await {
-        match context.transport.send(request.clone()).await {
-            Ok(()) => {
-                context.budget.succeeded();
-                return Some(Ok(()));
-            }
+        match context.attempt(request.clone()).await {
+            Ok(()) => return Some(Ok(())),
             Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
             Err(status) => {
-                context.budget.failed();
-                warn!(message = "Failed to send batch, spooling it.", code = ?status.code(), error = status.message());
+                warn!(
+                    message = "Failed to send batch, spooling it.",
+                    code = code_name(status.code()),
+                    error = status.message()
+                );
             }
         }
     }
     if spool.spill(context, &request).await { None } else { Some(deliver(context, request).await) }
-}
-
-/// Sends `request`, repeating retryable failures as the policy allows.
-pub(crate) async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
-    let mut attempts = 0;
-    let attempt = || {
-        attempts += 1;
-        let request = request.clone();
-        async move {
-            let answer = context.transport.send(request).await;
-            match &answer {
-                Ok(()) => context.budget.succeeded(),
-                Err(_) => context.budget.failed(),
-            }
-            answer
-        }
-    };
-    attempt
-        .retry(context.retry.backoff())
-        .sleep(tokio::time::sleep)
-        .when(|status: &Status| is_retryable(status.code()))
-        .adjust(|status: &Status, planned: Option<Duration>| {
-            let wait = context.retry.wait(status, planned?, &context.budget);
-            if pushback(status).is_some() {
-                context.throttle.pause(wait);
-            }
-            Some(wait)
-        })
-        .notify(|status: &Status, wait: Duration| {
-            context.stats.retry(status.code());
-            if pushback(status).is_some() {
-                context.stats.pushbacks.inc();
-            }
-            warn!(message = "Failed to send batch, retrying.", code = ?status.code(), error = status.message(), ?wait);
-        })
-        .await
-        .map_err(|last| {
-            if is_retryable(last.code()) { SendError::Exhausted { attempts, last } } else { SendError::Refused(last) }
-        })
 }

@@ -3,7 +3,6 @@
 
 use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
-use futures::Stream;
 use governor::{Quota, RateLimiter, clock::Clock};
 
 use crate::clock::{TokenBucket, TokioClock};
@@ -34,7 +33,7 @@ impl RequestRate {
     /// It holds `burst` requests plus [`TIMER_RESOLUTION`]'s worth of rate.
     /// Without that slack, a sender woken up to 1 ms after its token was due
     /// would lose that time for good, and the achieved rate would fall short
-    /// by up to 1 ms per period (2.7% at 47 requests/s). With it, the sends
+    /// by up to 1 ms per period. With it, the sends
     /// in any window of W never exceed `per_second × (W + 1 ms) + burst`.
     pub fn quota(&self) -> Quota {
         let cells_per_second = self.per_second * f64::from(CELLS_PER_REQUEST);
@@ -80,22 +79,17 @@ impl Throttle {
         *paused = Some(paused.map_or(until, |current| current.max(until)));
     }
 
-    /// Yields the items of `input` in order, each once the bucket allows.
-    pub fn apply<S: Stream>(&self, input: S) -> impl Stream<Item = S::Item> + use<S> {
-        let throttle = self.clone();
-        async_stream::stream! {
-            for await item in input {
-                throttle.until_ready().await;
-                yield item;
+    /// Waits, on tokio's clock, until no pause is in force and the bucket
+    /// grants one request, and takes it. Every attempt at a request, first
+    /// or retry, calls this once.
+    pub async fn acquire(&self) {
+        // A pause may be lengthened while it is waited out.
+        loop {
+            let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match paused {
+                Some(until) if until > tokio::time::Instant::now() => tokio::time::sleep_until(until).await,
+                _ => break,
             }
-        }
-    }
-
-    /// Waits, on tokio's clock, until the bucket grants one request, and takes it.
-    async fn until_ready(&self) {
-        let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(until) = paused {
-            tokio::time::sleep_until(until).await;
         }
         let Some(bucket) = &self.bucket else { return };
         let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
@@ -107,35 +101,42 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
-    use futures::{StreamExt, stream};
     use tokio::time::Instant;
 
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn spaces_items_by_the_rate_after_the_burst() {
-        let throttle = Throttle::new(Some(RequestRate { per_second: 2.0, burst: NonZeroU32::new(2).unwrap() }));
+    /// When each of `n` acquisitions of `throttle` was granted, in ms.
+    async fn grants(throttle: &Throttle, n: usize) -> Vec<u128> {
         let start = Instant::now();
-        let times: Vec<Duration> = throttle.apply(stream::iter(0..5)).map(|_| start.elapsed()).collect().await;
-        let ms: Vec<u128> = times.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![0, 0, 499, 999, 1499]);
+        let mut times = Vec::new();
+        for _ in 0..n {
+            throttle.acquire().await;
+            times.push(start.elapsed().as_millis());
+        }
+        times
     }
 
     #[tokio::test(start_paused = true)]
-    async fn streams_sharing_a_throttle_share_its_rate() {
+    async fn spaces_requests_by_the_rate_after_the_burst() {
+        let throttle = Throttle::new(Some(RequestRate { per_second: 2.0, burst: NonZeroU32::new(2).unwrap() }));
+        assert_eq!(grants(&throttle, 5).await, vec![0, 0, 499, 999, 1499]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_sharing_a_throttle_share_its_rate() {
         let throttle = Throttle::new(Some(RequestRate { per_second: 10.0, burst: NonZeroU32::MIN }));
         let start = Instant::now();
-        let (a, b) =
-            futures::join!(throttle.apply(stream::iter(0..10)).count(), throttle.apply(stream::iter(0..10)).count());
-        assert_eq!(a + b, 20);
+        let (a, b) = futures::join!(grants(&throttle, 10), grants(&throttle, 10));
+        assert_eq!(a.len() + b.len(), 20);
         // 20 requests at 10/s: the last one goes out after about 1.9 s.
         assert!(start.elapsed() >= Duration::from_millis(1880), "{:?}", start.elapsed());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn no_rate_means_no_wait() {
-        let start = Instant::now();
-        assert_eq!(Throttle::new(None).apply(stream::iter(0..1000)).count().await, 1000);
-        assert_eq!(start.elapsed(), Duration::ZERO);
+    async fn no_rate_means_no_wait_and_a_pause_holds_everyone() {
+        let throttle = Throttle::new(None);
+        assert_eq!(grants(&throttle, 1000).await.last(), Some(&0));
+        throttle.pause(Duration::from_millis(300));
+        assert_eq!(grants(&throttle, 2).await, vec![300, 300]);
     }
 }

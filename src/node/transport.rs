@@ -47,9 +47,14 @@ impl GrpcTransport {
     /// included.
     pub fn from_config(config: &NodeConfig) -> Result<Self, ConfigError> {
         let authorization = match &config.auth_token {
-            Some(token) => Some(
-                format!("Bearer {token}").parse().map_err(|_| crate::config::invalid("SINK_AUTH_TOKEN", "(hidden)"))?,
-            ),
+            Some(token) => {
+                let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.expose())
+                    .parse()
+                    .map_err(|_| crate::config::invalid("SINK_AUTH_TOKEN", "(hidden)"))?;
+                // Kept out of HPACK's tables and out of Debug output.
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
         let endpoint = config.endpoint()?;
