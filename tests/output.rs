@@ -18,8 +18,44 @@ use common::{Process, assert_complete_and_ordered, free_port, read_output, scrat
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 
+/// How a scenario's node is configured, and how much output shows that
+/// the sink is writing.
+#[derive(Clone, Copy)]
+enum Node {
+    /// A busy node that retries quickly and never gives a batch up.
+    Tuned,
+    /// Everything as users get it by default (one sensor, 5 readings/s,
+    /// 10 retries with backoff from 1 s to 30 s).
+    Defaults,
+}
+
+impl Node {
+    fn env(self, socket: &str) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Tuned => tuned_env(socket),
+            Self::Defaults => vec![("GRPC_SERVER_SOCKET", socket.to_owned())],
+        }
+    }
+
+    /// Bytes of output that show the sink writing: a few batches' worth.
+    fn some_output(self) -> u64 {
+        match self {
+            Self::Tuned => 20_000,
+            Self::Defaults => 500,
+        }
+    }
+
+    /// The `ulimit -f` (KiB) that this node's output reaches in seconds.
+    fn size_limit_kib(self) -> u64 {
+        match self {
+            Self::Tuned => 512,
+            Self::Defaults => 4,
+        }
+    }
+}
+
 /// A node that keeps retrying quickly until the sink takes its batches.
-fn node_env(socket: &str) -> Vec<(&'static str, String)> {
+fn tuned_env(socket: &str) -> Vec<(&'static str, String)> {
     vec![
         ("GRPC_SERVER_SOCKET", socket.to_owned()),
         ("NODE_ID", "node-under-test".into()),
@@ -121,31 +157,40 @@ fn fill(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_full_disk_is_refused_cut_back_and_survived_with_and_without_a_restart() {
-    let Some(disk) = Tmpfs::mount("full-disk", "1m") else { return };
+    full_disk(Node::Tuned, "full-disk");
+}
+
+#[test]
+fn a_full_disk_with_the_default_settings() {
+    full_disk(Node::Defaults, "full-disk-defaults");
+}
+
+fn full_disk(kind: Node, name: &str) {
+    let Some(disk) = Tmpfs::mount(name, "1m") else { return };
     let dir = disk.0.parent().unwrap().to_owned();
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
     let output = disk.0.join("readings.jsonl");
     let sink = Process::start("sink-1", SINK, &[], &sink_env(&socket, &disk.0), &dir);
     wait_for_port(port, Duration::from_secs(20));
-    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
-    wait_until("output written", Duration::from_secs(20), || file_len(&output) > 50_000);
+    let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
+    wait_until("output written", Duration::from_secs(20), || file_len(&output) > kind.some_output());
 
     // The disk fills up while the node keeps sending.
     let filler = fill(&disk.0);
-    wait_until("a write refused", Duration::from_secs(20), || {
+    wait_until("a write refused", Duration::from_secs(40), || {
         stderr_of(&dir, "sink-1").contains("Could not write to the output")
     });
     // Space comes back: the same sink process writes again.
     std::fs::remove_file(&filler).unwrap();
     let before = file_len(&output);
-    wait_until("writing again", Duration::from_secs(20), || file_len(&output) > before + 20_000);
+    wait_until("writing again", Duration::from_secs(40), || file_len(&output) > before + kind.some_output());
 
     // Full again, and this time the sink is killed while refusing, and
     // started again once there is room.
     let filler = fill(&disk.0);
     let refusals = stderr_of(&dir, "sink-1").matches("Could not write").count();
-    wait_until("a second refusal", Duration::from_secs(20), || {
+    wait_until("a second refusal", Duration::from_secs(40), || {
         stderr_of(&dir, "sink-1").matches("Could not write").count() > refusals
     });
     sink.signal(libc::SIGKILL);
@@ -154,7 +199,9 @@ fn a_full_disk_is_refused_cut_back_and_survived_with_and_without_a_restart() {
     let sink = Process::start("sink-2", SINK, &[], &sink_env(&socket, &disk.0), &dir);
     wait_for_port(port, Duration::from_secs(20));
     let before = file_len(&output);
-    wait_until("the restarted sink writes", Duration::from_secs(20), || file_len(&output) > before + 20_000);
+    wait_until("the restarted sink writes", Duration::from_secs(40), || {
+        file_len(&output) > before + kind.some_output()
+    });
 
     let summary = stop(node, sink);
     let written = read_output(&output);
@@ -164,30 +211,40 @@ fn a_full_disk_is_refused_cut_back_and_survived_with_and_without_a_restart() {
 
 #[test]
 fn a_file_size_limit_is_refused_like_a_full_disk_and_rotation_ends_it() {
-    let dir = scratch("file-size-limit");
+    file_size_limit(Node::Tuned, "file-size-limit");
+}
+
+#[test]
+fn a_file_size_limit_with_the_default_settings() {
+    file_size_limit(Node::Defaults, "file-size-limit-defaults");
+}
+
+fn file_size_limit(kind: Node, name: &str) {
+    let dir = scratch(name);
     let out = dir.join("out");
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
     let output = out.join("readings.jsonl");
-    // A limit of 512 KiB on every file the sink writes.
+    // A limit on the size of every file the sink writes.
+    let limit = kind.size_limit_kib();
     let sink = Process::start(
         "sink",
         "bash",
-        &["-c", &format!("ulimit -f 512 && exec {SINK}")],
+        &["-c", &format!("ulimit -f {limit} && exec {SINK}")],
         &sink_env(&socket, &out),
         &dir,
     );
     wait_for_port(port, Duration::from_secs(20));
-    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
-    wait_until("a write refused", Duration::from_secs(30), || {
+    let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
+    wait_until("a write refused", Duration::from_secs(40), || {
         stderr_of(&dir, "sink").contains("Could not write to the output")
     });
-    assert!(file_len(&output) <= 512 * 1024);
+    assert!(file_len(&output) <= limit * 1024);
     // Rotated away: the sink reopens on SIGHUP and writes to a new file.
     let rotated = out.join("readings.jsonl.1");
     std::fs::rename(&output, &rotated).unwrap();
     sink.signal(libc::SIGHUP);
-    wait_until("writing to the new file", Duration::from_secs(20), || file_len(&output) > 20_000);
+    wait_until("writing to the new file", Duration::from_secs(40), || file_len(&output) > kind.some_output());
 
     let summary = stop(node, sink);
     let mut written = read_output(&rotated);
@@ -197,19 +254,28 @@ fn a_file_size_limit_is_refused_like_a_full_disk_and_rotation_ends_it() {
 
 #[test]
 fn the_output_deleted_under_a_running_sink_is_made_again_and_nothing_acked_is_lost() {
-    let dir = scratch("deleted-output");
+    deleted_output(Node::Tuned, "deleted-output");
+}
+
+#[test]
+fn the_output_deleted_with_the_default_settings() {
+    deleted_output(Node::Defaults, "deleted-output-defaults");
+}
+
+fn deleted_output(kind: Node, name: &str) {
+    let dir = scratch(name);
     let out = dir.join("out");
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
     let output = out.join("readings.jsonl");
     let sink = Process::start("sink", SINK, &[], &sink_env(&socket, &out), &dir);
     wait_for_port(port, Duration::from_secs(20));
-    let node = Process::start("node", NODE, &[], &node_env(&socket), &dir);
-    wait_until("output written", Duration::from_secs(20), || file_len(&output) > 50_000);
+    let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
+    wait_until("output written", Duration::from_secs(20), || file_len(&output) > kind.some_output());
     // Keep the old file readable, as the operator who deleted it cannot.
     let mut deleted = std::fs::File::open(&output).unwrap();
     std::fs::remove_file(&output).unwrap();
-    wait_until("a new file at the path", Duration::from_secs(20), || file_len(&output) > 50_000);
+    wait_until("a new file at the path", Duration::from_secs(20), || file_len(&output) > kind.some_output());
 
     let summary = stop(node, sink);
     let mut old = String::new();

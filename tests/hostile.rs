@@ -1,0 +1,98 @@
+//! Hostile requests against the real sink binary: memory stays a small
+//! multiple of what is in flight, and the sink keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Process, free_port, scratch, wait_for_port};
+use prost::Message;
+use telemetry_node::{
+    node::GrpcTransport,
+    proto::{SensorValue, SensorValuesRequest},
+};
+
+/// The sink's peak resident memory so far, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their_bytes() {
+    let dir = scratch("hostile-memory");
+    let port = free_port();
+    let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("FILE_PATH", "out".into())];
+    let sink = Process::start("sink", env!("CARGO_BIN_EXE_telemetry-sink"), &[], &env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let before = peak_rss(sink.child.id());
+
+    // Two million empty items: 4 MiB on the wire, some 160 MB once decoded.
+    let empty = SensorValuesRequest { items: vec![SensorValue::default(); 2 << 20], ..Default::default() };
+    let bytes = prost::bytes::Bytes::from(empty.encode_to_vec());
+    assert!(bytes.len() <= 4 << 20);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let transport = GrpcTransport::new(endpoint, Duration::from_secs(60));
+    for _round in 0..3 {
+        let answers = futures::future::join_all((0..16).map(|_| transport.send_payload(bytes.clone()))).await;
+        for answer in answers {
+            assert_eq!(answer.unwrap_err().code(), tonic::Code::InvalidArgument);
+        }
+    }
+    let grown = peak_rss(sink.child.id()).saturating_sub(before);
+    // In flight at once: 16 × 4 MiB = 64 MiB of request bytes. Decoding them
+    // would take some 2.5 GB.
+    let in_flight = 16 * bytes.len() as u64;
+    assert!(grown <= 3 * in_flight, "the sink grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
+    eprintln!("peak RSS grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
+
+    sink.signal(libc::SIGTERM);
+    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    // Refusals are logged, but at most once a second.
+    let logged = stderr.matches("Refused a request.").count();
+    assert!((1..=10).contains(&logged), "{logged} log lines for 48 refusals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_bytes() {
+    let dir = scratch("valid-memory");
+    let port = free_port();
+    let env = [
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("FILE_PATH", "out".into()),
+        ("RATE_PER_SECOND", "1000000000".into()),
+    ];
+    let sink = Process::start("sink", env!("CARGO_BIN_EXE_telemetry-sink"), &[], &env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let before = peak_rss(sink.child.id());
+    // 100,000 readings (MAX_ITEMS_PER_REQUEST), as large as fits in 4 MiB.
+    let item = |sequence: u64| SensorValue {
+        sensor_name: format!("{sequence:0>5}"),
+        measurement: Some(telemetry_node::proto::sensor_value::Measurement {
+            sensor_value: Some(i64::MAX),
+            created_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 999_999_999 }),
+        }),
+        sequence,
+    };
+    let valid = SensorValuesRequest { items: (0..100_000).map(item).collect(), ..Default::default() };
+    let bytes = prost::bytes::Bytes::from(valid.encode_to_vec());
+    assert!(bytes.len() <= 4 << 20);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let transport = GrpcTransport::new(endpoint, Duration::from_secs(60));
+    let answers = futures::future::join_all((0..16).map(|_| transport.send_payload(bytes.clone()))).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    let grown = peak_rss(sink.child.id()).saturating_sub(before);
+    let in_flight = 16 * bytes.len() as u64;
+    eprintln!("peak RSS grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
+    // Decoded readings and their JSON lines, beside the request bytes.
+    assert!(grown <= 4 * in_flight, "the sink grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
+    sink.signal(libc::SIGTERM);
+    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -1,0 +1,264 @@
+//! A redeploy as users run it, with the default settings and the real
+//! binaries: the sink restarted under a running node, a sink that throttles,
+//! a node stopped twice, and what the logs and probes show meanwhile.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use common::{
+    Process, assert_complete_and_ordered, free_port, free_ports, read_output, scratch, summary_fields, wait_for_port,
+};
+
+const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
+const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
+
+fn start_sink(dir: &Path, name: &'static str, port: u16, extra: &[(&'static str, String)]) -> Process {
+    let mut env = vec![("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("FILE_PATH", "out".into())];
+    env.extend(extra.iter().cloned());
+    let sink = Process::start(name, SINK, &[], &env, dir);
+    wait_for_port(port, Duration::from_secs(20));
+    sink
+}
+
+/// Stops `process` with SIGTERM and returns its exit code, stdout, stderr.
+fn stop(process: Process) -> (i32, String, String) {
+    process.signal(libc::SIGTERM);
+    process.wait(Duration::from_secs(60))
+}
+
+/// `name:n` of the summary's `dropped_by=` field.
+fn dropped_by(stdout: &str, name: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("dropped_by="))
+        .flat_map(|reasons| reasons.split(','))
+        .filter_map(|reason| reason.split_once(':'))
+        .find(|(reason, _)| *reason == name)
+        .map_or(0, |(_, n)| n.parse().unwrap())
+}
+
+/// The JSON log lines in `stderr`.
+fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
+    stderr.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+}
+
+#[test]
+fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
+    let dir = scratch("redeploy-defaults");
+    let port = free_port();
+    let sink = start_sink(&dir, "sink-1", port, &[]);
+    // Everything as users get it but the address.
+    let node = Process::start("node", NODE, &[], &[("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}"))], &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    sink.signal(libc::SIGKILL);
+    let _ = sink.wait(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(3));
+    let sink = start_sink(&dir, "sink-2", port, &[]);
+    // A deploy stops the node soon after the sink is back.
+    std::thread::sleep(Duration::from_secs(2));
+    let stopping = Instant::now();
+    let (code, stdout, stderr) = stop(node);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stopping.elapsed() < Duration::from_secs(5), "the drain took {:?}", stopping.elapsed());
+    let (code, _, stderr) = stop(sink);
+    assert_eq!(code, 0, "{stderr}");
+
+    let summary = summary_fields(&stdout);
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    assert!(summary["retries"] > 0, "the outage was felt: {stdout}");
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary["produced"]);
+}
+
+#[test]
+fn a_throttling_sink_uses_up_no_retries_with_the_default_settings() {
+    let dir = scratch("pushback-defaults");
+    let port = free_port();
+    // 3000 request bytes a second: far less than the node would send.
+    let sink = start_sink(&dir, "sink", port, &[("RATE_PER_SECOND", "3000".into())]);
+    // The default retry settings; only the load is raised.
+    let env = [
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "40".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+    ];
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(6));
+    let (code, stdout, stderr) = stop(node);
+    assert_eq!(code, 0, "{stderr}");
+    let (_, sink_out, _) = stop(sink);
+
+    let summary = summary_fields(&stdout);
+    assert!(summary["pushbacks"] > 20, "the sink pushed back: {stdout} / {sink_out}");
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    assert_eq!(assert_complete_and_ordered(&written).values().sum::<u64>(), summary["produced"]);
+}
+
+#[test]
+fn a_second_signal_stops_the_node_at_once_and_counts_what_it_held() {
+    let dir = scratch("second-signal");
+    // Nothing listens there.
+    let port = free_port();
+    let env = [
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("SHUTDOWN_TIMEOUT", "1h".into()),
+        ("LOG_FORMAT", "json".into()),
+    ];
+    let mut node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    node.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.child.try_wait().unwrap().is_none(), "still draining after the first signal");
+    node.signal(libc::SIGINT);
+    let (code, stdout, stderr) = node.wait(Duration::from_secs(5));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] > 0);
+    assert_eq!(summary["dropped"], summary["produced"], "{stdout}");
+    assert_eq!(dropped_by(&stdout, "shutdown"), summary["produced"], "{stdout}");
+    // The drop is logged at error level with its reason and count.
+    let logged: u64 = json_lines(&stderr)
+        .iter()
+        .filter(|line| line["level"] == "ERROR" && line["reason"] == "shutdown")
+        .map(|line| line["dropped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(logged, summary["produced"], "{stderr}");
+}
+
+#[test]
+fn drops_under_a_drop_policy_are_all_logged_with_their_reason() {
+    let dir = scratch("drop-logs");
+    let port = free_port();
+    let env = [
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "200".into()),
+        ("OVERFLOW_POLICY", "drop-newest".into()),
+        ("QUEUE_CAPACITY", "50".into()),
+        ("BATCH_SIZE", "10".into()),
+        ("SHUTDOWN_TIMEOUT", "500ms".into()),
+        ("LOG_FORMAT", "json".into()),
+    ];
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_millis(2500));
+    let (code, stdout, stderr) = stop(node);
+    assert_eq!(code, 0, "{stderr}");
+    let lines = json_lines(&stderr);
+    for reason in ["overflow_newest", "shutdown"] {
+        let logged: u64 = lines
+            .iter()
+            .filter(|line| line["level"] == "ERROR" && line["reason"] == reason)
+            .map(|line| line["dropped"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(logged, dropped_by(&stdout, reason), "{reason}: {stdout}");
+    }
+    assert!(dropped_by(&stdout, "overflow_newest") > 0, "{stdout}");
+}
+
+/// GET `path` on `127.0.0.1:port`: the status code and the body.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).unwrap();
+    let status = page.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = page.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+    (status, body)
+}
+
+#[test]
+fn a_node_with_slow_sensors_stays_ready_while_its_sink_answers() {
+    let dir = scratch("ready-slow");
+    let [port, metrics] = free_ports();
+    let sink = start_sink(&dir, "sink", port, &[]);
+    let env = [
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "0.05".into()),
+        ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+    ];
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    wait_for_port(metrics, Duration::from_secs(20));
+    let answers: Vec<u16> = (0..15)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            get(metrics, "/readyz").0
+        })
+        .collect();
+    assert!(answers.iter().all(|status| *status == 200), "{answers:?}");
+    // With the sink gone, the next attempt tells.
+    let (_, _, _) = stop(sink);
+    let (code, stdout, stderr) = stop(node);
+    assert_eq!(code, 0, "{stderr} {stdout}");
+}
+
+#[test]
+fn metrics_show_every_label_from_the_start_with_canonical_code_names() {
+    let dir = scratch("metric-labels");
+    let [port, metrics] = free_ports();
+    let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("METRICS_ADDR", format!("127.0.0.1:{metrics}"))];
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    wait_for_port(metrics, Duration::from_secs(20));
+    let (_, page) = get(metrics, "/metrics");
+    let _ = stop(node);
+    for line in [
+        "telemetry_node_readings_dropped_total{reason=\"refused\"} 0",
+        "telemetry_node_readings_dropped_total{reason=\"spool_full\"} 0",
+        "telemetry_node_retries_total{code=\"UNAVAILABLE\"}",
+        "telemetry_node_batches_refused_total{code=\"INVALID_ARGUMENT\"} 0",
+    ] {
+        assert!(page.contains(line), "{line} in {page}");
+    }
+    assert!(!page.contains("Unavailable"), "{page}");
+}
+
+#[test]
+fn the_shared_token_appears_in_no_log_line_summary_or_metric() {
+    let dir = scratch("secret");
+    let [port, node_metrics, sink_metrics] = free_ports();
+    let token = "s3cret-T0ken-that-must-not-leak";
+    let sink = start_sink(
+        &dir,
+        "sink",
+        port,
+        &[
+            ("SINK_AUTH_TOKEN", token.into()),
+            ("METRICS_ADDR", format!("127.0.0.1:{sink_metrics}")),
+            ("LOGGER_MIN_LOG_LEVEL", "trace".into()),
+        ],
+    );
+    let mut outputs = Vec::new();
+    // One node with the right token, one with a wrong one (refused).
+    for (name, given) in [("node-right", token.to_owned()), ("node-wrong", format!("{token}-wrong"))] {
+        let env: HashMap<&str, String> = HashMap::from([
+            ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+            ("SINK_AUTH_TOKEN", given),
+            ("METRICS_ADDR", format!("127.0.0.1:{node_metrics}")),
+            ("LOGGER_MIN_LOG_LEVEL", "trace".into()),
+            ("LOG_FORMAT", "json".into()),
+        ]);
+        let env: Vec<(&str, String)> = env.into_iter().collect();
+        let node = Process::start(name, NODE, &[], &env, &dir);
+        wait_for_port(node_metrics, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_secs(2));
+        outputs.push(get(node_metrics, "/metrics").1);
+        outputs.push(get(sink_metrics, "/metrics").1);
+        let (_, stdout, stderr) = stop(node);
+        outputs.extend([stdout, stderr]);
+    }
+    let (_, stdout, stderr) = stop(sink);
+    outputs.extend([stdout, stderr]);
+    assert!(outputs.iter().any(|text| text.contains("[redacted]")), "the token's setting is shown as redacted");
+    for text in &outputs {
+        assert!(!text.contains("s3cret-T0ken"), "the token leaked: {text}");
+    }
+}
