@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure().compile_with_config(
         config,
-        &[PathBuf::from("proto/sensor/v1/sensor.proto")],
+        &[PathBuf::from("proto/sensor/v1/sensor.proto"), PathBuf::from("proto/prometheus/remote.proto")],
         &includes,
     )?;
     Ok(())

@@ -80,6 +80,17 @@ pub enum ReceiveError {
     /// nothing of the request is in it, and a retry may succeed.
     #[error("the sink could not write its output: {0}")]
     WriteFailed(String),
+    /// The database is down or busy; the node should wait `retry_after`.
+    #[error("the database cannot take the readings now: {message}; retry in {} ms", .retry_after.as_millis())]
+    OutputBusy {
+        /// How long to wait.
+        retry_after: std::time::Duration,
+        /// What the database said.
+        message: String,
+    },
+    /// The database refused the readings for good.
+    #[error("the database refused the readings: {0}")]
+    OutputRefused(String),
     /// The output writer has stopped, so nothing can be accepted.
     #[error("the sink is shutting down or its output failed")]
     WriterStopped,
@@ -89,7 +100,7 @@ impl From<ReceiveError> for Status {
     fn from(error: ReceiveError) -> Self {
         let message = error.to_string();
         match error {
-            ReceiveError::Throttled { retry_after } => {
+            ReceiveError::Throttled { retry_after } | ReceiveError::OutputBusy { retry_after, .. } => {
                 let mut status = Status::resource_exhausted(message);
                 // At least 1 ms: 0 would read as "retry at once" and spin.
                 let ms = retry_after.as_millis().max(1).to_string();
@@ -104,6 +115,27 @@ impl From<ReceiveError> for Status {
             _ => Status::invalid_argument(message),
         }
     }
+}
+
+/// Why an output did not store a request's readings. Nothing of them is
+/// stored in any case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputError {
+    /// The write failed (a full disk, a file-size limit); a retry may
+    /// succeed.
+    #[error("{0}")]
+    Failed(std::sync::Arc<str>),
+    /// The database is down or busy: come back after `retry_after`.
+    #[error("{message}")]
+    Busy {
+        /// How long the node should wait.
+        retry_after: std::time::Duration,
+        /// What the database (or the connection) said.
+        message: std::sync::Arc<str>,
+    },
+    /// The database refused the data for good (a 4xx answer).
+    #[error("{0}")]
+    Refused(std::sync::Arc<str>),
 }
 
 /// Why the sink could not serve.

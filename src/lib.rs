@@ -46,3 +46,10 @@ pub mod wire;
 pub mod proto {
     tonic::include_proto!("sensor.v1");
 }
+
+/// Code generated from `proto/prometheus/remote.proto`: the remote-write
+/// request.
+#[allow(missing_docs, unreachable_pub)]
+pub mod prompb {
+    tonic::include_proto!("prometheus");
+}

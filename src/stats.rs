@@ -338,12 +338,20 @@ pub enum RejectReason {
     Compression,
     /// The output could not be written (full disk, file-size limit).
     WriteFailed,
+    /// The database refused the readings (a 4xx answer).
+    DatabaseRefused,
 }
 
 impl RejectReason {
     /// Every reason, so that each is exported from the start.
-    pub const ALL: [RejectReason; 5] =
-        [Self::Invalid, Self::TooLarge, Self::Unauthenticated, Self::Compression, Self::WriteFailed];
+    pub const ALL: [RejectReason; 6] = [
+        Self::Invalid,
+        Self::TooLarge,
+        Self::Unauthenticated,
+        Self::Compression,
+        Self::WriteFailed,
+        Self::DatabaseRefused,
+    ];
 
     /// The reason's name in metrics and logs.
     pub fn name(self) -> &'static str {
@@ -353,6 +361,7 @@ impl RejectReason {
             Self::Unauthenticated => "unauthenticated",
             Self::Compression => "compression",
             Self::WriteFailed => "write_failed",
+            Self::DatabaseRefused => "database_refused",
         }
     }
 }
@@ -395,6 +404,70 @@ pub struct SinkStats {
     pub write_latency: Histogram,
     /// Whether the server is accepting requests; backs readiness.
     pub serving: std::sync::atomic::AtomicBool,
+    /// The remote-write output's counters.
+    pub remote_write: RemoteWriteStats,
+}
+
+/// Label of a remote-write metric split by the database's answer.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// `2xx`, `4xx`, `429`, `5xx`, or `error` (no answer: connection
+    /// failed or timed out).
+    pub status: &'static str,
+}
+
+/// The answers remote-write metrics are split by.
+pub const REMOTE_WRITE_STATUSES: [&str; 5] = ["2xx", "4xx", "429", "5xx", "error"];
+
+/// Counters of the remote-write output.
+#[derive(Debug)]
+pub struct RemoteWriteStats {
+    /// Requests made to the database, by its answer.
+    pub requests: Family<StatusLabel, Counter>,
+    /// Samples the database took (answered 2xx).
+    pub samples: Counter,
+    /// Node requests pushed back because the database could not take them
+    /// now, by the database's answer.
+    pub retries: Family<StatusLabel, Counter>,
+    /// Readings that a later reading of the same sensor in the same
+    /// millisecond superseded (a series holds one sample per millisecond).
+    pub superseded: Counter,
+    /// Seconds from sending a request to the database to its answer.
+    pub latency: Histogram,
+    /// Requests to the database under way.
+    pub in_flight: Gauge,
+}
+
+impl Default for RemoteWriteStats {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            samples: Counter::default(),
+            retries: Family::default(),
+            superseded: Counter::default(),
+            latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
+            in_flight: Gauge::default(),
+        }
+    }
+}
+
+impl RemoteWriteStats {
+    /// Registers every metric as `telemetry_sink_remote_write_*`.
+    fn register(&self, r: &mut Registry) {
+        for status in REMOTE_WRITE_STATUSES {
+            let _ = self.requests.get_or_create(&StatusLabel { status });
+            let _ = self.retries.get_or_create(&StatusLabel { status });
+        }
+        let r = r.sub_registry_with_prefix("remote_write");
+        r.register("requests", "Requests to the database, by its answer", self.requests.clone());
+        r.register("samples", "Samples the database took", self.samples.clone());
+        r.register("retries", "Node requests pushed back while the database could not take them", self.retries.clone());
+        let superseded = self.superseded.clone();
+        r.register("samples_superseded", "Readings superseded within their millisecond", superseded);
+        let latency = self.latency.clone();
+        r.register_with_unit("latency", "Time a request to the database took", Unit::Seconds, latency);
+        r.register("in_flight", "Requests to the database under way", self.in_flight.clone());
+    }
 }
 
 impl Default for SinkStats {
@@ -411,6 +484,7 @@ impl Default for SinkStats {
             write_errors: Counter::default(),
             write_latency: Histogram::new(exponential_buckets(0.00005, 4.0, 10)),
             serving: std::sync::atomic::AtomicBool::new(false),
+            remote_write: RemoteWriteStats::default(),
         }
     }
 }
@@ -451,6 +525,7 @@ impl SinkStats {
         r.register("write_errors", "Writes to the output that failed and were undone", self.write_errors.clone());
         let latency = self.write_latency.clone();
         r.register_with_unit("write_latency", "Time one buffer write to the output took", Unit::Seconds, latency);
+        self.remote_write.register(r);
     }
 }
 

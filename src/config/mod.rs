@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
 pub use node::{LogFormat, NodeConfig, Overflow, Retries};
-pub use sink::SinkConfig;
+pub use sink::{OutputKind, SinkConfig};
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -85,6 +85,17 @@ const ACCEPTED: &[(&str, &str)] = &[
     ),
     ("MAX_MESSAGE_BYTES", "a whole number of bytes from 1024 to 1073741824"),
     ("MAX_ITEMS_PER_REQUEST", "a whole number from 1 to 10000000"),
+    ("OUTPUT", "file or remote-write"),
+    (
+        "REMOTE_WRITE_URL",
+        "the database's remote-write endpoint, http://host:port/path, required by OUTPUT=remote-write",
+    ),
+    ("REMOTE_WRITE_METRIC", "a Prometheus metric name, e.g. sensor_value"),
+    ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0, e.g. 4s"),
+    ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
+    ("REMOTE_WRITE_MAX_SAMPLES", "a whole number of samples from 1 to 1000000"),
+    ("REMOTE_WRITE_BEARER_TOKEN", "a non-empty token of visible ASCII characters, not with REMOTE_WRITE_USERNAME"),
+    ("REMOTE_WRITE_USERNAME", "a user name, set together with REMOTE_WRITE_PASSWORD"),
 ];
 
 /// Reads the process environment, after loading `.env` from the working
@@ -118,7 +129,7 @@ pub(crate) fn load<C: envconfig::Envconfig>(
     let config: C = parse(vars)?;
     validate(&config).map_err(|error| match error {
         // Secrets are never echoed.
-        ConfigError::Invalid { variable: "SINK_AUTH_TOKEN", .. } => error,
+        ConfigError::Invalid { variable: "SINK_AUTH_TOKEN" | "REMOTE_WRITE_BEARER_TOKEN", .. } => error,
         // Nor are the contents of files: only their names.
         ConfigError::Invalid { variable, .. } if variable.starts_with("TLS_") => error,
         ConfigError::Invalid { variable, value, expected } => {

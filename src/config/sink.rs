@@ -58,6 +58,55 @@ pub struct SinkConfig {
     /// Most readings accepted in one request.
     #[envconfig(from = "MAX_ITEMS_PER_REQUEST", default = "100000")]
     pub max_items: usize,
+    /// Where accepted readings go: the JSON-lines file, or a time-series
+    /// database over Prometheus remote-write.
+    #[envconfig(from = "OUTPUT", default = "file")]
+    pub output: OutputKind,
+    /// The database's remote-write endpoint (OUTPUT=remote-write).
+    #[envconfig(from = "REMOTE_WRITE_URL")]
+    pub remote_write_url: Option<String>,
+    /// Name of the metric every sensor's series carries.
+    #[envconfig(from = "REMOTE_WRITE_METRIC", default = "sensor_value")]
+    pub remote_write_metric: String,
+    /// Deadline of one request to the database.
+    #[envconfig(from = "REMOTE_WRITE_TIMEOUT", default = "4s")]
+    pub remote_write_timeout: humantime::Duration,
+    /// Requests to the database in flight at once, at most.
+    #[envconfig(from = "REMOTE_WRITE_CONCURRENCY", default = "4")]
+    pub remote_write_concurrency: usize,
+    /// Most samples gathered into one request to the database.
+    #[envconfig(from = "REMOTE_WRITE_MAX_SAMPLES", default = "10000")]
+    pub remote_write_max_samples: usize,
+    /// Bearer token sent to the database.
+    #[envconfig(from = "REMOTE_WRITE_BEARER_TOKEN")]
+    pub remote_write_bearer_token: Option<Secret>,
+    /// User for basic authentication to the database.
+    #[envconfig(from = "REMOTE_WRITE_USERNAME")]
+    pub remote_write_username: Option<String>,
+    /// Password for basic authentication to the database.
+    #[envconfig(from = "REMOTE_WRITE_PASSWORD")]
+    pub remote_write_password: Option<Secret>,
+}
+
+/// Where the sink puts what it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// FILE_PATH/readings.jsonl.
+    File,
+    /// A database, over Prometheus remote-write.
+    RemoteWrite,
+}
+
+impl std::str::FromStr for OutputKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "file" => Ok(Self::File),
+            "remote-write" => Ok(Self::RemoteWrite),
+            _ => Err(format!("unknown output {s:?}")),
+        }
+    }
 }
 
 impl SinkConfig {
@@ -82,6 +131,30 @@ impl SinkConfig {
         ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
         self.tls()?;
+        if self.output == OutputKind::RemoteWrite {
+            let url = self.remote_write_url.as_deref().unwrap_or("");
+            let valid =
+                url.parse::<hyper::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
+            ensure(valid, "REMOTE_WRITE_URL", url)?;
+        }
+        let metric = &self.remote_write_metric;
+        let metric_ok = metric
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && !metric.is_empty();
+        ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
+        ensure_positive("REMOTE_WRITE_TIMEOUT", self.remote_write_timeout)?;
+        let concurrency = self.remote_write_concurrency;
+        ensure((1..=64).contains(&concurrency), "REMOTE_WRITE_CONCURRENCY", concurrency)?;
+        let samples = self.remote_write_max_samples;
+        ensure((1..=1_000_000).contains(&samples), "REMOTE_WRITE_MAX_SAMPLES", samples)?;
+        if let Some(token) = &self.remote_write_bearer_token {
+            ensure(super::tokenable(token.expose()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
+        }
+        let basic = (self.remote_write_username.is_some(), self.remote_write_password.is_some());
+        ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.remote_write_username.as_deref().unwrap_or(""))?;
+        ensure(!(basic.0 && self.remote_write_bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ mod codec;
 pub mod dedup;
 mod output_file;
 mod refusals;
+mod remote_write;
 mod route;
 pub mod service;
 pub mod validate;
@@ -26,7 +27,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Compression, SinkConfig},
+    config::{Compression, OutputKind, SinkConfig},
     error::ServeError,
     stats::{SinkStats, SinkSummary},
 };
@@ -82,7 +83,22 @@ pub async fn serve_with(
     let path = config.output_file();
     let stop_writer = CancellationToken::new();
     let dedup = Arc::new(dedup::Deduplicator::new(DEDUP_LANES));
-    let (chunks, writing) = if output == Output::File {
+    let remote_write = output == Output::File && config.output == OutputKind::RemoteWrite;
+    let (chunks, writing) = if remote_write {
+        let writer = remote_write::RemoteWriter::new(config, Arc::clone(&stats)).ok_or_else(|| ServeError::Output {
+            path: "REMOTE_WRITE_URL".into(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        })?;
+        let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
+        let stop = stop_writer.clone();
+        (
+            Some(chunks),
+            Some(tokio::spawn(async move {
+                writer.run(queue, stop).await;
+                Ok(())
+            })),
+        )
+    } else if output == Output::File {
         tokio::fs::create_dir_all(&config.file_path)
             .await
             .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
@@ -102,7 +118,14 @@ pub async fn serve_with(
     };
 
     let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&stats)));
-    let receiver = ReceiverService::new(config, chunks, dedup, Arc::clone(&stats), Arc::clone(&refusals));
+    // Remote-write keeps no memory between requests: a retried batch is the
+    // same samples again, which the database takes as one.
+    let (dedup, render) = if remote_write {
+        (None, service::Render::Series(Arc::from(config.remote_write_metric.as_str())))
+    } else {
+        (Some(dedup), service::Render::Lines)
+    };
+    let receiver = ReceiverService::new(config, chunks, dedup, render, Arc::clone(&stats), Arc::clone(&refusals));
     let accept_gzip = config.compression == Compression::Gzip;
     let service = route::SensorRoute::new(receiver, accept_gzip, config.max_message_bytes, config.max_items, refusals);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -115,7 +138,7 @@ pub async fn serve_with(
     info!(
         message = "Sink listening.",
         address = %listener.local_addr().map_err(ServeError::Listen)?,
-        output = %path.display(),
+        output = %if remote_write { config.remote_write_url.clone().unwrap_or_default() } else { path.display().to_string() },
         tls = config.tls_cert.is_some(),
     );
     stats.serving.store(true, Relaxed);

@@ -16,10 +16,19 @@ use super::{dedup::Deduplicator, refusals::Refusals, validate, writer::Chunk};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
-    error::ReceiveError,
+    error::{OutputError, ReceiveError},
     proto::{SensorValuesRequest, SensorValuesResponse, sensor_service_server::SensorService},
     stats::{RejectReason, SinkStats, count},
 };
+
+/// What the output takes of an accepted request.
+#[derive(Debug, Clone)]
+pub enum Render {
+    /// JSON lines, for the file.
+    Lines,
+    /// Remote-write series of this metric name.
+    Series(Arc<str>),
+}
 
 /// Answers `SensorService` calls.
 #[derive(Debug)]
@@ -37,8 +46,11 @@ pub struct ReceiverService {
     /// Queue to the writer; bounded, so a slow disk slows the callers down.
     /// `None` when accepted readings are discarded.
     output: Option<mpsc::Sender<Chunk>>,
-    /// The last batch written per node and lane.
-    dedup: Arc<Deduplicator>,
+    /// The last batch written per node and lane; `None` where retried
+    /// batches are harmless (remote-write).
+    dedup: Option<Arc<Deduplicator>>,
+    /// What the output takes.
+    render: Render,
     /// Counters for logs and summaries.
     stats: Arc<SinkStats>,
     /// Where refused requests are counted and logged.
@@ -50,7 +62,8 @@ impl ReceiverService {
     pub(crate) fn new(
         config: &SinkConfig,
         output: Option<mpsc::Sender<Chunk>>,
-        dedup: Arc<Deduplicator>,
+        dedup: Option<Arc<Deduplicator>>,
+        render: Render,
         stats: Arc<SinkStats>,
         refusals: Arc<Refusals>,
     ) -> Self {
@@ -59,7 +72,7 @@ impl ReceiverService {
         let clock = TokioClock::new();
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), clock);
         let authorization = config.auth_token.as_ref().map(|token| format!("Bearer {}", token.expose()).into_bytes());
-        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, stats, refusals }
+        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, render, stats, refusals }
     }
 
     /// Whether `request` carries the token, compared in constant time.
@@ -77,12 +90,19 @@ impl ReceiverService {
         if items > self.max_items {
             return Err(ReceiveError::TooManyItems { items, limit: self.max_items });
         }
-        let lines = validate::to_json_lines(request)?;
+        let lines = match &self.render {
+            Render::Lines => validate::to_json_lines(request)?,
+            Render::Series(metric) => {
+                let (series, superseded) = validate::to_series(request, metric)?;
+                count(&self.stats.remote_write.superseded, superseded);
+                series
+            }
+        };
         // Held until the batch is written, so a retry of it waits here and
         // then finds it written.
-        let mut last_written = match request.node_id.as_str() {
-            "" => None,
-            node => Some(self.dedup.lock(node, request.lane).await),
+        let mut last_written = match (request.node_id.as_str(), &self.dedup) {
+            ("", _) | (_, None) => None,
+            (node, Some(dedup)) => Some(dedup.lock(node, request.lane).await),
         };
         // A lane sends one batch at a time and retries only that one, so a
         // duplicate is exactly the last batch written. A lower number (a
@@ -107,7 +127,13 @@ impl ReceiverService {
                     .await
                     .map_err(|_| ReceiveError::WriterStopped)?;
                 let written = confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
-                written.map_err(|error| ReceiveError::WriteFailed(error.to_string()))?;
+                written.map_err(|error| match error {
+                    OutputError::Failed(message) => ReceiveError::WriteFailed(message.to_string()),
+                    OutputError::Busy { retry_after, message } => {
+                        ReceiveError::OutputBusy { retry_after, message: message.to_string() }
+                    }
+                    OutputError::Refused(message) => ReceiveError::OutputRefused(message.to_string()),
+                })?;
             }
             if let Some(last) = last_written.as_mut() {
                 **last = Some(batch);
@@ -158,6 +184,11 @@ impl SensorService for ReceiverService {
                         None
                     }
                     ReceiveError::WriteFailed(_) => Some(RejectReason::WriteFailed),
+                    ReceiveError::OutputBusy { .. } => {
+                        self.stats.throttled.inc();
+                        None
+                    }
+                    ReceiveError::OutputRefused(_) => Some(RejectReason::DatabaseRefused),
                     ReceiveError::Unauthenticated => Some(RejectReason::Unauthenticated),
                     ReceiveError::TooLarge { .. } | ReceiveError::TooManyItems { .. } => Some(RejectReason::TooLarge),
                     _ => Some(RejectReason::Invalid),

@@ -5,7 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::{error::ReceiveError, proto::SensorValuesRequest};
+use crate::{
+    error::ReceiveError,
+    prompb::{Label, Sample, TimeSeries},
+    proto::{SensorValue, SensorValuesRequest},
+};
 
 /// Latest timestamp that RFC 3339 can write: 9999-12-31T23:59:59Z.
 const MAX_SECONDS: i64 = 253_402_300_799;
@@ -47,13 +51,7 @@ pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveEr
     let (lane, batch) = (identified.then_some(request.lane), identified.then_some(request.batch_sequence));
     let last = request.items.len().saturating_sub(1);
     for (index, item) in request.items.iter().enumerate() {
-        if item.sensor_name.is_empty() {
-            return Err(ReceiveError::EmptySensorName { index });
-        }
-        let measurement = item.measurement.as_ref().ok_or(ReceiveError::MissingMeasurement { index })?;
-        let value = measurement.sensor_value.ok_or(ReceiveError::MissingValue { index })?;
-        let created_at =
-            measurement.created_at.as_ref().and_then(to_system_time).ok_or(ReceiveError::BadTimestamp { index })?;
+        let (value, created_at) = check(index, item)?;
         let line = Line {
             sensor_name: &item.sensor_name,
             value,
@@ -70,6 +68,61 @@ pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveEr
     Ok(out)
 }
 
+/// The value and time of the reading at `index`, or why it is refused.
+fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveError> {
+    if item.sensor_name.is_empty() {
+        return Err(ReceiveError::EmptySensorName { index });
+    }
+    let measurement = item.measurement.as_ref().ok_or(ReceiveError::MissingMeasurement { index })?;
+    let value = measurement.sensor_value.ok_or(ReceiveError::MissingValue { index })?;
+    let created_at =
+        measurement.created_at.as_ref().and_then(to_system_time).ok_or(ReceiveError::BadTimestamp { index })?;
+    Ok((value, created_at))
+}
+
+/// A request's readings as remote-write series, encoded as the
+/// `timeseries` entries of a `WriteRequest` (so that the series of several
+/// requests, concatenated, are one request), and how many readings a
+/// later reading of the same sensor in the same millisecond superseded.
+///
+/// One series per sensor of the sending node: `metric{node="…",
+/// sensor="…"}`, samples in the order the node sent them, the time in
+/// milliseconds and the value as a float (exact up to 2^53). A series holds
+/// one sample per millisecond: of two readings of a sensor in the same
+/// millisecond, the later one is kept.
+pub fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(Vec<u8>, usize), ReceiveError> {
+    let mut series: Vec<(&str, Vec<Sample>)> = Vec::new();
+    let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut superseded = 0;
+    for (index, item) in request.items.iter().enumerate() {
+        let (value, created_at) = check(index, item)?;
+        let timestamp = created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let at = *index_of.entry(item.sensor_name.as_str()).or_insert_with(|| {
+            series.push((item.sensor_name.as_str(), Vec::new()));
+            series.len() - 1
+        });
+        let samples = &mut series[at].1;
+        let sample = Sample { value: value as f64, timestamp };
+        match samples.last_mut() {
+            Some(last) if last.timestamp == timestamp => {
+                *last = sample;
+                superseded += 1;
+            }
+            _ => samples.push(sample),
+        }
+    }
+    let mut out = Vec::with_capacity(request.items.len() * 24 + series.len() * (metric.len() + 64));
+    for (sensor, samples) in series {
+        let mut labels = vec![Label { name: "__name__".into(), value: metric.into() }];
+        if !request.node_id.is_empty() {
+            labels.push(Label { name: "node".into(), value: request.node_id.clone() });
+        }
+        labels.push(Label { name: "sensor".into(), value: sensor.into() });
+        prost::encoding::message::encode(1, &TimeSeries { labels, samples }, &mut out);
+    }
+    Ok((out, superseded))
+}
+
 /// The time of `timestamp` if RFC 3339 can write it (years 1970 to 9999).
 fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<SystemTime> {
     let seconds = u64::try_from(timestamp.seconds).ok().filter(|s| *s <= MAX_SECONDS as u64)?;
@@ -79,8 +132,49 @@ fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
-    use crate::proto::{SensorValue, sensor_value::Measurement};
+    use crate::{prompb::WriteRequest, proto::sensor_value::Measurement};
+
+    #[test]
+    fn one_series_per_sensor_with_node_and_sensor_labels() {
+        let mut second = item("a", Some(2), 1);
+        second.measurement.as_mut().unwrap().created_at.as_mut().unwrap().nanos = 2_000_000;
+        let request = SensorValuesRequest {
+            items: vec![item("a", Some(1), 1), item("b", Some(-7), 1), second],
+            node_id: "n1".into(),
+            ..Default::default()
+        };
+        let (bytes, superseded) = to_series(&request, "sensor_value").unwrap();
+        assert_eq!(superseded, 0);
+        let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
+        let labels: Vec<Vec<(String, String)>> = decoded
+            .timeseries
+            .iter()
+            .map(|s| s.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect())
+            .collect();
+        let label = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        assert_eq!(labels[0], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "a")]);
+        assert_eq!(labels[1], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "b")]);
+        assert_eq!(
+            decoded.timeseries[0].samples,
+            vec![Sample { value: 1.0, timestamp: 1000 }, Sample { value: 2.0, timestamp: 1002 }]
+        );
+        assert_eq!(decoded.timeseries[1].samples, vec![Sample { value: -7.0, timestamp: 1000 }]);
+    }
+
+    #[test]
+    fn of_two_readings_in_one_millisecond_the_later_is_kept() {
+        let request =
+            SensorValuesRequest { items: vec![item("a", Some(1), 1), item("a", Some(9), 1)], ..Default::default() };
+        let (bytes, superseded) = to_series(&request, "m").unwrap();
+        assert_eq!(superseded, 1);
+        let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
+        assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
+        // Without a node identity there is no node label.
+        assert_eq!(decoded.timeseries[0].labels.len(), 2);
+    }
 
     fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
         SensorValue {

@@ -11,18 +11,19 @@ use tracing::{debug, error, info};
 
 use super::output_file::OutputFile;
 use crate::{
-    error::ServeError,
+    error::{OutputError, ServeError},
     logging::Every,
     stats::{SinkStats, count},
 };
 
-/// What a chunk's sender is told: written, or why not.
-pub type Written = Result<(), Arc<io::Error>>;
+/// What a chunk's sender is told: stored, or why not.
+pub type Written = Result<(), OutputError>;
 
-/// The lines of one accepted request.
+/// What one accepted request puts in the output.
 #[derive(Debug)]
 pub struct Chunk {
-    /// JSON lines, each ending in `\n`.
+    /// JSON lines, each ending in `\n`; or, for remote-write, the request's
+    /// series as encoded `WriteRequest.timeseries` entries.
     pub lines: Vec<u8>,
     /// How many readings the lines hold.
     pub readings: usize,
@@ -163,7 +164,7 @@ impl JsonLinesWriter {
                     if let Some(suppressed) = self.failures.ready() {
                         error!(message = "Could not write to the output; refusing the requests.", %error, readings = self.buffered_readings, suppressed);
                     }
-                    Err(Arc::new(error))
+                    Err(OutputError::Failed(error.to_string().into()))
                 }
             }
         };

@@ -1,0 +1,337 @@
+//! The remote-write output: gathers accepted requests' series into
+//! Prometheus remote-write requests (snappy-compressed protobuf over HTTP)
+//! and tells each request's sender what the database answered. A request
+//! is acknowledged only once the database answered 2xx for all its
+//! samples. While the database is down or busy, requests are pushed back to
+//! the nodes at once, so the sink holds nothing: the nodes' retries and
+//! spools hold the data.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    Request, StatusCode, Uri,
+    header::{self, HeaderValue},
+};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use prost::bytes::Bytes;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::writer::Chunk;
+use crate::{
+    config::SinkConfig,
+    error::OutputError,
+    logging::Every,
+    stats::{SinkStats, StatusLabel},
+};
+
+/// Shortest and longest pause asked of the nodes while the database fails.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const LONGEST_PAUSE: Duration = Duration::from_secs(10);
+
+/// Longest `Retry-After` honoured.
+const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// Most bytes of a database's error answer kept for logs and statuses.
+const ANSWER_BYTES: usize = 1024;
+
+/// Sends what the sink accepts to a database.
+#[derive(Debug)]
+pub(crate) struct RemoteWriter {
+    /// Pooled HTTP/1.1 connections to the database.
+    client: Client<HttpConnector, Full<Bytes>>,
+    /// REMOTE_WRITE_URL.
+    url: Uri,
+    /// `Authorization` header, from a bearer token or basic credentials.
+    authorization: Option<HeaderValue>,
+    /// REMOTE_WRITE_TIMEOUT.
+    timeout: Duration,
+    /// REMOTE_WRITE_MAX_SAMPLES (counted as readings, before superseding).
+    max_samples: usize,
+    /// One permit per request in flight (REMOTE_WRITE_CONCURRENCY).
+    slots: Arc<Semaphore>,
+    /// REMOTE_WRITE_CONCURRENCY.
+    concurrency: u32,
+    /// Failures in a row, and no request before this instant.
+    pause: Mutex<(u32, Option<Instant>)>,
+    /// Counters.
+    stats: Arc<SinkStats>,
+    /// Failures are logged at most once a second.
+    failures: Mutex<Every>,
+}
+
+impl RemoteWriter {
+    /// The writer `config` describes; `None` when REMOTE_WRITE_URL is not
+    /// a usable URL (the configuration's check refuses that first).
+    pub(crate) fn new(config: &SinkConfig, stats: Arc<SinkStats>) -> Option<Self> {
+        let url: Uri = config.remote_write_url.as_deref()?.parse().ok()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.remote_write_timeout.into()));
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let concurrency = u32::try_from(config.remote_write_concurrency).ok()?;
+        Some(Self {
+            client,
+            url,
+            authorization: authorization(config),
+            timeout: config.remote_write_timeout.into(),
+            max_samples: config.remote_write_max_samples,
+            slots: Arc::new(Semaphore::new(concurrency as usize)),
+            concurrency,
+            pause: Mutex::new((0, None)),
+            stats,
+            failures: Mutex::new(Every::second()),
+        })
+    }
+
+    /// Sends what arrives on `queue` until `stop` is cancelled, then what is
+    /// still queued, and waits for every request under way.
+    pub(crate) async fn run(self, mut queue: mpsc::Receiver<Chunk>, stop: CancellationToken) {
+        let writer = Arc::new(self);
+        loop {
+            let chunk = tokio::select! {
+                chunk = queue.recv() => chunk,
+                () = stop.cancelled() => None,
+            };
+            let Some(chunk) = chunk else { break };
+            writer.dispatch(chunk, &mut queue).await;
+        }
+        queue.close();
+        while let Some(chunk) = queue.recv().await {
+            writer.dispatch(chunk, &mut queue).await;
+        }
+        let _ = writer.slots.acquire_many(writer.concurrency).await;
+    }
+
+    /// Gathers `first` and what else is queued, up to REMOTE_WRITE_MAX_SAMPLES,
+    /// and sends them as one request once a slot is free.
+    async fn dispatch(self: &Arc<Self>, first: Chunk, queue: &mut mpsc::Receiver<Chunk>) {
+        let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else { return };
+        let mut samples = first.readings;
+        let mut chunks = vec![first];
+        while samples < self.max_samples {
+            match queue.try_recv() {
+                Ok(chunk) => {
+                    samples += chunk.readings;
+                    chunks.push(chunk);
+                }
+                Err(_) => break,
+            }
+        }
+        tokio::spawn(Arc::clone(self).deliver(chunks, slot));
+    }
+
+    /// Sends `chunks` as one request and answers each. If the database
+    /// refuses a request of several, each is sent on its own, so that one
+    /// node's bad sample does not refuse the others'.
+    async fn deliver(self: Arc<Self>, chunks: Vec<Chunk>, _slot: OwnedSemaphorePermit) {
+        if let Some(wait) = self.paused() {
+            let busy = OutputError::Busy { retry_after: wait, message: "the database is not answering".into() };
+            self.count_retries("error", chunks.len());
+            return answer(chunks, &Err(busy));
+        }
+        let outcome = self.post(&chunks).await;
+        if matches!(outcome, Err(OutputError::Refused(_))) && chunks.len() > 1 {
+            for chunk in chunks {
+                let outcome = self.post(std::slice::from_ref(&chunk)).await;
+                answer(vec![chunk], &outcome);
+            }
+            return;
+        }
+        answer(chunks, &outcome);
+    }
+
+    /// How long the nodes must still wait, while the database is failing.
+    fn paused(&self) -> Option<Duration> {
+        let pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+        pause.1.and_then(|until| until.checked_duration_since(Instant::now())).filter(|wait| !wait.is_zero())
+    }
+
+    /// POSTs the series of `chunks` as one remote-write request.
+    async fn post(&self, chunks: &[Chunk]) -> Result<(), OutputError> {
+        let readings: usize = chunks.iter().map(|chunk| chunk.readings).sum();
+        let mut body = Vec::with_capacity(chunks.iter().map(|chunk| chunk.lines.len()).sum());
+        for chunk in chunks {
+            body.extend_from_slice(&chunk.lines);
+        }
+        let compressed = snap::raw::Encoder::new()
+            .compress_vec(&body)
+            .map_err(|error| OutputError::Failed(format!("snappy: {error}").into()))?;
+        let mut request = Request::post(self.url.clone())
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .header(header::CONTENT_ENCODING, "snappy")
+            .header(header::USER_AGENT, concat!("telemetry-sink/", env!("CARGO_PKG_VERSION")))
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0");
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(compressed)))
+            .map_err(|error| OutputError::Failed(error.to_string().into()))?;
+        let stats = &self.stats.remote_write;
+        stats.in_flight.inc();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.timeout, async {
+            let response = self.client.request(request).await?;
+            let status = response.status();
+            let asked = retry_after(response.headers().get(header::RETRY_AFTER));
+            let body = response.into_body().collect().await.map(|body| body.to_bytes()).unwrap_or_default();
+            Ok::<_, hyper_util::client::legacy::Error>((status, asked, body))
+        })
+        .await;
+        stats.in_flight.dec();
+        stats.latency.observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(Ok((status, _, _))) if status.is_success() => {
+                self.count("2xx");
+                stats.samples.inc_by(readings as u64);
+                *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = (0, None);
+                debug!(message = "The database took the samples.", readings, requests = chunks.len());
+                Ok(())
+            }
+            Ok(Ok((status, asked, body))) => Err(self.refused_or_busy(status, asked, &body, chunks.len())),
+            Ok(Err(error)) => {
+                Err(self.busy("error", None, format!("cannot reach the database: {error}"), chunks.len()))
+            }
+            Err(_) => Err(self.busy(
+                "error",
+                None,
+                format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout),
+                chunks.len(),
+            )),
+        }
+    }
+
+    /// What a non-2xx answer means for the nodes.
+    fn refused_or_busy(
+        &self,
+        status: StatusCode,
+        asked: Option<Duration>,
+        body: &[u8],
+        requests: usize,
+    ) -> OutputError {
+        let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_BYTES)]).trim().to_owned();
+        let message = format!("the database answered {status}: {text}");
+        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+            let class = if status == StatusCode::TOO_MANY_REQUESTS { "429" } else { "5xx" };
+            return self.busy(class, asked, message, requests);
+        }
+        self.count("4xx");
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
+            // The sink's own settings are wrong, not the node's data: the
+            // nodes keep it and retry until an operator mends the sink.
+            self.log_failure(&message);
+            return OutputError::Failed(format!("{message} (check REMOTE_WRITE_URL and its credentials)").into());
+        }
+        error!(message = "The database refused samples.", answer = %message, requests);
+        OutputError::Refused(message.into())
+    }
+
+    /// Counts and logs a database that cannot take samples now, and sets
+    /// the pause the nodes are asked to keep.
+    fn busy(&self, class: &'static str, asked: Option<Duration>, message: String, requests: usize) -> OutputError {
+        self.count(class);
+        self.count_retries(class, requests);
+        self.log_failure(&message);
+        let wait = {
+            let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
+            pause.0 = pause.0.saturating_add(1);
+            let backoff = FIRST_PAUSE.saturating_mul(1 << pause.0.min(10)).min(LONGEST_PAUSE);
+            let wait = asked.map_or(backoff, |asked| asked.min(LONGEST_RETRY_AFTER));
+            pause.1 = Some(Instant::now() + wait);
+            wait
+        };
+        OutputError::Busy { retry_after: wait, message: message.into() }
+    }
+
+    fn count(&self, status: &'static str) {
+        self.stats.remote_write.requests.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    fn count_retries(&self, status: &'static str, requests: usize) {
+        self.stats.remote_write.retries.get_or_create(&StatusLabel { status }).inc_by(requests as u64);
+    }
+
+    fn log_failure(&self, message: &str) {
+        let gate = self.failures.lock().unwrap_or_else(PoisonError::into_inner).ready();
+        if let Some(suppressed) = gate {
+            warn!(message = "The database cannot take samples now; pushing back on the nodes.", answer = %message, suppressed);
+        }
+    }
+}
+
+/// A `Retry-After` in seconds (the HTTP-date form is not honoured: the
+/// backoff applies then).
+fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
+    let seconds: u64 = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// Tells each chunk's sender the outcome.
+fn answer(chunks: Vec<Chunk>, outcome: &Result<(), OutputError>) {
+    for chunk in chunks {
+        let _ = chunk.written.send(outcome.clone());
+    }
+}
+
+/// The `Authorization` header for the database, if any is configured.
+fn authorization(config: &SinkConfig) -> Option<HeaderValue> {
+    let value = match (&config.remote_write_bearer_token, &config.remote_write_username, &config.remote_write_password)
+    {
+        (Some(token), _, _) => format!("Bearer {}", token.expose()),
+        (None, Some(user), Some(password)) => format!("Basic {}", base64(&format!("{user}:{}", password.expose()))),
+        _ => return None,
+    };
+    let mut value = HeaderValue::from_str(&value).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Standard base64 with padding, for basic authentication.
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_as_the_rfc_gives_it() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("user:pass", "dXNlcjpwYXNz"),
+        ];
+        for (text, encoded) in cases {
+            assert_eq!(base64(text), encoded);
+        }
+    }
+}
