@@ -145,7 +145,7 @@ pub enum ServeError {
     #[error("cannot listen: {0}")]
     Listen(std::io::Error),
     /// The output folder or file could not be created or written.
-    #[error("output {}: {source}", .path.display())]
+    #[error("output {} (FILE_PATH): {source}", .path.display())]
     Output {
         /// The folder or file.
         path: std::path::PathBuf,

@@ -157,6 +157,12 @@ fn binaries_exit_2_with_one_line_naming_the_variable() {
         (node, "SENSOR_VALUE_RATE_PER_SECOND", "1e-20"),
         (node, "REQUEST_RATE_PER_SECOND", "1e-300"),
         (node, "SENSOR_VALUE_RATE_PER_SECOND", "NaN"),
+        (node, "BATCH_TIMEOUT", "18446744073709551615s"),
+        (node, "GRPC_CLIENT_RETRY_SEND_INTERVAL", "18446744073709551615s"),
+        (node, "GRPC_SERVER_SOCKET", "127.0.0.1:0"),
+        (node, "TLS_SERVER_NAME", "sink.example"),
+        (sink, "FILE_PATH", "/dev/null"),
+        (sink, "REMOTE_WRITE_TIMEOUT", "1000000000000s"),
         (sink, "RATE_PER_SECOND", "0"),
         (sink, "BUFFER_FLUSH_INTERVAL", "x"),
     ];
@@ -194,4 +200,45 @@ fn a_dot_env_file_in_a_parent_folder_is_not_read() {
     let (code, stderr) = run_binary(node, &[("REQUEST_BURST", "0".into())], &dir);
     assert_eq!(code, 2);
     assert!(stderr.contains("REQUEST_BURST") && !stderr.contains("BATCH_SIZE"), "{stderr}");
+}
+
+#[test]
+fn an_unusable_spool_folder_is_a_configuration_error() {
+    let dir = scratch("bad-spool");
+    let node = env!("CARGO_BIN_EXE_telemetry-node");
+    let env = [("OVERFLOW_POLICY", "spool".to_owned()), ("SPOOL_DIR", "/proc/1".to_owned())];
+    let (code, stderr) = run_binary(node, &env, &dir);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("SPOOL_DIR=\"/proc/1\""), "{stderr}");
+}
+
+#[test]
+fn a_variable_that_is_not_utf8_is_named_and_never_echoed() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch("not-utf8");
+    let secret = std::ffi::OsStr::from_bytes(b"TopSecret\xff123");
+    let unrelated = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for binary in [env!("CARGO_BIN_EXE_telemetry-node"), env!("CARGO_BIN_EXE_telemetry-sink")] {
+        let output = std::process::Command::new(binary)
+            .env_clear()
+            .env("SINK_AUTH_TOKEN", secret)
+            .env("SOMETHING_ELSE", unrelated)
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("SINK_AUTH_TOKEN") && !stderr.contains("TopSecret"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn a_dot_env_line_that_cannot_be_parsed_is_not_echoed() {
+    let dir = scratch("dot-env-broken");
+    std::fs::write(dir.join(".env"), "SINK_AUTH_TOKEN=\"unterminated Sekrit\n").unwrap();
+    let (code, stderr) = run_binary(env!("CARGO_BIN_EXE_telemetry-node"), &[], &dir);
+    assert_eq!(code, 2);
+    assert!(!stderr.contains("Sekrit") && stderr.lines().count() == 1, "{stderr}");
 }

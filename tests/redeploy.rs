@@ -65,7 +65,9 @@ fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
     let stopping = Instant::now();
     let (code, stdout, stderr) = stop(node);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stopping.elapsed() < Duration::from_secs(5), "the drain took {:?}", stopping.elapsed());
+    // Seconds, not the retry cap (30 s) it took before; within the default
+    // SHUTDOWN_TIMEOUT (10 s) with room to spare on a busy machine.
+    assert!(stopping.elapsed() < Duration::from_secs(8), "the drain took {:?}", stopping.elapsed());
     let (code, _, stderr) = stop(sink);
     assert_eq!(code, 0, "{stderr}");
 

@@ -46,7 +46,7 @@ const ACCEPTED: &[(&str, &str)] = &[
         "a number of requests per second from 0.000001 to 1000000 (fractions allowed, e.g. 0.5), or inf for no limit",
     ),
     ("REQUEST_BURST", "a whole number from 1 to 4294967295"),
-    ("GRPC_SERVER_SOCKET", "host:port, e.g. localhost:8000"),
+    ("GRPC_SERVER_SOCKET", "host:port with a port from 1 (the sink: 0 for any free one), e.g. localhost:8000"),
     ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more, or inf for no limit"),
     ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0, e.g. 500ms or 1s"),
     ("GRPC_CLIENT_RETRY_MULTIPLIER", "a number from 1 to 100, e.g. 2"),
@@ -58,7 +58,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("BATCH_SIZE", "a whole number from 1 to 1000000"),
     ("MAX_IN_FLIGHT", "a whole number from 1 to 256"),
     ("OVERFLOW_POLICY", "block, drop-oldest, drop-newest or spool"),
-    ("SPOOL_DIR", "a folder the node can create and write, required by OVERFLOW_POLICY=spool"),
+    ("SPOOL_DIR", "a folder the node can create and write files in, required by OVERFLOW_POLICY=spool"),
     ("SPOOL_MAX_BYTES", "a whole number of bytes, at least 65536"),
     ("QUEUE_CAPACITY", "a whole number of readings from 1 to 100000000"),
     ("BATCH_TIMEOUT", "a duration greater than 0, e.g. 500ms or 1s"),
@@ -67,14 +67,14 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("LOGGER_MIN_LOG_LEVEL", "one of trace, debug, info, warn, error"),
     ("LOG_FORMAT", "text or json"),
     ("RATE_PER_SECOND", "a whole number of bytes per second from 1 to 4294967295"),
-    ("FILE_PATH", "a non-empty folder path"),
+    ("FILE_PATH", "a non-empty path of a folder (or of none yet) that the sink can create and write"),
     ("BUFFER_SIZE", "a whole number of bytes from 1 to 1073741824"),
     ("BUFFER_FLUSH_INTERVAL", "a duration greater than 0, e.g. 1s"),
     ("METRICS_ADDR", "host:port to serve /metrics, /healthz and /readyz on, e.g. 0.0.0.0:9100"),
     ("GRPC_COMPRESSION", "none or gzip"),
     ("SINK_AUTH_TOKEN", "a non-empty token of visible ASCII characters"),
     ("TLS_CA_CERT", "a readable PEM file holding the certificate of the CA that signed the sink's certificate"),
-    ("TLS_SERVER_NAME", "the DNS name or IP address the sink's certificate is issued for"),
+    ("TLS_SERVER_NAME", "the DNS name or IP address the sink's certificate is issued for; needs TLS_CA_CERT"),
     ("TLS_CLIENT_CERT", "a readable PEM file holding a certificate, set together with TLS_CLIENT_KEY and TLS_CA_CERT"),
     ("TLS_CLIENT_KEY", "a readable PEM file holding a private key, set together with TLS_CLIENT_CERT"),
     ("TLS_CERT", "a readable PEM file holding a certificate, set together with TLS_KEY"),
@@ -105,9 +105,36 @@ pub fn process_env() -> Result<HashMap<String, String>, ConfigError> {
     match dotenvy::from_path(".env") {
         Ok(_) => {}
         Err(error) if error.not_found() => {}
+        // The line itself is not echoed: it may hold a secret.
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            return Err(ConfigError::EnvFile(format!("a line cannot be parsed (at character {at} of the line)")));
+        }
         Err(error) => return Err(ConfigError::EnvFile(error.to_string())),
     }
-    Ok(std::env::vars().collect())
+    from_os(std::env::vars_os())
+}
+
+/// The variables of `vars` as strings. One this configuration reads that is
+/// not UTF-8 is an error naming it (never its value); others are passed over.
+fn from_os(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let mut map = HashMap::new();
+    for (name, value) in vars {
+        let Ok(name) = name.into_string() else { continue };
+        match value.into_string() {
+            Ok(value) => {
+                map.insert(name, value);
+            }
+            Err(_) => {
+                if let Some((variable, expected)) = ACCEPTED.iter().find(|(known, _)| *known == name) {
+                    let value = "(not UTF-8)".to_owned();
+                    return Err(ConfigError::Invalid { variable, value, expected });
+                }
+            }
+        }
+    }
+    Ok(map)
 }
 
 /// Parses a configuration struct from `vars`, naming the variable on error.
@@ -245,7 +272,16 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// Fails unless `duration` is longer than zero.
+/// Longest duration any setting takes: ten years. Longer ones would
+/// overflow the clock's arithmetic.
+const LONGEST: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Fails unless `duration` is longer than zero and at most ten years.
 pub(crate) fn ensure_positive(variable: &'static str, duration: humantime::Duration) -> Result<(), ConfigError> {
-    ensure(!duration.is_zero(), variable, duration)
+    ensure(!duration.is_zero() && *duration <= LONGEST, variable, duration)
+}
+
+/// Fails unless `duration` is at most ten years (zero allowed).
+pub(crate) fn ensure_bounded(variable: &'static str, duration: humantime::Duration) -> Result<(), ConfigError> {
+    ensure(*duration <= LONGEST, variable, duration)
 }

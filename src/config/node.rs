@@ -5,7 +5,7 @@ use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, str::FromStr, sy
 use envconfig::Envconfig;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::{ConfigError, Pem, Secret, ensure, ensure_positive, invalid};
+use super::{ConfigError, Pem, Secret, ensure, ensure_bounded, ensure_positive, invalid};
 use crate::{
     node::throttle::{MAX_RATE, RequestRate},
     reading::sensor_name,
@@ -143,8 +143,10 @@ impl NodeConfig {
         ensure_positive("GRPC_CLIENT_RETRY_SEND_INTERVAL", self.retry_interval)?;
         let multiplier_ok = self.retry_multiplier.is_finite() && (1.0..=100.0).contains(&self.retry_multiplier);
         ensure(multiplier_ok, "GRPC_CLIENT_RETRY_MULTIPLIER", self.retry_multiplier)?;
+        ensure_positive("GRPC_CLIENT_RETRY_MAX_INTERVAL", self.retry_max_interval)?;
         let cap_ok = Duration::from(self.retry_max_interval) >= Duration::from(self.retry_interval);
         ensure(cap_ok, "GRPC_CLIENT_RETRY_MAX_INTERVAL", self.retry_max_interval)?;
+        ensure_bounded("GRPC_CLIENT_RETRY_MAX_ELAPSED", self.retry_max_elapsed)?;
         let budget_ok = self.retry_budget.is_finite() && (1.0..=1_000_000.0).contains(&self.retry_budget);
         ensure(budget_ok, "GRPC_CLIENT_RETRY_BUDGET", self.retry_budget)?;
         if let Some(id) = &self.node_id {
@@ -156,7 +158,7 @@ impl NodeConfig {
         ensure(self.spool_max_bytes >= 1 << 16, "SPOOL_MAX_BYTES", self.spool_max_bytes)?;
         if self.overflow == Overflow::Spool {
             let dir = self.spool_dir.as_ref().ok_or_else(|| invalid("SPOOL_DIR", ""))?;
-            ensure(std::fs::create_dir_all(dir).is_ok(), "SPOOL_DIR", dir.display())?;
+            ensure(writable_folder(dir), "SPOOL_DIR", dir.display())?;
         }
         ensure_positive("BATCH_TIMEOUT", self.batch_timeout)?;
         ensure_positive("RPC_TIMEOUT", self.rpc_timeout)?;
@@ -166,6 +168,11 @@ impl NodeConfig {
         }
         if let Some(token) = &self.auth_token {
             ensure(tokenable(token.expose()), "SINK_AUTH_TOKEN", "(hidden)")?;
+        }
+        if self.tls_ca_cert.is_none()
+            && let Some(name) = &self.tls_server_name
+        {
+            return Err(invalid("TLS_SERVER_NAME", name.as_str()));
         }
         self.tls()?;
         Ok(())
@@ -257,12 +264,23 @@ impl NodeConfig {
         let socket = self.server_socket.trim();
         let bad = || invalid("GRPC_SERVER_SOCKET", socket);
         let (host, port) = socket.rsplit_once(':').ok_or_else(bad)?;
-        if host.is_empty() || port.parse::<u16>().is_err() || socket.contains('/') {
+        if host.is_empty() || !port.parse::<u16>().is_ok_and(|port| port > 0) || socket.contains('/') {
             return Err(bad());
         }
         let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
         Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
     }
+}
+
+/// Whether `dir` is, or can be made, a folder this process can write a file in.
+fn writable_folder(dir: &std::path::Path) -> bool {
+    if std::fs::create_dir_all(dir).is_err() {
+        return false;
+    }
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    let written = std::fs::write(&probe, b"").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    written
 }
 
 /// Lowest sensor or request rate: one a million seconds (11.6 days).

@@ -119,7 +119,8 @@ impl SinkConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_address()?;
         ensure(self.rate_per_second > 0, "RATE_PER_SECOND", self.rate_per_second)?;
-        ensure(!self.file_path.as_os_str().is_empty(), "FILE_PATH", "")?;
+        let folder_ok = !self.file_path.as_os_str().is_empty() && (!self.file_path.exists() || self.file_path.is_dir());
+        ensure(folder_ok, "FILE_PATH", self.file_path.display())?;
         ensure((1..=1 << 30).contains(&self.buffer_size), "BUFFER_SIZE", self.buffer_size)?;
         ensure_positive("BUFFER_FLUSH_INTERVAL", self.flush_interval)?;
         if let Some(address) = &self.metrics_addr {

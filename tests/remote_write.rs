@@ -1,0 +1,488 @@
+//! The remote-write output against real databases (Debian's
+//! `victoria-metrics` and `prometheus` packages), checked by querying the
+//! database back, reading by reading. Where a database is not installed the
+//! test says `skipped: … not installed`; under CI (`CI` set) it fails.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use common::{Process, free_port, scratch, summary_fields, wait_for_port};
+use telemetry_node::{
+    node::sensor::readings_from,
+    proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
+    reading::sensor_name,
+};
+
+const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
+const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
+
+/// A database this test runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// With `-dedup.minScrapeInterval=1ms`, as the README says to run it.
+    VictoriaMetrics,
+    /// Without an out-of-order window: a sample older than its series'
+    /// newest is refused (400), and the whole request with it.
+    Prometheus,
+    /// With `storage.tsdb.out_of_order_time_window`, as the README says to
+    /// run it: a batch sent again after a lost answer is taken once.
+    PrometheusWithWindow,
+}
+
+/// A database process on a loopback port, stopped when dropped.
+struct Database {
+    kind: Kind,
+    port: u16,
+    dir: PathBuf,
+    process: Option<Process>,
+}
+
+impl Kind {
+    fn binary(self) -> &'static str {
+        match self {
+            Self::VictoriaMetrics => "victoria-metrics",
+            Self::Prometheus | Self::PrometheusWithWindow => "prometheus",
+        }
+    }
+}
+
+/// Whether `binary` is on the PATH.
+fn installed(binary: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+}
+
+impl Database {
+    /// Starts `kind` with its data under `dir`; `None` where it is not
+    /// installed (and not under CI).
+    fn start(kind: Kind, dir: &Path) -> Option<Self> {
+        if !installed(kind.binary()) {
+            assert!(std::env::var_os("CI").is_none(), "{} must be installed under CI", kind.binary());
+            eprintln!("skipped: {} not installed", kind.binary());
+            return None;
+        }
+        let mut database = Self { kind, port: free_port(), dir: dir.to_owned(), process: None };
+        database.run();
+        Some(database)
+    }
+
+    /// Starts the process (again), on the same port and data.
+    fn run(&mut self) {
+        let address = format!("127.0.0.1:{}", self.port);
+        let args: Vec<String> = match self.kind {
+            Kind::VictoriaMetrics => vec![
+                format!("-storageDataPath={}", self.dir.join("vm").display()),
+                format!("-httpListenAddr={address}"),
+                // One sample per series and millisecond: a batch sent again
+                // (its answer lost) is stored once.
+                "-dedup.minScrapeInterval=1ms".into(),
+                "-loggerLevel=WARN".into(),
+            ],
+            Kind::Prometheus | Kind::PrometheusWithWindow => {
+                let config = self.dir.join("prometheus.yml");
+                let mut text = "global:\n  scrape_interval: 1h\n".to_owned();
+                if self.kind == Kind::PrometheusWithWindow {
+                    text.push_str("storage:\n  tsdb:\n    out_of_order_time_window: 1h\n");
+                }
+                std::fs::write(&config, text).unwrap();
+                vec![
+                    format!("--config.file={}", config.display()),
+                    format!("--storage.tsdb.path={}", self.dir.join("prometheus").display()),
+                    format!("--web.listen-address={address}"),
+                    "--web.enable-remote-write-receiver".into(),
+                    "--log.level=warn".into(),
+                ]
+            }
+        };
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let name = self.kind.binary();
+        self.process = Some(Process::start(name, name, &args, &[], &self.dir));
+        let ready = if self.kind == Kind::VictoriaMetrics { "/health" } else { "/-/ready" };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.port, ready).map(|(status, _)| status) != Some(200) {
+            assert!(Instant::now() < deadline, "{} did not start", self.kind.binary());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the process, keeping its data.
+    fn stop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.signal(libc::SIGTERM);
+            let _ = process.wait(Duration::from_secs(30));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// Every sample of `sensor_value`, per (node, sensor), in time order.
+    fn samples(&self) -> BTreeMap<(String, String), Vec<(i64, f64)>> {
+        if self.kind == Kind::VictoriaMetrics {
+            // Samples just taken become searchable within seconds; now.
+            assert_eq!(http_get(self.port, "/internal/force_flush").map(|(status, _)| status), Some(200));
+        }
+        let mut series: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
+        let key = |metric: &serde_json::Value| {
+            (metric["node"].as_str().unwrap_or("").to_owned(), metric["sensor"].as_str().unwrap().to_owned())
+        };
+        match self.kind {
+            Kind::VictoriaMetrics => {
+                let (_, body) = http_get(self.port, "/api/v1/export?match%5B%5D=sensor_value").unwrap();
+                for line in body.lines().filter(|line| !line.trim().is_empty()) {
+                    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                    let samples = series.entry(key(&value["metric"])).or_default();
+                    let times = value["timestamps"].as_array().unwrap();
+                    for (time, value) in times.iter().zip(value["values"].as_array().unwrap()) {
+                        samples.push((time.as_i64().unwrap(), value.as_f64().unwrap()));
+                    }
+                }
+            }
+            Kind::Prometheus | Kind::PrometheusWithWindow => {
+                let (_, body) = http_get(self.port, "/api/v1/query?query=sensor_value%5B1d%5D").unwrap();
+                let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+                for result in value["data"]["result"].as_array().unwrap() {
+                    let samples = series.entry(key(&result["metric"])).or_default();
+                    for pair in result["values"].as_array().unwrap() {
+                        let time = (pair[0].as_f64().unwrap() * 1000.0).round() as i64;
+                        samples.push((time, pair[1].as_str().unwrap().parse().unwrap()));
+                    }
+                }
+            }
+        }
+        for samples in series.values_mut() {
+            samples.sort_by_key(|(time, _)| *time);
+        }
+        series
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// GET `path` over HTTP/1.0 (no chunked answers): status and body.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    let status = page.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, page.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// Every reading the nodes produced is in the database once: per node and
+/// sensor, as many samples as readings, times strictly increasing, and the
+/// values the simulated sensor gives for sequences 0, 1, 2, …
+fn assert_each_reading_once(database: &Database, produced: u64) {
+    // What a database took becomes searchable within seconds (VictoriaMetrics
+    // buffers new samples): wait until as many as were produced are seen,
+    // or 20 s have passed, then check what is there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut series = database.samples();
+    while series.values().map(Vec::len).sum::<usize>() < produced as usize && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        series = database.samples();
+    }
+    let mut total = 0;
+    for ((node, sensor), samples) in &series {
+        assert!(samples.windows(2).all(|pair| pair[0].0 < pair[1].0), "{node}/{sensor}: times not strictly increasing");
+        let expected: Vec<f64> =
+            readings_from(vec![sensor_name(sensor)], 0, samples.len() as u64).map(|r| r.value as f64).collect();
+        let values: Vec<f64> = samples.iter().map(|(_, value)| *value).collect();
+        assert_eq!(values, expected, "{node}/{sensor}: the values of sequences 0..{}", samples.len());
+        total += samples.len() as u64;
+    }
+    assert_eq!(total, produced, "samples in the database vs readings produced: {:?}", series.keys());
+}
+
+fn sink_env(port: u16, database: &Database) -> Vec<(&'static str, String)> {
+    vec![
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("OUTPUT", "remote-write".into()),
+        ("REMOTE_WRITE_URL", database.url()),
+    ]
+}
+
+/// A busy node with fast retries that never gives a batch up.
+fn tuned_node(socket: &str, id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GRPC_SERVER_SOCKET", socket.to_owned()),
+        ("NODE_ID", id.to_owned()),
+        ("SENSOR_COUNT", "4".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("BATCH_SIZE", "50".into()),
+        ("BATCH_TIMEOUT", "100ms".into()),
+        ("RPC_TIMEOUT", "5s".into()),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
+        ("SHUTDOWN_TIMEOUT", "30s".into()),
+    ]
+}
+
+/// Everything as users get it, but the address and a stable identity.
+fn default_node(socket: &str, id: &str) -> Vec<(&'static str, String)> {
+    vec![("GRPC_SERVER_SOCKET", socket.to_owned()), ("NODE_ID", id.to_owned())]
+}
+
+/// Stops a node and returns its summary, checking it dropped nothing.
+fn stop_node(node: Process) -> std::collections::HashMap<String, u64> {
+    node.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    summary
+}
+
+fn stop_sink(sink: Process) -> String {
+    sink.signal(libc::SIGTERM);
+    let (code, stdout, stderr) = sink.wait(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    stdout
+}
+
+fn start_sink(dir: &Path, name: &'static str, port: u16, database: &Database) -> Process {
+    let sink = Process::start(name, SINK, &[], &sink_env(port, database), dir);
+    wait_for_port(port, Duration::from_secs(20));
+    sink
+}
+
+fn every_reading_once(kind: Kind, name: &str) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let port = free_port();
+    let sink = start_sink(&dir, "sink", port, &database);
+    let node = Process::start("node", NODE, &[], &tuned_node(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    stop_sink(sink);
+    assert!(summary["produced"] > 300);
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn every_reading_lands_in_victoria_metrics_once() {
+    every_reading_once(Kind::VictoriaMetrics, "rw-vm");
+}
+
+#[test]
+fn every_reading_lands_in_prometheus_once_and_in_order() {
+    every_reading_once(Kind::Prometheus, "rw-prometheus");
+}
+
+/// The sink's peak resident memory, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+fn database_down_for_ten_seconds(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
+    let dir = scratch(name);
+    let Some(mut database) = Database::start(kind, &dir) else { return };
+    let port = free_port();
+    let sink = start_sink(&dir, "sink", port, &database);
+    let node = Process::start("node", NODE, &[], &node_env(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    database.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    let sink_rss = peak_rss(sink.child.id());
+    database.run();
+    std::thread::sleep(Duration::from_secs(4));
+    let summary = stop_node(node);
+    let sink_summary = stop_sink(sink);
+    assert!(summary["pushbacks"] > 0, "the node was pushed back: {summary:?} / {sink_summary}");
+    assert!(sink_rss < 64 << 20, "the sink held {} MiB", sink_rss >> 20);
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn the_database_down_for_ten_seconds_loses_nothing_and_pushes_back() {
+    database_down_for_ten_seconds(Kind::VictoriaMetrics, "rw-db-down", tuned_node);
+}
+
+#[test]
+fn the_database_down_for_ten_seconds_with_the_default_settings() {
+    database_down_for_ten_seconds(Kind::Prometheus, "rw-db-down-defaults", default_node);
+}
+
+fn sink_killed(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let port = free_port();
+    let sink = start_sink(&dir, "sink-1", port, &database);
+    let node = Process::start("node", NODE, &[], &node_env(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    sink.signal(libc::SIGKILL);
+    let _ = sink.wait(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    let sink = start_sink(&dir, "sink-2", port, &database);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    stop_sink(sink);
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn the_sink_killed_and_restarted_loses_and_double_counts_nothing() {
+    sink_killed(Kind::VictoriaMetrics, "rw-sink-kill", tuned_node);
+}
+
+#[test]
+fn the_sink_killed_and_restarted_with_the_default_settings() {
+    // A kill can lose the answer to a batch the database took: the node sends
+    // it again, which Prometheus takes only with an out-of-order window.
+    sink_killed(Kind::PrometheusWithWindow, "rw-sink-kill-defaults", default_node);
+}
+
+/// Forwards each connection accepted on `listener` to the next of
+/// `backends` in turn, until the test ends.
+fn round_robin(listener: std::net::TcpListener, backends: Vec<u16>) {
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            let Ok(backend) = std::net::TcpStream::connect(("127.0.0.1", backends[n % backends.len()])) else {
+                continue;
+            };
+            for (mut from, mut to) in [(client.try_clone().unwrap(), backend.try_clone().unwrap()), (backend, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn two_sink_replicas_behind_a_round_robin_store_everything_once() {
+    let dir = scratch("rw-replicas");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let (one, two) = (free_port(), free_port());
+    let sinks = [start_sink(&dir, "sink-1", one, &database), start_sink(&dir, "sink-2", two, &database)];
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = front.local_addr().unwrap().to_string();
+    round_robin(front, vec![one, two]);
+    let nodes: Vec<Process> = ["node-a", "node-b", "node-c", "node-d"]
+        .into_iter()
+        .map(|id| {
+            let name: &'static str = Box::leak(id.to_owned().into_boxed_str());
+            Process::start(name, NODE, &[], &tuned_node(&socket, id), &dir)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let produced: u64 = nodes.into_iter().map(|node| stop_node(node)["produced"]).sum();
+    let accepted: Vec<u64> = sinks
+        .into_iter()
+        .map(|sink| {
+            let summary = stop_sink(sink);
+            summary_fields(&summary)["accepted"]
+        })
+        .collect();
+    assert!(accepted.iter().all(|n| *n > 0), "both replicas took readings: {accepted:?}");
+    assert_each_reading_once(&database, produced);
+}
+
+fn reading(sensor: &str, value: i64, at: SystemTime) -> SensorValue {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+    SensorValue {
+        sensor_name: sensor.into(),
+        measurement: Some(Measurement {
+            sensor_value: Some(value),
+            created_at: Some(prost_types::Timestamp {
+                seconds: since.as_secs() as i64,
+                nanos: since.subsec_nanos() as i32,
+            }),
+        }),
+        sequence: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_database_refuses_is_refused_counted_and_logged_and_the_rest_flows() {
+    let dir = scratch("rw-refused");
+    let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
+    let port = free_port();
+    let mut env = sink_env(port, &database);
+    let metrics = free_port();
+    env.push(("METRICS_ADDR", format!("127.0.0.1:{metrics}")));
+    let sink = Process::start("sink", SINK, &[], &env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let mut client = SensorServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let now = SystemTime::now();
+    let at = |ms: u64| now - Duration::from_secs(60) + Duration::from_millis(ms);
+    let send = |items: Vec<SensorValue>, batch: u64| SensorValuesRequest {
+        items,
+        node_id: "n".into(),
+        lane: 0,
+        batch_sequence: batch,
+    };
+    let mut client2 = client.clone();
+    client.send_sensor_values(send(vec![reading("x", 1, at(100)), reading("x", 2, at(200))], 1)).await.unwrap();
+    // Older than what the series holds: Prometheus refuses the request.
+    let refused = client2.send_sensor_values(send(vec![reading("x", 3, at(50))], 2)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("400"), "{}", refused.message());
+    // The rest flows.
+    client.send_sensor_values(send(vec![reading("x", 4, at(300)), reading("y", 5, at(300))], 3)).await.unwrap();
+    let (_, page) = http_get(metrics, "/metrics").unwrap();
+    drop((client, client2));
+    let stdout = stop_sink(sink);
+    let stderr = std::fs::read_to_string(dir.join("sink.err")).unwrap();
+    assert!(stderr.contains("The database refused samples"), "{stderr}");
+    assert!(page.contains("telemetry_sink_requests_rejected_total{reason=\"database_refused\"} 1"), "{page}");
+    assert!(page.contains("telemetry_sink_remote_write_requests_total{status=\"4xx\"} 1"), "{page}");
+    assert!(stdout.contains("rejected=1"), "{stdout}");
+    let series = database.samples();
+    let x: Vec<f64> = series[&("n".to_owned(), "x".to_owned())].iter().map(|(_, v)| *v).collect();
+    assert_eq!(x, vec![1.0, 2.0, 4.0]);
+    assert_eq!(series[&("n".to_owned(), "y".to_owned())].len(), 1);
+}
+
+/// Sends the same batch twice, as a node does when the sink's answer is
+/// lost, and checks that the database holds it once.
+async fn a_batch_sent_again_is_stored_once(kind: Kind, name: &str) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let port = free_port();
+    let sink = Process::start("sink", SINK, &[], &sink_env(port, &database), &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let mut client = SensorServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let start = SystemTime::now() - Duration::from_secs(60);
+    let items = (0..10).map(|i| reading("x", i, start + Duration::from_millis(10 * i as u64))).collect();
+    let batch = SensorValuesRequest { items, node_id: "n".into(), lane: 0, batch_sequence: 7 };
+    client.send_sensor_values(batch.clone()).await.unwrap();
+    client.send_sensor_values(batch).await.unwrap();
+    drop(client);
+    stop_sink(sink);
+    let series = database.samples();
+    let values: Vec<f64> = series[&("n".to_owned(), "x".to_owned())].iter().map(|(_, v)| *v).collect();
+    assert_eq!(values, (0..10).map(|i| i as f64).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_is_stored_once_in_victoria_metrics() {
+    a_batch_sent_again_is_stored_once(Kind::VictoriaMetrics, "rw-again-vm").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_is_stored_once_in_prometheus_with_a_window() {
+    a_batch_sent_again_is_stored_once(Kind::PrometheusWithWindow, "rw-again-prometheus").await;
+}
