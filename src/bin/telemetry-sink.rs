@@ -105,6 +105,15 @@ fn log_config(c: &SinkConfig) {
         metrics_addr = %c.metrics_addr.clone().unwrap_or_else(|| "-".into()),
         log_level = %c.log_level,
         log_format = ?c.log_format,
+        output = ?c.output,
+        remote_write_url = %c.remote_write_url.clone().unwrap_or_else(|| "-".into()),
+        remote_write_metric = %c.remote_write_metric,
+        remote_write_timeout = %c.remote_write_timeout,
+        remote_write_concurrency = c.remote_write_concurrency,
+        remote_write_max_samples = c.remote_write_max_samples,
+        remote_write_bearer_token = %c.remote_write_bearer_token.as_ref().map_or("-".into(), ToString::to_string),
+        remote_write_username = %c.remote_write_username.clone().unwrap_or_else(|| "-".into()),
+        remote_write_password = %c.remote_write_password.as_ref().map_or("-".into(), ToString::to_string),
     );
 }
 
