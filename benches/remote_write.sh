@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Remote-write relays measured in one run, on loopback, into one
+# VictoriaMetrics: (a) the ceiling, a bare client posting pre-encoded
+# remote-write requests of 1000 samples; (b) the sink relaying the same
+# samples, sent to it as pre-encoded sensor.v1 requests; (c) vmagent relaying
+# the same samples, posted to it as pre-encoded remote-write. Samples landed
+# are VictoriaMetrics' own count (vm_rows_inserted_total); relay CPU is from
+# /proc/<pid>/stat.
+#
+#   benches/remote_write.sh [seconds per phase, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-10}
+for binary in victoria-metrics vmagent; do
+    command -v "$binary" >/dev/null || { echo "skipped: $binary not installed (apt-get install victoria-metrics)"; exit 0; }
+done
+cargo build --release --quiet --bins
+cargo bench --quiet --no-run --bench remote_write_load 2>/dev/null
+load=$(ls -t target/release/deps/remote_write_load-* | grep -v '\.d$' | head -n 1)
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf "http://127.0.0.1:$1$2" >/dev/null && return 0; sleep 0.05; done; echo "nothing on $1"; exit 1; }
+landed() { curl -s "http://127.0.0.1:$vm/metrics" | awk '/^vm_rows_inserted_total\{type="promremotewrite"\}/ {print $2}'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Waits until VictoriaMetrics' count stops growing (a relay's queue drained).
+settle() { local last=-1 now; now=$(landed); while [ "$now" != "$last" ]; do last=$now; sleep 1; now=$(landed); done; echo "$now"; }
+hz=$(getconf CLK_TCK)
+
+vm=$(free_port)
+victoria-metrics -storageDataPath="$work/vm" -httpListenAddr="127.0.0.1:$vm" -loggerLevel=ERROR >"$work/vm.log" 2>&1 &
+pids+=($!)
+wait_http "$vm" /health
+
+# (a) the ceiling
+before=$(landed)
+"$load" rw "http://127.0.0.1:$vm/api/v1/write" "$seconds" --bench
+after=$(settle)
+ceiling=$(( (after - before) / seconds ))
+
+# (b) the sink
+sink=$(free_port)
+OUTPUT=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" GRPC_SERVER_SOCKET="127.0.0.1:$sink" \
+    RATE_PER_SECOND=4000000000 LOGGER_MIN_LOG_LEVEL=warn target/release/telemetry-sink >"$work/sink.log" 2>&1 &
+sink_pid=$!
+pids+=("$sink_pid")
+for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$sink") 2>/dev/null && break; sleep 0.05; done
+before=$(landed); cpu0=$(cpu_ticks "$sink_pid")
+"$load" grpc "127.0.0.1:$sink" "$seconds" --bench
+after=$(settle); cpu1=$(cpu_ticks "$sink_pid")
+sink_rate=$(( (after - before) / seconds ))
+sink_cpu=$(python3 -c "print(f'{($cpu1 - $cpu0) / $hz / max(1, $after - $before) * 1e6:.3f}')")
+
+# (c) vmagent
+agent=$(free_port)
+vmagent -remoteWrite.url="http://127.0.0.1:$vm/api/v1/write" -httpListenAddr="127.0.0.1:$agent" \
+    -remoteWrite.tmpDataPath="$work/vmagent" -loggerLevel=ERROR >"$work/vmagent.log" 2>&1 &
+agent_pid=$!
+pids+=("$agent_pid")
+wait_http "$agent" /health
+before=$(landed); cpu0=$(cpu_ticks "$agent_pid")
+"$load" rw "http://127.0.0.1:$agent/api/v1/write" "$seconds" --bench
+after=$(settle); cpu1=$(cpu_ticks "$agent_pid")
+agent_rate=$(( (after - before) / seconds ))
+agent_cpu=$(python3 -c "print(f'{($cpu1 - $cpu0) / $hz / max(1, $after - $before) * 1e6:.3f}')")
+
+echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s"
+echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s, $sink_cpu CPU s per million samples"
+echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s, $agent_cpu CPU s per million samples"
+echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu"
