@@ -5,23 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Process, free_port, scratch, wait_for_port};
+use common::{Process, free_port, peak_rss, scratch, wait_for_port};
 use prost::Message;
 use telemetry_node::{
     node::GrpcTransport,
     proto::{SensorValue, SensorValuesRequest},
 };
-
-/// The sink's peak resident memory so far, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their_bytes() {

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Process, free_port, scratch, summary_fields, wait_for_port};
+use common::{Process, free_port, peak_rss, scratch, summary_fields, wait_for_port};
 use telemetry_node::{
     node::sensor::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
@@ -281,17 +281,6 @@ fn every_reading_lands_in_victoria_metrics_once() {
 #[test]
 fn every_reading_lands_in_prometheus_once_and_in_order() {
     every_reading_once(Kind::Prometheus, "rw-prometheus");
-}
-
-/// The sink's peak resident memory, in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
 }
 
 fn database_down_for_ten_seconds(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {

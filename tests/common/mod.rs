@@ -242,6 +242,17 @@ pub fn wait_for_port(port: u16, limit: Duration) {
     }
 }
 
+/// The peak resident memory of process `pid` so far, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
 /// The `key=value` fields of the `summary:` line in `stdout`.
 pub fn summary_fields(stdout: &str) -> HashMap<String, u64> {
     let line = stdout.lines().find_map(|l| l.strip_prefix("summary: ")).expect("a summary line");
