@@ -70,11 +70,24 @@ impl Decoder for RequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
-        // The whole message is in one contiguous buffer.
-        let checked = match size_up(buf.chunk(), self.max_items) {
-            Ok(()) => SensorValuesRequest::decode(buf).map_err(|error| Shape::Undecodable(error.to_string())),
+        // The whole message is in one contiguous buffer (tonic gathers it
+        // into one BytesMut); where not, it is gathered here.
+        let length = buf.remaining();
+        let gathered;
+        let bytes = if buf.chunk().len() >= length {
+            &buf.chunk()[..length]
+        } else {
+            gathered = buf.copy_to_bytes(length);
+            &gathered[..]
+        };
+        // Decoded from the slice: through the buffer's `Buf`, prost's
+        // varint reads cost more than all the rest of the decode.
+        let checked = match size_up(bytes, self.max_items) {
+            Ok(()) => SensorValuesRequest::decode(bytes).map_err(|error| Shape::Undecodable(error.to_string())),
             Err(shape) => Err(shape),
         };
+        let consumed = buf.remaining();
+        buf.advance(consumed);
         checked.map(Some).map_err(|shape| {
             let (reason, status) = shape.refusal();
             self.refusals.refuse(reason, &status);
