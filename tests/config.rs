@@ -242,3 +242,31 @@ fn a_dot_env_line_that_cannot_be_parsed_is_not_echoed() {
     assert_eq!(code, 2);
     assert!(!stderr.contains("Sekrit") && stderr.lines().count() == 1, "{stderr}");
 }
+
+#[test]
+fn remote_write_settings_are_checked_and_credentials_never_echoed() {
+    let remote = |extra: &[(&str, &str)]| {
+        let mut pairs =
+            vec![("OUTPUT", "remote-write".to_owned()), ("REMOTE_WRITE_URL", "http://db:8428/api/v1/write".to_owned())];
+        pairs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        SinkConfig::from_vars(&vars(&pairs))
+    };
+    assert!(remote(&[]).is_ok());
+    let cases: [(&[(&str, &str)], &str); 7] = [
+        (&[("REMOTE_WRITE_URL", "https://db/api/v1/write")], "REMOTE_WRITE_URL"),
+        (&[("REMOTE_WRITE_URL", "http://user:pw-S3cret@db:8428/api/v1/write")], "REMOTE_WRITE_URL"),
+        (&[("REMOTE_WRITE_METRIC", "__name")], "REMOTE_WRITE_METRIC"),
+        (&[("REMOTE_WRITE_METRIC", "1bad")], "REMOTE_WRITE_METRIC"),
+        (&[("REMOTE_WRITE_USERNAME", "u")], "REMOTE_WRITE_USERNAME"),
+        (&[("REMOTE_WRITE_USERNAME", "u"), ("REMOTE_WRITE_PASSWORD", "")], "REMOTE_WRITE_PASSWORD"),
+        (
+            &[("REMOTE_WRITE_BEARER_TOKEN", "t0k"), ("REMOTE_WRITE_USERNAME", "u"), ("REMOTE_WRITE_PASSWORD", "p")],
+            "REMOTE_WRITE_BEARER_TOKEN",
+        ),
+    ];
+    for (extra, variable) in cases {
+        let error = remote(extra).unwrap_err().to_string();
+        assert!(error.contains(variable), "{extra:?}: {error}");
+        assert!(!error.contains("S3cret") && !error.contains("t0k"), "{error}");
+    }
+}

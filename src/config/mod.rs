@@ -32,6 +32,9 @@ pub enum ConfigError {
     EnvFile(String),
 }
 
+/// Shown instead of a value that holds credentials.
+pub(crate) const HIDDEN_CREDENTIALS: &str = "(holds credentials, not shown)";
+
 /// What each variable accepts, for messages. One table for both binaries: a
 /// variable means the same to each of them or has a separate name.
 const ACCEPTED: &[(&str, &str)] = &[
@@ -88,9 +91,10 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("OUTPUT", "file or remote-write"),
     (
         "REMOTE_WRITE_URL",
-        "the database's remote-write endpoint, http://host:port/path, required by OUTPUT=remote-write",
+        "the database's remote-write endpoint, http://host:port/path without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by OUTPUT=remote-write",
     ),
-    ("REMOTE_WRITE_METRIC", "a Prometheus metric name, e.g. sensor_value"),
+    ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
+    ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
     ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0, e.g. 4s"),
     ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
     ("REMOTE_WRITE_MAX_SAMPLES", "a whole number of samples from 1 to 1000000"),
@@ -156,7 +160,11 @@ pub(crate) fn load<C: envconfig::Envconfig>(
     let config: C = parse(vars)?;
     validate(&config).map_err(|error| match error {
         // Secrets are never echoed.
-        ConfigError::Invalid { variable: "SINK_AUTH_TOKEN" | "REMOTE_WRITE_BEARER_TOKEN", .. } => error,
+        ConfigError::Invalid {
+            variable: "SINK_AUTH_TOKEN" | "REMOTE_WRITE_BEARER_TOKEN" | "REMOTE_WRITE_PASSWORD",
+            ..
+        } => error,
+        ConfigError::Invalid { ref value, .. } if value == HIDDEN_CREDENTIALS => error,
         // Nor are the contents of files: only their names.
         ConfigError::Invalid { variable, .. } if variable.starts_with("TLS_") => error,
         ConfigError::Invalid { variable, value, expected } => {

@@ -134,6 +134,11 @@ impl SinkConfig {
         self.tls()?;
         if self.output == OutputKind::RemoteWrite {
             let url = self.remote_write_url.as_deref().unwrap_or("");
+            // Credentials in the URL would be logged and not sent: refused,
+            // and not echoed.
+            if url.contains('@') {
+                return Err(super::invalid("REMOTE_WRITE_URL", super::HIDDEN_CREDENTIALS));
+            }
             let valid =
                 url.parse::<hyper::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
             ensure(valid, "REMOTE_WRITE_URL", url)?;
@@ -143,7 +148,8 @@ impl SinkConfig {
             .chars()
             .enumerate()
             .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
-            && !metric.is_empty();
+            && !metric.is_empty()
+            && !metric.starts_with("__");
         ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
         ensure_positive("REMOTE_WRITE_TIMEOUT", self.remote_write_timeout)?;
         let concurrency = self.remote_write_concurrency;
@@ -153,6 +159,8 @@ impl SinkConfig {
         if let Some(token) = &self.remote_write_bearer_token {
             ensure(super::tokenable(token.expose()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
         }
+        let empty_password = self.remote_write_password.as_ref().is_some_and(|p| p.expose().is_empty());
+        ensure(!empty_password, "REMOTE_WRITE_PASSWORD", "(hidden)")?;
         let basic = (self.remote_write_username.is_some(), self.remote_write_password.is_some());
         ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.remote_write_username.as_deref().unwrap_or(""))?;
         ensure(!(basic.0 && self.remote_write_bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;

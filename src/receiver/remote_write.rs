@@ -196,6 +196,7 @@ impl RemoteWriter {
             Ok(Ok((status, _, _))) if status.is_success() => {
                 self.count("2xx");
                 stats.samples.inc_by(readings as u64);
+                self.stats.readings_written.inc_by(readings as u64);
                 *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = (0, None);
                 debug!(message = "The database took the samples.", readings, requests = chunks.len());
                 Ok(())
