@@ -76,21 +76,9 @@ pub enum ReceiveError {
         /// When the request would fit.
         retry_after: std::time::Duration,
     },
-    /// The output could not be written (a full disk, a file-size limit):
-    /// nothing of the request is in it, and a retry may succeed.
-    #[error("the sink could not write its output: {0}")]
-    WriteFailed(String),
-    /// The database is down or busy; the node should wait `retry_after`.
-    #[error("the database cannot take the readings now: {message}; retry in {} ms", .retry_after.as_millis())]
-    OutputBusy {
-        /// How long to wait.
-        retry_after: std::time::Duration,
-        /// What the database said.
-        message: String,
-    },
-    /// The database refused the readings for good.
-    #[error("the database refused the readings: {0}")]
-    OutputRefused(String),
+    /// The output did not store the readings: nothing of them is in it.
+    #[error(transparent)]
+    Output(#[from] OutputError),
     /// The output writer has stopped, so nothing can be accepted.
     #[error("the sink is shutting down or its output failed")]
     WriterStopped,
@@ -100,7 +88,7 @@ impl From<ReceiveError> for Status {
     fn from(error: ReceiveError) -> Self {
         let message = error.to_string();
         match error {
-            ReceiveError::Throttled { retry_after } | ReceiveError::OutputBusy { retry_after, .. } => {
+            ReceiveError::Throttled { retry_after } | ReceiveError::Output(OutputError::Busy { retry_after, .. }) => {
                 let mut status = Status::resource_exhausted(message);
                 // At least 1 ms: 0 would read as "retry at once" and spin.
                 let ms = retry_after.as_millis().max(1).to_string();
@@ -110,7 +98,7 @@ impl From<ReceiveError> for Status {
                 status
             }
             ReceiveError::TooLarge { .. } => Status::failed_precondition(message),
-            ReceiveError::WriterStopped | ReceiveError::WriteFailed(_) => Status::unavailable(message),
+            ReceiveError::WriterStopped | ReceiveError::Output(OutputError::Failed(_)) => Status::unavailable(message),
             ReceiveError::Unauthenticated => Status::unauthenticated(message),
             _ => Status::invalid_argument(message),
         }
@@ -123,10 +111,10 @@ impl From<ReceiveError> for Status {
 pub enum OutputError {
     /// The write failed (a full disk, a file-size limit); a retry may
     /// succeed.
-    #[error("{0}")]
+    #[error("the sink could not write its output: {0}")]
     Failed(std::sync::Arc<str>),
     /// The database is down or busy: come back after `retry_after`.
-    #[error("{message}")]
+    #[error("the database cannot take the readings now: {message}; retry in {} ms", .retry_after.as_millis())]
     Busy {
         /// How long the node should wait.
         retry_after: std::time::Duration,
@@ -134,7 +122,7 @@ pub enum OutputError {
         message: std::sync::Arc<str>,
     },
     /// The database refused the data for good (a 4xx answer).
-    #[error("{0}")]
+    #[error("the database refused the readings: {0}")]
     Refused(std::sync::Arc<str>),
 }
 

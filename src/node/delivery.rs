@@ -73,7 +73,8 @@ pub async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) 
             Err(status) => status,
         };
         let draining = context.draining.is_cancelled();
-        let wait = match pushback(&status) {
+        let asked = pushback(&status);
+        let wait = match asked {
             // Flow control, not a failure: every lane pauses as long as
             // asked, and no attempt is used up.
             Some(pause) => {
@@ -101,7 +102,9 @@ pub async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) 
             error = status.message(),
             ?wait
         );
-        if pushback(&status).is_none() {
+        // A pushback's wait is the throttle's pause, which the next attempt's
+        // token waits out.
+        if asked.is_none() {
             wait_for_retry(context, wait).await;
         }
     }

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tracing::{error, warn};
+use tracing::warn;
 
 /// The open output and the path it belongs at.
 #[derive(Debug)]
@@ -90,11 +90,9 @@ impl OutputFile {
     }
 
     /// Opens the file at the path again (after a rotation, or on SIGHUP).
-    /// The old file is synced first: what was written to it stays there.
+    /// Syncing what went into the old file is the caller's business (the
+    /// writer does it on the blocking pool; a deleted file needs none).
     pub(crate) fn reopen(&mut self) -> io::Result<()> {
-        if let Err(error) = self.file.sync_data() {
-            error!(message = "Could not sync the output before reopening it.", %error);
-        }
         self.cut_torn()?;
         self.file = open_append(&self.path)?;
         Ok(())

@@ -69,6 +69,8 @@ pub(crate) struct RemoteWriter {
     stats: Arc<SinkStats>,
     /// Failures are logged at most once a second.
     failures: Mutex<Every>,
+    /// And so are refusals.
+    refused: Mutex<Every>,
 }
 
 impl RemoteWriter {
@@ -92,6 +94,7 @@ impl RemoteWriter {
             pause: Mutex::new((0, None)),
             stats,
             failures: Mutex::new(Every::second()),
+            refused: Mutex::new(Every::second()),
         })
     }
 
@@ -235,7 +238,12 @@ impl RemoteWriter {
             self.log_failure(&message);
             return OutputError::Failed(format!("{message} (check REMOTE_WRITE_URL and its credentials)").into());
         }
-        error!(message = "The database refused samples.", answer = %message, requests);
+        // Each refused node request is also logged as a refusal, once a second
+        // at most; this line says what the database said, as often.
+        let gate = self.refused.lock().unwrap_or_else(PoisonError::into_inner).ready();
+        if let Some(suppressed) = gate {
+            error!(message = "The database refused samples.", answer = %message, requests, suppressed);
+        }
         OutputError::Refused(message.into())
     }
 

@@ -126,14 +126,7 @@ impl ReceiverService {
                     .send(Chunk { lines, readings: items, written })
                     .await
                     .map_err(|_| ReceiveError::WriterStopped)?;
-                let written = confirmed.await.map_err(|_| ReceiveError::WriterStopped)?;
-                written.map_err(|error| match error {
-                    OutputError::Failed(message) => ReceiveError::WriteFailed(message.to_string()),
-                    OutputError::Busy { retry_after, message } => {
-                        ReceiveError::OutputBusy { retry_after, message: message.to_string() }
-                    }
-                    OutputError::Refused(message) => ReceiveError::OutputRefused(message.to_string()),
-                })?;
+                confirmed.await.map_err(|_| ReceiveError::WriterStopped)??;
             }
             if let Some(last) = last_written.as_mut() {
                 **last = Some(batch);
@@ -183,12 +176,12 @@ impl SensorService for ReceiverService {
                         debug!(message = "Refused request while stopping.", %error);
                         None
                     }
-                    ReceiveError::WriteFailed(_) => Some(RejectReason::WriteFailed),
-                    ReceiveError::OutputBusy { .. } => {
+                    ReceiveError::Output(OutputError::Failed(_)) => Some(RejectReason::WriteFailed),
+                    ReceiveError::Output(OutputError::Busy { .. }) => {
                         self.stats.throttled.inc();
                         None
                     }
-                    ReceiveError::OutputRefused(_) => Some(RejectReason::DatabaseRefused),
+                    ReceiveError::Output(OutputError::Refused(_)) => Some(RejectReason::DatabaseRefused),
                     ReceiveError::Unauthenticated => Some(RejectReason::Unauthenticated),
                     ReceiveError::TooLarge { .. } | ReceiveError::TooManyItems { .. } => Some(RejectReason::TooLarge),
                     _ => Some(RejectReason::Invalid),
