@@ -78,16 +78,14 @@ fn binaries_stopped_by_sigterm_lose_nothing() {
         &dir,
     );
     std::thread::sleep(Duration::from_secs(2));
-    node.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = node.wait(Duration::from_secs(30));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "node failed: {stderr}");
     let summary = summary_fields(&stdout);
     assert!(summary["produced"] > 0);
     assert_eq!(summary["acked"], summary["produced"], "{stdout}");
 
     // The flush interval is long: only the shutdown writes the readings out.
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "sink failed: {stderr}");
     let written = read_output(&dir.join("out/readings.jsonl"));
     let per_sensor = assert_complete_and_ordered(&written);

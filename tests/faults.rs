@@ -335,11 +335,9 @@ fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing()
     wait_for_port(port, Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(3));
 
-    node.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
 
     let summary = summary_fields(&stdout);

@@ -40,8 +40,7 @@ async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their
     assert!(grown <= 3 * in_flight, "the sink grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
     eprintln!("peak RSS grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
 
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     // Refusals are logged, but at most once a second.
     let logged = stderr.matches("Refused a request.").count();
@@ -81,7 +80,6 @@ async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_byt
     eprintln!("peak RSS grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
     // Decoded readings and their JSON lines, beside the request bytes.
     assert!(grown <= 4 * in_flight, "the sink grew by {} MiB for {} MiB in flight", grown >> 20, in_flight >> 20);
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
 }

@@ -77,8 +77,7 @@ fn scraped_counters_agree_with_the_sink_file() {
     assert!(produced > 0.0 && acked > 0.0 && acked <= produced, "{page}");
     assert_eq!(during["telemetry_node_readings_held"], produced - acked);
 
-    node.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = node.wait(Duration::from_secs(30));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     let summary = summary_fields(&stdout);
 
@@ -87,8 +86,7 @@ fn scraped_counters_agree_with_the_sink_file() {
     assert_eq!(sink_page["telemetry_sink_readings_accepted_total"] as u64, summary["acked"]);
     assert_eq!(sink_page["telemetry_sink_requests_throttled_total"], 0.0);
 
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     let written = read_output(&dir.join("out/readings.jsonl"));
     assert_eq!(written.len() as u64, summary["acked"]);

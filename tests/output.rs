@@ -100,11 +100,9 @@ fn file_len(path: &Path) -> u64 {
 
 /// Stops the node, then the sink, and returns the node's summary.
 fn stop(node: Process, sink: Process) -> BTreeMap<String, u64> {
-    node.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
-    sink.signal(libc::SIGTERM);
-    let (code, _, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     let summary = summary_fields(&stdout).into_iter().collect::<BTreeMap<_, _>>();
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");

@@ -26,12 +26,6 @@ fn start_sink(dir: &Path, name: &'static str, port: u16, extra: &[(&'static str,
     sink
 }
 
-/// Stops `process` with SIGTERM and returns its exit code, stdout, stderr.
-fn stop(process: Process) -> (i32, String, String) {
-    process.signal(libc::SIGTERM);
-    process.wait(Duration::from_secs(60))
-}
-
 /// `name:n` of the summary's `dropped_by=` field.
 fn dropped_by(stdout: &str, name: &str) -> u64 {
     stdout
@@ -63,12 +57,12 @@ fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
     // A deploy stops the node soon after the sink is back.
     std::thread::sleep(Duration::from_secs(2));
     let stopping = Instant::now();
-    let (code, stdout, stderr) = stop(node);
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     // Seconds, not the retry cap (30 s) it took before; within the default
     // SHUTDOWN_TIMEOUT (10 s) with room to spare on a busy machine.
     assert!(stopping.elapsed() < Duration::from_secs(8), "the drain took {:?}", stopping.elapsed());
-    let (code, _, stderr) = stop(sink);
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
 
     let summary = summary_fields(&stdout);
@@ -94,9 +88,9 @@ fn a_throttling_sink_uses_up_no_retries_with_the_default_settings() {
     ];
     let node = Process::start("node", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(6));
-    let (code, stdout, stderr) = stop(node);
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
-    let (_, sink_out, _) = stop(sink);
+    let (_, sink_out, _) = sink.terminate(Duration::from_secs(60));
 
     let summary = summary_fields(&stdout);
     assert!(summary["pushbacks"] > 20, "the sink pushed back: {stdout} / {sink_out}");
@@ -152,7 +146,7 @@ fn drops_under_a_drop_policy_are_all_logged_with_their_reason() {
     ];
     let node = Process::start("node", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_millis(2500));
-    let (code, stdout, stderr) = stop(node);
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     let lines = json_lines(&stderr);
     for reason in ["overflow_newest", "shutdown"] {
@@ -198,8 +192,8 @@ fn a_node_with_slow_sensors_stays_ready_while_its_sink_answers() {
         .collect();
     assert!(answers.iter().all(|status| *status == 200), "{answers:?}");
     // With the sink gone, the next attempt tells.
-    let (_, _, _) = stop(sink);
-    let (code, stdout, stderr) = stop(node);
+    let (_, _, _) = sink.terminate(Duration::from_secs(60));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr} {stdout}");
 }
 
@@ -211,7 +205,7 @@ fn metrics_show_every_label_from_the_start_with_canonical_code_names() {
     let node = Process::start("node", NODE, &[], &env, &dir);
     wait_for_port(metrics, Duration::from_secs(20));
     let (_, page) = get(metrics, "/metrics");
-    let _ = stop(node);
+    let _ = node.terminate(Duration::from_secs(60));
     for line in [
         "telemetry_node_readings_dropped_total{reason=\"refused\"} 0",
         "telemetry_node_readings_dropped_total{reason=\"spool_full\"} 0",
@@ -254,10 +248,10 @@ fn the_shared_token_appears_in_no_log_line_summary_or_metric() {
         std::thread::sleep(Duration::from_secs(2));
         outputs.push(get(node_metrics, "/metrics").1);
         outputs.push(get(sink_metrics, "/metrics").1);
-        let (_, stdout, stderr) = stop(node);
+        let (_, stdout, stderr) = node.terminate(Duration::from_secs(60));
         outputs.extend([stdout, stderr]);
     }
-    let (_, stdout, stderr) = stop(sink);
+    let (_, stdout, stderr) = sink.terminate(Duration::from_secs(60));
     outputs.extend([stdout, stderr]);
     assert!(outputs.iter().any(|text| text.contains("[redacted]")), "the token's setting is shown as redacted");
     for text in &outputs {

@@ -113,8 +113,7 @@ impl Database {
     /// Stops the process, keeping its data.
     fn stop(&mut self) {
         if let Some(process) = self.process.take() {
-            process.signal(libc::SIGTERM);
-            let _ = process.wait(Duration::from_secs(30));
+            let _ = process.terminate(Duration::from_secs(30));
         }
     }
 
@@ -239,8 +238,7 @@ fn default_node(socket: &str, id: &str) -> Vec<(&'static str, String)> {
 
 /// Stops a node and returns its summary, checking it dropped nothing.
 fn stop_node(node: Process) -> std::collections::HashMap<String, u64> {
-    node.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = node.wait(Duration::from_secs(60));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     let summary = summary_fields(&stdout);
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
@@ -248,8 +246,7 @@ fn stop_node(node: Process) -> std::collections::HashMap<String, u64> {
 }
 
 fn stop_sink(sink: Process) -> String {
-    sink.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = sink.wait(Duration::from_secs(30));
+    let (code, stdout, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     stdout
 }
@@ -362,7 +359,16 @@ fn round_robin(listener: std::net::TcpListener, backends: Vec<u16>) {
 
 #[test]
 fn two_sink_replicas_behind_a_round_robin_store_everything_once() {
-    let dir = scratch("rw-replicas");
+    two_sink_replicas("rw-replicas", tuned_node);
+}
+
+#[test]
+fn two_sink_replicas_with_the_default_settings() {
+    two_sink_replicas("rw-replicas-defaults", default_node);
+}
+
+fn two_sink_replicas(name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
+    let dir = scratch(name);
     let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
     let (one, two) = (free_port(), free_port());
     let sinks = [start_sink(&dir, "sink-1", one, &database), start_sink(&dir, "sink-2", two, &database)];
@@ -373,7 +379,7 @@ fn two_sink_replicas_behind_a_round_robin_store_everything_once() {
         .into_iter()
         .map(|id| {
             let name: &'static str = Box::leak(id.to_owned().into_boxed_str());
-            Process::start(name, NODE, &[], &tuned_node(&socket, id), &dir)
+            Process::start(name, NODE, &[], &node_env(&socket, id), &dir)
         })
         .collect();
     std::thread::sleep(Duration::from_secs(3));

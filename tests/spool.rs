@@ -60,8 +60,7 @@ fn start_sink(dir: &Path, socket: &str, port: u16, name: &'static str) -> Proces
 }
 
 fn stop(process: Process) -> std::collections::HashMap<String, u64> {
-    process.signal(libc::SIGTERM);
-    let (code, stdout, stderr) = process.wait(Duration::from_secs(60));
+    let (code, stdout, stderr) = process.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     if stdout.contains("summary:") { summary_fields(&stdout) } else { Default::default() }
 }

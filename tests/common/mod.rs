@@ -209,6 +209,13 @@ impl Process {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {} to {}", signal, self.name);
     }
 
+    /// Sends SIGTERM and waits up to `limit` for the process to exit, as
+    /// [`Process::wait`] does.
+    pub fn terminate(self, limit: Duration) -> (i32, String, String) {
+        self.signal(libc::SIGTERM);
+        self.wait(limit)
+    }
+
     /// Waits up to `limit` for the process to exit; kills it and fails if it does not.
     pub fn wait(mut self, limit: Duration) -> (i32, String, String) {
         let deadline = Instant::now() + limit;
