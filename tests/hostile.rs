@@ -12,8 +12,13 @@ use telemetry_node::{
     proto::{SensorValue, SensorValuesRequest},
 };
 
+/// One test at a time: a port picked free for one test's sink can be taken
+/// meanwhile as the local port of the other test's client connections.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their_bytes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("hostile-memory");
     let port = free_port();
     let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("FILE_PATH", "out".into())];
@@ -49,6 +54,7 @@ async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_bytes() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("valid-memory");
     let port = free_port();
     let env = [
