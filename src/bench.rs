@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport, codec::Outgoing, sensor, transport::Transport},
+    node::{self, GrpcTransport, codec::Outgoing, source::simulated, transport::Transport},
     reading::Reading,
     receiver::{self, Output},
     stats::{NodeStats, SinkStats},
@@ -114,7 +114,7 @@ async fn ceiling(address: &str, options: &BenchOptions, sequence: u64) -> f64 {
         .into_iter()
         .enumerate()
         .map(|(lane, names)| {
-            let batch: Vec<Reading> = sensor::readings_from(names, sequence, options.batch_size as u64).collect();
+            let batch: Vec<Reading> = simulated::readings_from(names, sequence, options.batch_size as u64).collect();
             Outgoing::new(&batch, Arc::clone(&node_id), lane as u32, 1)
         })
         .collect();

@@ -45,6 +45,28 @@ pub fn sensor_name(name: &str) -> &'static str {
     kept
 }
 
+/// The longest sensor name, in bytes, that the node's sources give.
+pub const MAX_SENSOR_NAME_BYTES: usize = 256;
+
+/// Whether `name` may name a sensor of this node, and if not, why. The sink
+/// takes any non-empty UTF-8 name (as the Go sink does); names the node
+/// makes from files, commands and the host are held to more: 1 to
+/// [`MAX_SENSOR_NAME_BYTES`] bytes without whitespace or control
+/// characters, so that each reads the same in a log line, a JSON line and a
+/// database label.
+pub fn check_sensor_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    if name.len() > MAX_SENSOR_NAME_BYTES {
+        return Err("is longer than 256 bytes");
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("holds whitespace or a control character");
+    }
+    Ok(())
+}
+
 /// Readings sent together in one request.
 pub type Batch = Vec<Reading>;
 

@@ -79,6 +79,15 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Label of readings a source could not take.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    /// The source: `host`, `file` or `exec`.
+    pub source: &'static str,
+    /// Why, e.g. `missing`, `not_an_integer`, `timeout`.
+    pub reason: &'static str,
+}
+
 /// Live counters of one node, shared by every stage.
 ///
 /// Once the pipeline has returned, every produced reading is either acked or
@@ -90,6 +99,11 @@ pub struct NodeStats {
     /// Readings the sensors could not take on time because the pipeline
     /// was pushing back (OVERFLOW_POLICY=block); never produced.
     pub missed: Counter,
+    /// Readings a source could not take (a missing file, a failed command),
+    /// by source and reason; never produced.
+    pub failed: Family<FailureLabel, Counter>,
+    /// Every reading counted in `failed`, for the summary.
+    failed_total: Counter,
     /// Readings handed to the transport at least once.
     pub sent: Counter,
     /// Batches handed to the transport at least once.
@@ -135,6 +149,8 @@ impl Default for NodeStats {
         Self {
             produced: Counter::default(),
             missed: Counter::default(),
+            failed: Family::default(),
+            failed_total: Counter::default(),
             sent: Counter::default(),
             batches_sent: Counter::default(),
             acked: Counter::default(),
@@ -168,6 +184,12 @@ impl NodeStats {
     pub fn drop_readings(&self, reason: DropReason, n: u64) {
         self.dropped.inc_by(n);
         self.dropped_by_reason.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    /// Counts one reading `source` could not take, for `reason`.
+    pub fn read_failed(&self, source: &'static str, reason: &'static str) {
+        self.failed.get_or_create(&FailureLabel { source, reason }).inc();
+        self.failed_total.inc();
     }
 
     /// Counts one retry caused by a failure with `code`.
@@ -206,6 +228,7 @@ impl NodeStats {
             retries: self.retries.get(),
             pushbacks: self.pushbacks.get(),
             missed: self.missed.get(),
+            failed: self.failed_total.get(),
             spooled: self.spooled.get(),
             replayed: self.replayed.get(),
             in_spool: self.in_spool.get().max(0) as u64,
@@ -245,6 +268,8 @@ impl NodeStats {
         r.register("readings_produced", "Readings the sensors emitted", self.produced.clone());
         let missed = self.missed.clone();
         r.register("readings_missed", "Readings not taken on time because the pipeline pushed back", missed);
+        let failed = self.failed.clone();
+        r.register("readings_failed", "Readings a source could not take, by source and reason", failed);
         r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
         r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
         r.register("readings_acked", "Readings the sink acknowledged", self.acked.clone());
@@ -291,6 +316,9 @@ pub struct Summary {
     pub pushbacks: u64,
     /// Readings the sensors could not take on time (never produced).
     pub missed: u64,
+    /// Readings a source could not take: a missing file, a failed command
+    /// (never produced).
+    pub failed: u64,
     /// Readings of this run written to the spool.
     pub spooled: u64,
     /// Readings delivered from the spool.
@@ -317,6 +345,9 @@ impl fmt::Display for Summary {
                 .map(|(reason, n)| format!("{}:{n}", reason.name()))
                 .collect();
             write!(f, " dropped_by={}", reasons.join(","))?;
+        }
+        if self.failed > 0 {
+            write!(f, " failed={}", self.failed)?;
         }
         if self.spooled + self.replayed + self.in_spool > 0 {
             write!(f, " spooled={} replayed={} in_spool={}", self.spooled, self.replayed, self.in_spool)?;

@@ -14,7 +14,7 @@ use std::{
 
 use common::{Process, free_port, peak_rss, scratch, summary_fields, wait_for_port};
 use telemetry_node::{
-    node::sensor::readings_from,
+    node::source::simulated::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
     reading::sensor_name,
 };

@@ -27,6 +27,17 @@ pub enum ConfigError {
         /// What the variable accepts.
         expected: &'static str,
     },
+    /// The variable's value parsed but cannot be used, for a reason that
+    /// depends on the value (a glob that matches nothing, a name clash).
+    #[error("invalid configuration: {variable}={value:?}: {reason}")]
+    Unusable {
+        /// Name of the environment variable.
+        variable: &'static str,
+        /// The value it was given.
+        value: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// The `.env` file exists but cannot be read.
     #[error("invalid configuration: .env file: {0}")]
     EnvFile(String),
@@ -39,7 +50,16 @@ pub(crate) const HIDDEN_CREDENTIALS: &str = "(holds credentials, not shown)";
 /// variable means the same to each of them or has a separate name.
 const ACCEPTED: &[(&str, &str)] = &[
     ("SENSOR_NAME", "a non-empty name"),
-    ("SENSOR_COUNT", "a whole number from 1 to 1000000"),
+    (
+        "SENSOR_COUNT",
+        "a whole number from 0 to 1000000; 0 (no simulated sensors) only with HOST_INTERVAL, FILE_SENSORS or EXEC_COMMAND",
+    ),
+    ("HOST_INTERVAL", "a duration greater than 0, e.g. 1s (Linux only), or unset for no host source"),
+    ("FILE_INTERVAL", "a duration greater than 0, e.g. 10s"),
+    ("EXEC_INTERVAL", "a duration greater than 0, e.g. 10s"),
+    ("EXEC_TIMEOUT", "a duration greater than 0, e.g. 5s"),
+    ("EXEC_COMMAND", "a command whose program is a file or is found on PATH"),
+    ("EXEC_SHELL", "true or false"),
     (
         "SENSOR_VALUE_RATE_PER_SECOND",
         "a number of readings per second from 0.000001 to 1000000000 (fractions allowed, e.g. 0.5)",

@@ -1,13 +1,23 @@
 //! Configuration of `telemetry-node`.
 
-use std::{collections::HashMap, num::NonZeroU32, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::PathBuf,
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use envconfig::Envconfig;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{ConfigError, Pem, Secret, ensure, ensure_bounded, ensure_positive, invalid};
 use crate::{
-    node::throttle::{MAX_RATE, RequestRate},
+    node::{
+        source::{self, Owned, file::FileSensor},
+        throttle::{MAX_RATE, RequestRate},
+    },
     reading::sensor_name,
 };
 
@@ -25,6 +35,30 @@ pub struct NodeConfig {
     /// Readings each sensor produces per second.
     #[envconfig(from = "SENSOR_VALUE_RATE_PER_SECOND", default = "5")]
     pub sensor_rate: f64,
+    /// How often the host source reads the machine; no host source when
+    /// unset.
+    #[envconfig(from = "HOST_INTERVAL")]
+    pub host_interval: Option<humantime::Duration>,
+    /// Sensors that each read a file holding one integer: `name=path` and
+    /// globs, comma-separated.
+    #[envconfig(from = "FILE_SENSORS")]
+    pub file_sensors: Option<String>,
+    /// How often the file sensors are read.
+    #[envconfig(from = "FILE_INTERVAL", default = "10s")]
+    pub file_interval: humantime::Duration,
+    /// A command that prints `name value` lines, run each EXEC_INTERVAL.
+    #[envconfig(from = "EXEC_COMMAND")]
+    pub exec_command: Option<String>,
+    /// Run EXEC_COMMAND with `/bin/sh -c` rather than splitting it on
+    /// whitespace.
+    #[envconfig(from = "EXEC_SHELL", default = "false")]
+    pub exec_shell: bool,
+    /// How often EXEC_COMMAND runs.
+    #[envconfig(from = "EXEC_INTERVAL", default = "10s")]
+    pub exec_interval: humantime::Duration,
+    /// Longest one run of EXEC_COMMAND may take before it is killed.
+    #[envconfig(from = "EXEC_TIMEOUT", default = "5s")]
+    pub exec_timeout: humantime::Duration,
     /// Requests per second the node sends at most, over all sensors.
     #[envconfig(from = "REQUEST_RATE_PER_SECOND", default = "1")]
     pub request_rate: f64,
@@ -133,7 +167,8 @@ impl NodeConfig {
     /// Checks every value that parsed but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
         ensure(!self.sensor_name.is_empty(), "SENSOR_NAME", &self.sensor_name)?;
-        ensure((1..=1_000_000).contains(&self.sensor_count), "SENSOR_COUNT", self.sensor_count)?;
+        ensure(self.sensor_count <= 1_000_000, "SENSOR_COUNT", self.sensor_count)?;
+        self.validate_sources()?;
         let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
         let request_rate_ok = (MIN_RATE..=MAX_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
@@ -176,6 +211,60 @@ impl NodeConfig {
         }
         self.tls()?;
         Ok(())
+    }
+
+    /// Checks the host, file and exec sources, and that some source runs.
+    fn validate_sources(&self) -> Result<(), ConfigError> {
+        if let Some(interval) = self.host_interval {
+            ensure_positive("HOST_INTERVAL", interval)?;
+            ensure(cfg!(target_os = "linux"), "HOST_INTERVAL", interval)?;
+        }
+        ensure_positive("FILE_INTERVAL", self.file_interval)?;
+        ensure_positive("EXEC_INTERVAL", self.exec_interval)?;
+        ensure_positive("EXEC_TIMEOUT", self.exec_timeout)?;
+        let files = self.file_sensors()?;
+        if let Some(argv) = self.exec_argv() {
+            let program = argv.first().map_or("", String::as_str);
+            ensure(source::exec::findable(program), "EXEC_COMMAND", program)?;
+        }
+        let others = self.host_interval.is_some() || !files.is_empty() || self.exec_argv().is_some();
+        ensure(self.sensor_count > 0 || others, "SENSOR_COUNT", self.sensor_count)?;
+        self.owned_names().map(drop)
+    }
+
+    /// The file source's sensors (none when FILE_SENSORS is unset or empty).
+    pub fn file_sensors(&self) -> Result<Vec<FileSensor>, ConfigError> {
+        let spec = self.file_sensors.as_deref().unwrap_or_default();
+        source::file::parse(spec).map_err(|error| ConfigError::Unusable {
+            variable: "FILE_SENSORS",
+            value: spec.to_owned(),
+            reason: error.to_string(),
+        })
+    }
+
+    /// EXEC_COMMAND as a program and its arguments, if set.
+    pub fn exec_argv(&self) -> Option<Vec<String>> {
+        let command = self.exec_command.as_deref().filter(|command| !command.trim().is_empty())?;
+        Some(source::exec::argv(command, self.exec_shell))
+    }
+
+    /// The names the simulated, file and host sources own, checked for
+    /// clashes between them.
+    pub fn owned_names(&self) -> Result<Owned, ConfigError> {
+        let simulated = (self.sensor_count > 0).then(|| (self.sensor_name.clone(), self.sensor_count));
+        let host = Owned::new(simulated.clone(), HashSet::new(), self.host_interval.is_some());
+        let mut named = HashSet::new();
+        for sensor in self.file_sensors()? {
+            if host.owns(sensor.name) {
+                return Err(ConfigError::Unusable {
+                    variable: "FILE_SENSORS",
+                    value: self.file_sensors.clone().unwrap_or_default(),
+                    reason: format!("sensor name {:?} is taken by the simulated or host sensors", sensor.name),
+                });
+            }
+            named.insert(sensor.name);
+        }
+        Ok(Owned::new(simulated, named, self.host_interval.is_some()))
     }
 
     /// The TLS settings for the sink connection, or `None` for plaintext.

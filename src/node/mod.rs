@@ -1,4 +1,4 @@
-//! The telemetry node: sensors → merge → batch → throttle → sender.
+//! The telemetry node: sources → merge → batch → throttle → sender.
 //!
 //! Each stage is a module that knows the type it receives and the type it
 //! yields; [`pipeline`] composes them.
@@ -11,7 +11,7 @@ pub mod queue;
 pub mod replay;
 pub mod retry;
 pub mod sender;
-pub mod sensor;
+pub mod source;
 pub mod spool;
 pub mod throttle;
 pub mod transport;

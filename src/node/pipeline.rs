@@ -24,7 +24,7 @@ use super::{
     replay::{self, LaneSpool},
     retry::SinkHealth,
     sender::{self, LaneIdentity},
-    sensor,
+    source,
     spool::{Spool, SpoolError},
     throttle::Throttle,
     transport::Transport,
@@ -39,8 +39,6 @@ use crate::{
 /// What every lane is built from.
 #[derive(Debug, Clone)]
 struct LaneSettings {
-    /// Readings per second, per sensor.
-    sensor_rate: f64,
     /// BATCH_SIZE.
     batch_size: usize,
     /// BATCH_TIMEOUT.
@@ -49,7 +47,7 @@ struct LaneSettings {
 
 /// Runs the node until `shutdown` resolves, then delivers what it holds.
 ///
-/// Shutdown follows the data: only the sensors are cancelled; each batcher
+/// Shutdown follows the data: only the sources are cancelled; each batcher
 /// emits its partial batch when their stream ends, and each sender delivers
 /// it and everything before it. That drain is bounded by `SHUTDOWN_TIMEOUT`;
 /// readings still held when it runs out are counted as dropped, so the
@@ -75,14 +73,10 @@ pub async fn run_with<T: Transport>(
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) -> Summary {
-    let stop_sensors = CancellationToken::new();
+    let stop_sources = CancellationToken::new();
     let draining = CancellationToken::new();
     let throttle = Throttle::new(config.request_rate());
-    let settings = LaneSettings {
-        sensor_rate: config.sensor_rate,
-        batch_size: config.batch_size,
-        batch_timeout: config.batch_timeout.into(),
-    };
+    let settings = LaneSettings { batch_size: config.batch_size, batch_timeout: config.batch_timeout.into() };
     let context = SendContext {
         transport,
         retry: config.retry_policy(),
@@ -130,20 +124,26 @@ pub async fn run_with<T: Transport>(
             lane_spools.push((lane, lane_spool));
         }
     }
+    let sources = match source::for_lanes(config, &stats) {
+        Ok(sources) => sources,
+        Err(error) => {
+            error!(message = "Cannot start the sources; not starting.", %error);
+            return stats.snapshot();
+        }
+    };
     let mut lanes = JoinSet::new();
-    for (lane, names) in config.lanes().into_iter().enumerate() {
+    for (lane, sources) in sources.into_iter().enumerate() {
         let identity = LaneIdentity { node_id: Arc::clone(&node_id), lane: lane as u32, first_batch };
         let lane_spool = lane_spools.iter().find(|(id, _)| *id == lane as u32).map(|(_, s)| s.clone());
-        let ticks =
-            sensor::ticks(names, settings.sensor_rate, Arc::clone(&stats), stop_sensors.clone().cancelled_owned());
+        let readings = source::merge(sources).take_until(stop_sources.clone().cancelled_owned());
         let (settings, context) = (settings.clone(), context.clone());
         match config.overflow {
             Overflow::Block | Overflow::Spool => {
-                lanes.spawn(run_lane(Box::pin(ticks), settings, context, identity, lane_spool));
+                lanes.spawn(run_lane(Box::pin(readings), settings, context, identity, lane_spool));
             }
             Overflow::DropOldest | Overflow::DropNewest => {
                 let drop = if config.overflow == Overflow::DropOldest { Drop::Oldest } else { Drop::Newest };
-                let readings = queue::decouple(ticks, config.queue_capacity, drop, Arc::clone(&stats));
+                let readings = queue::decouple(readings, config.queue_capacity, drop, Arc::clone(&stats));
                 lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, lane_spool));
             }
         }
@@ -151,8 +151,8 @@ pub async fn run_with<T: Transport>(
 
     let drain_deadline = async {
         shutdown.await;
-        info!(message = "Stopping sensors and flushing.", produced = stats.snapshot().produced);
-        stop_sensors.cancel();
+        info!(message = "Stopping sources and flushing.", produced = stats.snapshot().produced);
+        stop_sources.cancel();
         draining.cancel();
         tokio::select! {
             () = tokio::time::sleep(config.shutdown_timeout.into()) => {}

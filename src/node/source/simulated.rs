@@ -1,5 +1,6 @@
-//! Sensors: the readings of many sensors, driven by one interval timer and
-//! merged into one stream.
+//! The simulated source: the readings of many sensors, driven by one
+//! interval timer and merged into one stream (the Go node's simulator, and
+//! the load generator).
 //!
 //! A lane's sensors all run at the same rate, so they share one timer: at
 //! every tick the lane's sensors take their readings in turn, round-robin,
@@ -12,14 +13,13 @@
 //! next and its sequence: no counter per sensor either.
 
 use std::{
-    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
     time::{Duration, SystemTime},
 };
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::{reading::Reading, stats::NodeStats};
@@ -184,18 +184,6 @@ impl Iterator for Tick {
 
 impl ExactSizeIterator for Tick {}
 
-/// The readings of sensors `names`, at `rate` readings per second each, a
-/// tick at a time, until `stop` resolves. The sensors stop at a tick
-/// boundary.
-pub fn ticks<F: Future<Output = ()>>(
-    names: Vec<&'static str>,
-    rate: f64,
-    stats: Arc<NodeStats>,
-    stop: F,
-) -> impl Stream<Item = Tick> + use<F> {
-    Sensors::new(names, rate, stats).take_until(stop)
-}
-
 /// The `count` readings sensors `names` take from the `sequence`-th reading
 /// of each on, taking turns as a lane's sensors do: what a lane sends once
 /// it has run for a while, made without the wait.
@@ -224,15 +212,16 @@ fn value_at(seed: u64, sequence: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
-    /// [`ticks`], one reading at a time.
+    /// The sensors' readings, one at a time.
     fn readings(
         names: Vec<&'static str>,
         rate: f64,
         stats: Arc<NodeStats>,
-        stop: impl Future<Output = ()>,
+        stop: impl std::future::Future<Output = ()>,
     ) -> impl Stream<Item = Reading> {
-        ticks(names, rate, stats, stop).flat_map(futures::stream::iter)
+        Sensors::new(names, rate, stats).take_until(stop).flat_map(futures::stream::iter)
     }
 
     #[tokio::test(start_paused = true)]

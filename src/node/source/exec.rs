@@ -1,0 +1,290 @@
+//! The exec source: a command run once a tick, each line it prints a
+//! reading, `name value`.
+//!
+//! The command runs without a shell unless asked (`EXEC_SHELL=true` runs
+//! `/bin/sh -c EXEC_COMMAND`), in a process group of its own, with no
+//! input, for at most `EXEC_TIMEOUT`; then it and everything it started are
+//! killed. Its output is taken whole or not at all: a command that fails,
+//! runs out of time or prints more than [`MOST_OUTPUT`] bytes gives no
+//! readings that tick, and a line that is not `name value` is skipped. Each
+//! is counted and logged; none holds up the other sources.
+
+use std::{collections::HashSet, process::Stdio, time::Duration};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{Failure, Owned, Probe, Round};
+use crate::reading::{check_sensor_name, sensor_name};
+
+/// The most bytes of output taken from one run: about 30,000 readings.
+pub const MOST_OUTPUT: usize = 1 << 20;
+
+/// The most distinct sensors a command may report over the node's life:
+/// each name is kept for good, so a command printing a new name every tick
+/// must not grow the node without bound.
+pub const MOST_SENSORS: usize = 10_000;
+
+/// Bytes of the command's standard error kept for the log.
+const STDERR_KEPT: usize = 512;
+
+/// The command, and what it has reported so far.
+#[derive(Debug)]
+pub struct Exec {
+    /// Program and arguments.
+    argv: Vec<String>,
+    /// Longest a run may take.
+    timeout: Duration,
+    /// Names other sources own, which the command may not report.
+    owned: Owned,
+    /// Every name the command has reported, kept once each.
+    known: HashSet<&'static str>,
+}
+
+impl Exec {
+    /// Runs `argv` (at least a program) for at most `timeout` a tick.
+    pub fn new(argv: Vec<String>, timeout: Duration, owned: Owned) -> Self {
+        Self { argv, timeout, owned, known: HashSet::new() }
+    }
+
+    /// The readings of one run's `output`.
+    fn parse(&mut self, output: &[u8]) -> Round {
+        let mut round = Round::default();
+        let mut seen = HashSet::new();
+        for line in output.split(|&b| b == b'\n') {
+            let line = line.trim_ascii();
+            if line.is_empty() || line.starts_with(b"#") {
+                continue;
+            }
+            match self.reading(line, &mut seen) {
+                Ok(reading) => round.values.push(reading),
+                Err(reason) => round.failures.push(Failure::new(reason, quote(line))),
+            }
+        }
+        round
+    }
+
+    /// The reading `line` gives, or why it gives none.
+    fn reading(&mut self, line: &[u8], seen: &mut HashSet<&'static str>) -> Result<(&'static str, i64), &'static str> {
+        let text = std::str::from_utf8(line).map_err(|_| "garbage")?;
+        let mut fields = text.split_ascii_whitespace();
+        let (Some(name), Some(value), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err("garbage");
+        };
+        let value: i64 = value.parse().map_err(|_| "garbage")?;
+        check_sensor_name(name).map_err(|_| "garbage")?;
+        if self.owned.owns(name) {
+            return Err("name_taken");
+        }
+        let name = match self.known.get(name) {
+            Some(&name) => name,
+            None if self.known.len() >= MOST_SENSORS => return Err("too_many_sensors"),
+            None => {
+                let kept = sensor_name(name);
+                self.known.insert(kept);
+                kept
+            }
+        };
+        if !seen.insert(name) {
+            return Err("duplicate");
+        }
+        Ok((name, value))
+    }
+}
+
+impl Probe for Exec {
+    const KIND: &'static str = "exec";
+
+    async fn read(&mut self) -> Round {
+        match run(&self.argv, self.timeout).await {
+            Ok(output) => self.parse(&output),
+            Err(failure) => Round { values: Vec::new(), failures: vec![failure] },
+        }
+    }
+}
+
+/// Runs `argv` and returns what it printed, if it exited 0 within `timeout`
+/// having printed at most [`MOST_OUTPUT`] bytes.
+async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, Failure> {
+    let (program, args) = argv.split_first().ok_or_else(|| Failure::new("failed", "no command"))?;
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
+    let group = child.id();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let finished = tokio::time::timeout(timeout, async {
+        let (output, errors) = tokio::join!(read_capped(stdout, MOST_OUTPUT), read_capped(stderr, STDERR_KEPT));
+        let Ok(output) = output else {
+            return Err(Failure::new("output_too_large", format!("{program}: printed more than {MOST_OUTPUT} bytes")));
+        };
+        let status = child.wait().await.map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
+        if !status.success() {
+            let errors = errors.unwrap_or_else(|kept| kept);
+            let said = quote(errors.trim_ascii());
+            return Err(Failure::new("failed", format!("{program}: {status}: {said}")));
+        }
+        Ok(output)
+    })
+    .await;
+    let outcome = finished.unwrap_or_else(|_| {
+        Err(Failure::new("timeout", format!("{program}: still running after {}", humantime::format_duration(timeout))))
+    });
+    if outcome.is_err() {
+        kill_group(group);
+    }
+    outcome
+}
+
+/// All of `pipe`, if it holds at most `most` bytes; else its first `most`
+/// bytes, once the rest is read and thrown away. Reading on past the cap
+/// keeps a command from blocking on a full pipe until its timeout.
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>, most: usize) -> Result<Vec<u8>, Vec<u8>> {
+    let Some(mut pipe) = pipe else { return Ok(Vec::new()) };
+    let (mut kept, mut buffer, mut over) = (Vec::new(), vec![0; 8192], false);
+    loop {
+        match pipe.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = most.saturating_sub(kept.len());
+                kept.extend_from_slice(&buffer[..n.min(room)]);
+                if n > room {
+                    over = true;
+                    if most == MOST_OUTPUT {
+                        // Too much to use: no need to wait for the rest.
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if over { Err(kept) } else { Ok(kept) }
+}
+
+/// Kills the process group `group` (the command and whatever it started),
+/// so that nothing of a failed run lingers.
+fn kill_group(group: Option<u32>) {
+    #[cfg(target_os = "linux")]
+    if let Some(pid) = group.and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = group;
+}
+
+/// `bytes` for a log line: at most 120 characters, escaped.
+fn quote(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]);
+    text.escape_debug().to_string()
+}
+
+/// `EXEC_COMMAND` as a program and its arguments: split on whitespace, or
+/// handed to `/bin/sh -c` whole when `shell` is set.
+pub fn argv(command: &str, shell: bool) -> Vec<String> {
+    if shell {
+        return vec!["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()];
+    }
+    command.split_ascii_whitespace().map(str::to_owned).collect()
+}
+
+/// Whether `program` can be run: a path to a file, or a name found on PATH.
+pub fn findable(program: &str) -> bool {
+    if program.contains('/') {
+        return std::path::Path::new(program).is_file();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(script: &str, timeout: Duration) -> Exec {
+        Exec::new(argv(script, true), timeout, Owned::default())
+    }
+
+    #[tokio::test]
+    async fn each_line_is_a_reading() {
+        let mut probe = exec("echo 'a 1'; echo; echo '# note'; echo '  b   -2  '", Duration::from_secs(5));
+        let round = probe.read().await;
+        assert_eq!(round.values, [("a", 1), ("b", -2)]);
+        assert!(round.failures.is_empty(), "{:?}", round.failures);
+    }
+
+    #[tokio::test]
+    async fn bad_lines_are_skipped_and_counted_the_rest_kept() {
+        let script = "printf 'a 1\\nb\\nc 1.5\\nd 1 2\\na 3\\nsensor 4\\n\\377 5\\ne 6\\n'";
+        let owned = Owned::new(Some(("sensor".into(), 1)), HashSet::new(), false);
+        let mut probe = Exec::new(argv(script, true), Duration::from_secs(5), owned);
+        let round = probe.read().await;
+        assert_eq!(round.values, [("a", 1), ("e", 6)]);
+        let reasons: Vec<&str> = round.failures.iter().map(|f| f.reason).collect();
+        assert_eq!(reasons, ["garbage", "garbage", "garbage", "duplicate", "name_taken", "garbage"]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_command_gives_nothing() {
+        let round = exec("echo 'a 1'; echo oops >&2; exit 3", Duration::from_secs(5)).read().await;
+        assert!(round.values.is_empty());
+        assert_eq!(round.failures[0].reason, "failed");
+        assert!(round.failures[0].detail.contains("oops"), "{}", round.failures[0].detail);
+        let mut missing = Exec::new(vec!["/no/such/program".into()], Duration::from_secs(5), Owned::default());
+        let round = missing.read().await;
+        assert_eq!(round.failures[0].reason, "failed");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_command_is_killed_at_its_timeout_with_its_children() {
+        let marker = std::env::temp_dir().join(format!("tn-exec-hang-{}", std::process::id()));
+        let script = format!("echo 'a 1'; (sleep 30; touch {}) & sleep 30", marker.display());
+        let started = std::time::Instant::now();
+        let round = exec(&script, Duration::from_millis(300)).read().await;
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(round.values.is_empty());
+        assert_eq!(round.failures[0].reason, "timeout");
+        // The whole group is gone: nothing it started is left running.
+        let marker = marker.display().to_string();
+        let left = || -> Vec<String> {
+            let processes = std::fs::read_dir("/proc").unwrap().filter_map(Result::ok);
+            let lines = processes.filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok());
+            lines
+                .map(|line| String::from_utf8_lossy(&line).into_owned())
+                .filter(|line| line.contains(&marker))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !left().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(left(), Vec::<String>::new(), "left running");
+    }
+
+    #[tokio::test]
+    async fn output_past_the_cap_is_refused_whole() {
+        let round = exec("head -c 10000000 /dev/zero | tr '\\0' 'x'", Duration::from_secs(10)).read().await;
+        assert!(round.values.is_empty());
+        assert_eq!(round.failures[0].reason, "output_too_large");
+    }
+
+    #[tokio::test]
+    async fn a_command_may_report_only_so_many_sensors() {
+        let script = format!("seq 1 {} | sed 's/^/s/; s/$/ 1/'", MOST_SENSORS + 5);
+        let round = exec(&script, Duration::from_secs(10)).read().await;
+        assert_eq!(round.values.len(), MOST_SENSORS);
+        assert_eq!(round.failures.len(), 5);
+        assert!(round.failures.iter().all(|f| f.reason == "too_many_sensors"));
+    }
+
+    #[test]
+    fn commands_split_on_whitespace_unless_a_shell_is_asked_for() {
+        assert_eq!(argv(" /bin/echo  a b ", false), ["/bin/echo", "a", "b"]);
+        assert_eq!(argv("echo a | tr a b", true), ["/bin/sh", "-c", "echo a | tr a b"]);
+        assert!(findable("sh") && findable("/bin/sh"));
+        assert!(!findable("no-such-program-here") && !findable("/no/such"));
+    }
+}

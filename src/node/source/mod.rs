@@ -1,0 +1,280 @@
+//! Sources: where readings come from. Each source is a `Stream` driven by
+//! its own interval timer; a lane's sources are merged into the one stream
+//! its batcher takes.
+//!
+//! - [`simulated`]: the load generator, many sensors on one shared timer.
+//! - [`host`]: the machine's vital signs, from /proc.
+//! - [`file`]: files holding one integer each (/sys thermal zones, hwmon).
+//! - [`exec`]: a command that prints `name value` lines.
+//!
+//! Host, file and exec are [`Probe`]s: something read once a tick, off the
+//! runtime's worker threads. [`polled`] turns a probe into a source.
+
+pub mod exec;
+pub mod file;
+#[cfg(target_os = "linux")]
+pub mod host;
+pub mod simulated;
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::{Stream, StreamExt, stream::SelectAll};
+use tokio::time::MissedTickBehavior;
+use tracing::warn;
+
+use crate::{
+    config::{ConfigError, NodeConfig},
+    logging::Every,
+    reading::Reading,
+    stats::NodeStats,
+};
+
+/// The readings a source took at one tick.
+#[derive(Debug)]
+pub enum Readings {
+    /// A tick of the simulated sensors, made as it is iterated.
+    Simulated(simulated::Tick),
+    /// A tick of a polled source.
+    Polled(std::vec::IntoIter<Reading>),
+}
+
+impl Iterator for Readings {
+    type Item = Reading;
+
+    fn next(&mut self) -> Option<Reading> {
+        match self {
+            Self::Simulated(tick) => tick.next(),
+            Self::Polled(readings) => readings.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Self::Simulated(tick) => tick.size_hint(),
+            Self::Polled(readings) => readings.size_hint(),
+        }
+    }
+}
+
+impl ExactSizeIterator for Readings {}
+
+/// One source, ready to be merged with others.
+pub type Source = Pin<Box<dyn Stream<Item = Readings> + Send>>;
+
+/// The readings of `sources`, each as soon as its source has it: a source
+/// that stalls holds back no other, and each source's own order is kept.
+pub fn merge(sources: Vec<Source>) -> SelectAll<Source> {
+    futures::stream::select_all(sources)
+}
+
+/// What a probe took at one tick.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Readings taken: sensor name and value.
+    pub values: Vec<(&'static str, i64)>,
+    /// Readings that could not be taken.
+    pub failures: Vec<Failure>,
+}
+
+/// A reading, or a whole round, that could not be taken.
+#[derive(Debug)]
+pub struct Failure {
+    /// Why, as a metric label: `missing`, `not_an_integer`, `timeout`, …
+    pub reason: &'static str,
+    /// What failed, for the log: a path, a command's message.
+    pub detail: String,
+}
+
+impl Failure {
+    /// A failure for `reason`, described by `detail`.
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Self { reason, detail: detail.into() }
+    }
+}
+
+/// Something read once a tick: the machine, a set of files, a command.
+pub trait Probe: Send + 'static {
+    /// The source's name in metrics and logs.
+    const KIND: &'static str;
+
+    /// Takes one round of readings. Blocking work runs on tokio's blocking
+    /// threads, never on a worker.
+    fn read(&mut self) -> impl Future<Output = Round> + Send;
+}
+
+/// The readings of `probe`, read every `period`, the first at once.
+///
+/// A tick that comes while the previous read is still running is skipped,
+/// as the simulated sensors skip theirs under backpressure. Every reading of
+/// one round carries the round's number as its sequence and the tick's time,
+/// so each sensor's sequence only grows. Failures are counted under
+/// `readings_failed{source,reason}` and logged at most once a minute per
+/// reason.
+pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> Source {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let state = Polled { probe, interval, round: 0, stats, gates: HashMap::new() };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        loop {
+            state.interval.tick().await;
+            let created_at = SystemTime::now();
+            let round = state.probe.read().await;
+            state.report(round.failures);
+            let sequence = state.round;
+            state.round += 1;
+            if round.values.is_empty() {
+                continue;
+            }
+            let readings: Vec<Reading> = round
+                .values
+                .into_iter()
+                .map(|(sensor, value)| Reading { sensor, sequence, value, created_at })
+                .collect();
+            state.stats.produced.inc_by(readings.len() as u64);
+            return Some((Readings::Polled(readings.into_iter()), state));
+        }
+    }))
+}
+
+/// The state of a [`polled`] source.
+struct Polled<P> {
+    /// What is read.
+    probe: P,
+    /// The source's timer.
+    interval: tokio::time::Interval,
+    /// Rounds read so far: the next readings' sequence.
+    round: u64,
+    /// Where readings and failures are counted.
+    stats: Arc<NodeStats>,
+    /// One log gate per failure reason.
+    gates: HashMap<&'static str, Every>,
+}
+
+impl<P: Probe> Polled<P> {
+    /// Counts `failures` and logs each reason at most once a minute.
+    fn report(&mut self, failures: Vec<Failure>) {
+        for failure in failures {
+            self.stats.read_failed(P::KIND, failure.reason);
+            let gate = self.gates.entry(failure.reason).or_insert_with(|| Every::new(Duration::from_secs(60)));
+            if let Some(suppressed) = gate.ready() {
+                warn!(
+                    message = "A source could not take a reading.",
+                    source = P::KIND,
+                    reason = failure.reason,
+                    error = %failure.detail,
+                    suppressed,
+                );
+            }
+        }
+    }
+}
+
+/// Runs blocking `read` on tokio's blocking threads, handing it `state` and
+/// taking it back: how the host and file probes read without holding up a
+/// worker thread.
+async fn off_the_runtime<S: Send + 'static>(
+    state: &mut Option<S>,
+    read: fn(&mut S) -> Round,
+    kind: &'static str,
+) -> Round {
+    let Some(mut taken) = state.take() else {
+        // Only if an earlier read panicked: there is nothing left to read with.
+        return Round { values: Vec::new(), failures: vec![Failure::new("unreadable", format!("{kind} source lost"))] };
+    };
+    match tokio::task::spawn_blocking(move || {
+        let round = read(&mut taken);
+        (taken, round)
+    })
+    .await
+    {
+        Ok((taken, round)) => {
+            *state = Some(taken);
+            round
+        }
+        Err(error) => Round { values: Vec::new(), failures: vec![Failure::new("unreadable", error.to_string())] },
+    }
+}
+
+/// Names the configured sources own, so that a command cannot report a
+/// reading under another source's sensor name.
+#[derive(Debug, Clone, Default)]
+pub struct Owned {
+    /// SENSOR_NAME and SENSOR_COUNT, when simulated sensors run.
+    simulated: Option<(String, usize)>,
+    /// The file source's names.
+    named: HashSet<&'static str>,
+    /// Whether the host source runs (it owns every name with its prefix).
+    host: bool,
+}
+
+impl Owned {
+    /// The names of `simulated` sensors (base name and count), `named`
+    /// others, and the host source's if `host`.
+    pub fn new(simulated: Option<(String, usize)>, named: HashSet<&'static str>, host: bool) -> Self {
+        Self { simulated, named, host }
+    }
+
+    /// Whether a configured source owns `name`.
+    pub fn owns(&self, name: &str) -> bool {
+        self.named.contains(name) || (self.host && name.starts_with(HOST_PREFIX)) || self.simulates(name)
+    }
+
+    /// Whether `name` is one of the simulated sensors': the base name alone
+    /// for one sensor, else `<base>-<i>` for i from 1.
+    fn simulates(&self, name: &str) -> bool {
+        let Some((base, count)) = &self.simulated else { return false };
+        if *count == 1 {
+            return name == base;
+        }
+        let number = name.strip_prefix(base.as_str()).and_then(|rest| rest.strip_prefix('-'));
+        number.is_some_and(|n| !n.starts_with('0') && n.parse::<usize>().is_ok_and(|i| (1..=*count).contains(&i)))
+    }
+}
+
+/// The prefix of every host sensor's name.
+pub const HOST_PREFIX: &str = "host_";
+
+/// The sources `config` asks for, dealt into its lanes: lane i gets the
+/// i-th share of the simulated sensors; the host, file and exec sources
+/// go to lanes 0, 1 and 2 (as many as there are). Each source lives in one
+/// lane, so each sensor's readings keep their order.
+pub fn for_lanes(config: &NodeConfig, stats: &Arc<NodeStats>) -> Result<Vec<Vec<Source>>, ConfigError> {
+    let mut lanes: Vec<Vec<Source>> = config
+        .lanes()
+        .into_iter()
+        .map(|names| {
+            if names.is_empty() {
+                return Vec::new();
+            }
+            let sensors = simulated::Sensors::new(names, config.sensor_rate, Arc::clone(stats));
+            vec![Box::pin(sensors.map(Readings::Simulated)) as Source]
+        })
+        .collect();
+    let mut polled_sources = Vec::new();
+    #[cfg(target_os = "linux")]
+    if let Some(interval) = config.host_interval {
+        polled_sources.push(polled(host::Host::new(), interval.into(), Arc::clone(stats)));
+    }
+    let files = config.file_sensors()?;
+    if !files.is_empty() {
+        polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(stats)));
+    }
+    if let Some(argv) = config.exec_argv() {
+        let exec = exec::Exec::new(argv, config.exec_timeout.into(), config.owned_names()?);
+        polled_sources.push(polled(exec, config.exec_interval.into(), Arc::clone(stats)));
+    }
+    let count = lanes.len();
+    for (i, source) in polled_sources.into_iter().enumerate() {
+        lanes[i % count].push(source);
+    }
+    Ok(lanes)
+}
+
+#[cfg(test)]
+mod tests;

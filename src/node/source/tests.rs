@@ -1,0 +1,162 @@
+//! Merged sources keep each sensor's order and each source's pace, and a
+//! source that stalls holds back no other.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+use super::*;
+
+/// A probe that gives `sensors` readings each round, its values counting up,
+/// after `delay` (a source that is slow to read).
+struct Counting {
+    sensors: Vec<&'static str>,
+    delay: Duration,
+    rounds: i64,
+}
+
+impl Probe for Counting {
+    const KIND: &'static str = "test";
+
+    async fn read(&mut self) -> Round {
+        tokio::time::sleep(self.delay).await;
+        self.rounds += 1;
+        Round { values: self.sensors.iter().map(|name| (*name, self.rounds)).collect(), failures: Vec::new() }
+    }
+}
+
+/// A probe that never answers.
+struct Stalled;
+
+impl Probe for Stalled {
+    const KIND: &'static str = "stalled";
+
+    async fn read(&mut self) -> Round {
+        std::future::pending().await
+    }
+}
+
+fn names(prefix: &str, n: usize) -> Vec<&'static str> {
+    (0..n).map(|i| crate::reading::sensor_name(&format!("{prefix}{i}"))).collect()
+}
+
+/// Runs `sources` merged for `run`, in paused time; every reading with the
+/// time it came out.
+async fn collect(sources: Vec<Source>, run: Duration) -> Vec<(Reading, Duration)> {
+    let start = Instant::now();
+    let stop = tokio::time::sleep(run);
+    let merged = merge(sources).take_until(stop);
+    merged.flat_map(|readings| futures::stream::iter(readings.map(move |r| (r, start.elapsed())))).collect().await
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn merged_sources_keep_each_sensors_order_and_each_sources_rate(
+        periods in proptest::collection::vec(1u64..500, 1..5),
+        simulated in 0usize..4,
+        seconds in 1u64..5,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let stats = Arc::new(NodeStats::default());
+            let mut sources: Vec<Source> = Vec::new();
+            for (i, period) in periods.iter().enumerate() {
+                let probe = Counting { sensors: names(&format!("p{i}-"), 2), delay: Duration::ZERO, rounds: 0 };
+                sources.push(polled(probe, Duration::from_millis(*period), Arc::clone(&stats)));
+            }
+            let sim_names = names("sim-", simulated);
+            if !sim_names.is_empty() {
+                let sensors = simulated::Sensors::new(sim_names.clone(), 20.0, Arc::clone(&stats));
+                sources.push(Box::pin(sensors.map(Readings::Simulated)));
+            }
+            let run = Duration::from_secs(seconds);
+            let all = collect(sources, run).await;
+            // Each source's pace: one round a period, the first at once.
+            for (i, period) in periods.iter().enumerate() {
+                let rounds = all.iter().filter(|(r, _)| r.sensor == format!("p{i}-0")).count() as u64;
+                let expected = (run.as_millis() as u64).div_ceil(*period);
+                prop_assert!(rounds.abs_diff(expected) <= 1, "source {i}: {rounds} rounds, expected {expected}");
+            }
+            if !sim_names.is_empty() {
+                let per_sensor = all.iter().filter(|(r, _)| r.sensor == sim_names[0]).count() as u64;
+                prop_assert!(per_sensor.abs_diff(20 * seconds) <= 1, "simulated: {per_sensor}");
+            }
+            // Each sensor's order: sequences (and values) only grow.
+            let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+            for (reading, _) in &all {
+                if let Some(before) = last.insert(reading.sensor, reading.sequence) {
+                    prop_assert!(reading.sequence > before, "{} went from {before} to {}", reading.sensor, reading.sequence);
+                }
+            }
+            prop_assert_eq!(stats.snapshot().produced, all.len() as u64);
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn a_stalled_or_slow_source_does_not_delay_the_others(
+        period_ms in 10u64..300,
+        slow_ms in 0u64..5_000,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let stats = Arc::new(NodeStats::default());
+            let period = Duration::from_millis(period_ms);
+            let fast = Counting { sensors: names("fast-", 1), delay: Duration::ZERO, rounds: 0 };
+            let slow = Counting { sensors: names("slow-", 1), delay: Duration::from_millis(slow_ms), rounds: 0 };
+            let sources = vec![
+                polled(Stalled, period, Arc::clone(&stats)),
+                polled(slow, period, Arc::clone(&stats)),
+                polled(fast, period, Arc::clone(&stats)),
+            ];
+            let all = collect(sources, Duration::from_secs(10)).await;
+            // The fast source's k-th reading comes out at its k-th tick, to
+            // the millisecond, whatever the others do.
+            let fast: Vec<Duration> = all.iter().filter(|(r, _)| r.sensor == "fast-0").map(|(_, at)| *at).collect();
+            prop_assert_eq!(fast.len() as u64, 10_000u64.div_ceil(period_ms));
+            for (k, at) in fast.iter().enumerate() {
+                prop_assert_eq!(*at, period * k as u32);
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_counted_by_source_and_reason_and_give_no_reading() {
+    struct Failing;
+    impl Probe for Failing {
+        const KIND: &'static str = "file";
+        async fn read(&mut self) -> Round {
+            Round {
+                values: vec![("ok", 1)],
+                failures: vec![Failure::new("missing", "/gone"), Failure::new("not_an_integer", "/bad")],
+            }
+        }
+    }
+    let stats = Arc::new(NodeStats::default());
+    let readings =
+        collect(vec![polled(Failing, Duration::from_secs(1), Arc::clone(&stats))], Duration::from_millis(2500)).await;
+    assert_eq!(readings.len(), 3);
+    let failed = |reason| stats.failed.get_or_create(&crate::stats::FailureLabel { source: "file", reason }).get();
+    assert_eq!((failed("missing"), failed("not_an_integer")), (3, 3));
+    let summary = stats.snapshot();
+    assert_eq!((summary.produced, summary.failed), (3, 6));
+}
+
+#[test]
+fn a_command_cannot_take_the_names_other_sources_own() {
+    let files = std::collections::HashSet::from(["cpu_temp"]);
+    let owned = Owned::new(Some(("sensor".into(), 12)), files, true);
+    for taken in ["sensor-1", "sensor-12", "cpu_temp", "host_anything"] {
+        assert!(owned.owns(taken), "{taken}");
+    }
+    for free in ["sensor", "sensor-0", "sensor-13", "sensor-01", "sensor-x", "cpu", "hostname"] {
+        assert!(!owned.owns(free), "{free}");
+    }
+    assert!(Owned::new(Some(("s".into(), 1)), Default::default(), false).owns("s"));
+}
