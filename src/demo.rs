@@ -47,7 +47,9 @@ pub async fn run(
     });
 
     let stats = Arc::new(NodeStats::default());
-    let progress = tokio::spawn(report_progress(Arc::clone(&stats), Arc::clone(&sink_stats)));
+    let output = folder.join("readings.jsonl");
+    let host = config.host_interval.is_some().then(|| output.clone());
+    let progress = tokio::spawn(report_progress(Arc::clone(&stats), Arc::clone(&sink_stats), host));
     let endpoint = config.endpoint().map_err(|error| ServeError::Writer(error.to_string()))?;
     let transport = GrpcTransport::new(endpoint, config.rpc_timeout.into());
     let stop = async {
@@ -61,19 +63,82 @@ pub async fn run(
 
     stop_sink.cancel();
     let sink = sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
-    Ok(DemoReport { node, sink, output: folder.join("readings.jsonl") })
+    Ok(DemoReport { node, sink, output })
 }
 
-/// Prints one progress line a second until aborted.
-async fn report_progress(node: Arc<NodeStats>, sink: Arc<SinkStats>) {
+/// Prints one progress line a second until aborted; with `host` (the
+/// sink's output file), the latest host readings the sink wrote, too.
+async fn report_progress(node: Arc<NodeStats>, sink: Arc<SinkStats>, host: Option<PathBuf>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = 0;
+    let mut seen = HostReadings::default();
     for second in 0u64.. {
         tick.tick().await;
         let now = node.snapshot();
         let written = sink.snapshot().readings_written;
-        let line = format!("[{second:>3}s] {now} written={written} rate={}/s", now.acked - last);
+        let mut line = format!("[{second:>3}s] {now} written={written} rate={}/s", now.acked - last);
         last = now.acked;
+        if let Some(path) = &host {
+            seen.read_new(path);
+            line.push_str(&seen.show());
+        }
         let _ = writeln!(std::io::stderr(), "{line}");
+    }
+}
+
+/// The latest machine-wide host readings the demo's sink wrote.
+#[derive(Debug, Default)]
+struct HostReadings {
+    /// How far the output file has been read.
+    offset: u64,
+    /// Latest value per host sensor.
+    latest: HashMap<String, i64>,
+}
+
+/// One output line, as far as the demo reads it.
+#[derive(serde::Deserialize)]
+struct OutputLine {
+    sensor_name: String,
+    value: i64,
+}
+
+impl HostReadings {
+    /// Reads the whole lines `path` gained since the last call.
+    fn read_new(&mut self, path: &std::path::Path) {
+        use std::io::{BufRead, Seek};
+        let Ok(mut file) = std::fs::File::open(path) else { return };
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut lines = std::io::BufReader::new(file);
+        let mut line = String::new();
+        while lines.read_line(&mut line).is_ok_and(|n| n > 0) && line.ends_with('\n') {
+            self.offset += line.len() as u64;
+            if let Ok(reading) = serde_json::from_str::<OutputLine>(&line)
+                && reading.sensor_name.starts_with("host_")
+            {
+                self.latest.insert(reading.sensor_name, reading.value);
+            }
+            line.clear();
+        }
+    }
+
+    /// A few of them, for a progress line.
+    fn show(&self) -> String {
+        let get = |name: &str| self.latest.get(name).copied();
+        let mut shown = String::from(" | host:");
+        if let Some(permille) = get("host_cpu_busy_permille") {
+            shown.push_str(&format!(" cpu={:.1}%", permille as f64 / 10.0));
+        }
+        if let Some(load) = get("host_load1_milli") {
+            shown.push_str(&format!(" load1={:.2}", load as f64 / 1000.0));
+        }
+        if let (Some(available), Some(total)) = (get("host_memory_available_bytes"), get("host_memory_total_bytes")) {
+            shown.push_str(&format!(" mem_available={}/{} MiB", available >> 20, total >> 20));
+        }
+        if let Some(free) = get("host_filesystem_free_bytes:/") {
+            shown.push_str(&format!(" root_free={} MiB", free >> 20));
+        }
+        shown
     }
 }

@@ -115,3 +115,22 @@ fn the_demo_ends_with_everything_acknowledged() {
     assert!(summary["produced"] >= 40, "{last}");
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{last}");
 }
+
+#[test]
+fn the_demo_with_host_shows_live_host_readings() {
+    let dir = scratch("demo-host");
+    let demo = Process::start(
+        "demo",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &["demo", "--duration", "3s", "--host"],
+        &[("TMPDIR", dir.display().to_string())],
+        &dir,
+    );
+    let (code, stdout, stderr) = demo.wait(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("and the host every 1s"), "{stderr}");
+    let shown = stderr.lines().filter(|line| line.contains("| host:") && line.contains("mem_available=")).count();
+    assert!(shown >= 1, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+}

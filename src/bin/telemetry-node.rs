@@ -19,7 +19,9 @@ use tracing::info;
 
 const USAGE: &str = "\
 usage: telemetry-node [run]                  run the node, configured by environment variables
-       telemetry-node demo [--duration D]    run a node against an embedded sink for D (default 10s)
+       telemetry-node demo [--duration D] [--host]
+                                             run a node against an embedded sink for D (default 10s);
+                                             --host adds the host source and shows its readings
        telemetry-node bench [--duration D] [--batch-size N] [--sensors N] [--in-flight N] [--writer on|off]
                                              measure readings/s: bare client vs the node's pipeline
                                              (defaults: 10s, 1000, 16, 4, off)
@@ -28,7 +30,7 @@ usage: telemetry-node [run]                  run the node, configured by environ
 /// What the command line asks for.
 enum Command {
     Run,
-    Demo { duration: Duration },
+    Demo { duration: Duration, host: bool },
     Bench(BenchOptions),
     Help,
 }
@@ -65,13 +67,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match command {
-            Command::Demo { duration } => run_demo(config, duration).await,
+            Command::Demo { duration, host } => run_demo(config, duration, host).await,
             Command::Bench(options) => run_bench(options).await,
             _ => run_node(config).await,
         }
-    })
+    });
+    // A source's read stuck in the kernel (a file on a hung mount) must not
+    // keep the node from exiting once everything else is done.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn run_node(config: NodeConfig) -> ExitCode {
@@ -115,11 +121,15 @@ async fn run_node(config: NodeConfig) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_demo(config: NodeConfig, duration: Duration) -> ExitCode {
+async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool) -> ExitCode {
+    if host && config.host_interval.is_none() {
+        config.host_interval = Some(Duration::from_secs(1).into());
+    }
     eprintln!(
-        "demo: {} sensor(s) at {}/s each for {}, Ctrl-C to stop early",
+        "demo: {} sensor(s) at {}/s each{} for {}, Ctrl-C to stop early",
         config.sensor_count,
         config.sensor_rate,
+        config.host_interval.map_or(String::new(), |every| format!(" and the host every {every}")),
         humantime::format_duration(duration)
     );
     match demo::run(config, duration, terminated()).await {
@@ -144,13 +154,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
         Some("help" | "--help" | "-h") => Ok(Command::Help),
         Some("demo") => {
             let mut duration = Duration::from_secs(10);
-            for (option, value) in options(args)? {
+            let args: Vec<String> = args.collect();
+            let host = args.iter().any(|arg| arg == "--host");
+            for (option, value) in options(args.into_iter().filter(|arg| arg != "--host"))? {
                 match option.as_str() {
                     "--duration" => duration = parse_duration(&value)?,
                     _ => return Err(format!("unknown demo option {option:?}")),
                 }
             }
-            Ok(Command::Demo { duration })
+            Ok(Command::Demo { duration, host })
         }
         Some("bench") => {
             let mut bench = BenchOptions {

@@ -196,7 +196,8 @@ pub fn findable(program: &str) -> bool {
     if program.contains('/') {
         return std::path::Path::new(program).is_file();
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Without PATH, the C library's own default, as execvp(3) searches.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
     std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
 }
 

@@ -160,3 +160,32 @@ fn a_command_cannot_take_the_names_other_sources_own() {
     }
     assert!(Owned::new(Some(("s".into(), 1)), Default::default(), false).owns("s"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_source_delays_no_batch_beyond_the_batch_timeout() {
+    let stats = Arc::new(NodeStats::default());
+    let fast = Counting { sensors: names("batched-", 3), delay: Duration::ZERO, rounds: 0 };
+    let sources = vec![
+        polled(Stalled, Duration::from_millis(10), Arc::clone(&stats)),
+        polled(fast, Duration::from_millis(70), stats),
+    ];
+    let timeout = Duration::from_millis(250);
+    let start = Instant::now();
+    let merged = merge(sources).take_until(tokio::time::sleep(Duration::from_secs(5)));
+    let batches = crate::node::batch::batches(Box::pin(merged), 1000, timeout);
+    let batches: Vec<(Vec<Reading>, Duration)> = batches.map(|batch| (batch, start.elapsed())).collect().await;
+    let mut count = 0;
+    for (batch, sent_at) in &batches {
+        for reading in batch {
+            // Round k was read at tick k, 70 ms apart.
+            let read_at = Duration::from_millis(70) * reading.sequence as u32;
+            assert!(
+                *sent_at - read_at <= timeout,
+                "round {} read at {read_at:?}, batched at {sent_at:?}",
+                reading.sequence
+            );
+            count += 1;
+        }
+    }
+    assert_eq!(count, 3 * 5000u64.div_ceil(70));
+}

@@ -1,0 +1,184 @@
+//! Real sources (host, files, a command) beside the simulated sensors, from
+//! the node binary to the sink's file; and their configuration.
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use common::{Process, free_ports, node_config, scratch, summary_fields, vars, wait_for_port};
+use telemetry_node::config::{ConfigError, NodeConfig};
+
+/// Every (sensor, sequence, value) the sink wrote, in file order.
+fn written(path: &std::path::Path) -> Vec<(String, u64, i64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("each output line is JSON");
+            let name = value["sensor_name"].as_str().expect("sensor_name").to_owned();
+            (name, value["sequence"].as_u64().expect("sequence"), value["value"].as_i64().expect("value"))
+        })
+        .collect()
+}
+
+/// The value of the metric line that starts with `prefix` on `port`.
+fn metric(port: u16, prefix: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines().find(|line| line.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() {
+    let dir = scratch("sources");
+    let [port, metrics] = free_ports::<2>();
+    let socket = format!("127.0.0.1:{port}");
+    let sink = Process::start(
+        "sink",
+        env!("CARGO_BIN_EXE_telemetry-sink"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", socket.clone()),
+            ("FILE_PATH", "out".into()),
+            ("BUFFER_FLUSH_INTERVAL", "100ms".into()),
+        ],
+        &dir,
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    let zones = dir.join("thermal");
+    for zone in ["zone0", "zone1"] {
+        std::fs::create_dir_all(zones.join(zone)).unwrap();
+        std::fs::write(zones.join(zone).join("temp"), "41000\n").unwrap();
+    }
+    let level = dir.join("level");
+    std::fs::write(&level, "1").unwrap();
+    let script = dir.join("readings.sh");
+    std::fs::write(&script, "echo 'queue_depth 7'\necho 'jobs_running 3'\n").unwrap();
+    let files =
+        format!("level={},gone={},{}/zone*/temp", level.display(), dir.join("no-such-file").display(), zones.display());
+    let node = Process::start(
+        "node",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", socket),
+            ("NODE_ID", "sources".into()),
+            ("SENSOR_COUNT", "2".into()),
+            ("SENSOR_VALUE_RATE_PER_SECOND", "20".into()),
+            ("REQUEST_RATE_PER_SECOND", "20".into()),
+            ("BATCH_TIMEOUT", "200ms".into()),
+            ("HOST_INTERVAL", "250ms".into()),
+            ("FILE_SENSORS", files),
+            ("FILE_INTERVAL", "100ms".into()),
+            ("EXEC_COMMAND", format!("/bin/sh {}", script.display())),
+            ("EXEC_INTERVAL", "300ms".into()),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+        ],
+        &dir,
+    );
+    // The file is rewritten while the node reads it.
+    for value in 2..=20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let next = dir.join("level.next");
+        std::fs::write(&next, value.to_string()).unwrap();
+        std::fs::rename(&next, &level).unwrap();
+    }
+    let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
+    let (code, stdout, node_log) = node.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{node_log}");
+    let (code, _, sink_log) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{sink_log}");
+
+    let summary = summary_fields(&stdout);
+    let lines = written(&dir.join("out/readings.jsonl"));
+    assert_eq!(lines.len() as u64, summary["produced"], "every produced reading reached the sink");
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0));
+    assert!(missing.is_some_and(|n| n > 0), "the missing file is counted: {missing:?}");
+    assert!(summary["failed"] > 0, "{stdout}");
+    let logged = node_log.lines().filter(|line| line.contains("could not take a reading")).collect::<Vec<_>>();
+    assert!(logged.len() == 1 && logged[0].contains("no-such-file"), "logged once a minute: {node_log}");
+
+    let mut per_sensor: BTreeMap<&str, Vec<(u64, i64)>> = BTreeMap::new();
+    for (name, sequence, value) in &lines {
+        per_sensor.entry(name).or_default().push((*sequence, *value));
+    }
+    for (name, readings) in &per_sensor {
+        assert!(readings.windows(2).all(|w| w[0].0 < w[1].0), "{name}: sequences only grow");
+    }
+    for simulated in ["sensor-1", "sensor-2"] {
+        let sequences: Vec<u64> = per_sensor[simulated].iter().map(|r| r.0).collect();
+        assert_eq!(sequences, (0..sequences.len() as u64).collect::<Vec<_>>(), "{simulated}");
+    }
+    let total = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kib: i64 = total.lines().next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(per_sensor["host_memory_total_bytes"].iter().all(|r| r.1 == kib * 1024));
+    for name in ["host_memory_available_bytes", "host_cpu_busy_permille", "host_load1_milli", "host_uptime_seconds"] {
+        assert!(per_sensor.contains_key(name), "{name}: {:?}", per_sensor.keys());
+    }
+    assert!(per_sensor.contains_key("host_network_receive_bytes_total:lo"));
+    assert!(per_sensor["zone0"].iter().chain(&per_sensor["zone1"]).all(|r| r.1 == 41000));
+    let levels: Vec<i64> = per_sensor["level"].iter().map(|r| r.1).collect();
+    assert!(levels.windows(2).all(|w| w[0] <= w[1]) && levels.len() > 5, "{levels:?}");
+    assert!(*levels.last().unwrap() >= 15, "the rewritten value is read: {levels:?}");
+    assert!(!per_sensor.contains_key("gone"));
+    assert!(per_sensor["queue_depth"].iter().all(|r| r.1 == 7) && per_sensor["jobs_running"].len() >= 5);
+}
+
+#[test]
+fn bad_source_settings_name_their_variable() {
+    let dir = scratch("source-config");
+    std::fs::write(dir.join("t"), "1").unwrap();
+    let file = dir.join("t").display().to_string();
+    let invalid = [
+        (vec![("HOST_INTERVAL", "0s")], "HOST_INTERVAL"),
+        (vec![("HOST_INTERVAL", "often")], "HOST_INTERVAL"),
+        (vec![("FILE_INTERVAL", "0ms")], "FILE_INTERVAL"),
+        (vec![("EXEC_INTERVAL", "x")], "EXEC_INTERVAL"),
+        (vec![("EXEC_TIMEOUT", "0s")], "EXEC_TIMEOUT"),
+        (vec![("EXEC_SHELL", "maybe")], "EXEC_SHELL"),
+        (vec![("EXEC_COMMAND", "/no/such/program --flag")], "EXEC_COMMAND"),
+        (vec![("EXEC_COMMAND", "no-such-program-anywhere")], "EXEC_COMMAND"),
+        (vec![("SENSOR_COUNT", "0")], "SENSOR_COUNT"),
+        (vec![("SENSOR_COUNT", "0"), ("FILE_SENSORS", " , ")], "SENSOR_COUNT"),
+    ];
+    for (pairs, variable) in invalid {
+        let pairs: Vec<(&str, String)> = pairs.into_iter().map(|(k, v)| (k, v.to_owned())).collect();
+        let error = NodeConfig::from_vars(&vars(&pairs)).unwrap_err();
+        let ConfigError::Invalid { variable: named, .. } = &error else { panic!("{error}") };
+        assert_eq!(*named, variable, "{error}");
+    }
+    let unusable = [
+        (vec![("FILE_SENSORS", "t=relative/path".to_owned())], "not name=/absolute/path"),
+        (vec![("FILE_SENSORS", file.clone())], "names no sensor"),
+        (vec![("FILE_SENSORS", format!("{}/none-*", dir.display()))], "matches no file"),
+        (vec![("FILE_SENSORS", format!("a={file},a={file}"))], "given twice"),
+        (vec![("FILE_SENSORS", format!("sensor={file}"))], "taken by the simulated or host sensors"),
+        (vec![("FILE_SENSORS", format!("host_x={file}")), ("HOST_INTERVAL", "1s".into())], "taken by"),
+    ];
+    for (pairs, why) in unusable {
+        let error = NodeConfig::from_vars(&vars(&pairs)).unwrap_err();
+        let ConfigError::Unusable { variable, .. } = &error else { panic!("{error}") };
+        assert_eq!(*variable, "FILE_SENSORS");
+        assert!(error.to_string().contains(why), "{error}");
+    }
+    // Another source lets the simulated sensors go; a name outside the
+    // host's prefix is free beside it.
+    let config = node_config(&[("SENSOR_COUNT", "0".into()), ("FILE_SENSORS", format!("host={file}"))]);
+    assert_eq!(config.file_sensors().unwrap().len(), 1);
+    node_config(&[("SENSOR_COUNT", "0".into()), ("HOST_INTERVAL", "1s".into())]);
+    node_config(&[("SENSOR_COUNT", "0".into()), ("EXEC_COMMAND", "echo a 1".into())]);
+
+    let (code, _, stderr) = Process::start(
+        "bad-files",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[("FILE_SENSORS", "x=nowhere".into())],
+        &dir,
+    )
+    .wait(Duration::from_secs(20));
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("FILE_SENSORS=\"x=nowhere\""), "{stderr}");
+}
