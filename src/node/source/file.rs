@@ -11,6 +11,7 @@
 
 use std::{
     io::{ErrorKind, Read},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -144,7 +145,10 @@ fn read_all(sensors: &mut Vec<FileSensor>) -> Round {
 /// The integer `path` holds (surrounding whitespace allowed), or why not:
 /// `missing`, `unreadable` or `not_an_integer`.
 pub fn read_integer(path: &Path) -> Result<i64, &'static str> {
-    let file = std::fs::File::open(path).map_err(|error| match error.kind() {
+    // Non-blocking, so that a FIFO without a writer reads as empty instead
+    // of holding the source up forever (regular files ignore the flag).
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path);
+    let file = file.map_err(|error| match error.kind() {
         ErrorKind::NotFound => "missing",
         _ => "unreadable",
     })?;
@@ -211,6 +215,9 @@ mod tests {
         assert_eq!(read_integer(&path), Err("not_an_integer"));
         assert_eq!(read_integer(&dir.join("gone")), Err("missing"));
         assert_eq!(read_integer(&dir), Err("unreadable"));
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert_eq!(read_integer(&fifo), Err("not_an_integer"), "a FIFO without a writer does not block");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
