@@ -169,11 +169,37 @@ pub fn free_port() -> u16 {
     free_ports::<1>()[0]
 }
 
-/// `N` different free loopback ports: each stays bound until all are
-/// picked, since the system may hand out a port again once it is let go.
+/// `N` different free loopback ports for servers a test starts.
+///
+/// They are drawn below the kernel's ephemeral range (32768 and up by
+/// default), where bind-to-port-0 and outgoing connections never take a
+/// port, so nothing else in the machine claims one between this check and
+/// the server's own bind. A port is handed out once per test process.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: [std::net::TcpListener; N] = std::array::from_fn(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
-    held.map(|listener| listener.local_addr().unwrap().port())
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (low, high) = ephemeral_range();
+    // The wider stretch outside the ephemeral range, above 10000.
+    let below = (10_000, low.saturating_sub(1));
+    let above: (u16, u16) = (high.saturating_add(1).max(10_000), 65_535);
+    let (from, to) = if below.1.saturating_sub(below.0) >= above.1.saturating_sub(above.0) { below } else { above };
+    std::array::from_fn(|_| loop {
+        let port = from + fastrand::u16(..=(to - from));
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            break port;
+        }
+    })
+}
+
+/// The kernel's ephemeral port range, or Linux's default.
+fn ephemeral_range() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().filter_map(|n| n.parse().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(low), Some(high)) => (low, high),
+        _ => (32_768, 60_999),
+    }
 }
 
 /// A child process that is killed by PID if the test ends without stopping it.
