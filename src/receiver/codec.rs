@@ -11,7 +11,10 @@ use tonic::{
 };
 use tonic_prost::ProstCodec;
 
-use super::refusals::Refusals;
+use super::{
+    refusals::Refusals,
+    transcode::{Series, transcode},
+};
 use crate::{
     proto::{SensorValuesRequest, SensorValuesResponse},
     stats::RejectReason,
@@ -23,25 +26,42 @@ use crate::{
 /// decoded, so a request of empty items cannot cost 40 times its size.
 pub(crate) const MIN_ITEM_BYTES: usize = 9;
 
+/// A request as the decoder hands it to the service.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// Decoded into its messages.
+    Message(SensorValuesRequest),
+    /// Already remote-write series (`OUTPUT=remote-write`, in the common
+    /// shape): every reading valid.
+    Series {
+        /// The series and their counts.
+        series: Series,
+        /// The request's size on the wire.
+        bytes: usize,
+    },
+}
+
 /// Encodes answers with prost, decodes requests with [`RequestDecoder`].
 #[derive(Debug, Clone)]
 pub(crate) struct RequestCodec {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
+    /// The metric, when requests become remote-write series.
+    series: Option<Arc<str>>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
 }
 
 impl RequestCodec {
     /// A codec that refuses more than `max_items` readings in one request.
-    pub(crate) fn new(max_items: usize, refusals: Arc<Refusals>) -> Self {
-        Self { max_items, refusals }
+    pub(crate) fn new(max_items: usize, series: Option<Arc<str>>, refusals: Arc<Refusals>) -> Self {
+        Self { max_items, series, refusals }
     }
 }
 
 impl Codec for RequestCodec {
     type Encode = SensorValuesResponse;
-    type Decode = SensorValuesRequest;
+    type Decode = Incoming;
     type Encoder = <ProstCodec<SensorValuesResponse, SensorValuesRequest> as Codec>::Encoder;
     type Decoder = RequestDecoder;
 
@@ -50,7 +70,12 @@ impl Codec for RequestCodec {
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder { max_items: self.max_items, refusals: Arc::clone(&self.refusals), decoded: PhantomData }
+        RequestDecoder {
+            max_items: self.max_items,
+            series: self.series.clone(),
+            refusals: Arc::clone(&self.refusals),
+            decoded: PhantomData,
+        }
     }
 }
 
@@ -59,6 +84,8 @@ impl Codec for RequestCodec {
 pub(crate) struct RequestDecoder {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
+    /// The metric, when requests become remote-write series.
+    series: Option<Arc<str>>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
     /// What it decodes.
@@ -66,7 +93,7 @@ pub(crate) struct RequestDecoder {
 }
 
 impl Decoder for RequestDecoder {
-    type Item = SensorValuesRequest;
+    type Item = Incoming;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
@@ -82,8 +109,14 @@ impl Decoder for RequestDecoder {
         };
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
+        let fast = |metric: &Arc<str>| transcode(bytes, metric).map(|series| Incoming::Series { series, bytes: length });
         let checked = match size_up(bytes, self.max_items) {
-            Ok(()) => SensorValuesRequest::decode(bytes).map_err(|error| Shape::Undecodable(error.to_string())),
+            Ok(()) => match self.series.as_ref().and_then(fast) {
+                Some(series) => Ok(series),
+                None => SensorValuesRequest::decode(bytes)
+                    .map(Incoming::Message)
+                    .map_err(|error| Shape::Undecodable(error.to_string())),
+            },
             Err(shape) => Err(shape),
         };
         let consumed = buf.remaining();

@@ -9,6 +9,7 @@ mod output_file;
 mod refusals;
 mod remote_write;
 mod route;
+mod transcode;
 pub mod service;
 pub mod validate;
 pub mod writer;

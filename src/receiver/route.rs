@@ -21,9 +21,13 @@ use tonic::{
     server::{Grpc, NamedService, UnaryService},
 };
 
-use super::{codec::RequestCodec, refusals::Refusals, service::ReceiverService};
+use super::{
+    codec::{Incoming, RequestCodec},
+    refusals::Refusals,
+    service::ReceiverService,
+};
 use crate::{
-    proto::{SensorValuesRequest, SensorValuesResponse, sensor_service_server::SensorService},
+    proto::SensorValuesResponse,
     stats::RejectReason,
 };
 
@@ -65,7 +69,8 @@ impl SensorRoute {
     {
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
-        let mut grpc = Grpc::new(RequestCodec::new(self.max_items, Arc::clone(&self.refusals)))
+        let codec = RequestCodec::new(self.max_items, self.service.series_metric(), Arc::clone(&self.refusals));
+        let mut grpc = Grpc::new(codec)
             .max_decoding_message_size(self.max_bytes);
         if self.accept_gzip {
             grpc = grpc.accept_compressed(CompressionEncoding::Gzip);
@@ -138,13 +143,13 @@ struct Method {
     reached: Arc<AtomicBool>,
 }
 
-impl UnaryService<SensorValuesRequest> for Method {
+impl UnaryService<Incoming> for Method {
     type Response = SensorValuesResponse;
     type Future = BoxFuture<tonic::Response<SensorValuesResponse>, Status>;
 
-    fn call(&mut self, request: tonic::Request<SensorValuesRequest>) -> Self::Future {
+    fn call(&mut self, request: tonic::Request<Incoming>) -> Self::Future {
         self.reached.store(true, Relaxed);
         let service = Arc::clone(&self.service);
-        Box::pin(async move { service.send_sensor_values(request).await })
+        Box::pin(async move { service.receive(request).await })
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::{dedup::Deduplicator, refusals::Refusals, validate, writer::Chunk};
+use super::{codec::Incoming, dedup::Deduplicator, refusals::Refusals, transcode::Series, validate, writer::Chunk};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
@@ -140,6 +140,36 @@ impl ReceiverService {
     }
 
     /// Takes `bytes` from the byte-rate bucket, or says how long to wait.
+    /// Accepts a request the codec already made into remote-write series:
+    /// every reading valid, nothing to de-duplicate (remote-write keeps no
+    /// memory between requests).
+    async fn accept_series(&self, series: &Series, bytes: usize) -> Result<(), ReceiveError> {
+        count(&self.stats.bytes_received, bytes);
+        self.charge(bytes)?;
+        let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
+        let (lines, readings) = (series.bytes.clone(), series.readings);
+        let write = tokio::spawn(async move {
+            let (written, confirmed) = oneshot::channel();
+            output.send(Chunk { lines, readings, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+            confirmed.await.map_err(|_| ReceiveError::WriterStopped)??;
+            Ok::<(), ReceiveError>(())
+        });
+        write.await.map_err(|_| ReceiveError::WriterStopped)??;
+        count(&self.stats.remote_write.superseded, series.superseded);
+        count(&self.stats.requests_accepted, 1);
+        count(&self.stats.readings_accepted, readings);
+        Ok(())
+    }
+
+    /// The metric requests are written under, when they become
+    /// remote-write series.
+    pub(crate) fn series_metric(&self) -> Option<Arc<str>> {
+        match &self.render {
+            Render::Series(metric) => Some(Arc::clone(metric)),
+            Render::Lines => None,
+        }
+    }
+
     fn charge(&self, bytes: usize) -> Result<(), ReceiveError> {
         let Some(cost) = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)) else { return Ok(()) };
         match self.bucket.check_n(cost) {
@@ -152,16 +182,16 @@ impl ReceiverService {
     }
 }
 
-#[tonic::async_trait]
-impl SensorService for ReceiverService {
-    async fn send_sensor_values(
-        &self,
-        request: Request<SensorValuesRequest>,
-    ) -> Result<Response<SensorValuesResponse>, Status> {
-        let answer = if self.authorized(&request) {
-            self.accept(request.get_ref()).await
-        } else {
+impl ReceiverService {
+    /// Answers one request, as decoded by the route's codec.
+    pub(crate) async fn receive(&self, request: Request<Incoming>) -> Result<Response<SensorValuesResponse>, Status> {
+        let answer = if !self.authorized(&request) {
             Err(ReceiveError::Unauthenticated)
+        } else {
+            match request.get_ref() {
+                Incoming::Message(request) => self.accept(request).await,
+                Incoming::Series { series, bytes } => self.accept_series(series, *bytes).await,
+            }
         };
         match answer {
             Ok(()) => Ok(Response::new(SensorValuesResponse {})),
@@ -193,5 +223,15 @@ impl SensorService for ReceiverService {
                 Err(status)
             }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl SensorService for ReceiverService {
+    async fn send_sensor_values(
+        &self,
+        request: Request<SensorValuesRequest>,
+    ) -> Result<Response<SensorValuesResponse>, Status> {
+        self.receive(request.map(Incoming::Message)).await
     }
 }

@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Latest timestamp that RFC 3339 can write: 9999-12-31T23:59:59Z.
-const MAX_SECONDS: i64 = 253_402_300_799;
+pub(crate) const MAX_SECONDS: i64 = 253_402_300_799;
 
 /// One output line.
 #[derive(Debug, Serialize)]

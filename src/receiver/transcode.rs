@@ -1,0 +1,371 @@
+//! A `SensorValuesRequest`'s bytes straight into remote-write series bytes,
+//! for `OUTPUT=remote-write`: the same bytes [`validate::to_series`] makes
+//! from the decoded request, without decoding it into messages first (a
+//! string per reading, and the time to build and drop it all).
+//!
+//! It takes the common shape only: any request it does not recognise (an
+//! invalid reading, a field the node does not send twice sent twice,
+//! groups, anything malformed) it leaves to the decoder and
+//! [`validate::to_series`], which give the exact error or result. A
+//! property test holds it to them.
+//!
+//! [`validate::to_series`]: super::validate::to_series
+
+use std::collections::HashMap;
+
+use super::validate::MAX_SECONDS;
+
+/// What [`transcode`] made of a request.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Series {
+    /// The `timeseries` entries of a `WriteRequest`, encoded.
+    pub(crate) bytes: Vec<u8>,
+    /// Readings in the request.
+    pub(crate) readings: usize,
+    /// Readings a later reading of the same sensor in the same millisecond
+    /// replaced.
+    pub(crate) superseded: usize,
+}
+
+/// The series of the request `bytes`, metric `metric`, or `None` when the
+/// request is not in the common shape (then decode it and use
+/// `validate::to_series`).
+pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
+    let mut items: Vec<&[u8]> = Vec::new();
+    let mut node_id: &str = "";
+    while !bytes.is_empty() {
+        match field(&mut bytes)? {
+            (1, Value::Bytes(item)) => items.push(item),
+            (2, Value::Bytes(id)) => node_id = std::str::from_utf8(id).ok()?,
+            (3 | 4, Value::Varint(_)) => {}
+            (1..=4, _) => return None,
+            _ => {}
+        }
+    }
+    let mut series: Vec<(&str, Vec<(i64, f64)>)> = Vec::new();
+    let mut index_of: HashMap<&str, usize> = HashMap::new();
+    let mut superseded = 0;
+    for item in &items {
+        let (name, value, millis) = reading(item)?;
+        let at = *index_of.entry(name).or_insert_with(|| {
+            series.push((name, Vec::new()));
+            series.len() - 1
+        });
+        let samples = &mut series[at].1;
+        match samples.last_mut() {
+            Some(last) if last.0 == millis => {
+                *last = (millis, value as f64);
+                superseded += 1;
+            }
+            _ => samples.push((millis, value as f64)),
+        }
+    }
+    let mut out = Vec::with_capacity(items.len() * 20 + series.len() * (metric.len() + node_id.len() + 64));
+    for (name, samples) in &series {
+        encode_series(&mut out, metric, node_id, name, samples);
+    }
+    Some(Series { bytes: out, readings: items.len(), superseded })
+}
+
+/// The name, value and time in milliseconds of one `SensorValue`, if it
+/// is valid and in the common shape.
+fn reading(mut bytes: &[u8]) -> Option<(&str, i64, i64)> {
+    let (mut name, mut measurement) = ("", None);
+    while !bytes.is_empty() {
+        match field(&mut bytes)? {
+            (1, Value::Bytes(text)) => name = std::str::from_utf8(text).ok()?,
+            (2, Value::Bytes(inner)) if measurement.is_none() => measurement = Some(inner),
+            (3, Value::Varint(_)) => {}
+            (1..=3, _) => return None,
+            _ => {}
+        }
+    }
+    let (mut value, mut created_at) = (None, None);
+    let mut bytes = measurement?;
+    while !bytes.is_empty() {
+        match field(&mut bytes)? {
+            (2, Value::Bytes(inner)) if value.is_none() => value = Some(wrapped_int64(inner)?),
+            (3, Value::Bytes(inner)) if created_at.is_none() => created_at = Some(millis(inner)?),
+            (2 | 3, _) => return None,
+            _ => {}
+        }
+    }
+    if name.is_empty() {
+        return None;
+    }
+    Some((name, value?, created_at?))
+}
+
+/// The value of an `Int64Value`.
+fn wrapped_int64(mut bytes: &[u8]) -> Option<i64> {
+    let mut value = 0;
+    while !bytes.is_empty() {
+        match field(&mut bytes)? {
+            (1, Value::Varint(v)) => value = v as i64,
+            (1, _) => return None,
+            _ => {}
+        }
+    }
+    Some(value)
+}
+
+/// A `Timestamp` in milliseconds since 1970, if RFC 3339 can write it.
+fn millis(mut bytes: &[u8]) -> Option<i64> {
+    let (mut seconds, mut nanos) = (0i64, 0i32);
+    while !bytes.is_empty() {
+        match field(&mut bytes)? {
+            (1, Value::Varint(v)) => seconds = v as i64,
+            (2, Value::Varint(v)) => nanos = v as i32,
+            (1 | 2, _) => return None,
+            _ => {}
+        }
+    }
+    if !(0..=MAX_SECONDS).contains(&seconds) || !(0..1_000_000_000).contains(&nanos) {
+        return None;
+    }
+    Some(seconds * 1000 + i64::from(nanos) / 1_000_000)
+}
+
+/// One field's value.
+enum Value<'a> {
+    /// Wire type 0.
+    Varint(u64),
+    /// Wire type 2.
+    Bytes(&'a [u8]),
+    /// Wire types 1 and 5, skipped.
+    Fixed,
+}
+
+/// The next field of `bytes`: its number and value. `None` for anything
+/// the decoder should judge: a bad key or varint, a length past the end,
+/// a group.
+fn field<'a>(bytes: &mut &'a [u8]) -> Option<(u32, Value<'a>)> {
+    let key = varint(bytes)?;
+    let number = u32::try_from(key >> 3).ok().filter(|n| *n > 0)?;
+    if key > u64::from(u32::MAX) {
+        return None;
+    }
+    let value = match key & 7 {
+        0 => Value::Varint(varint(bytes)?),
+        2 => {
+            let length = usize::try_from(varint(bytes)?).ok().filter(|l| *l <= bytes.len())?;
+            let (value, rest) = bytes.split_at(length);
+            *bytes = rest;
+            Value::Bytes(value)
+        }
+        1 | 5 => {
+            let width = if key & 7 == 1 { 8 } else { 4 };
+            *bytes = bytes.get(width..)?;
+            Value::Fixed
+        }
+        _ => return None,
+    };
+    Some((number, value))
+}
+
+/// A varint as prost reads it: at most ten bytes, the tenth at most 1.
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        if i == 9 && byte > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Appends one `timeseries` entry: labels `__name__`, `node` (unless
+/// empty), `sensor`, then the samples, as prost encodes a `TimeSeries`.
+fn encode_series(out: &mut Vec<u8>, metric: &str, node: &str, sensor: &str, samples: &[(i64, f64)]) {
+    let labels = [("__name__", metric), ("node", node), ("sensor", sensor)];
+    let labels = labels.iter().filter(|(name, value)| *name != "node" || !value.is_empty());
+    let label_len = |(name, value): &(&str, &str)| string_len(name) + string_len(value);
+    let sample_len = |(millis, value): &(i64, f64)| {
+        (if *value != 0.0 { 9 } else { 0 }) + if *millis != 0 { 1 + varint_len(*millis as u64) } else { 0 }
+    };
+    let body: usize = labels.clone().map(|label| nested_len(label_len(label))).sum::<usize>()
+        + samples.iter().map(|sample| nested_len(sample_len(sample))).sum::<usize>();
+    out.push(0x0a);
+    put_varint(out, body as u64);
+    for label in labels {
+        out.push(0x0a);
+        put_varint(out, label_len(label) as u64);
+        put_string(out, 1, label.0);
+        put_string(out, 2, label.1);
+    }
+    for sample in samples {
+        out.push(0x12);
+        put_varint(out, sample_len(sample) as u64);
+        if sample.1 != 0.0 {
+            out.push(0x09);
+            out.extend_from_slice(&sample.1.to_le_bytes());
+        }
+        if sample.0 != 0 {
+            out.push(0x10);
+            put_varint(out, sample.0 as u64);
+        }
+    }
+}
+
+/// Bytes of a length-delimited field holding `len` bytes, key included.
+fn nested_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+/// Bytes of a string field holding `text` (none when empty, as proto3
+/// omits it).
+fn string_len(text: &str) -> usize {
+    if text.is_empty() { 0 } else { nested_len(text.len()) }
+}
+
+/// Appends string field `number` unless `text` is empty.
+fn put_string(out: &mut Vec<u8>, number: u8, text: &str) {
+    if !text.is_empty() {
+        out.push(number << 3 | 2);
+        put_varint(out, text.len() as u64);
+        out.extend_from_slice(text.as_bytes());
+    }
+}
+
+/// Bytes `value` takes as a varint.
+fn varint_len(value: u64) -> usize {
+    (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Appends `value` as a varint.
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement},
+        receiver::validate::to_series,
+    };
+
+    /// What the decoder and `to_series` make of `bytes`, if they accept it.
+    fn slow(bytes: &[u8], metric: &str) -> Option<Series> {
+        let request = SensorValuesRequest::decode(bytes).ok()?;
+        let (series, superseded) = to_series(&request, metric).ok()?;
+        Some(Series { bytes: series, readings: request.items.len(), superseded })
+    }
+
+    fn any_item() -> impl Strategy<Value = SensorValue> {
+        let name = prop_oneof![Just(String::new()), "[a-c]{1,3}", "\\PC{0,4}"];
+        let value = prop_oneof![Just(None), Just(Some(0i64)), any::<i64>().prop_map(Some), (0i64..5).prop_map(Some)];
+        let seconds = prop_oneof![Just(0i64), 1_700_000_000i64..1_700_000_003, any::<i64>(), Just(MAX_SECONDS + 1)];
+        let nanos = prop_oneof![Just(0i32), 0i32..3_000_000, any::<i32>(), Just(999_999_999)];
+        let at = prop_oneof![
+            Just(None),
+            (seconds, nanos).prop_map(|(seconds, nanos)| Some(prost_types::Timestamp { seconds, nanos }))
+        ];
+        let measurement = prop_oneof![
+            1 => Just(None),
+            9 => (value, at).prop_map(|(sensor_value, created_at)| Some(Measurement { sensor_value, created_at })),
+        ];
+        (name, measurement, any::<u64>()).prop_map(|(sensor_name, measurement, sequence)| SensorValue {
+            sensor_name,
+            measurement,
+            sequence,
+        })
+    }
+
+    fn any_request() -> impl Strategy<Value = SensorValuesRequest> {
+        let node = prop_oneof![Just(String::new()), "[a-z]{1,8}"];
+        (proptest::collection::vec(any_item(), 0..20), node, any::<u32>(), any::<u64>()).prop_map(
+            |(items, node_id, lane, batch_sequence)| SensorValuesRequest { items, node_id, lane, batch_sequence },
+        )
+    }
+
+    /// Requests every reading of which is valid, several per sensor and
+    /// millisecond now and then.
+    fn any_valid_request() -> impl Strategy<Value = SensorValuesRequest> {
+        let item = ("[a-c]{1,2}", any::<i64>(), 0i64..3, 0i32..3_000_000, any::<u64>()).prop_map(
+            |(sensor_name, value, second, nanos, sequence)| SensorValue {
+                sensor_name,
+                measurement: Some(Measurement {
+                    sensor_value: Some(value % 3),
+                    created_at: Some(prost_types::Timestamp { seconds: 1_700_000_000 + second, nanos }),
+                }),
+                sequence,
+            },
+        );
+        let node = prop_oneof![Just(String::new()), "[a-z]{1,8}"];
+        (proptest::collection::vec(item, 0..50), node)
+            .prop_map(|(items, node_id)| SensorValuesRequest { items, node_id, lane: 1, batch_sequence: 7 })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn valid_requests_are_always_taken_fast_and_alike(request in any_valid_request()) {
+            let bytes = request.encode_to_vec();
+            let fast = transcode(&bytes, "sensor_value");
+            prop_assert!(fast.is_some());
+            prop_assert_eq!(fast, slow(&bytes, "sensor_value"));
+        }
+
+        #[test]
+        fn gives_what_decoding_and_to_series_give(request in any_request()) {
+            let bytes = request.encode_to_vec();
+            let fast = transcode(&bytes, "sensor_value");
+            let slow = slow(&bytes, "sensor_value");
+            prop_assert!(fast.is_none() || fast == slow, "fast {fast:?} slow {slow:?}");
+            // The common shape, every reading valid: always taken fast.
+            if slow.is_some() {
+                prop_assert_eq!(fast, slow);
+            }
+        }
+
+        #[test]
+        fn gives_the_same_or_leaves_it_on_any_bytes(
+            request in any_request(),
+            cuts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            extra in proptest::collection::vec(any::<u8>(), 0..24),
+        ) {
+            let mut bytes = request.encode_to_vec();
+            for (at, byte) in cuts {
+                if !bytes.is_empty() {
+                    let i = at.index(bytes.len());
+                    bytes[i] = byte;
+                }
+            }
+            bytes.extend(extra);
+            let fast = transcode(&bytes, "m");
+            prop_assert!(fast.is_none() || fast == slow(&bytes, "m"));
+        }
+    }
+
+    #[test]
+    fn repeated_fields_are_left_to_the_decoder_or_read_as_it_reads_them() {
+        let one = SensorValue {
+            sensor_name: "a".into(),
+            measurement: Some(Measurement {
+                sensor_value: Some(5),
+                created_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+            }),
+            sequence: 1,
+        };
+        let mut bytes = SensorValuesRequest { items: vec![one], node_id: "n".into(), ..Default::default() }.encode_to_vec();
+        // A second node_id, and a second measurement inside the item: the
+        // last string wins; the decoder merges measurements, so it judges.
+        bytes.extend([0x12, 1, b'm']);
+        let fast = transcode(&bytes, "x").unwrap();
+        assert_eq!(Some(fast), slow(&bytes, "x"));
+    }
+}
