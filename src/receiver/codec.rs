@@ -109,7 +109,8 @@ impl Decoder for RequestDecoder {
         };
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
-        let fast = |metric: &Arc<str>| transcode(bytes, metric).map(|series| Incoming::Series { series, bytes: length });
+        let fast =
+            |metric: &Arc<str>| transcode(bytes, metric).map(|series| Incoming::Series { series, bytes: length });
         let checked = match size_up(bytes, self.max_items) {
             Ok(()) => match self.series.as_ref().and_then(fast) {
                 Some(series) => Ok(series),

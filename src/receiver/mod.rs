@@ -9,8 +9,8 @@ mod output_file;
 mod refusals;
 mod remote_write;
 mod route;
-mod transcode;
 pub mod service;
+mod transcode;
 pub mod validate;
 pub mod writer;
 

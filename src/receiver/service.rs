@@ -143,11 +143,11 @@ impl ReceiverService {
     /// Accepts a request the codec already made into remote-write series:
     /// every reading valid, nothing to de-duplicate (remote-write keeps no
     /// memory between requests).
-    async fn accept_series(&self, series: &Series, bytes: usize) -> Result<(), ReceiveError> {
+    async fn accept_series(&self, series: Series, bytes: usize) -> Result<(), ReceiveError> {
         count(&self.stats.bytes_received, bytes);
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
-        let (lines, readings) = (series.bytes.clone(), series.readings);
+        let Series { bytes: lines, readings, superseded } = series;
         let write = tokio::spawn(async move {
             let (written, confirmed) = oneshot::channel();
             output.send(Chunk { lines, readings, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
@@ -155,7 +155,7 @@ impl ReceiverService {
             Ok::<(), ReceiveError>(())
         });
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
-        count(&self.stats.remote_write.superseded, series.superseded);
+        count(&self.stats.remote_write.superseded, superseded);
         count(&self.stats.requests_accepted, 1);
         count(&self.stats.readings_accepted, readings);
         Ok(())
@@ -188,9 +188,9 @@ impl ReceiverService {
         let answer = if !self.authorized(&request) {
             Err(ReceiveError::Unauthenticated)
         } else {
-            match request.get_ref() {
-                Incoming::Message(request) => self.accept(request).await,
-                Incoming::Series { series, bytes } => self.accept_series(series, *bytes).await,
+            match request.into_inner() {
+                Incoming::Message(request) => self.accept(&request).await,
+                Incoming::Series { series, bytes } => self.accept_series(series, bytes).await,
             }
         };
         match answer {

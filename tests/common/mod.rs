@@ -183,11 +183,13 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     let below = (10_000, low.saturating_sub(1));
     let above: (u16, u16) = (high.saturating_add(1).max(10_000), 65_535);
     let (from, to) = if below.1.saturating_sub(below.0) >= above.1.saturating_sub(above.0) { below } else { above };
-    std::array::from_fn(|_| loop {
-        let port = from + fastrand::u16(..=(to - from));
-        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            handed_out.push(port);
-            break port;
+    std::array::from_fn(|_| {
+        loop {
+            let port = from + fastrand::u16(..=(to - from));
+            if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                break port;
+            }
         }
     })
 }
