@@ -5,8 +5,9 @@
 //!
 //! Data flows through the node in this order:
 //!
-//! - [`node::sensor`]: one `Stream` per sensor, driven by an interval timer,
-//!   merged into one stream of [`reading::Reading`]s.
+//! - [`node::source`]: sources of [`reading::Reading`]s (simulated sensors,
+//!   the host, files, a command), each a `Stream` on its own interval timer,
+//!   merged per lane.
 //! - [`node::batch`]: readings grouped into batches by size and by time.
 //! - [`node::throttle`]: batches released no faster than the request rate
 //!   (a `governor` token bucket on tokio's clock, see [`clock`]).
@@ -18,7 +19,9 @@
 //!
 //! - [`receiver::service`]: the gRPC service; checks and rate-limits.
 //! - [`receiver::validate`]: a request in, JSON lines out.
-//! - [`receiver::writer`]: buffered, appending output file.
+//! - [`receiver::writer`]: buffered, appending output file; or, with
+//!   `OUTPUT=remote-write`, requests transcoded straight into remote-write
+//!   series and posted to a time-series database.
 //!
 //! Around them: [`config`] (environment variables), [`stats`] (what happened
 //! to every reading), [`error`], [`logging`], and [`demo`] (node and sink in
