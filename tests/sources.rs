@@ -55,7 +55,8 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
     let level = dir.join("level");
     std::fs::write(&level, "1").unwrap();
     let script = dir.join("readings.sh");
-    std::fs::write(&script, "echo 'queue_depth 7'\necho 'jobs_running 3'\n").unwrap();
+    let script_text = "echo 'queue_depth 7'\necho 'jobs_running 3'\necho \"token_length ${#SINK_AUTH_TOKEN}\"\n";
+    std::fs::write(&script, script_text).unwrap();
     let files =
         format!("level={},gone={},{}/zone*/temp", level.display(), dir.join("no-such-file").display(), zones.display());
     let node = Process::start(
@@ -75,6 +76,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
             ("EXEC_COMMAND", format!("/bin/sh {}", script.display())),
             ("EXEC_INTERVAL", "300ms".into()),
             ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("SINK_AUTH_TOKEN", "not-for-the-command".into()),
         ],
         &dir,
     );
@@ -124,6 +126,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
     assert!(*levels.last().unwrap() >= 15, "the rewritten value is read: {levels:?}");
     assert!(!per_sensor.contains_key("gone"));
     assert!(per_sensor["queue_depth"].iter().all(|r| r.1 == 7) && per_sensor["jobs_running"].len() >= 5);
+    assert!(per_sensor["token_length"].iter().all(|r| r.1 == 0), "the command never sees the sink's token");
 }
 
 #[test]

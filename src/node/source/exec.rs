@@ -103,11 +103,15 @@ impl Probe for Exec {
 }
 
 /// Runs `argv` and returns what it printed, if it exited 0 within `timeout`
-/// having printed at most [`MOST_OUTPUT`] bytes.
+/// having printed at most [`MOST_OUTPUT`] bytes. Its process group is
+/// killed when the run ends, however it ends (the node stopping mid-run
+/// included), so nothing it started outlives it.
 async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, Failure> {
     let (program, args) = argv.split_first().ok_or_else(|| Failure::new("failed", "no command"))?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
+        // The node's own secret is not the command's business.
+        .env_remove("SINK_AUTH_TOKEN")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -115,29 +119,38 @@ async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, Failure> {
         .kill_on_drop(true)
         .spawn()
         .map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
-    let group = child.id();
+    let _group = Group(child.id());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    // Read beside stdout, so that a command filling its stderr pipe is not
+    // held up; it ends when the pipe closes (at the latest, the group's end).
+    let mut errors = tokio::spawn(read_capped(stderr, STDERR_KEPT));
     let finished = tokio::time::timeout(timeout, async {
-        let (output, errors) = tokio::join!(read_capped(stdout, MOST_OUTPUT), read_capped(stderr, STDERR_KEPT));
-        let Ok(output) = output else {
+        let Ok(output) = read_capped(stdout, MOST_OUTPUT).await else {
             return Err(Failure::new("output_too_large", format!("{program}: printed more than {MOST_OUTPUT} bytes")));
         };
         let status = child.wait().await.map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
         if !status.success() {
-            let errors = errors.unwrap_or_else(|kept| kept);
-            let said = quote(errors.trim_ascii());
+            let errors = tokio::time::timeout(Duration::from_millis(100), &mut errors).await;
+            let errors = errors.ok().and_then(Result::ok).map(|kept| kept.unwrap_or_else(|kept| kept));
+            let said = quote(errors.unwrap_or_default().trim_ascii());
             return Err(Failure::new("failed", format!("{program}: {status}: {said}")));
         }
         Ok(output)
     })
     .await;
-    let outcome = finished.unwrap_or_else(|_| {
+    errors.abort();
+    finished.unwrap_or_else(|_| {
         Err(Failure::new("timeout", format!("{program}: still running after {}", humantime::format_duration(timeout))))
-    });
-    if outcome.is_err() {
-        kill_group(group);
+    })
+}
+
+/// A command's process group, killed when this is dropped.
+struct Group(Option<u32>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        kill_group(self.0);
     }
-    outcome
 }
 
 /// All of `pipe`, if it holds at most `most` bytes; else its first `most`
@@ -248,21 +261,48 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
         assert!(round.values.is_empty());
         assert_eq!(round.failures[0].reason, "timeout");
-        // The whole group is gone: nothing it started is left running.
-        let marker = marker.display().to_string();
-        let left = || -> Vec<String> {
+        assert_eq!(left_running(&marker.display().to_string()).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn endless_output_is_cut_at_the_cap_even_when_the_command_ignores_sigpipe() {
+        let script = "trap '' PIPE; while :; do echo 'x 1' || exit 0; done";
+        let started = std::time::Instant::now();
+        let round = exec(script, Duration::from_secs(20)).read().await;
+        assert_eq!(round.failures[0].reason, "output_too_large");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    /// Processes whose command line holds `marker`, once the group had a
+    /// moment to die.
+    async fn left_running(marker: &str) -> Vec<String> {
+        let find = || -> Vec<String> {
             let processes = std::fs::read_dir("/proc").unwrap().filter_map(Result::ok);
             let lines = processes.filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok());
-            lines
-                .map(|line| String::from_utf8_lossy(&line).into_owned())
-                .filter(|line| line.contains(&marker))
-                .collect()
+            lines.map(|line| String::from_utf8_lossy(&line).into_owned()).filter(|line| line.contains(marker)).collect()
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !left().is_empty() && std::time::Instant::now() < deadline {
+        while !find().is_empty() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(left(), Vec::<String>::new(), "left running");
+        find()
+    }
+
+    #[tokio::test]
+    async fn nothing_a_finished_or_abandoned_run_started_is_left_running() {
+        // A run that succeeds but leaves a child behind, detached from its output.
+        let marker = format!("tn-exec-leftover-{}", std::process::id());
+        let script = format!("echo 'a 1'; ( exec >/dev/null 2>&1; sleep 30 || echo {marker} ) & true");
+        let round = exec(&script, Duration::from_secs(5)).read().await;
+        assert_eq!(round.values, [("a", 1)]);
+        assert_eq!(left_running(&marker).await, Vec::<String>::new());
+        // A run dropped mid-way, as when the node stops.
+        let marker = format!("tn-exec-abandoned-{}", std::process::id());
+        let script = format!("sleep 30 || echo {marker}");
+        let mut probe = exec(&script, Duration::from_secs(60));
+        assert!(tokio::time::timeout(Duration::from_millis(300), probe.read()).await.is_err());
+        drop(probe);
+        assert_eq!(left_running(&marker).await, Vec::<String>::new());
     }
 
     #[tokio::test]
