@@ -18,6 +18,9 @@ use std::{
 use super::{Failure, Probe, Round};
 use crate::reading::{check_sensor_name, sensor_name};
 
+/// The most file sensors a node has.
+pub const MOST_FILES: usize = 10_000;
+
 /// The most bytes read from one file: far more than any integer takes, so a
 /// file named by mistake (a log) costs little to refuse.
 const MOST_BYTES: u64 = 256;
@@ -46,6 +49,13 @@ pub enum SpecError {
     /// A glob matches no file.
     #[error("glob {0:?} matches no file")]
     NoMatch(String),
+    /// A glob descends any depth (`**`): it would follow /sys's and /proc's
+    /// endless links.
+    #[error("glob {0:?}: ** is not supported; write each level, e.g. /sys/class/hwmon/*/temp*_input")]
+    Recursive(String),
+    /// The globs match more files than a node reads.
+    #[error("the globs match more than {MOST_FILES} files")]
+    TooMany,
     /// A sensor name is not one the sink takes.
     #[error("sensor name {0:?}: {1}")]
     Name(String, &'static str),
@@ -57,6 +67,7 @@ pub enum SpecError {
 /// The sensors `spec` (the value of `FILE_SENSORS`) names, globs expanded.
 pub fn parse(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
     let mut sensors: Vec<FileSensor> = Vec::new();
+    let mut names = std::collections::HashSet::new();
     for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
         let (prefix, pattern) = match entry.split_once('=') {
             Some((name, path)) => (Some(name.trim()), path.trim()),
@@ -66,15 +77,21 @@ pub fn parse(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
             return Err(SpecError::Entry(entry.to_owned()));
         }
         let found = if is_glob(pattern) {
-            expand(prefix, pattern)?
+            if pattern.contains("**") {
+                return Err(SpecError::Recursive(pattern.to_owned()));
+            }
+            expand(prefix, pattern, MOST_FILES - sensors.len())?
         } else {
             let name = prefix.ok_or_else(|| SpecError::Unnamed(entry.to_owned()))?;
             vec![(name.to_owned(), PathBuf::from(pattern))]
         };
         for (name, path) in found {
             check_sensor_name(&name).map_err(|why| SpecError::Name(name.clone(), why))?;
-            if sensors.iter().any(|sensor| sensor.name == name) {
+            if !names.insert(name.clone()) {
                 return Err(SpecError::Duplicate(name));
+            }
+            if sensors.len() == MOST_FILES {
+                return Err(SpecError::TooMany);
             }
             sensors.push(FileSensor { name: sensor_name(&name), path });
         }
@@ -88,7 +105,7 @@ fn is_glob(pattern: &str) -> bool {
 }
 
 /// The files `pattern` matches, each with its sensor name.
-fn expand(prefix: Option<&str>, pattern: &str) -> Result<Vec<(String, PathBuf)>, SpecError> {
+fn expand(prefix: Option<&str>, pattern: &str, most: usize) -> Result<Vec<(String, PathBuf)>, SpecError> {
     let paths = glob::glob(pattern).map_err(|error| SpecError::Glob(pattern.to_owned(), error.msg.to_owned()))?;
     let wild: Vec<bool> = Path::new(pattern).components().map(|c| is_glob(&c.as_os_str().to_string_lossy())).collect();
     let mut found = Vec::new();
@@ -100,6 +117,9 @@ fn expand(prefix: Option<&str>, pattern: &str) -> Result<Vec<(String, PathBuf)>,
             .map(|(component, _)| component.as_os_str().to_string_lossy().into_owned());
         let name: Vec<String> = prefix.map(str::to_owned).into_iter().chain(matched).collect();
         found.push((name.join("."), path));
+        if found.len() > most {
+            return Err(SpecError::TooMany);
+        }
     }
     if found.is_empty() {
         return Err(SpecError::NoMatch(pattern.to_owned()));
@@ -136,7 +156,7 @@ fn read_all(sensors: &mut Vec<FileSensor>) -> Round {
     for sensor in sensors.iter() {
         match read_integer(&sensor.path) {
             Ok(value) => round.values.push((sensor.name, value)),
-            Err(reason) => round.failures.push(Failure::new(reason, sensor.path.display().to_string())),
+            Err(reason) => round.failures.push(Failure::new(reason, format!("{:?}", sensor.path))),
         }
     }
     round
@@ -188,6 +208,7 @@ mod tests {
             (format!("{}/nothing*", dir.display()), SpecError::NoMatch(format!("{}/nothing*", dir.display()))),
             ("a=/x, a=/y".to_owned(), SpecError::Duplicate("a".into())),
             ("a b=/x".to_owned(), SpecError::Name("a b".into(), "holds whitespace or a control character")),
+            ("/sys/**/temp".to_owned(), SpecError::Recursive("/sys/**/temp".into())),
         ];
         for (spec, expected) in cases {
             assert_eq!(parse(&spec), Err(expected), "{spec}");
