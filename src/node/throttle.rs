@@ -56,6 +56,11 @@ pub struct Throttle {
     bucket: Option<Arc<TokenBucket>>,
     /// The bucket's clock, to turn its answers into sleeps.
     clock: TokioClock,
+    /// The line of callers waiting for the bucket. tokio's mutex serves
+    /// in arrival order, so lanes get tokens in turn: without it, whichever
+    /// lane's timer fires first takes each token, and a lane can wait for
+    /// ever while the others send.
+    line: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Throttle {
@@ -63,7 +68,7 @@ impl Throttle {
     pub fn new(rate: Option<RequestRate>) -> Self {
         let clock = TokioClock::new();
         let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(rate.quota(), clock)));
-        Self { paused_until: Arc::default(), bucket, clock }
+        Self { paused_until: Arc::default(), bucket, clock, line: Arc::default() }
     }
 
     /// Whether requests are limited at all.
@@ -92,6 +97,7 @@ impl Throttle {
             }
         }
         let Some(bucket) = &self.bucket else { return };
+        let _turn = self.line.lock().await;
         let cost = NonZeroU32::new(CELLS_PER_REQUEST).expect("not zero");
         while let Ok(Err(not_until)) = bucket.check_n(cost) {
             tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await;
@@ -104,6 +110,37 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn lanes_waiting_for_tokens_get_them_in_turn() {
+        let throttle = Throttle::new(Some(RequestRate { per_second: 1.0, burst: NonZeroU32::MIN }));
+        let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lanes: Vec<_> = (0..4)
+            .map(|lane| {
+                let (throttle, granted) = (throttle.clone(), Arc::clone(&granted));
+                tokio::spawn(async move {
+                    for _ in 0..10 {
+                        throttle.acquire().await;
+                        granted.lock().unwrap().push(lane);
+                        // Each lane comes back soon, as a lane with batches
+                        // queued does, some a little later than others.
+                        tokio::time::sleep(Duration::from_micros(300 * lane)).await;
+                    }
+                })
+            })
+            .collect();
+        for lane in lanes {
+            lane.await.unwrap();
+        }
+        let granted = granted.lock().unwrap();
+        // While every lane still wants tokens, none waits more than one round.
+        for window in granted[..32].windows(5) {
+            let mut lanes = window.to_vec();
+            lanes.sort_unstable();
+            lanes.dedup();
+            assert_eq!(lanes, [0, 1, 2, 3], "every lane in any five grants: {granted:?}");
+        }
+    }
 
     /// When each of `n` acquisitions of `throttle` was granted, in ms.
     async fn grants(throttle: &Throttle, n: usize) -> Vec<u128> {
