@@ -270,3 +270,23 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
         assert!(!error.contains("S3cret") && !error.contains("t0k"), "{error}");
     }
 }
+
+#[test]
+fn the_requests_the_sources_need_are_estimated_for_the_rate_warning() {
+    let needed = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(&str, String)> = pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        NodeConfig::from_vars(&vars(&pairs)).unwrap().requests_needed()
+    };
+    // The defaults: one lane, one batch a second, at the default rate of 1.
+    assert_eq!(needed(&[]), 1.0);
+    // Four sensors make four lanes, each sending a batch a second.
+    assert_eq!(needed(&[("SENSOR_COUNT", "4")]), 4.0);
+    // A slow sensor sends each reading alone.
+    assert_eq!(needed(&[("SENSOR_VALUE_RATE_PER_SECOND", "0.1")]), 0.1);
+    // Full batches: 100,000 readings/s in batches of 1000.
+    assert_eq!(needed(&[("SENSOR_VALUE_RATE_PER_SECOND", "100000")]), 100.0);
+    // The host shares the simulated sensor's lane and batches.
+    assert_eq!(needed(&[("HOST_INTERVAL", "1s")]), 1.0);
+    // Alone, a source read every 10 s sends a batch every 10 s.
+    assert_eq!(needed(&[("SENSOR_COUNT", "0"), ("EXEC_COMMAND", "true")]), 0.1);
+}

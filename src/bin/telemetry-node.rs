@@ -82,6 +82,14 @@ fn main() -> ExitCode {
 
 async fn run_node(config: NodeConfig) -> ExitCode {
     log_config(&config);
+    let needed = config.requests_needed();
+    if needed > config.request_rate * 1.05 {
+        tracing::warn!(
+            message = "The sources need more requests a second than REQUEST_RATE_PER_SECOND allows: readings will wait, sensors will miss ticks, and a stop may drop what is held. Raise REQUEST_RATE_PER_SECOND or BATCH_TIMEOUT, or lower MAX_IN_FLIGHT.",
+            needed = format!("{needed:.2}"),
+            request_rate_per_second = config.request_rate,
+        );
+    }
     let transport = match GrpcTransport::from_config(&config) {
         Ok(transport) => transport,
         Err(error) => {

@@ -215,13 +215,18 @@ impl NodeConfig {
 
     /// Checks the host, file and exec sources, and that some source runs.
     fn validate_sources(&self) -> Result<(), ConfigError> {
+        // A source's timer ticks at most once a millisecond, as tokio's do.
+        let every = |variable, interval: humantime::Duration| {
+            ensure_positive(variable, interval)?;
+            ensure(*interval >= Duration::from_millis(1), variable, interval)
+        };
         if let Some(interval) = self.host_interval {
-            ensure_positive("HOST_INTERVAL", interval)?;
+            every("HOST_INTERVAL", interval)?;
             ensure(cfg!(target_os = "linux"), "HOST_INTERVAL", interval)?;
         }
-        ensure_positive("FILE_INTERVAL", self.file_interval)?;
-        ensure_positive("EXEC_INTERVAL", self.exec_interval)?;
-        ensure_positive("EXEC_TIMEOUT", self.exec_timeout)?;
+        every("FILE_INTERVAL", self.file_interval)?;
+        every("EXEC_INTERVAL", self.exec_interval)?;
+        every("EXEC_TIMEOUT", self.exec_timeout)?;
         let files = self.file_sensors()?;
         if let Some(argv) = self.exec_argv() {
             let program = argv.first().map_or("", String::as_str);
@@ -229,7 +234,29 @@ impl NodeConfig {
         }
         let others = self.host_interval.is_some() || !files.is_empty() || self.exec_argv().is_some();
         ensure(self.sensor_count > 0 || others, "SENSOR_COUNT", self.sensor_count)?;
-        self.owned_names().map(drop)
+        self.owned_names(&files).map(drop)
+    }
+
+    /// About how many requests a second the sources need at least: each
+    /// lane sends a batch when it is full or `BATCH_TIMEOUT` after its first
+    /// reading, so a lane taking r readings a second sends
+    /// min(r, max(r / BATCH_SIZE, 1 / BATCH_TIMEOUT)) requests a second. A
+    /// polled source counts as one reading per interval (its lane's batches
+    /// carry all it reads).
+    pub fn requests_needed(&self) -> f64 {
+        let timeout = Duration::from(self.batch_timeout).as_secs_f64();
+        let mut lanes: Vec<f64> = self.lanes().iter().map(|names| names.len() as f64 * self.sensor_rate).collect();
+        let files = self.file_sensors.as_deref().is_some_and(|spec| spec.split(',').any(|e| !e.trim().is_empty()));
+        let polled = [
+            self.host_interval.map(Duration::from),
+            files.then(|| self.file_interval.into()),
+            self.exec_argv().map(|_| self.exec_interval.into()),
+        ];
+        let count = lanes.len();
+        for (i, interval) in polled.into_iter().flatten().enumerate() {
+            lanes[i % count] += 1.0 / interval.as_secs_f64();
+        }
+        lanes.iter().map(|&r| r.min((r / self.batch_size as f64).max(1.0 / timeout))).sum()
     }
 
     /// The file source's sensors (none when FILE_SENSORS is unset or empty).
@@ -248,13 +275,13 @@ impl NodeConfig {
         Some(source::exec::argv(command, self.exec_shell))
     }
 
-    /// The names the simulated, file and host sources own, checked for
+    /// The names the simulated, `files` and host sources own, checked for
     /// clashes between them.
-    pub fn owned_names(&self) -> Result<Owned, ConfigError> {
+    pub fn owned_names(&self, files: &[FileSensor]) -> Result<Owned, ConfigError> {
         let simulated = (self.sensor_count > 0).then(|| (self.sensor_name.clone(), self.sensor_count));
         let host = Owned::new(simulated.clone(), HashSet::new(), self.host_interval.is_some());
         let mut named = HashSet::new();
-        for sensor in self.file_sensors()? {
+        for sensor in files {
             if host.owns(sensor.name) {
                 return Err(ConfigError::Unusable {
                     variable: "FILE_SENSORS",
@@ -331,8 +358,10 @@ impl NodeConfig {
         }
     }
 
-    /// The sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
-    /// SENSOR_COUNT) lanes.
+    /// The simulated sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
+    /// SENSOR_COUNT) lanes (one when there are none). The other sources share
+    /// these lanes: the request rate is the node's, so more lanes would only
+    /// split the same rate into smaller batches.
     pub fn lanes(&self) -> Vec<Vec<&'static str>> {
         let count = self.max_in_flight.min(self.sensor_count).max(1);
         let mut lanes = vec![Vec::new(); count];

@@ -136,8 +136,9 @@ fn read_all(state: &mut State) -> Round {
     round
 }
 
-/// Per mounted block device (once, at its shortest mount point): free and
-/// total bytes.
+/// Per mounted block device (once, at its shortest mount point): free
+/// bytes, bytes free to unprivileged users (what `df` shows as available),
+/// and total bytes.
 fn filesystems(mounts: Vec<procfs::MountEntry>, values: &mut BTreeMap<String, u64>, failures: &mut Vec<Failure>) {
     let mut devices: BTreeMap<String, String> = BTreeMap::new();
     for mount in mounts.into_iter().filter(|mount| mount.fs_spec.starts_with("/dev/")) {
@@ -150,6 +151,8 @@ fn filesystems(mounts: Vec<procfs::MountEntry>, values: &mut BTreeMap<String, u6
         match rustix::fs::statvfs(point.as_str()) {
             Ok(fs) => {
                 values.insert(format!("host_filesystem_free_bytes:{point}"), fs.f_bfree.saturating_mul(fs.f_frsize));
+                let avail = fs.f_bavail.saturating_mul(fs.f_frsize);
+                values.insert(format!("host_filesystem_avail_bytes:{point}"), avail);
                 values.insert(format!("host_filesystem_size_bytes:{point}"), fs.f_blocks.saturating_mul(fs.f_frsize));
             }
             Err(error) => failures.push(Failure::new("unreadable", format!("statvfs {point}: {error}"))),

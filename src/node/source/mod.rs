@@ -110,8 +110,9 @@ pub trait Probe: Send + 'static {
 
 /// The readings of `probe`, read every `period`, the first at once.
 ///
-/// A tick that comes while the previous read is still running is skipped,
-/// as the simulated sensors skip theirs under backpressure. Every reading of
+/// A tick that comes while the previous read is still running, or while the
+/// pipeline pushes back, is skipped, as the simulated sensors skip theirs;
+/// its readings (as many as the last round gave) are counted as missed. Every reading of
 /// one round carries the round's number as its sequence and the tick's time,
 /// so each sensor's sequence only grows. Failures are counted under
 /// `readings_failed{source,reason}` and logged at most once a minute per
@@ -119,10 +120,11 @@ pub trait Probe: Send + 'static {
 pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let state = Polled { probe, interval, round: 0, stats, gates: HashMap::new() };
+    let state = Polled { probe, interval, round: 0, stats, gates: HashMap::new(), last: None };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
-            state.interval.tick().await;
+            let at = state.interval.tick().await;
+            state.count_skipped(at);
             let created_at = SystemTime::now();
             let round = state.probe.read().await;
             state.report(round.failures);
@@ -137,6 +139,7 @@ pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> So
                 .map(|(sensor, value)| Reading { sensor, sequence, value, created_at })
                 .collect();
             state.stats.produced.inc_by(readings.len() as u64);
+            state.last = Some((at, readings.len() as u64));
             return Some((Readings::Polled(readings.into_iter()), state));
         }
     }))
@@ -152,16 +155,36 @@ struct Polled<P> {
     round: u64,
     /// Where readings and failures are counted.
     stats: Arc<NodeStats>,
-    /// One log gate per failure reason.
-    gates: HashMap<&'static str, Every>,
+    /// One log gate per failure reason and subject (a file, a line), up to
+    /// [`MOST_GATES`]; then one per reason.
+    gates: HashMap<(&'static str, String), Every>,
+    /// The last tick that gave readings, and how many.
+    last: Option<(tokio::time::Instant, u64)>,
 }
 
+/// Failure subjects a source keeps a log gate for.
+const MOST_GATES: usize = 64;
+
 impl<P: Probe> Polled<P> {
+    /// Counts as missed the readings of the ticks skipped since the last
+    /// round that gave readings (a read that took longer than the period,
+    /// or the pipeline pushing back), at that round's count.
+    fn count_skipped(&mut self, at: tokio::time::Instant) {
+        let Some((last, readings)) = self.last else { return };
+        let period = self.interval.period().as_nanos();
+        let skipped = (at.saturating_duration_since(last).as_nanos() / period).saturating_sub(1);
+        self.stats.missed.inc_by(u64::try_from(skipped).unwrap_or(u64::MAX).saturating_mul(readings));
+    }
+
     /// Counts `failures` and logs each reason at most once a minute.
     fn report(&mut self, failures: Vec<Failure>) {
         for failure in failures {
             self.stats.read_failed(P::KIND, failure.reason);
-            let gate = self.gates.entry(failure.reason).or_insert_with(|| Every::new(Duration::from_secs(60)));
+            let mut key = (failure.reason, failure.detail.clone());
+            if self.gates.len() >= MOST_GATES && !self.gates.contains_key(&key) {
+                key.1.clear();
+            }
+            let gate = self.gates.entry(key).or_insert_with(|| Every::new(Duration::from_secs(60)));
             if let Some(suppressed) = gate.ready() {
                 warn!(
                     message = "A source could not take a reading.",
@@ -242,7 +265,7 @@ pub const HOST_PREFIX: &str = "host_";
 
 /// The sources `config` asks for, dealt into its lanes: lane i gets the
 /// i-th share of the simulated sensors; the host, file and exec sources
-/// go to lanes 0, 1 and 2 (as many as there are). Each source lives in one
+/// (those set, in that order) go to lanes 0, 1, 2, … round-robin. Each source lives in one
 /// lane, so each sensor's readings keep their order.
 pub fn for_lanes(config: &NodeConfig, stats: &Arc<NodeStats>) -> Result<Vec<Vec<Source>>, ConfigError> {
     let mut lanes: Vec<Vec<Source>> = config
@@ -262,11 +285,12 @@ pub fn for_lanes(config: &NodeConfig, stats: &Arc<NodeStats>) -> Result<Vec<Vec<
         polled_sources.push(polled(host::Host::new(), interval.into(), Arc::clone(stats)));
     }
     let files = config.file_sensors()?;
+    let owned = config.owned_names(&files)?;
     if !files.is_empty() {
         polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(stats)));
     }
     if let Some(argv) = config.exec_argv() {
-        let exec = exec::Exec::new(argv, config.exec_timeout.into(), config.owned_names()?);
+        let exec = exec::Exec::new(argv, config.exec_timeout.into(), owned);
         polled_sources.push(polled(exec, config.exec_interval.into(), Arc::clone(stats)));
     }
     let count = lanes.len();

@@ -189,3 +189,20 @@ async fn a_stalled_source_delays_no_batch_beyond_the_batch_timeout() {
     }
     assert_eq!(count, 3 * 5000u64.div_ceil(70));
 }
+
+#[tokio::test(start_paused = true)]
+async fn ticks_skipped_while_a_read_runs_long_are_counted_as_missed() {
+    let stats = Arc::new(NodeStats::default());
+    // Reads take 2.5 periods: of every three ticks, two are skipped.
+    let slow = Counting { sensors: names("long-", 2), delay: Duration::from_millis(250), rounds: 0 };
+    let readings =
+        collect(vec![polled(slow, Duration::from_millis(100), Arc::clone(&stats))], Duration::from_secs(3)).await;
+    let rounds = readings.len() as u64 / 2;
+    let summary = stats.snapshot();
+    assert!((9..=12).contains(&rounds), "{rounds} rounds");
+    // 30 ticks were due in 3 s: each was read or counted as missed (2
+    // readings each), but for the last few, still to be counted when the
+    // next round comes.
+    let accounted = rounds + summary.missed / 2;
+    assert!((25..=30).contains(&accounted), "{rounds} rounds, {summary}");
+}
