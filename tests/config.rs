@@ -252,8 +252,26 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
         SinkConfig::from_vars(&vars(&pairs))
     };
     assert!(remote(&[]).is_ok());
-    let cases: [(&[(&str, &str)], &str); 7] = [
-        (&[("REMOTE_WRITE_URL", "https://db/api/v1/write")], "REMOTE_WRITE_URL"),
+    // https:// trusts the system's CA bundle unless told otherwise.
+    let https = remote(&[("REMOTE_WRITE_URL", "https://db/api/v1/write")]);
+    if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        assert!(https.is_ok(), "{https:?}");
+    } else {
+        assert!(https.unwrap_err().to_string().contains("REMOTE_WRITE_TLS_CA_CERT"));
+    }
+    let not_pem = std::env::current_exe().unwrap().display().to_string();
+    let cases: [(&[(&str, &str)], &str); 11] = [
+        (&[("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
+        (&[("REMOTE_WRITE_URL", "https://db..x/api/v1/write")], "REMOTE_WRITE_URL"),
+        (
+            &[("REMOTE_WRITE_URL", "https://db/api/v1/write"), ("REMOTE_WRITE_TLS_CA_CERT", "/no/such/ca.pem")],
+            "REMOTE_WRITE_TLS_CA_CERT",
+        ),
+        (
+            &[("REMOTE_WRITE_URL", "https://db/api/v1/write"), ("REMOTE_WRITE_TLS_CA_CERT", not_pem.as_str())],
+            "REMOTE_WRITE_TLS_CA_CERT",
+        ),
+        (&[("REMOTE_WRITE_TLS_CA_CERT", "/etc/ssl/certs/ca-certificates.crt")], "REMOTE_WRITE_TLS_CA_CERT"),
         (&[("REMOTE_WRITE_URL", "http://user:pw-S3cret@db:8428/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_METRIC", "__name")], "REMOTE_WRITE_METRIC"),
         (&[("REMOTE_WRITE_METRIC", "1bad")], "REMOTE_WRITE_METRIC"),

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Process, free_port, peak_rss, scratch, summary_fields, wait_for_port};
+use common::{Pki, Process, free_port, peak_rss, scratch, summary_fields, wait_for_port};
 use telemetry_node::{
     node::source::simulated::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
@@ -480,4 +480,75 @@ async fn a_batch_sent_again_is_stored_once_in_victoria_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_again_is_stored_once_in_prometheus_with_a_window() {
     a_batch_sent_again_is_stored_once(Kind::PrometheusWithWindow, "rw-again-prometheus").await;
+}
+
+/// vmagent serving https on a loopback port, relaying into `database`.
+fn tls_relay(dir: &Path, database: &Database, cert: &str, key: &str) -> Option<(Process, u16)> {
+    if !installed("vmagent") {
+        assert!(std::env::var_os("CI").is_none(), "vmagent must be installed under CI");
+        eprintln!("skipped: vmagent not installed");
+        return None;
+    }
+    let port = free_port();
+    let args = [
+        format!("-remoteWrite.url={}", database.url()),
+        format!("-httpListenAddr=127.0.0.1:{port}"),
+        format!("-remoteWrite.tmpDataPath={}", dir.join("vmagent").display()),
+        "-tls".into(),
+        format!("-tlsCertFile={cert}"),
+        format!("-tlsKeyFile={key}"),
+        "-loggerLevel=WARN".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let relay = Process::start("vmagent", "vmagent", &args, &[], dir);
+    wait_for_port(port, Duration::from_secs(30));
+    Some((relay, port))
+}
+
+#[test]
+fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate() {
+    let dir = scratch("rw-tls");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let pki = Pki::new(&dir, "ca");
+    let (cert, key) = pki.issue("relay", "127.0.0.1");
+    let Some((relay, relay_port)) = tls_relay(&dir, &database, &cert, &key) else { return };
+    let url = format!("https://127.0.0.1:{relay_port}/api/v1/write");
+
+    // A CA the relay's certificate does not come from: nothing is taken,
+    // and the sink says why.
+    Pki::new(&dir, "other-ca");
+    let port = free_port();
+    let mut env = sink_env(port, &database);
+    env.retain(|(name, _)| *name != "REMOTE_WRITE_URL");
+    env.push(("REMOTE_WRITE_URL", url.clone()));
+    let mut wrong = env.clone();
+    wrong.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("other-ca.pem").display().to_string()));
+    let sink = Process::start("sink-wrong-ca", SINK, &[], &wrong, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let mut node_env = tuned_node(&format!("127.0.0.1:{port}"), "node-tls");
+    node_env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
+    let node = Process::start("node-wrong-ca", NODE, &[], &node_env, &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, stdout, _) = node.terminate(Duration::from_secs(60));
+    assert_eq!(summary_fields(&stdout)["acked"], 0, "{stdout}");
+    let (_, _, sink_log) = sink.terminate(Duration::from_secs(30));
+    assert!(sink_log.contains("certificate"), "the sink names the TLS failure: {sink_log}");
+
+    // The right CA: every reading lands once.
+    let port = free_port();
+    let mut env = sink_env(port, &database);
+    env.retain(|(name, _)| *name != "REMOTE_WRITE_URL");
+    env.push(("REMOTE_WRITE_URL", url));
+    env.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("ca.pem").display().to_string()));
+    let sink = Process::start("sink", SINK, &[], &env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    let node = Process::start("node", NODE, &[], &tuned_node(&format!("127.0.0.1:{port}"), "node-tls-ok"), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    stop_sink(sink);
+    let _ = relay.terminate(Duration::from_secs(30));
+    assert!(summary["produced"] > 300);
+    let only_this = database.samples().keys().filter(|(node, _)| node == "node-tls").count();
+    assert_eq!(only_this, 0, "nothing went through with the wrong CA");
+    assert_each_reading_once(&database, summary["produced"]);
 }

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::{path::Path, sync::Arc, time::Duration, time::SystemTime};
+use std::{sync::Arc, time::Duration, time::SystemTime};
 
-use common::{node_config, scratch, sink_config};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use common::{Pki, node_config, scratch, sink_config};
 use telemetry_node::{
     node::{GrpcTransport, Transport, codec::Outgoing},
     reading::{Reading, sensor_name},
@@ -15,32 +14,6 @@ use telemetry_node::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-
-/// A CA, and files of certificates it signed, in `dir`.
-struct Pki<'a> {
-    dir: &'a Path,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl<'a> Pki<'a> {
-    fn new(dir: &'a Path, name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), ca.pem()).unwrap();
-        Self { dir, ca }
-    }
-
-    /// Writes `<name>.crt` and `<name>.key` for `host`, signed by this CA.
-    fn issue(&self, name: &str, host: &str) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![host.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
-        let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path.display().to_string(), key_path.display().to_string())
-    }
-}
 
 fn reading(name: &str) -> Reading {
     Reading { sensor: sensor_name(name), sequence: 0, value: 1, created_at: SystemTime::now() }

@@ -111,7 +111,11 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("OUTPUT", "file or remote-write"),
     (
         "REMOTE_WRITE_URL",
-        "the database's remote-write endpoint, http://host:port/path without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by OUTPUT=remote-write",
+        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by OUTPUT=remote-write",
+    ),
+    (
+        "REMOTE_WRITE_TLS_CA_CERT",
+        "a readable PEM file of the CAs to trust for an https:// REMOTE_WRITE_URL (default: /etc/ssl/certs/ca-certificates.crt, which must then exist); only with https://",
     ),
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),

@@ -86,7 +86,15 @@ pub struct SinkConfig {
     /// Password for basic authentication to the database.
     #[envconfig(from = "REMOTE_WRITE_PASSWORD")]
     pub remote_write_password: Option<Secret>,
+    /// CAs to check an https:// database against; default: the system's
+    /// bundle.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CA_CERT")]
+    pub remote_write_tls_ca_cert: Option<std::path::PathBuf>,
 }
+
+/// The system's CA bundle (Debian's `ca-certificates`), trusted for an
+/// https:// database when REMOTE_WRITE_TLS_CA_CERT is unset.
+pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the sink puts what it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,9 +147,14 @@ impl SinkConfig {
             if url.contains('@') {
                 return Err(super::invalid("REMOTE_WRITE_URL", super::HIDDEN_CREDENTIALS));
             }
-            let valid =
-                url.parse::<hyper::Uri>().is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some());
-            ensure(valid, "REMOTE_WRITE_URL", url)?;
+            let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
+            let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
+            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", url)?;
+            if scheme == Some("https") {
+                let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
+                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
+            }
+            self.remote_write_roots()?;
         }
         let metric = &self.remote_write_metric;
         let metric_ok = metric
@@ -165,6 +178,23 @@ impl SinkConfig {
         ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.remote_write_username.as_deref().unwrap_or(""))?;
         ensure(!(basic.0 && self.remote_write_bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
         Ok(())
+    }
+
+    /// The CAs (PEM) to check the database's certificate against, for an
+    /// https:// REMOTE_WRITE_URL; `None` for http://.
+    pub fn remote_write_roots(&self) -> Result<Option<String>, ConfigError> {
+        let https = self.remote_write_url.as_deref().is_some_and(|url| url.trim().starts_with("https://"));
+        let given = self.remote_write_tls_ca_cert.as_deref();
+        match (https, given) {
+            (false, None) => Ok(None),
+            (false, Some(path)) => Err(super::invalid("REMOTE_WRITE_TLS_CA_CERT", path.display().to_string())),
+            (true, Some(path)) => super::read_pem("REMOTE_WRITE_TLS_CA_CERT", Some(path), Pem::Certificates),
+            (true, None) => std::fs::read_to_string(SYSTEM_CA_BUNDLE)
+                .ok()
+                .filter(|bundle| bundle.contains("-----BEGIN CERTIFICATE-----"))
+                .map(Some)
+                .ok_or_else(|| super::invalid("REMOTE_WRITE_TLS_CA_CERT", "")),
+        }
     }
 
     /// The TLS settings of the server, or `None` for plaintext.

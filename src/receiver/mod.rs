@@ -5,6 +5,7 @@
 
 mod codec;
 pub mod dedup;
+mod https;
 mod output_file;
 mod refusals;
 mod remote_write;

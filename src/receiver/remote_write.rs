@@ -28,7 +28,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::writer::Chunk;
+use super::{https::Connector, writer::Chunk};
 use crate::{
     config::SinkConfig,
     error::OutputError,
@@ -50,7 +50,7 @@ const ANSWER_BYTES: usize = 1024;
 #[derive(Debug)]
 pub(crate) struct RemoteWriter {
     /// Pooled HTTP/1.1 connections to the database.
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     /// REMOTE_WRITE_URL.
     url: Uri,
     /// `Authorization` header, from a bearer token or basic credentials.
@@ -81,6 +81,8 @@ impl RemoteWriter {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.remote_write_timeout.into()));
+        let roots = config.remote_write_roots().ok()?;
+        let connector = Connector::new(connector, roots.as_deref()).ok()?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         let concurrency = u32::try_from(config.remote_write_concurrency).ok()?;
         Some(Self {
@@ -206,7 +208,7 @@ impl RemoteWriter {
             }
             Ok(Ok((status, asked, body))) => Err(self.refused_or_busy(status, asked, &body, chunks.len())),
             Ok(Err(error)) => {
-                Err(self.busy("error", None, format!("cannot reach the database: {error}"), chunks.len()))
+                Err(self.busy("error", None, format!("cannot reach the database: {}", chain(&error)), chunks.len()))
             }
             Err(_) => Err(self.busy(
                 "error",
@@ -278,6 +280,20 @@ impl RemoteWriter {
             warn!(message = "The database cannot take samples now; pushing back on the nodes.", answer = %message, suppressed);
         }
     }
+}
+
+/// `error` and every error under it, as one line: hyper's own message
+/// ("client error (Connect)") says little without its causes (a refused
+/// connection, an unknown certificate).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        line.push_str(": ");
+        line.push_str(&error.to_string());
+        cause = error.source();
+    }
+    line
 }
 
 /// A `Retry-After` in seconds (the HTTP-date form is not honoured: the

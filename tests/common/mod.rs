@@ -314,3 +314,29 @@ pub fn run_paused(
         (summary, start)
     })
 }
+
+/// A CA, and files of certificates it signed, in `dir`.
+pub struct Pki<'a> {
+    dir: &'a Path,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl<'a> Pki<'a> {
+    pub fn new(dir: &'a Path, name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), ca.pem()).unwrap();
+        Self { dir, ca }
+    }
+
+    /// Writes `<name>.crt` and `<name>.key` for `host`, signed by this CA.
+    pub fn issue(&self, name: &str, host: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![host.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path.display().to_string(), key_path.display().to_string())
+    }
+}
