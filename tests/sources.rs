@@ -125,7 +125,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
     assert!(levels.windows(2).all(|w| w[0] <= w[1]) && levels.len() > 5, "{levels:?}");
     assert!(*levels.last().unwrap() >= 15, "the rewritten value is read: {levels:?}");
     assert!(!per_sensor.contains_key("gone"));
-    assert!(per_sensor["queue_depth"].iter().all(|r| r.1 == 7) && per_sensor["jobs_running"].len() >= 5);
+    assert!(per_sensor["queue_depth"].iter().all(|r| r.1 == 7) && per_sensor["jobs_running"].len() >= 3);
     assert!(per_sensor["token_length"].iter().all(|r| r.1 == 0), "the command never sees the sink's token");
 }
 

@@ -7,8 +7,7 @@
 //! instants. It is written out here for one reason: `chunks_timeout` takes
 //! one item per poll, so a tick of a thousand readings cost a thousand trips
 //! through the stream adapters; here a tick is copied into the batch in one
-//! go. At full speed that was a tenth of the node's work per reading, and
-//! 5% of the bench's pipeline/ceiling ratio at batch 1000.
+//! go (what that saves is in the README's Performance section).
 
 use std::{
     future::Future,

@@ -170,8 +170,7 @@ pub async fn serve_with(
 
 /// The connections `listener` accepts, with TCP_NODELAY set on each:
 /// `Server::tcp_nodelay` does not reach an incoming stream given to the
-/// server, and without it small answers wait on Nagle's algorithm (this
-/// alone held loopback throughput to two thirds).
+/// server, and without it small answers wait on Nagle's algorithm.
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
