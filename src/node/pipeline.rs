@@ -117,7 +117,7 @@ pub async fn run_with<T: Transport>(
         lane_ids.sort_unstable();
         lane_ids.dedup();
         for lane in lane_ids {
-            let lane_spool = LaneSpool { spool: spool.clone(), wake: Arc::default(), first_of_run: first_batch };
+            let lane_spool = LaneSpool::new(spool.clone(), first_batch);
             let replaying =
                 replay::replay(context.clone(), lane_spool.clone(), lane, Arc::clone(&node_id), stop_replay.clone());
             replayers.spawn(replaying);

@@ -27,14 +27,47 @@ pub struct LaneSpool {
     pub wake: Arc<Notify>,
     /// The first batch number of this run: older ones are an earlier run's.
     pub first_of_run: u64,
+    /// What is known, in memory, of whether the lane has batches waiting.
+    pub waiting: Arc<std::sync::Mutex<Waiting>>,
+}
+
+/// Whether a lane's spool holds batches, kept in memory so that sending a
+/// batch needs no read of the spool: the sender counts what it spills, and
+/// the replayer, each time it finds the lane's spool empty, notes how many
+/// spills that reading had seen.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// Batches spilled so far.
+    spilled: u64,
+    /// `spilled` as it was when the replayer last found the spool empty;
+    /// `None` until it has looked (an earlier run may have left batches).
+    empty_after: Option<u64>,
 }
 
 impl LaneSpool {
+    /// The lane's view of `spool`, in a run whose batch numbers start at
+    /// `first_of_run`.
+    pub fn new(spool: Spool, first_of_run: u64) -> Self {
+        Self { spool, wake: Arc::default(), first_of_run, waiting: Arc::default() }
+    }
+
     /// Whether the lane has batches waiting in the spool: then new batches
-    /// must queue behind them, to keep the lane's order.
-    pub async fn has_waiting(&self, lane: u32) -> bool {
-        // An unreadable spool is as good as empty here: the batch is sent.
-        matches!(self.spool.oldest_async(lane).await, Ok(Some(_)))
+    /// must queue behind them, to keep the lane's order. Answered from
+    /// memory: waiting unless the replayer found the spool empty after the
+    /// last spill.
+    pub fn has_waiting(&self) -> bool {
+        let waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiting.empty_after != Some(waiting.spilled)
+    }
+
+    /// Spills counted so far, read before the replayer looks in the spool.
+    fn spilled(&self) -> u64 {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).spilled
+    }
+
+    /// The replayer found the spool empty, having read `spilled` first.
+    fn found_empty(&self, spilled: u64) {
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).empty_after = Some(spilled);
     }
 
     /// Stores `request` for the replayer. Returns `false` if the spool
@@ -45,6 +78,7 @@ impl LaneSpool {
         let pushed = self.spool.push_async(request.lane, request.batch_sequence, request.items.clone()).await;
         match pushed {
             Ok(evicted) => {
+                self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).spilled += 1;
                 count(&stats.spooled, readings);
                 stats.in_spool.inc_by(readings as i64);
                 for (batch, lost) in evicted {
@@ -81,9 +115,11 @@ pub async fn replay<T: Transport>(
     let stats = Arc::clone(&context.stats);
     let pause = context.retry.cap;
     loop {
+        let spilled = spool.spilled();
         let stored = match spool.spool.oldest_async(lane).await {
             Ok(Some(stored)) => stored,
             Ok(None) => {
+                spool.found_empty(spilled);
                 tokio::select! {
                     () = spool.wake.notified() => continue,
                     () = stop.cancelled() => return,
@@ -152,5 +188,30 @@ async fn sleep_or_stop(wait: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         () = tokio::time::sleep(wait) => false,
         () = stop.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_is_known_from_memory_and_cleared_only_by_an_empty_read_after_the_last_spill() {
+        let dir = std::env::temp_dir().join(format!("tn-waiting-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (spool, _) = Spool::open(&dir, 1 << 20).unwrap();
+        let lane = LaneSpool::new(spool, 1);
+        assert!(lane.has_waiting(), "unknown until the replayer has looked");
+        lane.found_empty(lane.spilled());
+        assert!(!lane.has_waiting());
+        // A spill, and a read that started before it: still waiting.
+        let before = lane.spilled();
+        lane.waiting.lock().unwrap().spilled += 1;
+        lane.found_empty(before);
+        assert!(lane.has_waiting(), "a read older than the spill proves nothing");
+        lane.found_empty(lane.spilled());
+        assert!(!lane.has_waiting());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -88,7 +88,7 @@ async fn send_or_spill<T: Transport>(
     spool: &LaneSpool,
     request: Outgoing,
 ) -> Option<Result<(), SendError>> {
-    if !spool.has_waiting(request.lane).await {
+    if !spool.has_waiting() {
         match context.attempt(request.clone()).await {
             Ok(()) => return Some(Ok(())),
             Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
