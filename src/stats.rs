@@ -88,6 +88,13 @@ pub struct FailureLabel {
     pub reason: &'static str,
 }
 
+/// Label of a metric per source.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// The source: `host`, `file` or `exec`.
+    pub source: &'static str,
+}
+
 /// Live counters of one node, shared by every stage.
 ///
 /// Once the pipeline has returned, every produced reading is either acked or
@@ -104,6 +111,9 @@ pub struct NodeStats {
     pub failed: Family<FailureLabel, Counter>,
     /// Every reading counted in `failed`, for the summary.
     failed_total: Counter,
+    /// When each host, file or exec source last finished a read, in seconds
+    /// since 1970: a source stuck in a read (a hung mount) stops moving it.
+    pub last_read: Family<SourceLabel, Gauge<f64, AtomicU64>>,
     /// Readings handed to the transport at least once.
     pub sent: Counter,
     /// Batches handed to the transport at least once.
@@ -151,6 +161,7 @@ impl Default for NodeStats {
             missed: Counter::default(),
             failed: Family::default(),
             failed_total: Counter::default(),
+            last_read: Family::default(),
             sent: Counter::default(),
             batches_sent: Counter::default(),
             acked: Counter::default(),
@@ -270,6 +281,11 @@ impl NodeStats {
         r.register("readings_missed", "Readings not taken on time because the pipeline pushed back", missed);
         let failed = self.failed.clone();
         r.register("readings_failed", "Readings a source could not take, by source and reason", failed);
+        r.register(
+            "source_last_read_timestamp_seconds",
+            "When each host, file or exec source last finished a read (a stuck read stops it)",
+            self.last_read.clone(),
+        );
         r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
         r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
         r.register("readings_acked", "Readings the sink acknowledged", self.acked.clone());

@@ -32,7 +32,7 @@ use crate::{
     config::{ConfigError, NodeConfig},
     logging::Every,
     reading::Reading,
-    stats::NodeStats,
+    stats::{NodeStats, SourceLabel},
 };
 
 /// The readings a source took at one tick.
@@ -127,6 +127,8 @@ pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> So
             state.count_skipped(at);
             let created_at = SystemTime::now();
             let round = state.probe.read().await;
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            state.stats.last_read.get_or_create(&SourceLabel { source: P::KIND }).set(now.as_secs_f64());
             state.report(round.failures);
             let sequence = state.round;
             state.round += 1;

@@ -146,6 +146,9 @@ async fn failures_are_counted_by_source_and_reason_and_give_no_reading() {
     assert_eq!((failed("missing"), failed("not_an_integer")), (3, 3));
     let summary = stats.snapshot();
     assert_eq!((summary.produced, summary.failed), (3, 6));
+    let last_read = stats.last_read.get_or_create(&crate::stats::SourceLabel { source: "file" }).get();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - 60.0..=now).contains(&last_read), "the last read's time is shown: {last_read}");
 }
 
 #[test]
