@@ -140,6 +140,9 @@ pub struct NodeStats {
     pub replayed: Counter,
     /// Readings of this run in the spool now.
     pub in_spool: Gauge,
+    /// Wakes whoever waits for the spool to empty (the drain) each time
+    /// readings leave it.
+    pub unspooled: tokio::sync::Notify,
     /// Spool records found damaged and skipped.
     pub spool_damaged: Counter,
     /// Readings per batch sent.
@@ -175,6 +178,7 @@ impl Default for NodeStats {
             spooled: Counter::default(),
             replayed: Counter::default(),
             in_spool: Gauge::default(),
+            unspooled: tokio::sync::Notify::new(),
             spool_damaged: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
@@ -195,6 +199,27 @@ impl NodeStats {
     pub fn drop_readings(&self, reason: DropReason, n: u64) {
         self.dropped.inc_by(n);
         self.dropped_by_reason.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    /// Counts `n` readings of this run as gone from the spool (delivered,
+    /// refused or evicted), and wakes whoever waits for it to empty.
+    pub fn unspool(&self, n: u64) {
+        self.in_spool.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+        self.unspooled.notify_waiters();
+    }
+
+    /// Returns once none of this run's readings is in the spool.
+    pub async fn spool_emptied(&self) {
+        loop {
+            let emptied = self.unspooled.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            // Registered before the check, so no wake-up falls in between.
+            emptied.as_mut().enable();
+            if self.in_spool.get() <= 0 {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// Counts one reading `source` could not take, for `reason`.
@@ -608,5 +633,26 @@ impl fmt::Display for SinkSummary {
             self.duplicates,
             self.bytes_received
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_wakes_when_the_spool_empties_and_not_before() {
+        let stats = std::sync::Arc::new(NodeStats::default());
+        stats.in_spool.inc_by(5);
+        let waiting = tokio::spawn({
+            let stats = std::sync::Arc::clone(&stats);
+            async move { stats.spool_emptied().await }
+        });
+        tokio::task::yield_now().await;
+        stats.unspool(2);
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        assert!(!waiting.is_finished(), "three readings are still in the spool");
+        stats.unspool(3);
+        tokio::time::timeout(std::time::Duration::from_millis(1), waiting).await.unwrap().unwrap();
     }
 }

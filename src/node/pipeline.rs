@@ -65,6 +65,9 @@ pub async fn run<T: Transport>(
 /// it), and cutting the drain short when `abort` resolves (a second stop
 /// signal): what is still held then is counted as dropped, as at the
 /// deadline.
+///
+/// The run in four steps: open the spool and the identity; start the
+/// replayers; start the lanes; drain.
 pub async fn run_with<T: Transport>(
     config: &NodeConfig,
     transport: T,
@@ -73,31 +76,172 @@ pub async fn run_with<T: Transport>(
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) -> Summary {
-    let stop_sources = CancellationToken::new();
-    let draining = CancellationToken::new();
-    let throttle = Throttle::new(config.request_rate());
-    let settings = LaneSettings { batch_size: config.batch_size, batch_timeout: config.batch_timeout.into() };
+    let Some((spool, node_id)) = open_spool_and_identity(config) else { return stats.snapshot() };
+    let sources = match source::for_lanes(config, &stats) {
+        Ok(sources) => sources,
+        Err(error) => {
+            error!(message = "Cannot start the sources; not starting.", %error);
+            return stats.snapshot();
+        }
+    };
     let context = SendContext {
         transport,
         retry: config.retry_policy(),
         health,
-        throttle: throttle.clone(),
+        throttle: Throttle::new(config.request_rate()),
         stats: Arc::clone(&stats),
-        draining: draining.clone(),
+        draining: CancellationToken::new(),
     };
     // Batch numbers only grow, across restarts too: each run starts from the
     // clock, in microseconds.
     let first_batch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let run = Run { config, context, node_id, first_batch };
+    let replayers = run.start_replayers(spool.as_ref());
+    let stop_sources = CancellationToken::new();
+    let lanes = run.start_lanes(sources, &replayers.spools, &stop_sources);
+    run.drain(lanes, replayers, stop_sources, shutdown, abort).await
+}
+
+/// What the steps of a run share.
+struct Run<'a, T> {
+    /// The node's configuration.
+    config: &'a NodeConfig,
+    /// How every lane and replayer delivers a batch.
+    context: SendContext<T>,
+    /// The node's identity in every request.
+    node_id: Arc<str>,
+    /// This run's first batch number.
+    first_batch: u64,
+}
+
+/// The replayers of a run, one per lane with a spool.
+struct Replayers {
+    /// Their tasks.
+    tasks: JoinSet<()>,
+    /// Each lane's view of the spool, by lane number.
+    spools: Vec<(u32, LaneSpool)>,
+    /// Stops them, once the lanes are drained.
+    stop: CancellationToken,
+}
+
+impl<T: Transport> Run<'_, T> {
+    /// A replayer for each lane of this run and each lane an earlier run
+    /// left batches in (OVERFLOW_POLICY=spool).
+    fn start_replayers(&self, spool: Option<&Spool>) -> Replayers {
+        let mut replayers = Replayers { tasks: JoinSet::new(), spools: Vec::new(), stop: CancellationToken::new() };
+        let Some(spool) = spool else { return replayers };
+        let mut lane_ids: Vec<u32> = (0..self.config.lanes().len() as u32).collect();
+        lane_ids.extend(spool.lanes().unwrap_or_default());
+        lane_ids.sort_unstable();
+        lane_ids.dedup();
+        for lane in lane_ids {
+            let lane_spool = LaneSpool::new(spool.clone(), self.first_batch);
+            let (context, node_id, stop) = (self.context.clone(), Arc::clone(&self.node_id), replayers.stop.clone());
+            replayers.tasks.spawn(replay::replay(context, lane_spool.clone(), lane, node_id, stop));
+            replayers.spools.push((lane, lane_spool));
+        }
+        replayers
+    }
+
+    /// A task per lane: its sources merged, until `stop`, into the chain
+    /// batch → throttle → sender (through a drop-policy queue when one is set).
+    fn start_lanes(
+        &self,
+        sources: Vec<Vec<source::Source>>,
+        spools: &[(u32, LaneSpool)],
+        stop: &CancellationToken,
+    ) -> JoinSet<()> {
+        let settings =
+            LaneSettings { batch_size: self.config.batch_size, batch_timeout: self.config.batch_timeout.into() };
+        let mut lanes = JoinSet::new();
+        for (lane, sources) in sources.into_iter().enumerate() {
+            let lane = lane as u32;
+            let identity = LaneIdentity { node_id: Arc::clone(&self.node_id), lane, first_batch: self.first_batch };
+            let spool = spools.iter().find(|(id, _)| *id == lane).map(|(_, spool)| spool.clone());
+            let readings = source::merge(sources).take_until(stop.clone().cancelled_owned());
+            let (settings, context) = (settings.clone(), self.context.clone());
+            let drop = match self.config.overflow {
+                Overflow::Block | Overflow::Spool => {
+                    lanes.spawn(run_lane(Box::pin(readings), settings, context, identity, spool));
+                    continue;
+                }
+                Overflow::DropOldest => Drop::Oldest,
+                Overflow::DropNewest => Drop::Newest,
+            };
+            let stats = Arc::clone(&self.context.stats);
+            let readings = queue::decouple(readings, self.config.queue_capacity, drop, stats);
+            lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, spool));
+        }
+        lanes
+    }
+
+    /// Waits for `shutdown`, stops the sources, and lets the lanes and the
+    /// replayers deliver what they hold until it is all delivered,
+    /// `SHUTDOWN_TIMEOUT` passes or `abort` resolves; then counts what is
+    /// left as dropped.
+    async fn drain(
+        self,
+        mut lanes: JoinSet<()>,
+        mut replayers: Replayers,
+        stop_sources: CancellationToken,
+        shutdown: impl Future<Output = ()>,
+        abort: impl Future<Output = ()>,
+    ) -> Summary {
+        let stats = Arc::clone(&self.context.stats);
+        let deadline = async {
+            shutdown.await;
+            info!(message = "Stopping sources and flushing.", produced = stats.snapshot().produced);
+            stop_sources.cancel();
+            self.context.draining.cancel();
+            tokio::select! {
+                () = tokio::time::sleep(self.config.shutdown_timeout.into()) => {}
+                () = abort => warn!(message = "Stopping at once, as asked by a second signal."),
+            }
+        };
+        let delivered = async {
+            join_all(&mut lanes).await;
+            // This run's spooled batches go out too if the sink takes them in time.
+            stats.spool_emptied().await;
+        };
+        let drained = tokio::select! {
+            () = delivered => true,
+            () = deadline => false,
+        };
+        replayers.stop.cancel();
+        join_all(&mut replayers.tasks).await;
+        // Settled only once no lane can ack any more. Drained or not (a lane
+        // that failed leaves readings behind too), what is neither acked, nor
+        // dropped, nor in the spool is lost now, and counted.
+        lanes.shutdown().await;
+        let lost = stats.drop_unaccounted();
+        if lost > 0 {
+            let in_spool = stats.in_spool.get();
+            error!(
+                message = "Stopped before every reading was delivered.",
+                reason = "shutdown",
+                dropped = lost,
+                in_spool
+            );
+        }
+        if !drained {
+            debug!(message = "The drain ran out of time.");
+        }
+        stats.snapshot()
+    }
+}
+
+/// The spool (OVERFLOW_POLICY=spool) and the node's identity, which lives
+/// in the spool when there is one, so that the sink recognises the batches
+/// this node replays after a restart. `None` if the spool cannot be opened.
+fn open_spool_and_identity(config: &NodeConfig) -> Option<(Option<Spool>, Arc<str>)> {
     let spool = match open_spool(config) {
         Ok(spool) => spool,
         Err(error) => {
             error!(message = "Cannot open the spool; not starting.", %error);
-            return stats.snapshot();
+            return None;
         }
     };
     let node_id = match &spool {
-        // The identity lives in the spool, so that the sink recognises the
-        // batches this node replays after a restart.
         Some(spool) if config.node_id.is_none() => match spool.node_id(&config.node_identity()) {
             Ok(id) => Arc::from(id),
             Err(error) => {
@@ -108,83 +252,7 @@ pub async fn run_with<T: Transport>(
         _ => config.node_identity(),
     };
     info!(message = "Node identity.", node_id = %node_id);
-    let stop_replay = CancellationToken::new();
-    let mut replayers = JoinSet::new();
-    let mut lane_spools = Vec::new();
-    if let Some(spool) = &spool {
-        let mut lane_ids: Vec<u32> = (0..config.lanes().len() as u32).collect();
-        lane_ids.extend(spool.lanes().unwrap_or_default());
-        lane_ids.sort_unstable();
-        lane_ids.dedup();
-        for lane in lane_ids {
-            let lane_spool = LaneSpool::new(spool.clone(), first_batch);
-            let replaying =
-                replay::replay(context.clone(), lane_spool.clone(), lane, Arc::clone(&node_id), stop_replay.clone());
-            replayers.spawn(replaying);
-            lane_spools.push((lane, lane_spool));
-        }
-    }
-    let sources = match source::for_lanes(config, &stats) {
-        Ok(sources) => sources,
-        Err(error) => {
-            error!(message = "Cannot start the sources; not starting.", %error);
-            return stats.snapshot();
-        }
-    };
-    let mut lanes = JoinSet::new();
-    for (lane, sources) in sources.into_iter().enumerate() {
-        let identity = LaneIdentity { node_id: Arc::clone(&node_id), lane: lane as u32, first_batch };
-        let lane_spool = lane_spools.iter().find(|(id, _)| *id == lane as u32).map(|(_, s)| s.clone());
-        let readings = source::merge(sources).take_until(stop_sources.clone().cancelled_owned());
-        let (settings, context) = (settings.clone(), context.clone());
-        match config.overflow {
-            Overflow::Block | Overflow::Spool => {
-                lanes.spawn(run_lane(Box::pin(readings), settings, context, identity, lane_spool));
-            }
-            Overflow::DropOldest | Overflow::DropNewest => {
-                let drop = if config.overflow == Overflow::DropOldest { Drop::Oldest } else { Drop::Newest };
-                let readings = queue::decouple(readings, config.queue_capacity, drop, Arc::clone(&stats));
-                lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, lane_spool));
-            }
-        }
-    }
-
-    let drain_deadline = async {
-        shutdown.await;
-        info!(message = "Stopping sources and flushing.", produced = stats.snapshot().produced);
-        stop_sources.cancel();
-        draining.cancel();
-        tokio::select! {
-            () = tokio::time::sleep(config.shutdown_timeout.into()) => {}
-            () = abort => warn!(message = "Stopping at once, as asked by a second signal."),
-        }
-    };
-    let lanes_and_spool_drained = async {
-        join_all(&mut lanes).await;
-        // This run's spooled batches go out too if the sink takes them in time.
-        while stats.in_spool.get() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let drained = tokio::select! {
-        () = lanes_and_spool_drained => true,
-        () = drain_deadline => false,
-    };
-    stop_replay.cancel();
-    join_all(&mut replayers).await;
-    // Settled only once no lane can ack any more. Drained or not (a lane
-    // that failed leaves readings behind too), what is neither acked, nor
-    // dropped, nor in the spool is lost now, and counted.
-    lanes.shutdown().await;
-    let lost = stats.drop_unaccounted();
-    if lost > 0 {
-        let in_spool = stats.in_spool.get();
-        error!(message = "Stopped before every reading was delivered.", reason = "shutdown", dropped = lost, in_spool);
-    }
-    if !drained {
-        debug!(message = "The drain ran out of time.");
-    }
-    stats.snapshot()
+    Some((spool, node_id))
 }
 
 /// The spool, when OVERFLOW_POLICY=spool.

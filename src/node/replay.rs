@@ -83,7 +83,7 @@ impl LaneSpool {
                 stats.in_spool.inc_by(readings as i64);
                 for (batch, lost) in evicted {
                     if batch >= self.first_of_run {
-                        stats.in_spool.dec_by(lost as i64);
+                        stats.unspool(lost);
                         stats.drop_readings(DropReason::SpoolFull, lost);
                     } else {
                         let label = ReasonLabel { reason: DropReason::SpoolFull };
@@ -154,7 +154,7 @@ pub async fn replay<T: Transport>(
                 }
                 count(&stats.replayed, n);
                 if this_run {
-                    stats.in_spool.dec_by(n as i64);
+                    stats.unspool(n as u64);
                     stats.ack(n);
                 }
             }
@@ -162,7 +162,7 @@ pub async fn replay<T: Transport>(
                 let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;
                 stats.refuse(status.code());
                 if this_run {
-                    stats.in_spool.dec_by(n as i64);
+                    stats.unspool(n as u64);
                     stats.drop_readings(DropReason::Refused, n as u64);
                 }
                 error!(
