@@ -8,7 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use futures::{StreamExt, stream};
 use prost::Message;
 use telemetry_node::{
-    node::{batch::batches, spool::Spool},
+    node::{batch::batches, overflow::spool::Spool},
     proto::SensorValuesRequest,
     reading::{Reading, encode_batch, sensor_name, to_request},
     receiver::{

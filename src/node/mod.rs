@@ -6,13 +6,11 @@
 pub mod batch;
 pub mod codec;
 pub mod delivery;
+pub mod overflow;
 pub mod pipeline;
-pub mod queue;
-pub mod replay;
 pub mod retry;
 pub mod sender;
 pub mod source;
-pub mod spool;
 pub mod throttle;
 pub mod transport;
 

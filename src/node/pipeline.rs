@@ -20,12 +20,14 @@ use tracing::{debug, error, info, warn};
 use super::{
     batch,
     delivery::SendContext,
-    queue::{self, Drop},
-    replay::{self, LaneSpool},
+    overflow::{
+        queue::{self, Drop},
+        replay::{self, LaneSpool},
+        spool::{Spool, SpoolError},
+    },
     retry::SinkHealth,
     sender::{self, LaneIdentity},
     source,
-    spool::{Spool, SpoolError},
     throttle::Throttle,
     transport::Transport,
 };

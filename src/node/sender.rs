@@ -10,7 +10,7 @@ use tracing::{error, warn};
 use super::{
     codec::Outgoing,
     delivery::{SendContext, deliver},
-    replay::LaneSpool,
+    overflow::replay::LaneSpool,
     transport::Transport,
 };
 use crate::{

@@ -7,10 +7,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::{
+use super::spool::Spool;
+use crate::node::{
     codec::Outgoing,
     delivery::{SendContext, deliver},
-    spool::Spool,
     transport::Transport,
 };
 use crate::{
