@@ -14,6 +14,8 @@
 //! - [`node::sender`]: a `futures::Sink` that delivers each batch through a
 //!   [`node::transport`], retrying what is worth retrying.
 //! - [`node::pipeline`]: composes the stages and drives shutdown.
+//! - [`node::overflow`]: beside the chain, where what the sink cannot take
+//!   yet waits (a drop-policy queue, or the durable spool and its replayer).
 //!
 //! And through the sink:
 //!
