@@ -34,6 +34,8 @@ h0=$(cpu_ticks "$HOST") b0=$(cpu_ticks "$BASE") hr0=$(rss_kb "$HOST") br0=$(rss_
 sleep $((RUN > 60 ? RUN - 60 : 1))
 h1=$(cpu_ticks "$HOST") b1=$(cpu_ticks "$BASE") hr1=$(rss_kb "$HOST") br1=$(rss_kb "$BASE")
 span=$((RUN > 60 ? RUN - 60 : 1))
+# The nodes first, so that they deliver what they hold before the sink goes.
+kill -TERM "$HOST" "$BASE"; wait "$HOST" "$BASE" 2>/dev/null || true
 host_lines=$(grep -c '"sensor_name":"host_' "$WORK/readings.jsonl" || true)
 for row in "host $h0 $h1 $hr0 $hr1" "baseline $b0 $b1 $br0 $br1"; do
     set -- $row
