@@ -259,8 +259,17 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
     } else {
         assert!(https.unwrap_err().to_string().contains("REMOTE_WRITE_TLS_CA_CERT"));
     }
+    // The scheme is read as the client reads it: HTTPS:// is https, with
+    // CAs to check the database against (never plaintext).
+    let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let bundle_text = bundle.display().to_string();
+    let shouted = [("REMOTE_WRITE_URL", "HTTPS://db/api/v1/write"), ("REMOTE_WRITE_TLS_CA_CERT", bundle_text.as_str())];
+    if bundle.exists() {
+        assert!(remote(&shouted).unwrap().remote_write_roots().unwrap().is_some());
+    }
+    assert_eq!(remote(&[]).unwrap().remote_write_roots().unwrap(), None);
     let not_pem = std::env::current_exe().unwrap().display().to_string();
-    let cases: [(&[(&str, &str)], &str); 11] = [
+    let cases: [(&[(&str, &str)], &str); 12] = [
         (&[("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_URL", "https://db..x/api/v1/write")], "REMOTE_WRITE_URL"),
         (
@@ -272,6 +281,10 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
             "REMOTE_WRITE_TLS_CA_CERT",
         ),
         (&[("REMOTE_WRITE_TLS_CA_CERT", "/etc/ssl/certs/ca-certificates.crt")], "REMOTE_WRITE_TLS_CA_CERT"),
+        (
+            &[("REMOTE_WRITE_URL", "https://db/api/v1/write"), ("REMOTE_WRITE_TLS_CA_CERT", "/dev/zero")],
+            "REMOTE_WRITE_TLS_CA_CERT",
+        ),
         (&[("REMOTE_WRITE_URL", "http://user:pw-S3cret@db:8428/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_METRIC", "__name")], "REMOTE_WRITE_METRIC"),
         (&[("REMOTE_WRITE_METRIC", "1bad")], "REMOTE_WRITE_METRIC"),

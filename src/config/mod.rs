@@ -54,10 +54,10 @@ const ACCEPTED: &[(&str, &str)] = &[
         "SENSOR_COUNT",
         "a whole number from 0 to 1000000; 0 (no simulated sensors) only with HOST_INTERVAL, FILE_SENSORS or EXEC_COMMAND",
     ),
-    ("HOST_INTERVAL", "a duration from 1ms to 10 years, e.g. 1s (Linux only), or unset for no host source"),
-    ("FILE_INTERVAL", "a duration from 1ms to 10 years, e.g. 10s"),
-    ("EXEC_INTERVAL", "a duration from 1ms to 10 years, e.g. 10s"),
-    ("EXEC_TIMEOUT", "a duration from 1ms to 10 years, e.g. 5s"),
+    ("HOST_INTERVAL", "a duration from 1ms to 3650 days, e.g. 1s (Linux only), or unset for no host source"),
+    ("FILE_INTERVAL", "a duration from 1ms to 3650 days, e.g. 10s"),
+    ("EXEC_INTERVAL", "a duration from 1ms to 3650 days, e.g. 10s"),
+    ("EXEC_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 5s"),
     ("EXEC_COMMAND", "a command whose program is a file or is found on PATH"),
     ("EXEC_SHELL", "true or false"),
     (
@@ -71,10 +71,13 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("REQUEST_BURST", "a whole number from 1 to 4294967295"),
     ("GRPC_SERVER_SOCKET", "host:port with a port from 1 (the sink: 0 for any free one), e.g. localhost:8000"),
     ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more, or inf for no limit"),
-    ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0, e.g. 500ms or 1s"),
+    ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0 and at most 3650 days, e.g. 500ms or 1s"),
     ("GRPC_CLIENT_RETRY_MULTIPLIER", "a number from 1 to 100, e.g. 2"),
-    ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "a duration at least GRPC_CLIENT_RETRY_SEND_INTERVAL, e.g. 30s"),
-    ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "a duration, e.g. 5m, or 0s for no limit"),
+    (
+        "GRPC_CLIENT_RETRY_MAX_INTERVAL",
+        "a duration at least GRPC_CLIENT_RETRY_SEND_INTERVAL and at most 3650 days, e.g. 30s",
+    ),
+    ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "a duration of at most 3650 days, e.g. 5m, or 0s for no limit"),
     ("GRPC_CLIENT_RETRY_JITTER", "full or none"),
     ("GRPC_CLIENT_RETRY_BUDGET", "a number of tokens from 1 to 1000000, e.g. 10"),
     ("NODE_ID", "a non-empty identity of at most 128 characters"),
@@ -84,15 +87,15 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("SPOOL_DIR", "a folder the node can create and write files in, required by OVERFLOW_POLICY=spool"),
     ("SPOOL_MAX_BYTES", "a whole number of bytes, at least 65536"),
     ("QUEUE_CAPACITY", "a whole number of readings from 1 to 100000000"),
-    ("BATCH_TIMEOUT", "a duration greater than 0, e.g. 500ms or 1s"),
-    ("RPC_TIMEOUT", "a duration greater than 0, e.g. 5s"),
-    ("SHUTDOWN_TIMEOUT", "a duration greater than 0, e.g. 10s"),
+    ("BATCH_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 500ms or 1s"),
+    ("RPC_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 5s"),
+    ("SHUTDOWN_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 10s"),
     ("LOGGER_MIN_LOG_LEVEL", "one of trace, debug, info, warn, error"),
     ("LOG_FORMAT", "text or json"),
     ("RATE_PER_SECOND", "a whole number of bytes per second from 1 to 4294967295"),
     ("FILE_PATH", "a non-empty path of a folder (or of none yet) that the sink can create and write"),
     ("BUFFER_SIZE", "a whole number of bytes from 1 to 1073741824"),
-    ("BUFFER_FLUSH_INTERVAL", "a duration greater than 0, e.g. 1s"),
+    ("BUFFER_FLUSH_INTERVAL", "a duration greater than 0 and at most 3650 days, e.g. 1s"),
     ("METRICS_ADDR", "host:port to serve /metrics, /healthz and /readyz on, e.g. 0.0.0.0:9100"),
     ("GRPC_COMPRESSION", "none or gzip"),
     ("SINK_AUTH_TOKEN", "a non-empty token of visible ASCII characters"),
@@ -119,7 +122,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ),
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
-    ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0, e.g. 4s"),
+    ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 4s"),
     ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
     ("REMOTE_WRITE_MAX_SAMPLES", "a whole number of samples from 1 to 1000000"),
     ("REMOTE_WRITE_BEARER_TOKEN", "a non-empty token of visible ASCII characters, not with REMOTE_WRITE_USERNAME"),
@@ -233,7 +236,7 @@ pub(crate) fn read_pem(
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let Some(path) = path else { return Ok(None) };
     let bad = || invalid(variable, path.display().to_string());
-    let text = std::fs::read_to_string(path).map_err(|_| bad())?;
+    let text = read_small(path).ok_or_else(bad)?;
     let valid = match holds {
         Pem::Certificates => {
             let mut certificates = CertificateDer::pem_slice_iter(text.as_bytes()).peekable();
@@ -243,6 +246,21 @@ pub(crate) fn read_pem(
     };
     ensure(valid, variable, path.display())?;
     Ok(Some(text))
+}
+
+/// The text of the regular file at `path`, if it holds at most 16 MiB of
+/// UTF-8: a configuration file named by mistake (`/dev/zero`, a FIFO, a
+/// log) is refused at once rather than read for ever.
+fn read_small(path: &std::path::Path) -> Option<String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    const MOST: u64 = 16 << 20;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(MOST + 1).read_to_string(&mut text).ok()?;
+    (text.len() as u64 <= MOST).then_some(text)
 }
 
 /// A secret from the configuration (a token, a password): never shown by
@@ -304,7 +322,8 @@ impl std::str::FromStr for Compression {
     }
 }
 
-/// Longest duration any setting takes: ten years. Longer ones would
+/// Longest duration any setting takes: 3650 days (ten years, as humantime
+/// counts a year as 365.25 days, is a little more). Longer ones would
 /// overflow the clock's arithmetic.
 const LONGEST: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
 

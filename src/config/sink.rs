@@ -183,7 +183,9 @@ impl SinkConfig {
     /// The CAs (PEM) to check the database's certificate against, for an
     /// https:// REMOTE_WRITE_URL; `None` for http://.
     pub fn remote_write_roots(&self) -> Result<Option<String>, ConfigError> {
-        let https = self.remote_write_url.as_deref().is_some_and(|url| url.trim().starts_with("https://"));
+        // The scheme as the client will read it (`HTTPS://` is https too).
+        let url = self.remote_write_url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
+        let https = url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS));
         let given = self.remote_write_tls_ca_cert.as_deref();
         match (https, given) {
             (false, None) => Ok(None),

@@ -81,12 +81,17 @@ impl Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone().filter(|_| uri.scheme_str() == Some("https"));
+        let https = uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
+        let tls = self.tls.clone();
         let host = uri.host().unwrap_or("").trim_matches(['[', ']']).to_owned();
         let connecting = self.http.call(uri);
         Box::pin(async move {
+            if https && tls.is_none() {
+                // Never plaintext where TLS was asked for.
+                return Err("an https URL without TLS set up".into());
+            }
             let tcp = connecting.await?;
-            let Some(tls) = tls else { return Ok(Stream::Plain(tcp)) };
+            let Some(tls) = tls.filter(|_| https) else { return Ok(Stream::Plain(tcp)) };
             let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host)?;
             let stream = tls.connect(name, tcp.into_inner()).await?;
             Ok(Stream::Tls(Box::new(TokioIo::new(stream))))

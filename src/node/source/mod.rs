@@ -120,11 +120,12 @@ pub trait Probe: Send + 'static {
 pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let state = Polled { probe, interval, round: 0, stats, gates: HashMap::new(), last: None };
+    let state =
+        Polled { probe, interval, round: 0, stats, gates: HashMap::new(), first: None, skipped: 0, last_count: 0 };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
-            let at = state.interval.tick().await;
-            state.count_skipped(at);
+            state.interval.tick().await;
+            state.count_skipped();
             let created_at = SystemTime::now();
             let round = state.probe.read().await;
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -141,7 +142,7 @@ pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> So
                 .map(|(sensor, value)| Reading { sensor, sequence, value, created_at })
                 .collect();
             state.stats.produced.inc_by(readings.len() as u64);
-            state.last = Some((at, readings.len() as u64));
+            state.last_count = readings.len() as u64;
             return Some((Readings::Polled(readings.into_iter()), state));
         }
     }))
@@ -160,22 +161,33 @@ struct Polled<P> {
     /// One log gate per failure reason and subject (a file, a line), up to
     /// [`MOST_GATES`]; then one per reason.
     gates: HashMap<(&'static str, String), Every>,
-    /// The last tick that gave readings, and how many.
-    last: Option<(tokio::time::Instant, u64)>,
+    /// When the first tick fired: tick k was due at `first + k × period`.
+    first: Option<tokio::time::Instant>,
+    /// Ticks skipped so far, counted.
+    skipped: u64,
+    /// Readings the last round that gave any gave.
+    last_count: u64,
 }
 
 /// Failure subjects a source keeps a log gate for.
 const MOST_GATES: usize = 64;
 
 impl<P: Probe> Polled<P> {
-    /// Counts as missed the readings of the ticks skipped since the last
-    /// round that gave readings (a read that took longer than the period,
-    /// or the pipeline pushing back), at that round's count.
-    fn count_skipped(&mut self, at: tokio::time::Instant) {
-        let Some((last, readings)) = self.last else { return };
-        let period = self.interval.period().as_nanos();
-        let skipped = (at.saturating_duration_since(last).as_nanos() / period).saturating_sub(1);
-        self.stats.missed.inc_by(u64::try_from(skipped).unwrap_or(u64::MAX).saturating_mul(readings));
+    /// Counts as missed, at the last productive round's count, the readings
+    /// of the ticks due so far that no round took (a read that ran past the
+    /// period, or the pipeline pushing back). Called as a round begins: the
+    /// ticks due are those up to now, the rounds taken those before and this
+    /// one (a round that failed was taken: its readings count as failed).
+    fn count_skipped(&mut self) {
+        let now = tokio::time::Instant::now();
+        let first = *self.first.get_or_insert(now);
+        let period = self.interval.period().as_nanos().max(1);
+        let due = u64::try_from(now.saturating_duration_since(first).as_nanos() / period).unwrap_or(u64::MAX);
+        let skipped = due.saturating_add(1).saturating_sub(self.round + 1);
+        if skipped > self.skipped {
+            self.stats.missed.inc_by((skipped - self.skipped).saturating_mul(self.last_count));
+            self.skipped = skipped;
+        }
     }
 
     /// Counts `failures` and logs each reason at most once a minute.

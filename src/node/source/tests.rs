@@ -204,8 +204,29 @@ async fn ticks_skipped_while_a_read_runs_long_are_counted_as_missed() {
     let summary = stats.snapshot();
     assert!((9..=12).contains(&rounds), "{rounds} rounds");
     // 30 ticks were due in 3 s: each was read or counted as missed (2
-    // readings each), but for the last few, still to be counted when the
-    // next round comes.
+    // readings each), but for the round cut short by the end of the run
+    // and the ticks after it began, which the next round would count.
     let accounted = rounds + summary.missed / 2;
-    assert!((25..=30).contains(&accounted), "{rounds} rounds, {summary}");
+    assert!((26..=30).contains(&accounted), "{rounds} rounds, {summary}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_read_counts_as_failed_not_as_missed() {
+    // Two good rounds, then nothing but failures.
+    struct Breaking(u32);
+    impl Probe for Breaking {
+        const KIND: &'static str = "file";
+        async fn read(&mut self) -> Round {
+            self.0 += 1;
+            if self.0 <= 2 {
+                return Round { values: vec![("v", 1)], failures: Vec::new() };
+            }
+            Round { values: Vec::new(), failures: vec![Failure::new("not_an_integer", "/v")] }
+        }
+    }
+    let stats = Arc::new(NodeStats::default());
+    let source = polled(Breaking(0), Duration::from_millis(100), Arc::clone(&stats));
+    let readings = collect(vec![source], Duration::from_millis(2050)).await;
+    let summary = stats.snapshot();
+    assert_eq!((readings.len(), summary.failed, summary.missed), (2, 19, 0), "{summary}");
 }
