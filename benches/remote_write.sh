@@ -71,6 +71,7 @@ ran=$(python3 -c "import time; print(time.time() - $started)")
 after=$(settle)
 # Over the whole run, the drain after SIGTERM included.
 node_rate=$(python3 -c "print(int(($after - $before) / $ran))")
+node_landed=$((after - before))
 node_summary=$(grep '^summary:' "$work/node.out" || true)
 
 # (c) vmagent
@@ -89,5 +90,5 @@ agent_cpu=$(python3 -c "print(f'{($cpu1 - $cpu0) / $hz / max(1, $after - $before
 echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s"
 echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s, $sink_cpu CPU s per million samples"
 echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s, $agent_cpu CPU s per million samples"
-echo "node    (node -> sink -> VictoriaMetrics, 10,000 sensors): $node_rate samples/s landed; $node_summary"
+echo "node    (node -> sink -> VictoriaMetrics, 10,000 sensors): $node_rate samples/s landed ($node_landed in all); $node_summary"
 echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu"
