@@ -121,12 +121,7 @@ impl ReceiverService {
         let batch = request.batch_sequence;
         let write = tokio::spawn(async move {
             if let Some(output) = output {
-                let (written, confirmed) = oneshot::channel();
-                output
-                    .send(Chunk { lines, readings: items, written })
-                    .await
-                    .map_err(|_| ReceiveError::WriterStopped)?;
-                confirmed.await.map_err(|_| ReceiveError::WriterStopped)??;
+                write_out(output, lines, items).await?;
             }
             if let Some(last) = last_written.as_mut() {
                 **last = Some(batch);
@@ -139,7 +134,6 @@ impl ReceiverService {
         Ok(())
     }
 
-    /// Takes `bytes` from the byte-rate bucket, or says how long to wait.
     /// Accepts a request the codec already made into remote-write series:
     /// every reading valid, nothing to de-duplicate (remote-write keeps no
     /// memory between requests).
@@ -148,12 +142,8 @@ impl ReceiverService {
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
         let Series { bytes: lines, readings, superseded } = series;
-        let write = tokio::spawn(async move {
-            let (written, confirmed) = oneshot::channel();
-            output.send(Chunk { lines, readings, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
-            confirmed.await.map_err(|_| ReceiveError::WriterStopped)??;
-            Ok::<(), ReceiveError>(())
-        });
+        // In a task of its own, as in `accept`: once queued, it is written.
+        let write = tokio::spawn(write_out(output, lines, readings));
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
         count(&self.stats.remote_write.superseded, superseded);
         count(&self.stats.requests_accepted, 1);
@@ -170,6 +160,7 @@ impl ReceiverService {
         }
     }
 
+    /// Takes `bytes` from the byte-rate bucket, or says how long to wait.
     fn charge(&self, bytes: usize) -> Result<(), ReceiveError> {
         let Some(cost) = NonZeroU32::new(u32::try_from(bytes).unwrap_or(u32::MAX)) else { return Ok(()) };
         match self.bucket.check_n(cost) {
@@ -180,6 +171,14 @@ impl ReceiverService {
             Err(_) => Err(ReceiveError::TooLarge { bytes, limit: self.rate }),
         }
     }
+}
+
+/// Hands `lines` (holding `readings` readings) to the output and waits
+/// until they are stored: in the file, or in the database.
+async fn write_out(output: mpsc::Sender<Chunk>, lines: Vec<u8>, readings: usize) -> Result<(), ReceiveError> {
+    let (written, confirmed) = oneshot::channel();
+    output.send(Chunk { lines, readings, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+    confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
 }
 
 impl ReceiverService {
