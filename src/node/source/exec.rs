@@ -123,9 +123,9 @@ async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, Failure> {
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     // Read beside stdout, so that a command filling its stderr pipe is not
     // held up; it ends when the pipe closes (at the latest, the group's end).
-    let mut errors = tokio::spawn(read_capped(stderr, STDERR_KEPT));
+    let mut errors = tokio::spawn(read_capped(stderr, STDERR_KEPT, PastTheCap::Drain));
     let finished = tokio::time::timeout(timeout, async {
-        let Ok(output) = read_capped(stdout, MOST_OUTPUT).await else {
+        let Ok(output) = read_capped(stdout, MOST_OUTPUT, PastTheCap::Stop).await else {
             return Err(Failure::new("output_too_large", format!("{program}: printed more than {MOST_OUTPUT} bytes")));
         };
         let status = child.wait().await.map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
@@ -153,10 +153,23 @@ impl Drop for Group {
     }
 }
 
-/// All of `pipe`, if it holds at most `most` bytes; else its first `most`
-/// bytes, once the rest is read and thrown away. Reading on past the cap
-/// keeps a command from blocking on a full pipe until its timeout.
-async fn read_capped(pipe: Option<impl AsyncRead + Unpin>, most: usize) -> Result<Vec<u8>, Vec<u8>> {
+/// What [`read_capped`] does once a pipe has given more than it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PastTheCap {
+    /// Stop reading: the output is too much to use anyway.
+    Stop,
+    /// Read the rest and throw it away, so that the command does not block
+    /// on a full pipe until its timeout.
+    Drain,
+}
+
+/// All of `pipe`, if it holds at most `most` bytes; else `Err` with its
+/// first `most` bytes, as soon as that is clear or once the rest is drained.
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    most: usize,
+    past_the_cap: PastTheCap,
+) -> Result<Vec<u8>, Vec<u8>> {
     let Some(mut pipe) = pipe else { return Ok(Vec::new()) };
     let (mut kept, mut buffer, mut over) = (Vec::new(), vec![0; 8192], false);
     loop {
@@ -167,8 +180,7 @@ async fn read_capped(pipe: Option<impl AsyncRead + Unpin>, most: usize) -> Resul
                 kept.extend_from_slice(&buffer[..n.min(room)]);
                 if n > room {
                     over = true;
-                    if most == MOST_OUTPUT {
-                        // Too much to use: no need to wait for the rest.
+                    if past_the_cap == PastTheCap::Stop {
                         break;
                     }
                 }
@@ -179,7 +191,7 @@ async fn read_capped(pipe: Option<impl AsyncRead + Unpin>, most: usize) -> Resul
 }
 
 /// Kills the process group `group` (the command and whatever it started),
-/// so that nothing of a failed run lingers.
+/// so that nothing of a run outlives it.
 fn kill_group(group: Option<u32>) {
     #[cfg(target_os = "linux")]
     if let Some(pid) = group.and_then(|id| rustix::process::Pid::from_raw(id as i32)) {

@@ -112,11 +112,11 @@ pub trait Probe: Send + 'static {
 ///
 /// A tick that comes while the previous read is still running, or while the
 /// pipeline pushes back, is skipped, as the simulated sensors skip theirs;
-/// its readings (as many as the last round gave) are counted as missed. Every reading of
-/// one round carries the round's number as its sequence and the tick's time,
-/// so each sensor's sequence only grows. Failures are counted under
-/// `readings_failed{source,reason}` and logged at most once a minute per
-/// reason.
+/// its readings (as many as the last round gave) are counted as missed.
+/// Every reading of one round carries the round's number as its sequence
+/// and the tick's time, so each sensor's sequence only grows. Failures are
+/// counted under `readings_failed{source,reason}` and logged at most once a
+/// minute per reason and subject (a file, a line).
 pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -183,7 +183,8 @@ impl<P: Probe> Polled<P> {
         let first = *self.first.get_or_insert(now);
         let period = self.interval.period().as_nanos().max(1);
         let due = u64::try_from(now.saturating_duration_since(first).as_nanos() / period).unwrap_or(u64::MAX);
-        let skipped = due.saturating_add(1).saturating_sub(self.round + 1);
+        // Ticks 0..=due were due; rounds 0..=self.round (this one) took theirs.
+        let skipped = due.saturating_sub(self.round);
         if skipped > self.skipped {
             self.stats.missed.inc_by((skipped - self.skipped).saturating_mul(self.last_count));
             self.skipped = skipped;
