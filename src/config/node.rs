@@ -245,14 +245,16 @@ impl NodeConfig {
     /// carry all it reads).
     pub fn requests_needed(&self) -> f64 {
         let timeout = Duration::from(self.batch_timeout).as_secs_f64();
-        let mut lanes: Vec<f64> = self.lanes().iter().map(|names| names.len() as f64 * self.sensor_rate).collect();
+        // Lane i holds every lane_count-th simulated sensor from the i-th.
+        let count = self.lane_count();
+        let sensors_in = |lane: usize| (self.sensor_count + count - 1 - lane) / count;
+        let mut lanes: Vec<f64> = (0..count).map(|lane| sensors_in(lane) as f64 * self.sensor_rate).collect();
         let files = self.file_sensors.as_deref().is_some_and(|spec| spec.split(',').any(|e| !e.trim().is_empty()));
         let polled = [
             self.host_interval.map(Duration::from),
             files.then(|| self.file_interval.into()),
             self.exec_argv().map(|_| self.exec_interval.into()),
         ];
-        let count = lanes.len();
         for (i, interval) in polled.into_iter().flatten().enumerate() {
             lanes[i % count] += 1.0 / interval.as_secs_f64();
         }
@@ -358,12 +360,19 @@ impl NodeConfig {
         }
     }
 
+    /// How many lanes the node runs: min(MAX_IN_FLIGHT, SENSOR_COUNT), at
+    /// least one. (Without making [`Self::lanes`]' names, a million of them
+    /// at most.)
+    pub fn lane_count(&self) -> usize {
+        self.max_in_flight.min(self.sensor_count).max(1)
+    }
+
     /// The simulated sensors' names, dealt round-robin into min(MAX_IN_FLIGHT,
     /// SENSOR_COUNT) lanes (one when there are none). The other sources share
     /// these lanes: the request rate is the node's, so more lanes would only
     /// split the same rate into smaller batches.
     pub fn lanes(&self) -> Vec<Vec<&'static str>> {
-        let count = self.max_in_flight.min(self.sensor_count).max(1);
+        let count = self.lane_count();
         let mut lanes = vec![Vec::new(); count];
         for (i, name) in self.sensor_names().into_iter().enumerate() {
             lanes[i % count].push(name);

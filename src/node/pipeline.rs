@@ -132,7 +132,7 @@ impl<T: Transport> Run<'_, T> {
     fn start_replayers(&self, spool: Option<&Spool>) -> Replayers {
         let mut replayers = Replayers { tasks: JoinSet::new(), spools: Vec::new(), stop: CancellationToken::new() };
         let Some(spool) = spool else { return replayers };
-        let mut lane_ids: Vec<u32> = (0..self.config.lanes().len() as u32).collect();
+        let mut lane_ids: Vec<u32> = (0..self.config.lane_count() as u32).collect();
         lane_ids.extend(spool.lanes().unwrap_or_default());
         lane_ids.sort_unstable();
         lane_ids.dedup();
