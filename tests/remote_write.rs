@@ -525,9 +525,9 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     wrong.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("other-ca.pem").display().to_string()));
     let sink = Process::start("sink-wrong-ca", SINK, &[], &wrong, &dir);
     wait_for_port(port, Duration::from_secs(20));
-    let mut node_env = tuned_node(&format!("127.0.0.1:{port}"), "node-tls");
-    node_env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
-    let node = Process::start("node-wrong-ca", NODE, &[], &node_env, &dir);
+    // A node as users get it (the right-CA run below is the tuned one).
+    let node =
+        Process::start("node-wrong-ca", NODE, &[], &default_node(&format!("127.0.0.1:{port}"), "node-tls"), &dir);
     std::thread::sleep(Duration::from_secs(2));
     let (_, stdout, _) = node.terminate(Duration::from_secs(60));
     assert_eq!(summary_fields(&stdout)["acked"], 0, "{stdout}");

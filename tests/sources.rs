@@ -185,3 +185,57 @@ fn bad_source_settings_name_their_variable() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("FILE_SENSORS=\"x=nowhere\""), "{stderr}");
 }
+
+#[test]
+fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
+    let dir = scratch("sources-defaults");
+    let [port, metrics] = free_ports::<2>();
+    let socket = format!("127.0.0.1:{port}");
+    let sink = Process::start(
+        "sink",
+        env!("CARGO_BIN_EXE_telemetry-sink"),
+        &[],
+        &[("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into())],
+        &dir,
+    );
+    wait_for_port(port, Duration::from_secs(20));
+    // Prints a reading, then hangs with a child of its own: killed, with the
+    // child, at the default EXEC_TIMEOUT (5 s).
+    let marker = format!("tn-defaults-hang-{}", std::process::id());
+    let script = dir.join("hang.sh");
+    std::fs::write(&script, format!("echo 'stuck 1'\n(sleep 60 || echo {marker}) &\nsleep 60 || echo {marker}\n"))
+        .unwrap();
+    let node = Process::start(
+        "node",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", socket),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("EXEC_COMMAND", format!("/bin/sh {}", script.display())),
+            ("FILE_SENSORS", format!("gone={}", dir.join("no-such-file").display())),
+        ],
+        &dir,
+    );
+    std::thread::sleep(Duration::from_millis(6500));
+    let timeouts = metric(metrics, "telemetry_node_readings_failed_total{source=\"exec\",reason=\"timeout\"}");
+    let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|line| String::from_utf8_lossy(&line).into_owned())
+        .filter(|line| line.contains(&marker))
+        .collect();
+    let (code, stdout, node_log) = node.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{node_log}");
+    let (code, _, sink_log) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{sink_log}");
+    assert_eq!((timeouts, missing), (Some(1), Some(1)), "one run timed out, one read found no file");
+    assert_eq!(left, Vec::<String>::new(), "the hanging command's group is gone");
+    let summary = summary_fields(&stdout);
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    let lines = written(&dir.join("out/readings.jsonl"));
+    assert_eq!(lines.len() as u64, summary["produced"]);
+    assert!(lines.iter().all(|(name, _, _)| name == "sensor"), "the hanging run gave nothing: {lines:?}");
+}
