@@ -6,9 +6,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use telemetry_node::{
     config::{NodeConfig, SinkConfig},
+    node::Ledger,
     node::{self, GrpcTransport},
+    receiver::SinkStats,
     receiver::{self, Output},
-    stats::{NodeStats, SinkStats},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +52,7 @@ fn pipeline(c: &mut Criterion) {
             b.to_async(&runtime).iter_custom(|iters| {
                 let config = config.clone();
                 async move {
-                    let stats = Arc::new(NodeStats::default());
+                    let stats = Arc::new(Ledger::default());
                     let target = iters * READINGS_PER_ITERATION;
                     let watched = Arc::clone(&stats);
                     let enough = async move {

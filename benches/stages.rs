@@ -11,11 +11,11 @@ use telemetry_node::{
     node::{batch::batches, overflow::spool::Spool},
     proto::SensorValuesRequest,
     reading::{Reading, encode_batch, sensor_name, to_request},
+    receiver::SinkStats,
     receiver::{
         validate::to_json_lines,
         writer::{Chunk, JsonLinesWriter},
     },
-    stats::SinkStats,
 };
 use tokio_util::sync::CancellationToken;
 

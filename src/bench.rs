@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport, codec::Outgoing, source::simulated, transport::Transport},
+    node::{self, GrpcTransport, Ledger, codec::Outgoing, source::simulated, transport::Transport},
     reading::Reading,
-    receiver::{self, Output},
-    stats::{NodeStats, SinkStats},
+    receiver::{self, Output, SinkStats},
 };
 
 /// Alternating rounds of each measurement in one run.
@@ -148,7 +147,7 @@ async fn ceiling(address: &str, options: &BenchOptions, sequence: u64) -> f64 {
 async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
     let config = node_config(address, options);
     let transport = GrpcTransport::from_config(&config).expect("the bench's own settings are valid");
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let measured = Arc::new(std::sync::Mutex::new(0.0));
     let stop = {
         let (stats, measured, duration) = (Arc::clone(&stats), Arc::clone(&measured), options.duration);

@@ -9,9 +9,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
-    node::{self, GrpcTransport},
-    receiver,
-    stats::{NodeStats, SinkStats, SinkSummary, Summary},
+    node::{self, GrpcTransport, Ledger, Summary},
+    receiver::{self, SinkStats, SinkSummary},
 };
 
 /// What a demo run did.
@@ -46,11 +45,11 @@ pub async fn run(
         async move { receiver::serve(&sink_config, listener, stats, stop.cancelled_owned()).await }
     });
 
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let output = folder.join("readings.jsonl");
     let host = config.host_interval.is_some().then(|| output.clone());
     let progress = tokio::spawn(report_progress(Arc::clone(&stats), Arc::clone(&sink_stats), host));
-    let endpoint = config.endpoint().map_err(|error| ServeError::Writer(error.to_string()))?;
+    let endpoint = node::transport::endpoint(&config).map_err(|error| ServeError::Writer(error.to_string()))?;
     let transport = GrpcTransport::new(endpoint, config.rpc_timeout.into());
     let stop = async {
         tokio::select! {
@@ -68,7 +67,7 @@ pub async fn run(
 
 /// Prints one progress line a second until aborted; with `host` (the
 /// sink's output file), the latest host readings the sink wrote, too.
-async fn report_progress(node: Arc<NodeStats>, sink: Arc<SinkStats>, host: Option<PathBuf>) {
+async fn report_progress(node: Arc<Ledger>, sink: Arc<SinkStats>, host: Option<PathBuf>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last = 0;
     let mut seen = HostReadings::default();

@@ -25,9 +25,9 @@
 //!   `OUTPUT=remote-write`, requests transcoded straight into remote-write
 //!   series and posted to a time-series database.
 //!
-//! Around them: [`config`] (environment variables), [`stats`] (what happened
-//! to every reading), [`error`], [`logging`], and [`demo`] (node and sink in
-//! one process).
+//! Around them: [`config`] (environment variables), [`node::ledger`] and
+//! [`receiver::stats`] (what happened to every reading, on each side),
+//! [`error`], [`logging`], and [`demo`] (node and sink in one process).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
@@ -43,7 +43,6 @@ pub mod node;
 pub mod observe;
 pub mod reading;
 pub mod receiver;
-pub mod stats;
 pub mod wire;
 
 /// Code generated from `proto/sensor/v1/sensor.proto`.

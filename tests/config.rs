@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{Process, scratch, vars};
-use telemetry_node::config::{ConfigError, NodeConfig, SinkConfig};
+use telemetry_node::{
+    config::{ConfigError, NodeConfig, SinkConfig},
+    node::RetryPolicy,
+};
 
 #[test]
 fn defaults_are_valid_and_point_the_node_at_the_sink() {
@@ -102,9 +105,9 @@ fn fractional_rates_and_go_style_addresses_are_accepted() {
 #[test]
 fn retries_can_be_unlimited() {
     let node = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into())])).unwrap();
-    assert_eq!(node.retry_policy().max_retries, None);
+    assert_eq!(RetryPolicy::from(&node).max_retries, None);
     let node = NodeConfig::from_vars(&vars(&[])).unwrap();
-    assert_eq!(node.retry_policy().max_retries, Some(10));
+    assert_eq!(RetryPolicy::from(&node).max_retries, Some(10));
     let error = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "-1".into())])).unwrap_err();
     assert!(error.to_string().contains("or inf for no limit"), "{error}");
 }

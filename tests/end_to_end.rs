@@ -10,9 +10,10 @@ use common::{
     wait_for_port,
 };
 use telemetry_node::{
+    node::Ledger,
     node::{self, GrpcTransport},
     receiver,
-    stats::{NodeStats, SinkStats},
+    receiver::SinkStats,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +37,8 @@ async fn the_sink_writes_every_reading_the_node_produced() {
         ("BATCH_SIZE", "50".into()),
         ("BATCH_TIMEOUT", "100ms".into()),
     ]);
-    let transport = GrpcTransport::new(config.endpoint().unwrap(), Duration::from_secs(5));
-    let run = node::run(&config, transport, Arc::new(NodeStats::default()), tokio::time::sleep(Duration::from_secs(2)));
+    let transport = GrpcTransport::new(node::transport::endpoint(&config).unwrap(), Duration::from_secs(5));
+    let run = node::run(&config, transport, Arc::new(Ledger::default()), tokio::time::sleep(Duration::from_secs(2)));
     let summary = tokio::time::timeout(Duration::from_secs(30), run).await.expect("the node stops in time");
     stop_sink.cancel();
     let sink_summary = tokio::time::timeout(Duration::from_secs(30), serving).await.unwrap().unwrap().unwrap();

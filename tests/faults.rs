@@ -18,10 +18,11 @@ use common::{
 use prost::Message;
 use telemetry_node::{
     config::NodeConfig,
+    node::Ledger,
     node::{self, GrpcTransport, Transport, codec::Outgoing},
     proto::{SensorValue, SensorValuesRequest},
     receiver,
-    stats::{NodeStats, SinkStats, SinkSummary},
+    receiver::{SinkStats, SinkSummary},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -38,7 +39,7 @@ const LANE_BATCHES: u64 = 6;
 
 /// Samples, every 2 ms until aborted, the most readings the node held at
 /// once (produced, neither acked nor dropped).
-fn sample_most_held(stats: &Arc<NodeStats>) -> (JoinHandle<()>, Arc<Mutex<u64>>) {
+fn sample_most_held(stats: &Arc<Ledger>) -> (JoinHandle<()>, Arc<Mutex<u64>>) {
     let most_held = Arc::new(Mutex::new(0u64));
     let sampler = tokio::spawn({
         let (stats, most_held) = (Arc::clone(stats), Arc::clone(&most_held));
@@ -114,8 +115,8 @@ impl Sink {
     }
 }
 
-async fn run_node(config: &NodeConfig, transport: impl Transport, run: Duration) -> telemetry_node::stats::Summary {
-    let stats = Arc::new(NodeStats::default());
+async fn run_node(config: &NodeConfig, transport: impl Transport, run: Duration) -> telemetry_node::node::Summary {
+    let stats = Arc::new(Ledger::default());
     let node = node::run(config, transport, stats, tokio::time::sleep(run));
     tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node stops in time")
 }
@@ -257,7 +258,7 @@ async fn connections_cut_and_stalled_by_a_proxy_lose_and_duplicate_nothing() {
     let proxy = Proxy::start(sink_address).await;
     let config = patient(proxy.address.to_string(), &[]);
     let transport = GrpcTransport::from_config(&config).unwrap();
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let node = tokio::spawn({
         let (config, stats) = (config.clone(), Arc::clone(&stats));
         async move { node::run(&config, transport, stats, tokio::time::sleep(Duration::from_secs(7))).await }
@@ -287,7 +288,7 @@ async fn a_throttling_sink_is_obeyed_with_bounded_memory_and_nothing_lost() {
     let sink = Sink::start(listener, &dir, &[("RATE_PER_SECOND", "2000".into())]).await;
     let config = patient(address.to_string(), &[("REQUEST_RATE_PER_SECOND", "inf".into())]);
     let transport = GrpcTransport::from_config(&config).unwrap();
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let (sampler, most_held) = sample_most_held(&stats);
     let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(4)));
     let summary = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the node stops in time");
@@ -392,7 +393,7 @@ async fn bad_input_gets_an_error_status_writes_nothing_and_the_sink_stays_up() {
 /// Runs a fast node against a sink that takes 200 ms per call, under
 /// `policy`; returns the node's summary, its most readings held at once,
 /// and the readings the sink got.
-async fn against_a_slow_sink(policy: &str) -> (telemetry_node::stats::Summary, u64, Vec<(String, u64)>) {
+async fn against_a_slow_sink(policy: &str) -> (telemetry_node::node::Summary, u64, Vec<(String, u64)>) {
     let recording = common::Recording::default();
     recording.0.lock().unwrap().delay = Duration::from_millis(200);
     let stop = CancellationToken::new();
@@ -409,7 +410,7 @@ async fn against_a_slow_sink(policy: &str) -> (telemetry_node::stats::Summary, u
             ("QUEUE_CAPACITY", "200".into()),
         ],
     );
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let (sampler, most_held) = sample_most_held(&stats);
     let transport = GrpcTransport::from_config(&config).unwrap();
     let run = node::run(&config, transport, Arc::clone(&stats), tokio::time::sleep(Duration::from_secs(3)));

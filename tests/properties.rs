@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Delivery, Recording, assert_complete_and_ordered, node_config};
 use proptest::prelude::*;
-use telemetry_node::stats::Summary;
+use telemetry_node::node::Summary;
 use tokio::time::Instant;
 
 /// One random node setup.

@@ -14,7 +14,7 @@ use common::{Recording, assert_complete_and_ordered, node_config, serve_recordin
 use proptest::prelude::*;
 use telemetry_node::{
     node::{self, GrpcTransport},
-    stats::{NodeStats, Summary},
+    node::{Ledger, Summary},
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -173,8 +173,8 @@ async fn over_real_grpc_every_batch_survives_failing_calls() {
         ("REQUEST_RATE_PER_SECOND", "100".into()),
         ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "10ms".into()),
     ]);
-    let transport = GrpcTransport::new(config.endpoint().unwrap(), Duration::from_secs(5));
-    let run = node::run(&config, transport, Arc::new(NodeStats::default()), tokio::time::sleep(Duration::from_secs(1)));
+    let transport = GrpcTransport::new(node::transport::endpoint(&config).unwrap(), Duration::from_secs(5));
+    let run = node::run(&config, transport, Arc::new(Ledger::default()), tokio::time::sleep(Duration::from_secs(1)));
     let summary = tokio::time::timeout(Duration::from_secs(30), run).await.expect("the node stops in time");
     stop.cancel();
     let per_sensor = assert_complete_and_ordered(&recording.readings());

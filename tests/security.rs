@@ -10,7 +10,7 @@ use telemetry_node::{
     node::{GrpcTransport, Transport, codec::Outgoing},
     reading::{Reading, sensor_name},
     receiver,
-    stats::{SinkStats, SinkSummary},
+    receiver::{SinkStats, SinkSummary},
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Code;

@@ -12,7 +12,7 @@ use telemetry_node::{
     config::SinkConfig,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
     receiver,
-    stats::{SinkStats, SinkSummary},
+    receiver::{SinkStats, SinkSummary},
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -11,9 +11,9 @@ use telemetry_node::{
     bench::{self, BenchOptions},
     config::{self, NodeConfig},
     demo, logging,
+    node::Ledger,
     node::{self, GrpcTransport, retry::SinkHealth},
     observe,
-    stats::NodeStats,
 };
 use tracing::info;
 
@@ -97,7 +97,7 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let stats = Arc::new(NodeStats::default());
+    let stats = Arc::new(Ledger::default());
     let health = SinkHealth::new(config.retry_budget);
     let stop_metrics = CancellationToken::new();
     if let Some(address) = &config.metrics_addr {

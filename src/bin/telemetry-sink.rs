@@ -1,9 +1,6 @@
 //! `telemetry-sink`: receives readings over gRPC and writes them as JSON lines.
 
-use std::{
-    process::ExitCode,
-    sync::{Arc, atomic::Ordering::Relaxed},
-};
+use std::{process::ExitCode, sync::Arc};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -11,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use telemetry_node::{
     config::{self, SinkConfig},
     logging, observe, receiver,
-    stats::SinkStats,
+    receiver::SinkStats,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -58,7 +55,7 @@ async fn run(config: SinkConfig) -> ExitCode {
         let mut registry = Registry::default();
         stats.register(&mut registry);
         let checked = Arc::clone(&stats);
-        let ready = move || checked.serving.load(Relaxed);
+        let ready = move || checked.is_serving();
         if let Err(error) = observe::spawn(address, registry, || {}, ready, stop_metrics.clone()).await {
             eprintln!("telemetry-sink: cannot serve metrics on METRICS_ADDR={address:?}: {error}");
             return ExitCode::FAILURE;

@@ -11,8 +11,8 @@ mod sink;
 use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
-pub use node::{LogFormat, NodeConfig, Overflow, Retries};
-pub use sink::{OutputKind, SinkConfig};
+pub use node::{ClientTls, Jitter, LogFormat, NodeConfig, Overflow, Retries};
+pub use sink::{OutputKind, ServerTls, SinkConfig};
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]

@@ -10,7 +10,6 @@ use std::{
 };
 
 use envconfig::Envconfig;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{ConfigError, Pem, Secret, ensure, ensure_bounded, ensure_positive, invalid};
 use crate::{
@@ -174,7 +173,7 @@ impl NodeConfig {
         let request_rate_ok = (MIN_RATE..=MAX_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
         ensure(request_rate_ok, "REQUEST_RATE_PER_SECOND", self.request_rate)?;
         ensure(self.request_burst > 0, "REQUEST_BURST", self.request_burst)?;
-        self.endpoint()?;
+        self.sink_uri()?;
         ensure_positive("GRPC_CLIENT_RETRY_SEND_INTERVAL", self.retry_interval)?;
         let multiplier_ok = self.retry_multiplier.is_finite() && (1.0..=100.0).contains(&self.retry_multiplier);
         ensure(multiplier_ok, "GRPC_CLIENT_RETRY_MULTIPLIER", self.retry_multiplier)?;
@@ -296,14 +295,15 @@ impl NodeConfig {
         Ok(Owned::new(simulated, named, self.host_interval.is_some()))
     }
 
-    /// The TLS settings for the sink connection, or `None` for plaintext.
-    pub fn tls(&self) -> Result<Option<ClientTlsConfig>, ConfigError> {
+    /// The TLS material for the sink connection, read and checked, or
+    /// `None` for plaintext.
+    pub fn tls(&self) -> Result<Option<ClientTls>, ConfigError> {
         let identity = match (&self.tls_client_cert, &self.tls_client_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
                 let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert), Pem::Certificates)?.unwrap_or_default();
                 let key = super::read_pem("TLS_CLIENT_KEY", Some(key), Pem::PrivateKey)?.unwrap_or_default();
-                Some(Identity::from_pem(cert, key))
+                Some((cert, key))
             }
             (Some(cert), None) => return Err(invalid("TLS_CLIENT_CERT", cert.display().to_string())),
             (None, Some(key)) => return Err(invalid("TLS_CLIENT_KEY", key.display().to_string())),
@@ -318,11 +318,7 @@ impl NodeConfig {
         let name = self.tls_server_name.as_deref().unwrap_or(host).trim_matches(|c| c == '[' || c == ']');
         let variable = if self.tls_server_name.is_some() { "TLS_SERVER_NAME" } else { "GRPC_SERVER_SOCKET" };
         ensure(rustls_pki_types::ServerName::try_from(name).is_ok(), variable, name)?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(name);
-        if let Some(identity) = identity {
-            tls = tls.identity(identity);
-        }
-        Ok(Some(tls))
+        Ok(Some(ClientTls { ca, server_name: name.to_owned(), identity }))
     }
 
     /// Names of the sensors: `SENSOR_NAME` alone, or numbered from 1.
@@ -331,19 +327,6 @@ impl NodeConfig {
             return vec![sensor_name(&self.sensor_name)];
         }
         (1..=self.sensor_count).map(|i| sensor_name(&format!("{}-{i}", self.sensor_name))).collect()
-    }
-
-    /// How failed sends are retried.
-    pub fn retry_policy(&self) -> crate::node::RetryPolicy {
-        let max_elapsed = Duration::from(self.retry_max_elapsed);
-        crate::node::RetryPolicy {
-            initial: self.retry_interval.into(),
-            multiplier: self.retry_multiplier,
-            cap: self.retry_max_interval.into(),
-            max_elapsed: (!max_elapsed.is_zero()).then_some(max_elapsed),
-            max_retries: self.max_retries.0,
-            jitter: self.retry_jitter == Jitter::Full,
-        }
     }
 
     /// `NODE_ID`, or a random identity for this run.
@@ -386,8 +369,9 @@ impl NodeConfig {
         self.request_rate.is_finite().then_some(RequestRate { per_second: self.request_rate, burst })
     }
 
-    /// The gRPC endpoint of the sink named by `GRPC_SERVER_SOCKET`.
-    pub fn endpoint(&self) -> Result<Endpoint, ConfigError> {
+    /// The URI of the sink named by `GRPC_SERVER_SOCKET`: https when a CA
+    /// is given, http otherwise.
+    pub fn sink_uri(&self) -> Result<String, ConfigError> {
         let socket = self.server_socket.trim();
         let bad = || invalid("GRPC_SERVER_SOCKET", socket);
         let (host, port) = socket.rsplit_once(':').ok_or_else(bad)?;
@@ -395,8 +379,22 @@ impl NodeConfig {
             return Err(bad());
         }
         let scheme = if self.tls_ca_cert.is_some() { "https" } else { "http" };
-        Endpoint::from_shared(format!("{scheme}://{socket}")).map_err(|_| bad())
+        let uri = format!("{scheme}://{socket}");
+        uri.parse::<hyper::Uri>().map_err(|_| bad())?;
+        Ok(uri)
     }
+}
+
+/// The TLS material for the sink connection, as the configuration names
+/// it: PEM text, read and checked.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// The CAs the sink's certificate must chain to.
+    pub ca: String,
+    /// The name the sink's certificate must carry.
+    pub server_name: String,
+    /// The node's own certificate chain and key, for a sink that asks.
+    pub identity: Option<(String, String)>,
 }
 
 /// Whether `dir` is, or can be made, a folder this process can write a file in.

@@ -3,7 +3,6 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use envconfig::Envconfig;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use super::{ConfigError, LogFormat, Pem, Secret, ensure, ensure_positive};
 
@@ -199,8 +198,8 @@ impl SinkConfig {
         }
     }
 
-    /// The TLS settings of the server, or `None` for plaintext.
-    pub fn tls(&self) -> Result<Option<ServerTlsConfig>, ConfigError> {
+    /// The server's TLS material, read and checked, or `None` for plaintext.
+    pub fn tls(&self) -> Result<Option<ServerTls>, ConfigError> {
         let (cert, key) = match (&self.tls_cert, &self.tls_key) {
             (None, None) => {
                 return match &self.tls_client_ca {
@@ -214,11 +213,8 @@ impl SinkConfig {
         };
         let cert = super::read_pem("TLS_CERT", Some(cert), Pem::Certificates)?.unwrap_or_default();
         let key = super::read_pem("TLS_KEY", Some(key), Pem::PrivateKey)?.unwrap_or_default();
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        if let Some(ca) = super::read_pem("TLS_CLIENT_CA", self.tls_client_ca.as_deref(), Pem::Certificates)? {
-            tls = tls.client_ca_root(Certificate::from_pem(ca));
-        }
-        Ok(Some(tls))
+        let client_ca = super::read_pem("TLS_CLIENT_CA", self.tls_client_ca.as_deref(), Pem::Certificates)?;
+        Ok(Some(ServerTls { cert, key, client_ca }))
     }
 
     /// The address to bind: `host:port`, or Go's `:port` for every
@@ -234,4 +230,16 @@ impl SinkConfig {
     pub fn output_file(&self) -> PathBuf {
         self.file_path.join("readings.jsonl")
     }
+}
+
+/// The server's TLS material, as the configuration names it: PEM text,
+/// read and checked.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The sink's certificate chain.
+    pub cert: String,
+    /// The sink's private key.
+    pub key: String,
+    /// The CAs a node's certificate must chain to; `None` asks for none.
+    pub client_ca: Option<String>,
 }

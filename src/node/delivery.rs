@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     error::{SendError, is_retryable},
-    stats::NodeStats,
+    node::Ledger,
     wire::code_name,
 };
 
@@ -34,7 +34,7 @@ pub struct SendContext<T> {
     /// The request rate limit, paused while the sink pushes back.
     pub throttle: Throttle,
     /// Counters.
-    pub stats: Arc<NodeStats>,
+    pub ledger: Arc<Ledger>,
     /// Cancelled when shutdown begins: sleeping retries wake at once and
     /// keep trying, at most every `retry.initial`, until the deadline.
     pub draining: CancellationToken,
@@ -79,7 +79,7 @@ pub async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) 
             // asked, and no attempt is used up.
             Some(pause) => {
                 context.throttle.pause(pause);
-                context.stats.pushbacks.inc();
+                context.ledger.pushed_back();
                 pause
             }
             None => {
@@ -95,7 +95,7 @@ pub async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) 
         if !draining && policy.max_elapsed.is_some_and(|most| waited > most) {
             return Err(SendError::Exhausted { attempts, last: status });
         }
-        context.stats.retry(status.code());
+        context.ledger.retried(status.code());
         warn!(
             message = "Failed to send batch, retrying.",
             code = code_name(status.code()),

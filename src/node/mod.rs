@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod codec;
 pub mod delivery;
+pub mod ledger;
 pub mod overflow;
 pub mod pipeline;
 pub mod retry;
@@ -14,6 +15,7 @@ pub mod source;
 pub mod throttle;
 pub mod transport;
 
+pub use ledger::{Ledger, Summary};
 pub use pipeline::{run, run_with};
 pub use retry::RetryPolicy;
 pub use transport::{GrpcTransport, Transport};

@@ -25,7 +25,7 @@ use super::{
         replay::{self, LaneSpool},
         spool::{Spool, SpoolError},
     },
-    retry::SinkHealth,
+    retry::{RetryPolicy, SinkHealth},
     sender::{self, LaneIdentity},
     source,
     throttle::Throttle,
@@ -33,9 +33,8 @@ use super::{
 };
 use crate::{
     config::{NodeConfig, Overflow},
+    node::{Ledger, Summary},
     reading::Reading,
-    stats::NodeStats,
-    stats::Summary,
 };
 
 /// What every lane is built from.
@@ -57,10 +56,10 @@ struct LaneSettings {
 pub async fn run<T: Transport>(
     config: &NodeConfig,
     transport: T,
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
     shutdown: impl Future<Output = ()>,
 ) -> Summary {
-    run_with(config, transport, SinkHealth::new(config.retry_budget), stats, shutdown, std::future::pending()).await
+    run_with(config, transport, SinkHealth::new(config.retry_budget), ledger, shutdown, std::future::pending()).await
 }
 
 /// [`run`], sharing `health` (what is known of the sink: readiness reads
@@ -74,24 +73,24 @@ pub async fn run_with<T: Transport>(
     config: &NodeConfig,
     transport: T,
     health: SinkHealth,
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
     shutdown: impl Future<Output = ()>,
     abort: impl Future<Output = ()>,
 ) -> Summary {
-    let Some((spool, node_id)) = open_spool_and_identity(config) else { return stats.snapshot() };
-    let sources = match source::for_lanes(config, &stats) {
+    let Some((spool, node_id)) = open_spool_and_identity(config) else { return ledger.snapshot() };
+    let sources = match source::for_lanes(config, &ledger) {
         Ok(sources) => sources,
         Err(error) => {
             error!(message = "Cannot start the sources; not starting.", %error);
-            return stats.snapshot();
+            return ledger.snapshot();
         }
     };
     let context = SendContext {
         transport,
-        retry: config.retry_policy(),
+        retry: RetryPolicy::from(config),
         health,
         throttle: Throttle::new(config.request_rate()),
-        stats: Arc::clone(&stats),
+        ledger: Arc::clone(&ledger),
         draining: CancellationToken::new(),
     };
     // Batch numbers only grow, across restarts too: each run starts from the
@@ -170,8 +169,8 @@ impl<T: Transport> Run<'_, T> {
                 Overflow::DropOldest => Drop::Oldest,
                 Overflow::DropNewest => Drop::Newest,
             };
-            let stats = Arc::clone(&self.context.stats);
-            let readings = queue::decouple(readings, self.config.queue_capacity, drop, stats);
+            let ledger = Arc::clone(&self.context.ledger);
+            let readings = queue::decouple(readings, self.config.queue_capacity, drop, ledger);
             lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, spool));
         }
         lanes
@@ -189,10 +188,10 @@ impl<T: Transport> Run<'_, T> {
         shutdown: impl Future<Output = ()>,
         abort: impl Future<Output = ()>,
     ) -> Summary {
-        let stats = Arc::clone(&self.context.stats);
+        let ledger = Arc::clone(&self.context.ledger);
         let deadline = async {
             shutdown.await;
-            info!(message = "Stopping sources and flushing.", produced = stats.snapshot().produced);
+            info!(message = "Stopping sources and flushing.", produced = ledger.snapshot().produced);
             stop_sources.cancel();
             self.context.draining.cancel();
             tokio::select! {
@@ -203,7 +202,7 @@ impl<T: Transport> Run<'_, T> {
         let delivered = async {
             join_all(&mut lanes).await;
             // This run's spooled batches go out too if the sink takes them in time.
-            stats.spool_emptied().await;
+            ledger.spool_emptied().await;
         };
         let drained = tokio::select! {
             () = delivered => true,
@@ -215,9 +214,9 @@ impl<T: Transport> Run<'_, T> {
         // that failed leaves readings behind too), what is neither acked, nor
         // dropped, nor in the spool is lost now, and counted.
         lanes.shutdown().await;
-        let lost = stats.drop_unaccounted();
+        let lost = ledger.settle();
         if lost > 0 {
-            let in_spool = stats.in_spool.get();
+            let in_spool = ledger.in_spool();
             error!(
                 message = "Stopped before every reading was delivered.",
                 reason = "shutdown",
@@ -228,7 +227,7 @@ impl<T: Transport> Run<'_, T> {
         if !drained {
             debug!(message = "The drain ran out of time.");
         }
-        stats.snapshot()
+        ledger.snapshot()
     }
 }
 

@@ -15,7 +15,10 @@ use tokio::sync::Notify;
 use tonic::Status;
 use tonic_types::StatusExt;
 
-use crate::wire::PUSHBACK_TRAILER;
+use crate::{
+    config::{Jitter, NodeConfig},
+    wire::PUSHBACK_TRAILER,
+};
 
 /// How a failed send is repeated.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +37,21 @@ pub struct RetryPolicy {
     pub max_retries: Option<usize>,
     /// Whether each wait is drawn at random between 0 and the backoff.
     pub jitter: bool,
+}
+
+impl From<&NodeConfig> for RetryPolicy {
+    /// The policy the `GRPC_CLIENT_RETRY_*` variables describe.
+    fn from(config: &NodeConfig) -> Self {
+        let max_elapsed = Duration::from(config.retry_max_elapsed);
+        Self {
+            initial: config.retry_interval.into(),
+            multiplier: config.retry_multiplier,
+            cap: config.retry_max_interval.into(),
+            max_elapsed: (!max_elapsed.is_zero()).then_some(max_elapsed),
+            max_retries: config.max_retries.0,
+            jitter: config.retry_jitter == Jitter::Full,
+        }
+    }
 }
 
 impl RetryPolicy {

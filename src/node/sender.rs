@@ -10,13 +10,13 @@ use tracing::{error, warn};
 use super::{
     codec::Outgoing,
     delivery::{SendContext, deliver},
+    ledger::DropReason,
     overflow::replay::LaneSpool,
     transport::Transport,
 };
 use crate::{
     error::{SendError, is_retryable},
     reading::Batch,
-    stats::{DropReason, count},
     wire::code_name,
 };
 
@@ -44,10 +44,8 @@ pub fn batch_sender<T: Transport>(
     let state = (Arc::new(context), lane, spool);
     sink::unfold(state, |(context, mut lane, spool), batch: Batch| async move {
         let readings = batch.len();
-        let stats = &context.stats;
-        count(&stats.sent, readings);
-        stats.batches_sent.inc();
-        stats.batch_size.observe(readings as f64);
+        let ledger = &context.ledger;
+        ledger.sending(readings);
         let request = Outgoing::new(&batch, Arc::clone(&lane.node_id), lane.lane, lane.first_batch);
         // Encoded, the readings are not needed while the sink answers.
         drop(batch);
@@ -60,18 +58,20 @@ pub fn batch_sender<T: Transport>(
             },
             None => deliver(&context, request).await,
         };
-        stats.send_latency.observe(started.elapsed().as_secs_f64());
+        ledger.answered(started.elapsed());
         match outcome {
-            Ok(()) => stats.ack(readings),
+            Ok(()) => ledger.acked(readings),
             Err(error) => {
                 let reason = match &error {
                     SendError::Refused(status) => {
-                        stats.refuse(status.code());
+                        ledger.refused(status.code(), readings as u64);
                         DropReason::Refused
                     }
-                    SendError::Exhausted { .. } => DropReason::RetriesExhausted,
+                    SendError::Exhausted { .. } => {
+                        ledger.dropped(DropReason::RetriesExhausted, readings as u64);
+                        DropReason::RetriesExhausted
+                    }
                 };
-                stats.drop_readings(reason, readings as u64);
                 error!(message = "Dropped batch.", reason = reason.name(), %error, readings);
             }
         }

@@ -6,13 +6,19 @@ use tonic::{
     Code, Status,
     codec::CompressionEncoding,
     metadata::{Ascii, MetadataValue},
-    transport::{Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
 
 use super::codec::{Outgoing, Payload, SEND_PATH, SendCodec};
 use crate::config::{Compression, ConfigError, NodeConfig};
+
+/// The gRPC endpoint of the sink `config` names (`GRPC_SERVER_SOCKET`).
+pub fn endpoint(config: &NodeConfig) -> Result<Endpoint, ConfigError> {
+    let uri = config.sink_uri()?;
+    Endpoint::from_shared(uri).map_err(|_| crate::config::invalid("GRPC_SERVER_SOCKET", config.server_socket.trim()))
+}
 
 /// Delivers one batch, once. Retrying is the sender's business.
 pub trait Transport: Clone + Send + Sync + 'static {
@@ -40,7 +46,7 @@ pub struct GrpcTransport {
 impl GrpcTransport {
     /// A plaintext transport to `endpoint`; it connects on first use.
     pub fn new(endpoint: Endpoint, rpc_timeout: Duration) -> Self {
-        Self::build(endpoint, None, rpc_timeout, Compression::None, None)
+        Self::build(endpoint, rpc_timeout, Compression::None, None)
     }
 
     /// The transport that `config` describes: TLS, token and compression
@@ -57,23 +63,30 @@ impl GrpcTransport {
             }
             None => None,
         };
-        let endpoint = config.endpoint()?;
-        let tls = config.tls()?;
-        Ok(Self::build(endpoint, tls, config.rpc_timeout.into(), config.compression, authorization))
+        let mut endpoint = endpoint(config)?;
+        if let Some(tls) = config.tls()? {
+            let mut settings =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca)).domain_name(tls.server_name);
+            if let Some((cert, key)) = tls.identity {
+                settings = settings.identity(Identity::from_pem(cert, key));
+            }
+            // `sink_uri` makes the URI https whenever there is TLS material.
+            endpoint = endpoint.tls_config(settings).map_err(|error| crate::config::ConfigError::Unusable {
+                variable: "TLS_CA_CERT",
+                value: config.tls_ca_cert.as_deref().map(|path| path.display().to_string()).unwrap_or_default(),
+                reason: error.to_string(),
+            })?;
+        }
+        Ok(Self::build(endpoint, config.rpc_timeout.into(), config.compression, authorization))
     }
 
     fn build(
         endpoint: Endpoint,
-        tls: Option<ClientTlsConfig>,
         rpc_timeout: Duration,
         compression: Compression,
         authorization: Option<MetadataValue<Ascii>>,
     ) -> Self {
-        let mut endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
-        if let Some(tls) = tls {
-            // Only fails for a plaintext URI, and the config makes it https.
-            endpoint = endpoint.tls_config(tls).expect("an https endpoint accepts TLS settings");
-        }
+        let endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
         let mut client = Grpc::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
         if compression == Compression::Gzip {
             client = client.send_compressed(CompressionEncoding::Gzip);

@@ -13,12 +13,10 @@ use tonic_prost::ProstCodec;
 
 use super::{
     refusals::Refusals,
+    stats::RejectReason,
     transcode::{Series, transcode},
 };
-use crate::{
-    proto::{SensorValuesRequest, SensorValuesResponse},
-    stats::RejectReason,
-};
+use crate::proto::{SensorValuesRequest, SensorValuesResponse};
 
 /// Fewest bytes a valid reading takes inside its request: a name of one
 /// character (3 bytes) and a measurement holding a value and a time, each

@@ -11,29 +11,27 @@ mod refusals;
 mod remote_write;
 mod route;
 pub mod service;
+pub mod stats;
 mod transcode;
 pub mod validate;
 pub mod writer;
 
-use std::{
-    future::Future,
-    sync::{Arc, atomic::Ordering::Relaxed},
-};
+use std::{future::Future, sync::Arc};
 
 use tokio::{
     net::TcpListener,
     sync::{Notify, mpsc},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tracing::{info, warn};
 
 use crate::{
     config::{Compression, OutputKind, SinkConfig},
     error::ServeError,
-    stats::{SinkStats, SinkSummary},
 };
 pub use service::ReceiverService;
+pub use stats::{SinkStats, SinkSummary};
 
 /// Chunks of output that may wait for the writer before requests are
 /// slowed down: bounds the sink's memory.
@@ -135,7 +133,11 @@ pub async fn serve_with(
     let tls = config.tls().map_err(|error| ServeError::Tls(error.to_string()))?;
     let mut server = Server::builder();
     if let Some(tls) = tls {
-        server = server.tls_config(tls)?;
+        let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert, tls.key));
+        if let Some(ca) = tls.client_ca {
+            settings = settings.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server.tls_config(settings)?;
     }
     info!(
         message = "Sink listening.",
@@ -143,10 +145,10 @@ pub async fn serve_with(
         output = %if remote_write { config.remote_write_url.clone().unwrap_or_default() } else { path.display().to_string() },
         tls = config.tls_cert.is_some(),
     );
-    stats.serving.store(true, Relaxed);
+    stats.set_serving(true);
     let shutdown = async {
         shutdown.await;
-        stats.serving.store(false, Relaxed);
+        stats.set_serving(false);
         health.set_not_serving::<route::SensorRoute>().await;
     };
     let served = server

@@ -9,10 +9,8 @@ use std::{
 use tonic::Status;
 use tracing::warn;
 
-use crate::{
-    logging::Every,
-    stats::{RejectReason, SinkStats},
-};
+use super::stats::{RejectReason, SinkStats};
+use crate::logging::Every;
 
 /// Counts and logs refused requests.
 #[derive(Debug)]

@@ -28,13 +28,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{https::Connector, writer::Chunk};
-use crate::{
-    config::SinkConfig,
-    error::OutputError,
-    logging::Every,
-    stats::{SinkStats, StatusLabel},
-};
+use super::{https::Connector, stats::SinkStats, writer::Chunk};
+use crate::{config::SinkConfig, error::OutputError, logging::Every};
 
 /// Shortest and longest pause asked of the nodes while the database fails.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -143,7 +138,7 @@ impl RemoteWriter {
     async fn deliver(self: Arc<Self>, chunks: Vec<Chunk>, _slot: OwnedSemaphorePermit) {
         if let Some(wait) = self.paused() {
             let busy = OutputError::Busy { retry_after: wait, message: "the database is not answering".into() };
-            self.count_retries("error", chunks.len());
+            self.stats.database_pushed_back("error", chunks.len());
             return answer(chunks, &Err(busy));
         }
         let outcome = self.post(&chunks).await;
@@ -184,8 +179,7 @@ impl RemoteWriter {
         let request = request
             .body(Full::new(Bytes::from(compressed)))
             .map_err(|error| OutputError::Failed(error.to_string().into()))?;
-        let stats = &self.stats.remote_write;
-        stats.in_flight.inc();
+        self.stats.database_sending();
         let started = Instant::now();
         let answer = tokio::time::timeout(self.timeout, async {
             let response = self.client.request(request).await?;
@@ -195,27 +189,33 @@ impl RemoteWriter {
             Ok::<_, hyper_util::client::legacy::Error>((status, asked, body))
         })
         .await;
-        stats.in_flight.dec();
-        stats.latency.observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
         match answer {
             Ok(Ok((status, _, _))) if status.is_success() => {
-                self.count("2xx");
-                stats.samples.inc_by(readings as u64);
-                self.stats.readings_written.inc_by(readings as u64);
+                self.stats.database_answered("2xx", elapsed);
+                self.stats.database_took(readings);
                 *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = (0, None);
                 debug!(message = "The database took the samples.", readings, requests = chunks.len());
                 Ok(())
             }
-            Ok(Ok((status, asked, body))) => Err(self.refused_or_busy(status, asked, &body, chunks.len())),
+            Ok(Ok((status, asked, body))) => {
+                let class = match status {
+                    StatusCode::TOO_MANY_REQUESTS => "429",
+                    status if status.is_server_error() => "5xx",
+                    _ => "4xx",
+                };
+                self.stats.database_answered(class, elapsed);
+                Err(self.refused_or_busy(status, asked, &body, chunks.len()))
+            }
             Ok(Err(error)) => {
+                self.stats.database_answered("error", elapsed);
                 Err(self.busy("error", None, format!("cannot reach the database: {}", chain(&error)), chunks.len()))
             }
-            Err(_) => Err(self.busy(
-                "error",
-                None,
-                format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout),
-                chunks.len(),
-            )),
+            Err(_) => {
+                self.stats.database_answered("error", elapsed);
+                let message = format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout);
+                Err(self.busy("error", None, message, chunks.len()))
+            }
         }
     }
 
@@ -233,7 +233,6 @@ impl RemoteWriter {
             let class = if status == StatusCode::TOO_MANY_REQUESTS { "429" } else { "5xx" };
             return self.busy(class, asked, message, requests);
         }
-        self.count("4xx");
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
             // The sink's own settings are wrong, not the node's data: the
             // nodes keep it and retry until an operator mends the sink.
@@ -252,8 +251,7 @@ impl RemoteWriter {
     /// Counts and logs a database that cannot take samples now, and sets
     /// the pause the nodes are asked to keep.
     fn busy(&self, class: &'static str, asked: Option<Duration>, message: String, requests: usize) -> OutputError {
-        self.count(class);
-        self.count_retries(class, requests);
+        self.stats.database_pushed_back(class, requests);
         self.log_failure(&message);
         let wait = {
             let mut pause = self.pause.lock().unwrap_or_else(PoisonError::into_inner);
@@ -264,14 +262,6 @@ impl RemoteWriter {
             wait
         };
         OutputError::Busy { retry_after: wait, message: message.into() }
-    }
-
-    fn count(&self, status: &'static str) {
-        self.stats.remote_write.requests.get_or_create(&StatusLabel { status }).inc();
-    }
-
-    fn count_retries(&self, status: &'static str, requests: usize) {
-        self.stats.remote_write.retries.get_or_create(&StatusLabel { status }).inc_by(requests as u64);
     }
 
     fn log_failure(&self, message: &str) {

@@ -21,12 +21,13 @@ use tonic::{
     server::{Grpc, NamedService, UnaryService},
 };
 
+use super::stats::RejectReason;
 use super::{
     codec::{Incoming, RequestCodec},
     refusals::Refusals,
     service::ReceiverService,
 };
-use crate::{proto::SensorValuesResponse, stats::RejectReason};
+use crate::proto::SensorValuesResponse;
 
 /// The method's path.
 const SEND_PATH: &str = "/sensor.v1.SensorService/SendSensorValues";

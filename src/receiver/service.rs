@@ -12,13 +12,20 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::{codec::Incoming, dedup::Deduplicator, refusals::Refusals, transcode::Series, validate, writer::Chunk};
+use super::{
+    codec::Incoming,
+    dedup::Deduplicator,
+    refusals::Refusals,
+    stats::{RejectReason, SinkStats},
+    transcode::Series,
+    validate,
+    writer::Chunk,
+};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
     error::{OutputError, ReceiveError},
     proto::{SensorValuesRequest, SensorValuesResponse, sensor_service_server::SensorService},
-    stats::{RejectReason, SinkStats, count},
 };
 
 /// What the output takes of an accepted request.
@@ -85,7 +92,7 @@ impl ReceiverService {
     /// Accepts `request` or says why not; nothing of a refused request is queued.
     async fn accept(&self, request: &SensorValuesRequest) -> Result<(), ReceiveError> {
         let bytes = request.encoded_len();
-        count(&self.stats.bytes_received, bytes);
+        self.stats.received(bytes);
         let items = request.items.len();
         if items > self.max_items {
             return Err(ReceiveError::TooManyItems { items, limit: self.max_items });
@@ -94,7 +101,7 @@ impl ReceiverService {
             Render::Lines => validate::to_json_lines(request)?,
             Render::Series(metric) => {
                 let (series, superseded) = validate::to_series(request, metric)?;
-                count(&self.stats.remote_write.superseded, superseded);
+                self.stats.superseded(superseded);
                 series
             }
         };
@@ -108,7 +115,7 @@ impl ReceiverService {
         // duplicate is exactly the last batch written. A lower number (a
         // node restarted with its clock set back) is new data, not a retry.
         if last_written.as_ref().is_some_and(|last| **last == Some(request.batch_sequence)) {
-            self.stats.duplicates.inc();
+            self.stats.duplicate();
             debug!(message = "Batch already written.", node_id = %request.node_id, lane = request.lane, batch = request.batch_sequence);
             return Ok(());
         }
@@ -129,8 +136,7 @@ impl ReceiverService {
             Ok::<(), ReceiveError>(())
         });
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
-        count(&self.stats.requests_accepted, 1);
-        count(&self.stats.readings_accepted, items);
+        self.stats.accepted(items);
         Ok(())
     }
 
@@ -138,16 +144,15 @@ impl ReceiverService {
     /// every reading valid, nothing to de-duplicate (remote-write keeps no
     /// memory between requests).
     async fn accept_series(&self, series: Series, bytes: usize) -> Result<(), ReceiveError> {
-        count(&self.stats.bytes_received, bytes);
+        self.stats.received(bytes);
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
         let Series { bytes: lines, readings, superseded } = series;
         // In a task of its own, as in `accept`: once queued, it is written.
         let write = tokio::spawn(write_out(output, lines, readings));
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
-        count(&self.stats.remote_write.superseded, superseded);
-        count(&self.stats.requests_accepted, 1);
-        count(&self.stats.readings_accepted, readings);
+        self.stats.superseded(superseded);
+        self.stats.accepted(readings);
         Ok(())
     }
 
@@ -197,7 +202,7 @@ impl ReceiverService {
             Err(error) => {
                 let reason = match &error {
                     ReceiveError::Throttled { .. } => {
-                        self.stats.throttled.inc();
+                        self.stats.throttled();
                         debug!(message = "Throttled request.", %error);
                         None
                     }
@@ -207,7 +212,7 @@ impl ReceiverService {
                     }
                     ReceiveError::Output(OutputError::Failed(_)) => Some(RejectReason::WriteFailed),
                     ReceiveError::Output(OutputError::Busy { .. }) => {
-                        self.stats.throttled.inc();
+                        self.stats.throttled();
                         None
                     }
                     ReceiveError::Output(OutputError::Refused(_)) => Some(RejectReason::DatabaseRefused),

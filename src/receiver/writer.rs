@@ -9,11 +9,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::output_file::OutputFile;
+use super::{output_file::OutputFile, stats::SinkStats};
 use crate::{
     error::{OutputError, ServeError},
     logging::Every,
-    stats::{SinkStats, count},
 };
 
 /// What a chunk's sender is told: stored, or why not.
@@ -151,16 +150,14 @@ impl JsonLinesWriter {
             // than the write. Syncing to disk, which can take milliseconds,
             // goes to the blocking pool.
             let appended = self.output.append(&self.buffer);
-            self.stats.write_latency.observe(started.elapsed().as_secs_f64());
+            self.stats.wrote(self.buffered_readings, started.elapsed(), appended.is_ok());
             match appended {
                 Ok(()) => {
                     debug!(message = "Wrote readings.", readings = self.buffered_readings, bytes = self.buffer.len());
-                    count(&self.stats.readings_written, self.buffered_readings);
                     self.unsynced = true;
                     Ok(())
                 }
                 Err(error) => {
-                    self.stats.write_errors.inc();
                     if let Some(suppressed) = self.failures.ready() {
                         error!(message = "Could not write to the output; refusing the requests.", %error, readings = self.buffered_readings, suppressed);
                     }

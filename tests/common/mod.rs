@@ -305,11 +305,11 @@ pub fn run_paused(
     config: &NodeConfig,
     recording: &Recording,
     run: Duration,
-) -> (telemetry_node::stats::Summary, tokio::time::Instant) {
+) -> (telemetry_node::node::Summary, tokio::time::Instant) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
     runtime.block_on(async {
         let start = tokio::time::Instant::now();
-        let stats = Arc::new(telemetry_node::stats::NodeStats::default());
+        let stats = Arc::new(telemetry_node::node::Ledger::default());
         let summary = telemetry_node::node::run(config, recording.clone(), stats, tokio::time::sleep(run)).await;
         (summary, start)
     })

@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tracing::error;
 
 use crate::{
+    node::ledger::{DropReason, Ledger},
     reading::Reading,
-    stats::{DropReason, NodeStats},
 };
 
 /// What a full queue gives up.
@@ -50,10 +50,10 @@ pub fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
     ticks: impl Stream<Item = T> + Send + 'static,
     capacity: usize,
     drop: Drop,
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
 ) -> impl Stream<Item = Reading> {
     let queue = Arc::new(Queue { state: Mutex::default(), arrived: Notify::new() });
-    let producer = tokio::spawn(produce(ticks, Arc::clone(&queue), capacity, drop, stats));
+    let producer = tokio::spawn(produce(ticks, Arc::clone(&queue), capacity, drop, ledger));
     let guard = AbortOnDrop(producer);
     futures::stream::unfold((queue, guard), |(queue, guard)| async move {
         loop {
@@ -87,7 +87,7 @@ async fn produce<T: IntoIterator<Item = Reading>>(
     queue: Arc<Queue>,
     capacity: usize,
     drop: Drop,
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
 ) {
     let reason = match drop {
         Drop::Oldest => DropReason::OverflowOldest,
@@ -114,7 +114,7 @@ async fn produce<T: IntoIterator<Item = Reading>>(
         }
         queue.arrived.notify_one();
         if dropped > 0 {
-            stats.drop_readings(reason, dropped);
+            ledger.dropped(reason, dropped);
             unreported += dropped;
         }
         if unreported > 0 && last_report.elapsed() >= Duration::from_secs(1) {
@@ -151,11 +151,11 @@ mod tests {
     }
 
     async fn run(drop: Drop) -> (Vec<u64>, u64) {
-        let stats = Arc::new(NodeStats::default());
+        let ledger = Arc::new(Ledger::default());
         // 10 readings into a queue of 4 before anyone reads.
         let ticks = stream::iter([tick(0, 10)]);
-        let out: Vec<u64> = decouple(ticks, 4, drop, Arc::clone(&stats)).map(|r| r.sequence).collect().await;
-        (out, stats.snapshot().dropped)
+        let out: Vec<u64> = decouple(ticks, 4, drop, Arc::clone(&ledger)).map(|r| r.sequence).collect().await;
+        (out, ledger.snapshot().dropped)
     }
 
     #[tokio::test]

@@ -13,10 +13,7 @@ use crate::node::{
     delivery::{SendContext, deliver},
     transport::Transport,
 };
-use crate::{
-    error::SendError,
-    stats::{DropReason, ReasonLabel, count},
-};
+use crate::{error::SendError, node::ledger::Run};
 
 /// A lane's view of the spool.
 #[derive(Debug, Clone)]
@@ -60,6 +57,11 @@ impl LaneSpool {
         waiting.empty_after != Some(waiting.spilled)
     }
 
+    /// Which run produced batch number `batch`.
+    fn run_of(&self, batch: u64) -> Run {
+        if batch >= self.first_of_run { Run::This } else { Run::Earlier }
+    }
+
     /// Spills counted so far, read before the replayer looks in the spool.
     fn spilled(&self) -> u64 {
         self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).spilled
@@ -73,22 +75,15 @@ impl LaneSpool {
     /// Stores `request` for the replayer. Returns `false` if the spool
     /// failed, and the caller must deliver the batch itself.
     pub async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
-        let stats = &context.stats;
+        let ledger = &context.ledger;
         let readings = request.readings;
         let pushed = self.spool.push_async(request.lane, request.batch_sequence, request.items.clone()).await;
         match pushed {
             Ok(evicted) => {
                 self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).spilled += 1;
-                count(&stats.spooled, readings);
-                stats.in_spool.inc_by(readings as i64);
+                ledger.spooled(readings);
                 for (batch, lost) in evicted {
-                    if batch >= self.first_of_run {
-                        stats.unspool(lost);
-                        stats.drop_readings(DropReason::SpoolFull, lost);
-                    } else {
-                        let label = ReasonLabel { reason: DropReason::SpoolFull };
-                        stats.dropped_by_reason.get_or_create(&label).inc_by(lost);
-                    }
+                    ledger.evicted(self.run_of(batch), lost);
                     warn!(message = "Spool full, evicted its oldest batch.", batch, readings = lost);
                 }
                 self.wake.notify_one();
@@ -112,7 +107,7 @@ pub async fn replay<T: Transport>(
     node_id: Arc<str>,
     stop: CancellationToken,
 ) {
-    let stats = Arc::clone(&context.stats);
+    let ledger = Arc::clone(&context.ledger);
     let pause = context.retry.cap;
     loop {
         let spilled = spool.spilled();
@@ -133,9 +128,9 @@ pub async fn replay<T: Transport>(
                 continue;
             }
         };
-        let this_run = stored.batch_sequence >= spool.first_of_run;
+        let run = spool.run_of(stored.batch_sequence);
         let Some((items, n)) = stored.items else {
-            stats.spool_damaged.inc();
+            ledger.damaged();
             error!(message = "Skipped a damaged spool record.", lane, batch = stored.batch_sequence);
             let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;
             continue;
@@ -152,19 +147,11 @@ pub async fn replay<T: Transport>(
                     // Sent again after a restart; the sink recognises it.
                     error!(message = "Cannot remove a delivered batch from the spool.", %error);
                 }
-                count(&stats.replayed, n);
-                if this_run {
-                    stats.unspool(n as u64);
-                    stats.ack(n);
-                }
+                ledger.replay_acked(run, n);
             }
             Err(SendError::Refused(status)) => {
                 let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;
-                stats.refuse(status.code());
-                if this_run {
-                    stats.unspool(n as u64);
-                    stats.drop_readings(DropReason::Refused, n as u64);
-                }
+                ledger.replay_refused(run, status.code(), n as u64);
                 error!(
                     message = "Dropped spooled batch.",
                     reason = "refused",

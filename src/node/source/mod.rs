@@ -31,8 +31,8 @@ use tracing::warn;
 use crate::{
     config::{ConfigError, NodeConfig},
     logging::Every,
+    node::Ledger,
     reading::Reading,
-    stats::{NodeStats, SourceLabel},
 };
 
 /// The readings a source took at one tick.
@@ -117,11 +117,11 @@ pub trait Probe: Send + 'static {
 /// and the tick's time, so each sensor's sequence only grows. Failures are
 /// counted under `readings_failed{source,reason}` and logged at most once a
 /// minute per reason and subject (a file, a line).
-pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> Source {
+pub fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let state =
-        Polled { probe, interval, round: 0, stats, gates: HashMap::new(), first: None, skipped: 0, last_count: 0 };
+        Polled { probe, interval, round: 0, ledger, gates: HashMap::new(), first: None, skipped: 0, last_count: 0 };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
             state.interval.tick().await;
@@ -129,7 +129,7 @@ pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> So
             let created_at = SystemTime::now();
             let round = state.probe.read().await;
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-            state.stats.last_read.get_or_create(&SourceLabel { source: P::KIND }).set(now.as_secs_f64());
+            state.ledger.source_read(P::KIND, now.as_secs_f64());
             state.report(round.failures);
             let sequence = state.round;
             state.round += 1;
@@ -141,7 +141,7 @@ pub fn polled<P: Probe>(probe: P, period: Duration, stats: Arc<NodeStats>) -> So
                 .into_iter()
                 .map(|(sensor, value)| Reading { sensor, sequence, value, created_at })
                 .collect();
-            state.stats.produced.inc_by(readings.len() as u64);
+            state.ledger.produced(readings.len() as u64);
             state.last_count = readings.len() as u64;
             return Some((Readings::Polled(readings.into_iter()), state));
         }
@@ -157,7 +157,7 @@ struct Polled<P> {
     /// Rounds read so far: the next readings' sequence.
     round: u64,
     /// Where readings and failures are counted.
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
     /// One log gate per failure reason and subject (a file, a line), up to
     /// [`MOST_GATES`]; then one per reason.
     gates: HashMap<(&'static str, String), Every>,
@@ -186,7 +186,7 @@ impl<P: Probe> Polled<P> {
         // Ticks 0..=due were due; rounds 0..=self.round (this one) took theirs.
         let skipped = due.saturating_sub(self.round);
         if skipped > self.skipped {
-            self.stats.missed.inc_by((skipped - self.skipped).saturating_mul(self.last_count));
+            self.ledger.missed((skipped - self.skipped).saturating_mul(self.last_count));
             self.skipped = skipped;
         }
     }
@@ -194,7 +194,7 @@ impl<P: Probe> Polled<P> {
     /// Counts `failures` and logs each reason at most once a minute.
     fn report(&mut self, failures: Vec<Failure>) {
         for failure in failures {
-            self.stats.read_failed(P::KIND, failure.reason);
+            self.ledger.read_failed(P::KIND, failure.reason);
             let mut key = (failure.reason, failure.detail.clone());
             if self.gates.len() >= MOST_GATES && !self.gates.contains_key(&key) {
                 key.1.clear();
@@ -282,7 +282,7 @@ pub const HOST_PREFIX: &str = "host_";
 /// i-th share of the simulated sensors; the host, file and exec sources
 /// (those set, in that order) go to lanes 0, 1, 2, … round-robin. Each source lives in one
 /// lane, so each sensor's readings keep their order.
-pub fn for_lanes(config: &NodeConfig, stats: &Arc<NodeStats>) -> Result<Vec<Vec<Source>>, ConfigError> {
+pub fn for_lanes(config: &NodeConfig, ledger: &Arc<Ledger>) -> Result<Vec<Vec<Source>>, ConfigError> {
     let mut lanes: Vec<Vec<Source>> = config
         .lanes()
         .into_iter()
@@ -290,23 +290,23 @@ pub fn for_lanes(config: &NodeConfig, stats: &Arc<NodeStats>) -> Result<Vec<Vec<
             if names.is_empty() {
                 return Vec::new();
             }
-            let sensors = simulated::Sensors::new(names, config.sensor_rate, Arc::clone(stats));
+            let sensors = simulated::Sensors::new(names, config.sensor_rate, Arc::clone(ledger));
             vec![Box::pin(sensors.map(Readings::Simulated)) as Source]
         })
         .collect();
     let mut polled_sources = Vec::new();
     #[cfg(target_os = "linux")]
     if let Some(interval) = config.host_interval {
-        polled_sources.push(polled(host::Host::new(), interval.into(), Arc::clone(stats)));
+        polled_sources.push(polled(host::Host::new(), interval.into(), Arc::clone(ledger)));
     }
     let files = config.file_sensors()?;
     let owned = config.owned_names(&files)?;
     if !files.is_empty() {
-        polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(stats)));
+        polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(ledger)));
     }
     if let Some(argv) = config.exec_argv() {
         let exec = exec::Exec::new(argv, config.exec_timeout.into(), owned);
-        polled_sources.push(polled(exec, config.exec_interval.into(), Arc::clone(stats)));
+        polled_sources.push(polled(exec, config.exec_interval.into(), Arc::clone(ledger)));
     }
     let count = lanes.len();
     for (i, source) in polled_sources.into_iter().enumerate() {

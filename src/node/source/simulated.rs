@@ -22,7 +22,7 @@ use std::{
 use futures::Stream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
-use crate::{reading::Reading, stats::NodeStats};
+use crate::{node::Ledger, reading::Reading};
 
 /// The finest step of tokio's timers. Sensors due more often than that take
 /// several readings per step instead of asking for a finer timer.
@@ -67,18 +67,18 @@ pub struct Sensors {
     /// Readings due up to the last tick taken, taken or missed.
     due_taken: u64,
     /// Where `produced` is counted.
-    stats: Arc<NodeStats>,
+    ledger: Arc<Ledger>,
 }
 
 impl Sensors {
     /// Sensors named `names`, each taking `rate` readings per second.
-    pub fn new(names: Vec<&'static str>, rate: f64, stats: Arc<NodeStats>) -> Self {
+    pub fn new(names: Vec<&'static str>, rate: f64, ledger: Arc<Ledger>) -> Self {
         let total_rate = rate * names.len() as f64;
         let period = Duration::from_secs_f64(1.0 / total_rate).max(FINEST_TICK);
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let sensors = sensor_set(names);
-        Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, stats }
+        Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, ledger }
     }
 
     /// Readings due from the start up to, not including, tick `k`: one a
@@ -101,7 +101,7 @@ impl Sensors {
         let taken = due.min(MOST_PER_TICK);
         let missed = before.saturating_sub(self.due_taken) + (due - taken);
         if missed > 0 {
-            self.stats.missed.inc_by(missed);
+            self.ledger.missed(missed);
         }
         self.due_taken = through;
         taken
@@ -118,7 +118,7 @@ impl Sensors {
             left: count,
         };
         self.taken += count;
-        self.stats.produced.inc_by(count);
+        self.ledger.produced(count);
         tick
     }
 }
@@ -218,28 +218,28 @@ mod tests {
     fn readings(
         names: Vec<&'static str>,
         rate: f64,
-        stats: Arc<NodeStats>,
+        ledger: Arc<Ledger>,
         stop: impl std::future::Future<Output = ()>,
     ) -> impl Stream<Item = Reading> {
-        Sensors::new(names, rate, stats).take_until(stop).flat_map(futures::stream::iter)
+        Sensors::new(names, rate, ledger).take_until(stop).flat_map(futures::stream::iter)
     }
 
     #[tokio::test(start_paused = true)]
     async fn one_sensor_emits_at_its_rate_with_increasing_sequence() {
-        let stats = Arc::new(NodeStats::default());
+        let ledger = Arc::new(Ledger::default());
         let start = Instant::now();
-        let readings: Vec<_> = readings(vec!["t"], 5.0, stats.clone(), std::future::pending()).take(6).collect().await;
+        let readings: Vec<_> = readings(vec!["t"], 5.0, ledger.clone(), std::future::pending()).take(6).collect().await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
         let sequences: Vec<u64> = readings.iter().map(|r| r.sequence).collect();
         assert_eq!(sequences, vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(stats.snapshot().produced, 6);
+        assert_eq!(ledger.snapshot().produced, 6);
     }
 
     #[tokio::test(start_paused = true)]
     async fn sensors_take_turns_spread_over_their_period() {
-        let stats = Arc::new(NodeStats::default());
+        let ledger = Arc::new(Ledger::default());
         let start = Instant::now();
-        let mut sensors = Sensors::new(vec!["a", "b", "c"], 5.0, stats);
+        let mut sensors = Sensors::new(vec!["a", "b", "c"], 5.0, ledger);
         let mut seen = Vec::new();
         for _ in 0..6 {
             let tick: Vec<Reading> = sensors.next().await.unwrap().collect();
@@ -254,10 +254,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn sensors_faster_than_the_timer_take_several_readings_per_tick() {
-        let stats = Arc::new(NodeStats::default());
+        let ledger = Arc::new(Ledger::default());
         let start = Instant::now();
         // Two sensors at 1250/s: 2.5 readings per millisecond together.
-        let mut sensors = Sensors::new(vec!["x", "y"], 1250.0, stats);
+        let mut sensors = Sensors::new(vec!["x", "y"], 1250.0, ledger);
         let mut counts = Vec::new();
         for _ in 0..10 {
             counts.push(sensors.next().await.unwrap().len());
@@ -268,20 +268,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tick_takes_at_most_its_bound_and_counts_the_rest_as_missed() {
-        let stats = Arc::new(NodeStats::default());
+        let ledger = Arc::new(Ledger::default());
         // 100 sensors at 10^9/s: 10^8 readings due every millisecond.
         let names: Vec<&'static str> = (0..100).map(|i| crate::reading::sensor_name(&format!("fast-{i}"))).collect();
-        let mut sensors = Sensors::new(names, 1e9, Arc::clone(&stats));
+        let mut sensors = Sensors::new(names, 1e9, Arc::clone(&ledger));
         assert_eq!(sensors.next().await.unwrap().len() as u64, MOST_PER_TICK);
         assert_eq!(sensors.next().await.unwrap().len() as u64, MOST_PER_TICK);
-        assert_eq!(stats.snapshot().produced, 2 * MOST_PER_TICK);
-        assert_eq!(stats.missed.get(), 2 * (100_000_000 - MOST_PER_TICK));
+        assert_eq!(ledger.snapshot().produced, 2 * MOST_PER_TICK);
+        assert_eq!(ledger.snapshot().missed, 2 * (100_000_000 - MOST_PER_TICK));
     }
 
     #[tokio::test(start_paused = true)]
     async fn ticks_missed_under_backpressure_are_skipped_not_bunched() {
-        let stats = Arc::new(NodeStats::default());
-        let mut sensors = Sensors::new(vec!["slow"], 10.0, stats);
+        let ledger = Arc::new(Ledger::default());
+        let mut sensors = Sensors::new(vec!["slow"], 10.0, ledger);
         assert_eq!(sensors.next().await.unwrap().next().unwrap().sequence, 0);
         tokio::time::sleep(Duration::from_millis(1050)).await;
         let start = Instant::now();
@@ -291,14 +291,14 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(50), "the next one waits for its slot");
         // Ticks at 100 ms ... 1000 ms were due while the stream was not
         // polled; the one at 1000 ms was taken late, the other 9 missed.
-        assert_eq!(sensors.stats.snapshot().produced, 3);
-        assert_eq!(sensors.stats.missed.get(), 9);
+        assert_eq!(sensors.ledger.snapshot().produced, 3);
+        assert_eq!(sensors.ledger.snapshot().missed, 9);
     }
 
     #[tokio::test(start_paused = true)]
     async fn every_sensor_gets_its_readings_in_order() {
-        let stats = Arc::new(NodeStats::default());
-        let all: Vec<_> = readings(vec!["a", "b", "c"], 10.0, stats, std::future::pending()).take(30).collect().await;
+        let ledger = Arc::new(Ledger::default());
+        let all: Vec<_> = readings(vec!["a", "b", "c"], 10.0, ledger, std::future::pending()).take(30).collect().await;
         for name in ["a", "b", "c"] {
             let sequences: Vec<u64> = all.iter().filter(|r| r.sensor == name).map(|r| r.sequence).collect();
             assert_eq!(sequences, (0..10).collect::<Vec<_>>(), "sensor {name}");
@@ -307,8 +307,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn readings_from_a_sequence_are_those_the_sensors_take_then() {
-        let stats = Arc::new(NodeStats::default());
-        let taken: Vec<_> = readings(vec!["a", "b", "c"], 10.0, stats, std::future::pending()).take(15).collect().await;
+        let ledger = Arc::new(Ledger::default());
+        let taken: Vec<_> =
+            readings(vec!["a", "b", "c"], 10.0, ledger, std::future::pending()).take(15).collect().await;
         let made: Vec<_> = readings_from(vec!["a", "b", "c"], 2, 9).collect();
         let fields = |r: &Reading| (r.sensor.to_string(), r.sequence, r.value);
         assert_eq!(made.iter().map(fields).collect::<Vec<_>>(), taken[6..].iter().map(fields).collect::<Vec<_>>());

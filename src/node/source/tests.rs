@@ -62,15 +62,15 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         runtime.block_on(async {
-            let stats = Arc::new(NodeStats::default());
+            let ledger = Arc::new(Ledger::default());
             let mut sources: Vec<Source> = Vec::new();
             for (i, period) in periods.iter().enumerate() {
                 let probe = Counting { sensors: names(&format!("p{i}-"), 2), delay: Duration::ZERO, rounds: 0 };
-                sources.push(polled(probe, Duration::from_millis(*period), Arc::clone(&stats)));
+                sources.push(polled(probe, Duration::from_millis(*period), Arc::clone(&ledger)));
             }
             let sim_names = names("sim-", simulated);
             if !sim_names.is_empty() {
-                let sensors = simulated::Sensors::new(sim_names.clone(), 20.0, Arc::clone(&stats));
+                let sensors = simulated::Sensors::new(sim_names.clone(), 20.0, Arc::clone(&ledger));
                 sources.push(Box::pin(sensors.map(Readings::Simulated)));
             }
             let run = Duration::from_secs(seconds);
@@ -92,7 +92,7 @@ proptest! {
                     prop_assert!(reading.sequence > before, "{} went from {before} to {}", reading.sensor, reading.sequence);
                 }
             }
-            prop_assert_eq!(stats.snapshot().produced, all.len() as u64);
+            prop_assert_eq!(ledger.snapshot().produced, all.len() as u64);
             Ok(())
         })?;
     }
@@ -104,14 +104,14 @@ proptest! {
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         runtime.block_on(async {
-            let stats = Arc::new(NodeStats::default());
+            let ledger = Arc::new(Ledger::default());
             let period = Duration::from_millis(period_ms);
             let fast = Counting { sensors: names("fast-", 1), delay: Duration::ZERO, rounds: 0 };
             let slow = Counting { sensors: names("slow-", 1), delay: Duration::from_millis(slow_ms), rounds: 0 };
             let sources = vec![
-                polled(Stalled, period, Arc::clone(&stats)),
-                polled(slow, period, Arc::clone(&stats)),
-                polled(fast, period, Arc::clone(&stats)),
+                polled(Stalled, period, Arc::clone(&ledger)),
+                polled(slow, period, Arc::clone(&ledger)),
+                polled(fast, period, Arc::clone(&ledger)),
             ];
             let all = collect(sources, Duration::from_secs(10)).await;
             // The fast source's k-th reading comes out at its k-th tick, to
@@ -138,15 +138,15 @@ async fn failures_are_counted_by_source_and_reason_and_give_no_reading() {
             }
         }
     }
-    let stats = Arc::new(NodeStats::default());
+    let ledger = Arc::new(Ledger::default());
     let readings =
-        collect(vec![polled(Failing, Duration::from_secs(1), Arc::clone(&stats))], Duration::from_millis(2500)).await;
+        collect(vec![polled(Failing, Duration::from_secs(1), Arc::clone(&ledger))], Duration::from_millis(2500)).await;
     assert_eq!(readings.len(), 3);
-    let failed = |reason| stats.failed.get_or_create(&crate::stats::FailureLabel { source: "file", reason }).get();
+    let failed = |reason| ledger.failures("file", reason);
     assert_eq!((failed("missing"), failed("not_an_integer")), (3, 3));
-    let summary = stats.snapshot();
+    let summary = ledger.snapshot();
     assert_eq!((summary.produced, summary.failed), (3, 6));
-    let last_read = stats.last_read.get_or_create(&crate::stats::SourceLabel { source: "file" }).get();
+    let last_read = ledger.last_read("file");
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!((now - 60.0..=now).contains(&last_read), "the last read's time is shown: {last_read}");
 }
@@ -166,11 +166,11 @@ fn a_command_cannot_take_the_names_other_sources_own() {
 
 #[tokio::test(start_paused = true)]
 async fn a_stalled_source_delays_no_batch_beyond_the_batch_timeout() {
-    let stats = Arc::new(NodeStats::default());
+    let ledger = Arc::new(Ledger::default());
     let fast = Counting { sensors: names("batched-", 3), delay: Duration::ZERO, rounds: 0 };
     let sources = vec![
-        polled(Stalled, Duration::from_millis(10), Arc::clone(&stats)),
-        polled(fast, Duration::from_millis(70), stats),
+        polled(Stalled, Duration::from_millis(10), Arc::clone(&ledger)),
+        polled(fast, Duration::from_millis(70), ledger),
     ];
     let timeout = Duration::from_millis(250);
     let start = Instant::now();
@@ -195,13 +195,13 @@ async fn a_stalled_source_delays_no_batch_beyond_the_batch_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn ticks_skipped_while_a_read_runs_long_are_counted_as_missed() {
-    let stats = Arc::new(NodeStats::default());
+    let ledger = Arc::new(Ledger::default());
     // Reads take 2.5 periods: of every three ticks, two are skipped.
     let slow = Counting { sensors: names("long-", 2), delay: Duration::from_millis(250), rounds: 0 };
     let readings =
-        collect(vec![polled(slow, Duration::from_millis(100), Arc::clone(&stats))], Duration::from_secs(3)).await;
+        collect(vec![polled(slow, Duration::from_millis(100), Arc::clone(&ledger))], Duration::from_secs(3)).await;
     let rounds = readings.len() as u64 / 2;
-    let summary = stats.snapshot();
+    let summary = ledger.snapshot();
     assert!((9..=12).contains(&rounds), "{rounds} rounds");
     // 30 ticks were due in 3 s: each was read or counted as missed (2
     // readings each), but for the round cut short by the end of the run
@@ -224,9 +224,9 @@ async fn a_failing_read_counts_as_failed_not_as_missed() {
             Round { values: Vec::new(), failures: vec![Failure::new("not_an_integer", "/v")] }
         }
     }
-    let stats = Arc::new(NodeStats::default());
-    let source = polled(Breaking(0), Duration::from_millis(100), Arc::clone(&stats));
+    let ledger = Arc::new(Ledger::default());
+    let source = polled(Breaking(0), Duration::from_millis(100), Arc::clone(&ledger));
     let readings = collect(vec![source], Duration::from_millis(2050)).await;
-    let summary = stats.snapshot();
+    let summary = ledger.snapshot();
     assert_eq!((readings.len(), summary.failed, summary.missed), (2, 19, 0), "{summary}");
 }
