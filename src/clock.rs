@@ -10,14 +10,14 @@ use governor::clock::Clock;
 
 /// Time elapsed since the clock was made, on tokio's clock.
 #[derive(Debug, Clone, Copy)]
-pub struct TokioClock {
+pub(crate) struct TokioClock {
     /// The zero of this clock.
     start: tokio::time::Instant,
 }
 
 impl TokioClock {
     /// A clock that starts now.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { start: tokio::time::Instant::now() }
     }
 }
@@ -37,7 +37,7 @@ impl Clock for TokioClock {
 }
 
 /// A token bucket without keys, on tokio's clock.
-pub type TokenBucket = governor::RateLimiter<
+pub(crate) type TokenBucket = governor::RateLimiter<
     governor::state::NotKeyed,
     governor::state::InMemoryState,
     TokioClock,

@@ -27,15 +27,14 @@
 //!
 //! Around them: [`config`] (environment variables), [`node::ledger`] and
 //! [`receiver::stats`] (what happened to every reading, on each side),
-//! [`error`], [`logging`], and [`demo`] (node and sink in one process).
+//! [`error`] and [`logging`]. The `telemetry-node` binary's `demo` and
+//! `bench` commands are built on the public API alone.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-pub mod bench;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod listen;
 pub mod logging;
@@ -43,7 +42,7 @@ pub mod node;
 pub mod observe;
 pub mod reading;
 pub mod receiver;
-pub mod wire;
+pub(crate) mod wire;
 
 /// Code generated from `proto/sensor/v1/sensor.proto`.
 #[allow(missing_docs, unreachable_pub)]

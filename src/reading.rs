@@ -34,7 +34,7 @@ pub struct Reading {
 /// bounds that by the names ever configured. In return a reading is plain
 /// data: taking, batching and dropping one costs no atomic reference count
 /// (one up and one down per reading, as with an `Arc<str>`).
-pub fn sensor_name(name: &str) -> &'static str {
+pub(crate) fn sensor_name(name: &str) -> &'static str {
     static NAMES: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Mutex::default);
     let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(&kept) = names.get(name) {

@@ -5,10 +5,10 @@ use tonic::Code;
 
 /// Trailer in which a throttling sink says how long to wait, in ms (gRPC's
 /// retry design, A6).
-pub const PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
+pub(crate) const PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
 
 /// Every gRPC status code, for exporting each metric label from the start.
-pub const CODES: [Code; 17] = [
+pub(crate) const CODES: [Code; 17] = [
     Code::Ok,
     Code::Cancelled,
     Code::Unknown,
@@ -30,7 +30,7 @@ pub const CODES: [Code; 17] = [
 
 /// The code's canonical name, as gRPC's documentation and other gRPC
 /// libraries spell it (`UNAVAILABLE`, not Rust's `Unavailable`).
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",

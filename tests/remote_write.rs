@@ -16,7 +16,6 @@ use common::{Pki, Process, free_port, peak_rss, scratch, summary_fields, wait_fo
 use telemetry_node::{
     node::source::simulated::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
-    reading::sensor_name,
 };
 
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
@@ -196,7 +195,9 @@ fn assert_each_reading_once(database: &Database, produced: u64) {
     for ((node, sensor), samples) in &series {
         assert!(samples.windows(2).all(|pair| pair[0].0 < pair[1].0), "{node}/{sensor}: times not strictly increasing");
         let expected: Vec<f64> =
-            readings_from(vec![sensor_name(sensor)], 0, samples.len() as u64).map(|r| r.value as f64).collect();
+            readings_from(vec![Box::leak(sensor.to_owned().into_boxed_str())], 0, samples.len() as u64)
+                .map(|r| r.value as f64)
+                .collect();
         let values: Vec<f64> = samples.iter().map(|(_, value)| *value).collect();
         assert_eq!(values, expected, "{node}/{sensor}: the values of sequences 0..{}", samples.len());
         total += samples.len() as u64;

@@ -24,7 +24,7 @@ use crate::{
 
 /// What every lane shares to deliver its batches.
 #[derive(Debug, Clone)]
-pub struct SendContext<T> {
+pub(crate) struct SendContext<T> {
     /// Where batches go.
     pub transport: T,
     /// How failures are retried.
@@ -43,7 +43,7 @@ pub struct SendContext<T> {
 impl<T: Transport> SendContext<T> {
     /// One attempt: waits for a token, sends, and tells the others what
     /// the sink did.
-    pub async fn attempt(&self, request: Outgoing) -> Result<(), Status> {
+    pub(crate) async fn attempt(&self, request: Outgoing) -> Result<(), Status> {
         self.throttle.acquire().await;
         let answer = self.transport.send(request).await;
         match &answer {
@@ -61,7 +61,7 @@ fn reached_nobody(status: &Status) -> bool {
 }
 
 /// Sends `request`, repeating retryable failures as the policy allows.
-pub async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
+pub(crate) async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
     let policy = &context.retry;
     let mut backoff = policy.backoff();
     let (mut attempts, mut failures, mut waited) = (0, 0, Duration::ZERO);

@@ -5,14 +5,14 @@
 
 pub mod batch;
 pub mod codec;
-pub mod delivery;
+pub(crate) mod delivery;
 pub mod ledger;
 pub mod overflow;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod retry;
-pub mod sender;
+pub(crate) mod sender;
 pub mod source;
-pub mod throttle;
+pub(crate) mod throttle;
 pub mod transport;
 
 pub use ledger::{Ledger, Summary};

@@ -22,7 +22,7 @@ use crate::{
 
 /// Who a lane's batches come from.
 #[derive(Debug, Clone)]
-pub struct LaneIdentity {
+pub(crate) struct LaneIdentity {
     /// The node's identity.
     pub node_id: Arc<str>,
     /// The lane's number.
@@ -36,7 +36,7 @@ pub struct LaneIdentity {
 ///
 /// It never fails: a batch that cannot be delivered is counted as dropped
 /// and logged, and the sink takes the next one.
-pub fn batch_sender<T: Transport>(
+pub(crate) fn batch_sender<T: Transport>(
     context: SendContext<T>,
     lane: LaneIdentity,
     spool: Option<LaneSpool>,

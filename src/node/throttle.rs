@@ -16,7 +16,7 @@ const CELLS_PER_REQUEST: u32 = 1000;
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// Highest rate the bucket can hold: one cell per nanosecond.
-pub const MAX_RATE: f64 = 1e9 / CELLS_PER_REQUEST as f64;
+pub(crate) const MAX_RATE: f64 = 1e9 / CELLS_PER_REQUEST as f64;
 
 /// How fast requests may go out.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,7 +49,7 @@ impl RequestRate {
 /// A request-rate limit that any number of streams can share, and that a
 /// sink's pushback can pause.
 #[derive(Debug, Clone)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     /// No request leaves before this instant (a sink asked for the pause).
     paused_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
     /// The shared bucket, or `None` for no limit.
@@ -65,20 +65,20 @@ pub struct Throttle {
 
 impl Throttle {
     /// A throttle at `rate`, or one that never waits for `None`.
-    pub fn new(rate: Option<RequestRate>) -> Self {
+    pub(crate) fn new(rate: Option<RequestRate>) -> Self {
         let clock = TokioClock::new();
         let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(rate.quota(), clock)));
         Self { paused_until: Arc::default(), bucket, clock, line: Arc::default() }
     }
 
     /// Whether requests are limited at all.
-    pub fn is_limited(&self) -> bool {
+    pub(crate) fn is_limited(&self) -> bool {
         self.bucket.is_some()
     }
 
     /// Holds every request back for `wait` from now, or longer if already
     /// paused longer.
-    pub fn pause(&self, wait: Duration) {
+    pub(crate) fn pause(&self, wait: Duration) {
         let until = tokio::time::Instant::now() + wait;
         let mut paused = self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *paused = Some(paused.map_or(until, |current| current.max(until)));
@@ -87,7 +87,7 @@ impl Throttle {
     /// Waits, on tokio's clock, until no pause is in force and the bucket
     /// grants one request, and takes it. Every attempt at a request, first
     /// or retry, calls this once.
-    pub async fn acquire(&self) {
+    pub(crate) async fn acquire(&self) {
         // A pause may be lengthened while it is waited out.
         loop {
             let paused = *self.paused_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

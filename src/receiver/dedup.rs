@@ -16,7 +16,7 @@ type LaneKey = (String, u32);
 
 /// The last batch written, per node and lane.
 #[derive(Debug)]
-pub struct Deduplicator {
+pub(crate) struct Deduplicator {
     /// One lock per lane: a retry waits for the attempt before it to finish,
     /// then sees whether it was written. `None`: nothing written yet (a
     /// client may number its first batch 0).
@@ -27,19 +27,19 @@ pub struct Deduplicator {
 
 impl Deduplicator {
     /// An empty window of `capacity` lanes.
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self { lanes: Mutex::default(), capacity }
     }
 
     /// Remembers `batch` as the last one written by `lane` of `node`.
-    pub fn seed(&self, node: &str, lane: u32, batch: u64) {
+    pub(crate) fn seed(&self, node: &str, lane: u32, batch: u64) {
         let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
         lanes.insert((node.to_owned(), lane), Arc::new(AsyncMutex::new(Some(batch))));
     }
 
     /// Locks `lane` of `node`; the guard holds the last batch it wrote, if
     /// any.
-    pub async fn lock(&self, node: &str, lane: u32) -> OwnedMutexGuard<Option<u64>> {
+    pub(crate) async fn lock(&self, node: &str, lane: u32) -> OwnedMutexGuard<Option<u64>> {
         let entry = {
             let mut lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
             if lanes.len() >= self.capacity && !lanes.contains_key(&(node.to_owned(), lane)) {
@@ -55,19 +55,15 @@ impl Deduplicator {
     }
 
     /// How many lanes are remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    /// Whether no lane is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
 /// What [`recover`] found at the end of the output.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// The last batch written by each node's lane: (node, lane, batch).
     pub lanes: Vec<(String, u32, u64)>,
     /// Bytes of a torn last line that were cut off.
@@ -82,7 +78,7 @@ pub struct Recovered {
 /// A window without any `batch_end` line was written before the marker
 /// existed: only a torn line is cut from it, and no batch is taken from it,
 /// so a retry is written again rather than taken for a duplicate.
-pub fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
+pub(crate) fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Recovered::default()),

@@ -4,13 +4,13 @@
 //! output lines or refuses it; [`writer`] owns the output file.
 
 mod codec;
-pub mod dedup;
+pub(crate) mod dedup;
 mod https;
 mod output_file;
 mod refusals;
 mod remote_write;
 mod route;
-pub mod service;
+pub(crate) mod service;
 pub mod stats;
 mod transcode;
 pub mod validate;

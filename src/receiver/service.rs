@@ -30,7 +30,7 @@ use crate::{
 
 /// What the output takes of an accepted request.
 #[derive(Debug, Clone)]
-pub enum Render {
+pub(crate) enum Render {
     /// JSON lines, for the file.
     Lines,
     /// Remote-write series of this metric name.

@@ -7,6 +7,6 @@
 //! - [`replay`]: how a lane spills batches into the spool, and the replayer
 //!   that delivers them, oldest first.
 
-pub mod queue;
-pub mod replay;
+pub(crate) mod queue;
+pub(crate) mod replay;
 pub mod spool;

@@ -19,7 +19,7 @@ use crate::{
 
 /// What a full queue gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub(crate) enum Drop {
     /// The oldest reading queued, to make room.
     Oldest,
     /// The reading arriving.
@@ -46,7 +46,7 @@ struct Queue {
 /// Runs `ticks` in a task of its own, so the sensors never wait for the
 /// sender, and yields their readings through a queue of `capacity`
 /// readings that drops as `drop` says when full.
-pub fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
+pub(crate) fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
     ticks: impl Stream<Item = T> + Send + 'static,
     capacity: usize,
     drop: Drop,

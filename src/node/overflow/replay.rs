@@ -17,7 +17,7 @@ use crate::{error::SendError, node::ledger::Run};
 
 /// A lane's view of the spool.
 #[derive(Debug, Clone)]
-pub struct LaneSpool {
+pub(crate) struct LaneSpool {
     /// The node's spool.
     pub spool: Spool,
     /// Wakes the lane's replayer when a batch is spooled.
@@ -33,7 +33,7 @@ pub struct LaneSpool {
 /// the replayer, each time it finds the lane's spool empty, notes how many
 /// spills that reading had seen.
 #[derive(Debug, Default)]
-pub struct Waiting {
+pub(crate) struct Waiting {
     /// Batches spilled so far.
     spilled: u64,
     /// `spilled` as it was when the replayer last found the spool empty;
@@ -44,7 +44,7 @@ pub struct Waiting {
 impl LaneSpool {
     /// The lane's view of `spool`, in a run whose batch numbers start at
     /// `first_of_run`.
-    pub fn new(spool: Spool, first_of_run: u64) -> Self {
+    pub(crate) fn new(spool: Spool, first_of_run: u64) -> Self {
         Self { spool, wake: Arc::default(), first_of_run, waiting: Arc::default() }
     }
 
@@ -52,7 +52,7 @@ impl LaneSpool {
     /// must queue behind them, to keep the lane's order. Answered from
     /// memory: waiting unless the replayer found the spool empty after the
     /// last spill.
-    pub fn has_waiting(&self) -> bool {
+    pub(crate) fn has_waiting(&self) -> bool {
         let waiting = self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         waiting.empty_after != Some(waiting.spilled)
     }
@@ -74,7 +74,7 @@ impl LaneSpool {
 
     /// Stores `request` for the replayer. Returns `false` if the spool
     /// failed, and the caller must deliver the batch itself.
-    pub async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
+    pub(crate) async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
         let ledger = &context.ledger;
         let readings = request.readings;
         let pushed = self.spool.push_async(request.lane, request.batch_sequence, request.items.clone()).await;
@@ -100,7 +100,7 @@ impl LaneSpool {
 /// Delivers the spooled batches of `lane`, oldest first, until `stop`.
 /// A batch leaves the spool only once the sink took it, or refused it for
 /// good; a damaged one is skipped and counted.
-pub async fn replay<T: Transport>(
+pub(crate) async fn replay<T: Transport>(
     context: SendContext<T>,
     spool: LaneSpool,
     lane: u32,

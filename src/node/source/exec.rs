@@ -17,19 +17,19 @@ use super::{Failure, Owned, Probe, Round};
 use crate::reading::{check_sensor_name, sensor_name};
 
 /// The most bytes of output taken from one run: about 30,000 readings.
-pub const MOST_OUTPUT: usize = 1 << 20;
+pub(crate) const MOST_OUTPUT: usize = 1 << 20;
 
 /// The most distinct sensors a command may report over the node's life:
 /// each name is kept for good, so a command printing a new name every tick
 /// must not grow the node without bound.
-pub const MOST_SENSORS: usize = 10_000;
+pub(crate) const MOST_SENSORS: usize = 10_000;
 
 /// Bytes of the command's standard error kept for the log.
 const STDERR_KEPT: usize = 512;
 
 /// The command, and what it has reported so far.
 #[derive(Debug)]
-pub struct Exec {
+pub(crate) struct Exec {
     /// Program and arguments.
     argv: Vec<String>,
     /// Longest a run may take.
@@ -42,7 +42,7 @@ pub struct Exec {
 
 impl Exec {
     /// Runs `argv` (at least a program) for at most `timeout` a tick.
-    pub fn new(argv: Vec<String>, timeout: Duration, owned: Owned) -> Self {
+    pub(crate) fn new(argv: Vec<String>, timeout: Duration, owned: Owned) -> Self {
         Self { argv, timeout, owned, known: HashSet::new() }
     }
 
@@ -209,7 +209,7 @@ fn quote(bytes: &[u8]) -> String {
 
 /// `EXEC_COMMAND` as a program and its arguments: split on whitespace, or
 /// handed to `/bin/sh -c` whole when `shell` is set.
-pub fn argv(command: &str, shell: bool) -> Vec<String> {
+pub(crate) fn argv(command: &str, shell: bool) -> Vec<String> {
     if shell {
         return vec!["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()];
     }
@@ -217,7 +217,7 @@ pub fn argv(command: &str, shell: bool) -> Vec<String> {
 }
 
 /// Whether `program` can be run: a path to a file, or a name found on PATH.
-pub fn findable(program: &str) -> bool {
+pub(crate) fn findable(program: &str) -> bool {
     if program.contains('/') {
         return std::path::Path::new(program).is_file();
     }

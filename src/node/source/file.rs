@@ -19,7 +19,7 @@ use super::{Failure, Probe, Round};
 use crate::reading::{check_sensor_name, sensor_name};
 
 /// The most file sensors a node has.
-pub const MOST_FILES: usize = 10_000;
+pub(crate) const MOST_FILES: usize = 10_000;
 
 /// The most bytes read from one file: far more than any integer takes, so a
 /// file named by mistake (a log) costs little to refuse.
@@ -36,7 +36,7 @@ pub struct FileSensor {
 
 /// Why `FILE_SENSORS` cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SpecError {
+pub(crate) enum SpecError {
     /// An entry is empty, has an empty name or path, or a relative path.
     #[error("entry {0:?} is not name=/absolute/path or an absolute glob")]
     Entry(String),
@@ -65,7 +65,7 @@ pub enum SpecError {
 }
 
 /// The sensors `spec` (the value of `FILE_SENSORS`) names, globs expanded.
-pub fn parse(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
+pub(crate) fn parse(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
     let mut sensors: Vec<FileSensor> = Vec::new();
     let mut names = std::collections::HashSet::new();
     for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
@@ -129,14 +129,14 @@ fn expand(prefix: Option<&str>, pattern: &str, most: usize) -> Result<Vec<(Strin
 
 /// Reads every sensor's file at each tick.
 #[derive(Debug)]
-pub struct Files {
+pub(crate) struct Files {
     /// The sensors, on loan to the blocking thread while it reads them.
     sensors: Option<Vec<FileSensor>>,
 }
 
 impl Files {
     /// A probe of `sensors`.
-    pub fn new(sensors: Vec<FileSensor>) -> Self {
+    pub(crate) fn new(sensors: Vec<FileSensor>) -> Self {
         Self { sensors: Some(sensors) }
     }
 }
@@ -164,7 +164,7 @@ fn read_all(sensors: &mut Vec<FileSensor>) -> Round {
 
 /// The integer `path` holds (surrounding whitespace allowed), or why not:
 /// `missing`, `unreadable` or `not_an_integer`.
-pub fn read_integer(path: &Path) -> Result<i64, &'static str> {
+pub(crate) fn read_integer(path: &Path) -> Result<i64, &'static str> {
     // Non-blocking, so that a FIFO without a writer reads as empty instead
     // of holding the source up forever (regular files ignore the flag).
     let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path);

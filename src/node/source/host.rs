@@ -20,7 +20,7 @@ const MOST_SENSORS: usize = 4096;
 
 /// Reads the host at each tick.
 #[derive(Debug)]
-pub struct Host {
+pub(crate) struct Host {
     /// The state, on loan to the blocking thread while it reads.
     state: Option<State>,
 }
@@ -37,7 +37,7 @@ struct State {
 impl Host {
     /// A probe of this machine.
     #[allow(clippy::new_without_default)]
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { state: Some(State::default()) }
     }
 }

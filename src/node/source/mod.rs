@@ -10,10 +10,10 @@
 //! Host, file and exec are [`Probe`]s: something read once a tick, off the
 //! runtime's worker threads. [`polled`] turns a probe into a source.
 
-pub mod exec;
-pub mod file;
+pub(crate) mod exec;
+pub(crate) mod file;
 #[cfg(target_os = "linux")]
-pub mod host;
+pub(crate) mod host;
 pub mod simulated;
 
 use std::{

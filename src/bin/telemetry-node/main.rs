@@ -7,10 +7,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+mod bench;
+mod demo;
+
+use bench::BenchOptions;
 use telemetry_node::{
-    bench::{self, BenchOptions},
     config::{self, NodeConfig},
-    demo, logging,
+    logging,
     node::Ledger,
     node::{self, GrpcTransport, retry::SinkHealth},
     observe,
@@ -352,4 +355,18 @@ async fn terminated() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
     }
+}
+
+/// Why `demo` or `bench` could not run.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    /// The embedded sink's or the node's settings cannot be used.
+    #[error("settings: {0}")]
+    Config(#[from] telemetry_node::config::ConfigError),
+    /// The embedded sink failed.
+    #[error("embedded sink: {0}")]
+    Sink(#[from] telemetry_node::error::ServeError),
+    /// The embedded sink's task ended abnormally.
+    #[error("embedded sink stopped abnormally: {0}")]
+    Stopped(#[from] tokio::task::JoinError),
 }

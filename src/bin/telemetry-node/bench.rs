@@ -10,7 +10,8 @@ use std::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use super::CommandError;
+use telemetry_node::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
     node::{self, GrpcTransport, Ledger, codec::Outgoing, source::simulated, transport::Transport},
@@ -58,10 +59,10 @@ pub struct BenchReport {
 }
 
 /// Runs both measurements against one embedded sink.
-pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
+pub async fn run(options: &BenchOptions) -> Result<BenchReport, CommandError> {
     let folder = std::env::temp_dir().join(format!("telemetry-node-bench-{}", std::process::id()));
     let vars = HashMap::from([("FILE_PATH".to_owned(), folder.display().to_string())]);
-    let mut sink_config = SinkConfig::from_vars(&vars).map_err(|error| ServeError::Writer(error.to_string()))?;
+    let mut sink_config = SinkConfig::from_vars(&vars)?;
     sink_config.rate_per_second = u32::MAX;
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(ServeError::Listen)?;
     let address = listener.local_addr().map_err(ServeError::Listen)?;
@@ -93,7 +94,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, ServeError> {
     let (ceiling, pipeline) = (median(ceilings), median(pipelines));
 
     stop_sink.cancel();
-    sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
+    sink.await??;
     let _ = std::fs::remove_dir_all(&folder);
     Ok(BenchReport { ceiling, pipeline, rss_mb: peak_rss_mb(), sequence })
 }

@@ -6,7 +6,8 @@ use std::{collections::HashMap, future::Future, io::Write, path::PathBuf, sync::
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
+use super::CommandError;
+use telemetry_node::{
     config::{NodeConfig, SinkConfig},
     error::ServeError,
     node::{self, GrpcTransport, Ledger, Summary},
@@ -31,10 +32,10 @@ pub async fn run(
     mut config: NodeConfig,
     duration: Duration,
     interrupt: impl Future<Output = ()>,
-) -> Result<DemoReport, ServeError> {
+) -> Result<DemoReport, CommandError> {
     let folder = std::env::temp_dir().join(format!("telemetry-node-demo-{}", std::process::id()));
     let vars = HashMap::from([("FILE_PATH".to_owned(), folder.display().to_string())]);
-    let sink_config = SinkConfig::from_vars(&vars).map_err(|error| ServeError::Writer(error.to_string()))?;
+    let sink_config = SinkConfig::from_vars(&vars)?;
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(ServeError::Listen)?;
     config.server_socket = listener.local_addr().map_err(ServeError::Listen)?.to_string();
 
@@ -49,7 +50,7 @@ pub async fn run(
     let output = folder.join("readings.jsonl");
     let host = config.host_interval.is_some().then(|| output.clone());
     let progress = tokio::spawn(report_progress(Arc::clone(&stats), Arc::clone(&sink_stats), host));
-    let endpoint = node::transport::endpoint(&config).map_err(|error| ServeError::Writer(error.to_string()))?;
+    let endpoint = node::transport::endpoint(&config)?;
     let transport = GrpcTransport::new(endpoint, config.rpc_timeout.into());
     let stop = async {
         tokio::select! {
@@ -61,7 +62,7 @@ pub async fn run(
     progress.abort();
 
     stop_sink.cancel();
-    let sink = sink.await.map_err(|error| ServeError::Writer(error.to_string()))??;
+    let sink = sink.await??;
     Ok(DemoReport { node, sink, output })
 }
 
