@@ -5,10 +5,7 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{
-    Process, assert_complete_and_ordered, free_port, node_config, read_output, scratch, sink_config, summary_fields,
-    wait_for_port,
-};
+use common::{Process, assert_complete_and_ordered, node_config, read_output, scratch, sink_config, summary_fields};
 use telemetry_node::{
     node::Ledger,
     node::{self, GrpcTransport},
@@ -54,16 +51,18 @@ async fn the_sink_writes_every_reading_the_node_produced() {
 #[test]
 fn binaries_stopped_by_sigterm_lose_nothing() {
     let dir = scratch("binaries");
-    let port = free_port();
-    let socket = format!("127.0.0.1:{port}");
-    let sink = Process::start(
+    let (sink, address) = Process::start_on_port_0(
         "sink",
         env!("CARGO_BIN_EXE_telemetry-sink"),
-        &[],
-        &[("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into()), ("BUFFER_FLUSH_INTERVAL", "10s".into())],
+        "Sink listening.",
+        &[
+            ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
+            ("FILE_PATH", "out".into()),
+            ("BUFFER_FLUSH_INTERVAL", "10s".into()),
+        ],
         &dir,
     );
-    wait_for_port(port, Duration::from_secs(20));
+    let socket = address.to_string();
     let node = Process::start(
         "node",
         env!("CARGO_BIN_EXE_telemetry-node"),

@@ -12,8 +12,8 @@ use std::{
 };
 
 use common::{
-    Process, assert_complete_and_ordered, free_port, node_config, read_output, scratch, sink_config, summary_fields,
-    wait_for_port,
+    Process, assert_complete_and_ordered, fast_retries, free_port, node_config, read_output, scratch, sink_config,
+    summary_fields, wait_for_port,
 };
 use prost::Message;
 use telemetry_node::{
@@ -74,12 +74,9 @@ fn patient_env(socket: String, extra: &[(&'static str, String)]) -> Vec<(&'stati
         ("BATCH_SIZE", "20".into()),
         ("BATCH_TIMEOUT", "50ms".into()),
         ("RPC_TIMEOUT", "500ms".into()),
-        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "100000".into()),
-        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
         ("SHUTDOWN_TIMEOUT", "20s".into()),
     ];
+    pairs.extend(fast_retries());
     pairs.extend(extra.iter().cloned());
     pairs
 }

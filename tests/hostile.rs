@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Process, free_port, peak_rss, scratch, wait_for_port};
+use common::{Process, peak_rss, scratch};
 use prost::Message;
 use telemetry_node::{
     node::GrpcTransport,
@@ -20,10 +20,10 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their_bytes() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("hostile-memory");
-    let port = free_port();
-    let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("FILE_PATH", "out".into())];
-    let sink = Process::start("sink", env!("CARGO_BIN_EXE_telemetry-sink"), &[], &env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let (sink, address) =
+        Process::start_on_port_0("sink", env!("CARGO_BIN_EXE_telemetry-sink"), "Sink listening.", &env, &dir);
+    let port = address.port();
     let before = peak_rss(sink.child.id());
 
     // Two million empty items: 4 MiB on the wire, some 160 MB once decoded.
@@ -56,14 +56,14 @@ async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their
 async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_bytes() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("valid-memory");
-    let port = free_port();
     let env = [
-        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
         ("FILE_PATH", "out".into()),
         ("RATE_PER_SECOND", "1000000000".into()),
     ];
-    let sink = Process::start("sink", env!("CARGO_BIN_EXE_telemetry-sink"), &[], &env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let (sink, address) =
+        Process::start_on_port_0("sink", env!("CARGO_BIN_EXE_telemetry-sink"), "Sink listening.", &env, &dir);
+    let port = address.port();
     let before = peak_rss(sink.child.id());
     // 100,000 readings (MAX_ITEMS_PER_REQUEST), as large as fits in 4 MiB.
     let item = |sequence: u64| SensorValue {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Process, free_ports, read_output, scratch, summary_fields, wait_for_port};
+use common::{Process, read_output, scratch, summary_fields};
 
 /// GETs `path` from `127.0.0.1:port`; returns the status code and body.
 fn get(port: u16, path: &str) -> (u16, String) {
@@ -35,30 +35,28 @@ fn samples(page: &str) -> HashMap<String, f64> {
 #[test]
 fn scraped_counters_agree_with_the_sink_file() {
     let dir = scratch("metrics");
-    let [grpc, sink_http, node_http] = free_ports();
-    let sink = Process::start(
+    let (sink, grpc) = Process::start_on_port_0(
         "sink",
         env!("CARGO_BIN_EXE_telemetry-sink"),
-        &[],
+        "Sink listening.",
         &[
-            ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{grpc}")),
-            ("METRICS_ADDR", format!("127.0.0.1:{sink_http}")),
+            ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("FILE_PATH", "out".into()),
         ],
         &dir,
     );
-    wait_for_port(grpc, Duration::from_secs(20));
-    wait_for_port(sink_http, Duration::from_secs(20));
+    let sink_http = sink.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
     assert_eq!(get(sink_http, "/healthz").0, 200);
     assert_eq!(get(sink_http, "/readyz").0, 200);
 
-    let node = Process::start(
+    let (node, node_http) = Process::start_on_port_0(
         "node",
         env!("CARGO_BIN_EXE_telemetry-node"),
-        &[],
+        "Serving metrics and health.",
         &[
-            ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{grpc}")),
-            ("METRICS_ADDR", format!("127.0.0.1:{node_http}")),
+            ("GRPC_SERVER_SOCKET", grpc.to_string()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("SENSOR_COUNT", "4".into()),
             ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
             ("REQUEST_RATE_PER_SECOND", "20".into()),
@@ -66,7 +64,7 @@ fn scraped_counters_agree_with_the_sink_file() {
         ],
         &dir,
     );
-    wait_for_port(node_http, Duration::from_secs(20));
+    let node_http = node_http.port();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(get(node_http, "/readyz").0, 200, "the node has reached the sink");
     // `readings_held` is worked out when the scrape begins and the counters

@@ -13,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields, wait_for_port};
+use common::{
+    Process, assert_complete_and_ordered, fast_retries, free_port, read_output, scratch, summary_fields, wait_for_port,
+};
 
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
@@ -56,7 +58,7 @@ impl Node {
 
 /// A node that keeps retrying quickly until the sink takes its batches.
 fn tuned_env(socket: &str) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("GRPC_SERVER_SOCKET", socket.to_owned()),
         ("NODE_ID", "node-under-test".into()),
         ("SENSOR_COUNT", "4".into()),
@@ -65,12 +67,10 @@ fn tuned_env(socket: &str) -> Vec<(&'static str, String)> {
         ("BATCH_SIZE", "100".into()),
         ("BATCH_TIMEOUT", "50ms".into()),
         ("RPC_TIMEOUT", "2s".into()),
-        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
-        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
         ("SHUTDOWN_TIMEOUT", "30s".into()),
-    ]
+    ];
+    env.extend(fast_retries());
+    env
 }
 
 fn sink_env(socket: &str, dir: &Path) -> Vec<(&'static str, String)> {

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{Pki, Process, free_port, peak_rss, scratch, summary_fields, wait_for_port};
+use common::{Pki, Process, fast_retries, free_port, peak_rss, scratch, summary_fields, wait_for_port};
 use telemetry_node::{
     node::source::simulated::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
@@ -205,9 +205,12 @@ fn assert_each_reading_once(database: &Database, produced: u64) {
     assert_eq!(total, produced, "samples in the database vs readings produced: {:?}", series.keys());
 }
 
-fn sink_env(port: u16, database: &Database) -> Vec<(&'static str, String)> {
+/// What a sink binds to when the kernel may pick its port.
+const ANY_PORT: &str = "127.0.0.1:0";
+
+fn sink_env(socket: &str, database: &Database) -> Vec<(&'static str, String)> {
     vec![
-        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("GRPC_SERVER_SOCKET", socket.to_owned()),
         ("OUTPUT", "remote-write".into()),
         ("REMOTE_WRITE_URL", database.url()),
     ]
@@ -215,7 +218,7 @@ fn sink_env(port: u16, database: &Database) -> Vec<(&'static str, String)> {
 
 /// A busy node with fast retries that never gives a batch up.
 fn tuned_node(socket: &str, id: &str) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("GRPC_SERVER_SOCKET", socket.to_owned()),
         ("NODE_ID", id.to_owned()),
         ("SENSOR_COUNT", "4".into()),
@@ -224,12 +227,10 @@ fn tuned_node(socket: &str, id: &str) -> Vec<(&'static str, String)> {
         ("BATCH_SIZE", "50".into()),
         ("BATCH_TIMEOUT", "100ms".into()),
         ("RPC_TIMEOUT", "5s".into()),
-        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
-        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
         ("SHUTDOWN_TIMEOUT", "30s".into()),
-    ]
+    ];
+    env.extend(fast_retries());
+    env
 }
 
 /// Everything as users get it, but the address and a stable identity.
@@ -252,18 +253,19 @@ fn stop_sink(sink: Process) -> String {
     stdout
 }
 
-fn start_sink(dir: &Path, name: &'static str, port: u16, database: &Database) -> Process {
-    let sink = Process::start(name, SINK, &[], &sink_env(port, database), dir);
-    wait_for_port(port, Duration::from_secs(20));
-    sink
+/// Starts a sink on `socket` (on [`ANY_PORT`], the kernel picks the port),
+/// and returns it with the address it reports listening on.
+fn start_sink(dir: &Path, name: &'static str, socket: &str, database: &Database) -> (Process, String) {
+    let sink = Process::start(name, SINK, &[], &sink_env(socket, database), dir);
+    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    (sink, address.to_string())
 }
 
 fn every_reading_once(kind: Kind, name: &str) {
     let dir = scratch(name);
     let Some(database) = Database::start(kind, &dir) else { return };
-    let port = free_port();
-    let sink = start_sink(&dir, "sink", port, &database);
-    let node = Process::start("node", NODE, &[], &tuned_node(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    let (sink, socket) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let node = Process::start("node", NODE, &[], &tuned_node(&socket, "node-a"), &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop_node(node);
     stop_sink(sink);
@@ -284,9 +286,8 @@ fn every_reading_lands_in_prometheus_once_and_in_order() {
 fn database_down_for_ten_seconds(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
     let dir = scratch(name);
     let Some(mut database) = Database::start(kind, &dir) else { return };
-    let port = free_port();
-    let sink = start_sink(&dir, "sink", port, &database);
-    let node = Process::start("node", NODE, &[], &node_env(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    let (sink, socket) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let node = Process::start("node", NODE, &[], &node_env(&socket, "node-a"), &dir);
     std::thread::sleep(Duration::from_secs(2));
     database.stop();
     std::thread::sleep(Duration::from_secs(10));
@@ -313,14 +314,15 @@ fn the_database_down_for_ten_seconds_with_the_default_settings() {
 fn sink_killed(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
     let dir = scratch(name);
     let Some(database) = Database::start(kind, &dir) else { return };
-    let port = free_port();
-    let sink = start_sink(&dir, "sink-1", port, &database);
-    let node = Process::start("node", NODE, &[], &node_env(&format!("127.0.0.1:{port}"), "node-a"), &dir);
+    // Restarted on the same port: one drawn where the kernel hands out none.
+    let socket = format!("127.0.0.1:{}", free_port());
+    let (sink, _) = start_sink(&dir, "sink-1", &socket, &database);
+    let node = Process::start("node", NODE, &[], &node_env(&socket, "node-a"), &dir);
     std::thread::sleep(Duration::from_secs(3));
     sink.signal(libc::SIGKILL);
     let _ = sink.wait(Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(2));
-    let sink = start_sink(&dir, "sink-2", port, &database);
+    let (sink, _) = start_sink(&dir, "sink-2", &socket, &database);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop_node(node);
     stop_sink(sink);
@@ -371,8 +373,9 @@ fn two_sink_replicas_with_the_default_settings() {
 fn two_sink_replicas(name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
     let dir = scratch(name);
     let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
-    let (one, two) = (free_port(), free_port());
-    let sinks = [start_sink(&dir, "sink-1", one, &database), start_sink(&dir, "sink-2", two, &database)];
+    let (one, two) = (start_sink(&dir, "sink-1", ANY_PORT, &database), start_sink(&dir, "sink-2", ANY_PORT, &database));
+    let port = |address: &str| address.parse::<std::net::SocketAddr>().map(|address| address.port()).unwrap();
+    let (one, two, sinks) = (port(&one.1), port(&two.1), [one.0, two.0]);
     let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let socket = front.local_addr().unwrap().to_string();
     round_robin(front, vec![one, two]);
@@ -415,12 +418,11 @@ fn reading(sensor: &str, value: i64, at: SystemTime) -> SensorValue {
 async fn a_request_the_database_refuses_is_refused_counted_and_logged_and_the_rest_flows() {
     let dir = scratch("rw-refused");
     let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
-    let port = free_port();
-    let mut env = sink_env(port, &database);
-    let metrics = free_port();
-    env.push(("METRICS_ADDR", format!("127.0.0.1:{metrics}")));
-    let sink = Process::start("sink", SINK, &[], &env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let mut env = sink_env(ANY_PORT, &database);
+    env.push(("METRICS_ADDR", ANY_PORT.into()));
+    let (sink, address) = Process::start_on_port_0("sink", SINK, "Sink listening.", &env, &dir);
+    let port = address.port();
+    let metrics = sink.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
     let mut client = SensorServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let now = SystemTime::now();
     let at = |ms: u64| now - Duration::from_secs(60) + Duration::from_millis(ms);
@@ -457,10 +459,8 @@ async fn a_request_the_database_refuses_is_refused_counted_and_logged_and_the_re
 async fn a_batch_sent_again_is_stored_once(kind: Kind, name: &str) {
     let dir = scratch(name);
     let Some(database) = Database::start(kind, &dir) else { return };
-    let port = free_port();
-    let sink = Process::start("sink", SINK, &[], &sink_env(port, &database), &dir);
-    wait_for_port(port, Duration::from_secs(20));
-    let mut client = SensorServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let (sink, address) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
     let start = SystemTime::now() - Duration::from_secs(60);
     let items = (0..10).map(|i| reading("x", i, start + Duration::from_millis(10 * i as u64))).collect();
     let batch = SensorValuesRequest { items, node_id: "n".into(), lane: 0, batch_sequence: 7 };
@@ -518,17 +518,14 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     // A CA the relay's certificate does not come from: nothing is taken,
     // and the sink says why.
     Pki::new(&dir, "other-ca");
-    let port = free_port();
-    let mut env = sink_env(port, &database);
+    let mut env = sink_env(ANY_PORT, &database);
     env.retain(|(name, _)| *name != "REMOTE_WRITE_URL");
     env.push(("REMOTE_WRITE_URL", url.clone()));
     let mut wrong = env.clone();
     wrong.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("other-ca.pem").display().to_string()));
-    let sink = Process::start("sink-wrong-ca", SINK, &[], &wrong, &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let (sink, address) = Process::start_on_port_0("sink-wrong-ca", SINK, "Sink listening.", &wrong, &dir);
     // A node as users get it (the right-CA run below is the tuned one).
-    let node =
-        Process::start("node-wrong-ca", NODE, &[], &default_node(&format!("127.0.0.1:{port}"), "node-tls"), &dir);
+    let node = Process::start("node-wrong-ca", NODE, &[], &default_node(&address.to_string(), "node-tls"), &dir);
     std::thread::sleep(Duration::from_secs(2));
     let (_, stdout, _) = node.terminate(Duration::from_secs(60));
     assert_eq!(summary_fields(&stdout)["acked"], 0, "{stdout}");
@@ -536,14 +533,12 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     assert!(sink_log.contains("certificate"), "the sink names the TLS failure: {sink_log}");
 
     // The right CA: every reading lands once.
-    let port = free_port();
-    let mut env = sink_env(port, &database);
+    let mut env = sink_env(ANY_PORT, &database);
     env.retain(|(name, _)| *name != "REMOTE_WRITE_URL");
     env.push(("REMOTE_WRITE_URL", url));
     env.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("ca.pem").display().to_string()));
-    let sink = Process::start("sink", SINK, &[], &env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
-    let node = Process::start("node", NODE, &[], &tuned_node(&format!("127.0.0.1:{port}"), "node-tls-ok"), &dir);
+    let (sink, address) = Process::start_on_port_0("sink", SINK, "Sink listening.", &env, &dir);
+    let node = Process::start("node", NODE, &[], &tuned_node(&address.to_string(), "node-tls-ok"), &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop_node(node);
     stop_sink(sink);

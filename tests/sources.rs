@@ -5,7 +5,7 @@ mod common;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use common::{Process, free_ports, node_config, scratch, summary_fields, vars, wait_for_port};
+use common::{Process, node_config, scratch, summary_fields, vars};
 use telemetry_node::config::{ConfigError, NodeConfig};
 
 /// Every (sensor, sequence, value) the sink wrote, in file order.
@@ -33,20 +33,18 @@ fn metric(port: u16, prefix: &str) -> Option<u64> {
 #[test]
 fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() {
     let dir = scratch("sources");
-    let [port, metrics] = free_ports::<2>();
-    let socket = format!("127.0.0.1:{port}");
-    let sink = Process::start(
+    let (sink, address) = Process::start_on_port_0(
         "sink",
         env!("CARGO_BIN_EXE_telemetry-sink"),
-        &[],
+        "Sink listening.",
         &[
-            ("GRPC_SERVER_SOCKET", socket.clone()),
+            ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
             ("FILE_PATH", "out".into()),
             ("BUFFER_FLUSH_INTERVAL", "100ms".into()),
         ],
         &dir,
     );
-    wait_for_port(port, Duration::from_secs(20));
+    let socket = address.to_string();
     let zones = dir.join("thermal");
     for zone in ["zone0", "zone1"] {
         std::fs::create_dir_all(zones.join(zone)).unwrap();
@@ -75,7 +73,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
             ("FILE_INTERVAL", "100ms".into()),
             ("EXEC_COMMAND", format!("/bin/sh {}", script.display())),
             ("EXEC_INTERVAL", "300ms".into()),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("SINK_AUTH_TOKEN", "not-for-the-command".into()),
         ],
         &dir,
@@ -87,6 +85,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
         std::fs::write(&next, value.to_string()).unwrap();
         std::fs::rename(&next, &level).unwrap();
     }
+    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
     let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
     let (code, stdout, node_log) = node.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{node_log}");
@@ -189,16 +188,14 @@ fn bad_source_settings_name_their_variable() {
 #[test]
 fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
     let dir = scratch("sources-defaults");
-    let [port, metrics] = free_ports::<2>();
-    let socket = format!("127.0.0.1:{port}");
-    let sink = Process::start(
+    let (sink, address) = Process::start_on_port_0(
         "sink",
         env!("CARGO_BIN_EXE_telemetry-sink"),
-        &[],
-        &[("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into())],
+        "Sink listening.",
+        &[("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())],
         &dir,
     );
-    wait_for_port(port, Duration::from_secs(20));
+    let socket = address.to_string();
     // Prints a reading, then hangs with a child of its own: killed, with the
     // child, at the default EXEC_TIMEOUT (5 s).
     let marker = format!("tn-defaults-hang-{}", std::process::id());
@@ -211,12 +208,13 @@ fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
         &[],
         &[
             ("GRPC_SERVER_SOCKET", socket),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("EXEC_COMMAND", format!("/bin/sh {}", script.display())),
             ("FILE_SENSORS", format!("gone={}", dir.join("no-such-file").display())),
         ],
         &dir,
     );
+    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
     std::thread::sleep(Duration::from_millis(6500));
     let timeouts = metric(metrics, "telemetry_node_readings_failed_total{source=\"exec\",reason=\"timeout\"}");
     let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");

@@ -6,7 +6,8 @@ mod common;
 use std::{io::Read, io::Write, path::Path, time::Duration};
 
 use common::{
-    Process, assert_complete_and_ordered, free_port, free_ports, read_output, scratch, summary_fields, wait_for_port,
+    Process, assert_complete_and_ordered, fast_retries, free_port, free_ports, read_output, scratch, summary_fields,
+    wait_for_port,
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
@@ -22,10 +23,9 @@ fn node_env(socket: &str, name: &str, spool: Option<&Path>) -> Vec<(&'static str
         ("BATCH_SIZE", "20".into()),
         ("BATCH_TIMEOUT", "100ms".into()),
         ("RPC_TIMEOUT", "1s".into()),
-        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms".into()),
-        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "300ms".into()),
         ("SHUTDOWN_TIMEOUT", "2s".into()),
     ];
+    env.extend(fast_retries());
     if let Some(spool) = spool {
         env.push(("OVERFLOW_POLICY", "spool".into()));
         env.push(("SPOOL_DIR", spool.display().to_string()));

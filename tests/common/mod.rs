@@ -34,6 +34,19 @@ pub fn sink_config(pairs: &[(&str, String)]) -> SinkConfig {
     SinkConfig::from_vars(&vars(pairs)).expect("a valid test configuration")
 }
 
+/// The retry settings of a test that must not wait: the first retry after
+/// 20 ms, none more than 200 ms apart, and no batch ever given up. Fault
+/// tests run with these to be quick; each fault also runs once with the
+/// defaults instead.
+pub fn fast_retries() -> [(&'static str, String); 4] {
+    [
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into()),
+        ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "20ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "200ms".into()),
+        ("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s".into()),
+    ]
+}
+
 pub fn vars(pairs: &[(&str, String)]) -> HashMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
 }
@@ -169,7 +182,11 @@ pub fn free_port() -> u16 {
     free_ports::<1>()[0]
 }
 
-/// `N` different free loopback ports for servers a test starts.
+/// `N` different free loopback ports, for the servers that cannot start on
+/// port 0: a sink restarted on the same port mid-test, and the databases
+/// and relays the tests run (whose addresses are given on their command
+/// line). Our binaries otherwise start on port 0 and report the address
+/// they got ([`Process::start_on_port_0`]).
 ///
 /// They are drawn below the kernel's ephemeral range (32768 and up by
 /// default), where bind-to-port-0 and outgoing connections never take a
@@ -231,6 +248,38 @@ impl Process {
         Self { child, name, out, err }
     }
 
+    /// Starts `binary` listening on port 0, and returns it with the address
+    /// it reports in its `message` log line (the kernel's choice, so no
+    /// port is picked, released and bound again).
+    pub fn start_on_port_0(
+        name: &'static str,
+        binary: &str,
+        message: &str,
+        env: &[(&str, String)],
+        dir: &Path,
+    ) -> (Self, SocketAddr) {
+        let process = Self::start(name, binary, &[], env, dir);
+        let address = process.reported_address(message, Duration::from_secs(20));
+        (process, address)
+    }
+
+    /// The address in the process's first log line holding `message`
+    /// (`Sink listening.`, `Serving metrics and health.`), waiting up to
+    /// `limit` for it.
+    pub fn reported_address(&self, message: &str, limit: Duration) -> SocketAddr {
+        let deadline = Instant::now() + limit;
+        loop {
+            for path in [&self.err, &self.out] {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                if let Some(address) = text.lines().filter(|line| line.contains(message)).find_map(address_in) {
+                    return address;
+                }
+            }
+            assert!(Instant::now() < deadline, "{} logged no {message:?} within {limit:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).unwrap();
         // SAFETY: kill(2) with a PID this test started and has not reaped.
@@ -266,6 +315,32 @@ impl Drop for Process {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The value of the `address` field in a log line, text or JSON, with
+/// terminal colours or without.
+fn address_in(line: &str) -> Option<SocketAddr> {
+    let (_, rest) = line.split_once("address")?;
+    let rest: String = strip_colours(rest);
+    rest.trim_start_matches(['=', '"', ':'])
+        .split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `text` without ANSI colour sequences.
+fn strip_colours(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// Waits until something accepts connections on `port`, for at most `limit`.
