@@ -7,12 +7,14 @@
 
 mod node;
 mod sink;
+mod sources;
 
 use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
-pub use node::{ClientTls, Jitter, LogFormat, NodeConfig, Overflow, Retries};
+pub use node::{ClientTls, Jitter, LogFormat, MAX_REQUEST_RATE, NodeConfig, Overflow, RequestRate, Retries};
 pub use sink::{OutputKind, ServerTls, SinkConfig};
+pub use sources::{FileSensor, HOST_PREFIX, Owned};
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]

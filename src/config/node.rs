@@ -11,14 +11,9 @@ use std::{
 
 use envconfig::Envconfig;
 
+use super::sources::{FileSensor, Owned, argv, findable, parse_file_sensors};
 use super::{ConfigError, Pem, Secret, ensure, ensure_bounded, ensure_positive, invalid};
-use crate::{
-    node::{
-        source::{self, Owned, file::FileSensor},
-        throttle::{MAX_RATE, RequestRate},
-    },
-    reading::sensor_name,
-};
+use crate::reading::sensor_name;
 
 /// Everything `telemetry-node` reads from its environment. Defaults match
 /// the Go node's load (one sensor, 5 readings/s, 1 request/s) and a sink
@@ -170,7 +165,8 @@ impl NodeConfig {
         self.validate_sources()?;
         let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
-        let request_rate_ok = (MIN_RATE..=MAX_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
+        let request_rate_ok =
+            (MIN_RATE..=MAX_REQUEST_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
         ensure(request_rate_ok, "REQUEST_RATE_PER_SECOND", self.request_rate)?;
         ensure(self.request_burst > 0, "REQUEST_BURST", self.request_burst)?;
         self.sink_uri()?;
@@ -229,7 +225,7 @@ impl NodeConfig {
         let files = self.file_sensors()?;
         if let Some(argv) = self.exec_argv() {
             let program = argv.first().map_or("", String::as_str);
-            ensure(source::exec::findable(program), "EXEC_COMMAND", program)?;
+            ensure(findable(program), "EXEC_COMMAND", program)?;
         }
         let others = self.host_interval.is_some() || !files.is_empty() || self.exec_argv().is_some();
         ensure(self.sensor_count > 0 || others, "SENSOR_COUNT", self.sensor_count)?;
@@ -263,7 +259,7 @@ impl NodeConfig {
     /// The file source's sensors (none when FILE_SENSORS is unset or empty).
     pub fn file_sensors(&self) -> Result<Vec<FileSensor>, ConfigError> {
         let spec = self.file_sensors.as_deref().unwrap_or_default();
-        source::file::parse(spec).map_err(|error| ConfigError::Unusable {
+        parse_file_sensors(spec).map_err(|error| ConfigError::Unusable {
             variable: "FILE_SENSORS",
             value: spec.to_owned(),
             reason: error.to_string(),
@@ -273,7 +269,7 @@ impl NodeConfig {
     /// EXEC_COMMAND as a program and its arguments, if set.
     pub fn exec_argv(&self) -> Option<Vec<String>> {
         let command = self.exec_command.as_deref().filter(|command| !command.trim().is_empty())?;
-        Some(source::exec::argv(command, self.exec_shell))
+        Some(argv(command, self.exec_shell))
     }
 
     /// The names the simulated, `files` and host sources own, checked for
@@ -406,6 +402,20 @@ fn writable_folder(dir: &std::path::Path) -> bool {
     let written = std::fs::write(&probe, b"").is_ok();
     let _ = std::fs::remove_file(&probe);
     written
+}
+
+/// Highest request rate: the token bucket counts thousandths of a request,
+/// one a nanosecond at most.
+pub const MAX_REQUEST_RATE: f64 = 1e6;
+
+/// How fast requests may go out (`REQUEST_RATE_PER_SECOND`,
+/// `REQUEST_BURST`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestRate {
+    /// Requests per second over the long run; at most [`MAX_REQUEST_RATE`].
+    pub per_second: f64,
+    /// Requests that may go out back to back after an idle spell.
+    pub burst: NonZeroU32,
 }
 
 /// Lowest sensor or request rate: one a million seconds (11.6 days).

@@ -5,7 +5,10 @@ use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::{Quota, RateLimiter, clock::Clock};
 
-use crate::clock::{TokenBucket, TokioClock};
+use crate::{
+    clock::{TokenBucket, TokioClock},
+    config::{MAX_REQUEST_RATE, RequestRate},
+};
 
 /// Tokens are counted in thousandths of a request, so that the bucket can
 /// hold a fraction of a request on top of the burst.
@@ -15,35 +18,25 @@ const CELLS_PER_REQUEST: u32 = 1000;
 /// this much after the instant asked for.
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
-/// Highest rate the bucket can hold: one cell per nanosecond.
-pub(crate) const MAX_RATE: f64 = 1e9 / CELLS_PER_REQUEST as f64;
+// The configuration's ceiling on the rate is what the bucket can hold:
+// one cell a nanosecond.
+const _: () = assert!(MAX_REQUEST_RATE == 1e9 / CELLS_PER_REQUEST as f64);
 
-/// How fast requests may go out.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RequestRate {
-    /// Requests per second over the long run; at most [`MAX_RATE`].
-    pub per_second: f64,
-    /// Requests that may go out back to back after an idle spell.
-    pub burst: NonZeroU32,
-}
-
-impl RequestRate {
-    /// The token bucket for this rate.
-    ///
-    /// It holds `burst` requests plus [`TIMER_RESOLUTION`]'s worth of rate.
-    /// Without that slack, a sender woken up to 1 ms after its token was due
-    /// would lose that time for good, and the achieved rate would fall short
-    /// by up to 1 ms per period. With it, the sends
-    /// in any window of W never exceed `per_second × (W + 1 ms) + burst`.
-    pub fn quota(&self) -> Quota {
-        let cells_per_second = self.per_second * f64::from(CELLS_PER_REQUEST);
-        let cell_period = Duration::from_secs_f64(1.0 / cells_per_second).max(Duration::from_nanos(1));
-        let slack = (cells_per_second * TIMER_RESOLUTION.as_secs_f64()).ceil() as u32;
-        let cells = self.burst.get().saturating_mul(CELLS_PER_REQUEST).saturating_add(slack);
-        Quota::with_period(cell_period)
-            .expect("period is at least 1 ns")
-            .allow_burst(NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN))
-    }
+/// The token bucket for `rate`.
+///
+/// It holds `burst` requests plus [`TIMER_RESOLUTION`]'s worth of rate.
+/// Without that slack, a sender woken up to 1 ms after its token was due
+/// would lose that time for good, and the achieved rate would fall short
+/// by up to 1 ms per period. With it, the sends in any window of W never
+/// exceed `per_second × (W + 1 ms) + burst`.
+fn quota(rate: &RequestRate) -> Quota {
+    let cells_per_second = rate.per_second * f64::from(CELLS_PER_REQUEST);
+    let cell_period = Duration::from_secs_f64(1.0 / cells_per_second).max(Duration::from_nanos(1));
+    let slack = (cells_per_second * TIMER_RESOLUTION.as_secs_f64()).ceil() as u32;
+    let cells = rate.burst.get().saturating_mul(CELLS_PER_REQUEST).saturating_add(slack);
+    Quota::with_period(cell_period)
+        .expect("period is at least 1 ns")
+        .allow_burst(NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN))
 }
 
 /// A request-rate limit that any number of streams can share, and that a
@@ -67,7 +60,7 @@ impl Throttle {
     /// A throttle at `rate`, or one that never waits for `None`.
     pub(crate) fn new(rate: Option<RequestRate>) -> Self {
         let clock = TokioClock::new();
-        let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(rate.quota(), clock)));
+        let bucket = rate.map(|rate| Arc::new(RateLimiter::direct_with_clock(quota(&rate), clock)));
         Self { paused_until: Arc::default(), bucket, clock, line: Arc::default() }
     }
 

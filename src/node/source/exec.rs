@@ -13,7 +13,8 @@ use std::{collections::HashSet, process::Stdio, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{Failure, Owned, Probe, Round};
+use super::{Failure, Probe, Round};
+use crate::config::Owned;
 use crate::reading::{check_sensor_name, sensor_name};
 
 /// The most bytes of output taken from one run: about 30,000 readings.
@@ -207,31 +208,16 @@ fn quote(bytes: &[u8]) -> String {
     text.escape_debug().to_string()
 }
 
-/// `EXEC_COMMAND` as a program and its arguments: split on whitespace, or
-/// handed to `/bin/sh -c` whole when `shell` is set.
-pub(crate) fn argv(command: &str, shell: bool) -> Vec<String> {
-    if shell {
-        return vec!["/bin/sh".to_owned(), "-c".to_owned(), command.to_owned()];
-    }
-    command.split_ascii_whitespace().map(str::to_owned).collect()
-}
-
-/// Whether `program` can be run: a path to a file, or a name found on PATH.
-pub(crate) fn findable(program: &str) -> bool {
-    if program.contains('/') {
-        return std::path::Path::new(program).is_file();
-    }
-    // Without PATH, the C library's own default, as execvp(3) searches.
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn shell(script: &str) -> Vec<String> {
+        vec!["/bin/sh".to_owned(), "-c".to_owned(), script.to_owned()]
+    }
+
     fn exec(script: &str, timeout: Duration) -> Exec {
-        Exec::new(argv(script, true), timeout, Owned::default())
+        Exec::new(shell(script), timeout, Owned::default())
     }
 
     #[tokio::test]
@@ -246,7 +232,7 @@ mod tests {
     async fn bad_lines_are_skipped_and_counted_the_rest_kept() {
         let script = "printf 'a 1\\nb\\nc 1.5\\nd 1 2\\na 3\\nsensor 4\\n\\377 5\\ne 6\\n'";
         let owned = Owned::new(Some(("sensor".into(), 1)), HashSet::new(), false);
-        let mut probe = Exec::new(argv(script, true), Duration::from_secs(5), owned);
+        let mut probe = Exec::new(shell(script), Duration::from_secs(5), owned);
         let round = probe.read().await;
         assert_eq!(round.values, [("a", 1), ("e", 6)]);
         let reasons: Vec<&str> = round.failures.iter().map(|f| f.reason).collect();
@@ -331,13 +317,5 @@ mod tests {
         assert_eq!(round.values.len(), MOST_SENSORS);
         assert_eq!(round.failures.len(), 5);
         assert!(round.failures.iter().all(|f| f.reason == "too_many_sensors"));
-    }
-
-    #[test]
-    fn commands_split_on_whitespace_unless_a_shell_is_asked_for() {
-        assert_eq!(argv(" /bin/echo  a b ", false), ["/bin/echo", "a", "b"]);
-        assert_eq!(argv("echo a | tr a b", true), ["/bin/sh", "-c", "echo a | tr a b"]);
-        assert!(findable("sh") && findable("/bin/sh"));
-        assert!(!findable("no-such-program-here") && !findable("/no/such"));
     }
 }

@@ -12,120 +12,15 @@
 use std::{
     io::{ErrorKind, Read},
     os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use super::{Failure, Probe, Round};
-use crate::reading::{check_sensor_name, sensor_name};
-
-/// The most file sensors a node has.
-pub(crate) const MOST_FILES: usize = 10_000;
+use crate::config::FileSensor;
 
 /// The most bytes read from one file: far more than any integer takes, so a
 /// file named by mistake (a log) costs little to refuse.
 const MOST_BYTES: u64 = 256;
-
-/// One sensor of the file source.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileSensor {
-    /// The sensor's name.
-    pub name: &'static str,
-    /// The file it reads.
-    pub path: PathBuf,
-}
-
-/// Why `FILE_SENSORS` cannot be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub(crate) enum SpecError {
-    /// An entry is empty, has an empty name or path, or a relative path.
-    #[error("entry {0:?} is not name=/absolute/path or an absolute glob")]
-    Entry(String),
-    /// An entry that is not a glob has no name.
-    #[error("entry {0:?} names no sensor: write name=path")]
-    Unnamed(String),
-    /// A glob is malformed.
-    #[error("glob {0:?}: {1}")]
-    Glob(String, String),
-    /// A glob matches no file.
-    #[error("glob {0:?} matches no file")]
-    NoMatch(String),
-    /// A glob descends any depth (`**`): it would follow /sys's and /proc's
-    /// endless links.
-    #[error("glob {0:?}: ** is not supported; write each level, e.g. /sys/class/hwmon/*/temp*_input")]
-    Recursive(String),
-    /// The globs match more files than a node reads.
-    #[error("the globs match more than {MOST_FILES} files")]
-    TooMany,
-    /// A sensor name is not one the sink takes.
-    #[error("sensor name {0:?}: {1}")]
-    Name(String, &'static str),
-    /// Two entries give the same name.
-    #[error("sensor name {0:?} is given twice")]
-    Duplicate(String),
-}
-
-/// The sensors `spec` (the value of `FILE_SENSORS`) names, globs expanded.
-pub(crate) fn parse(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
-    let mut sensors: Vec<FileSensor> = Vec::new();
-    let mut names = std::collections::HashSet::new();
-    for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
-        let (prefix, pattern) = match entry.split_once('=') {
-            Some((name, path)) => (Some(name.trim()), path.trim()),
-            None => (None, entry),
-        };
-        if !pattern.starts_with('/') || prefix == Some("") {
-            return Err(SpecError::Entry(entry.to_owned()));
-        }
-        let found = if is_glob(pattern) {
-            if pattern.contains("**") {
-                return Err(SpecError::Recursive(pattern.to_owned()));
-            }
-            expand(prefix, pattern, MOST_FILES - sensors.len())?
-        } else {
-            let name = prefix.ok_or_else(|| SpecError::Unnamed(entry.to_owned()))?;
-            vec![(name.to_owned(), PathBuf::from(pattern))]
-        };
-        for (name, path) in found {
-            check_sensor_name(&name).map_err(|why| SpecError::Name(name.clone(), why))?;
-            if !names.insert(name.clone()) {
-                return Err(SpecError::Duplicate(name));
-            }
-            if sensors.len() == MOST_FILES {
-                return Err(SpecError::TooMany);
-            }
-            sensors.push(FileSensor { name: sensor_name(&name), path });
-        }
-    }
-    Ok(sensors)
-}
-
-/// Whether `pattern` holds a wildcard.
-fn is_glob(pattern: &str) -> bool {
-    pattern.contains(['*', '?', '['])
-}
-
-/// The files `pattern` matches, each with its sensor name.
-fn expand(prefix: Option<&str>, pattern: &str, most: usize) -> Result<Vec<(String, PathBuf)>, SpecError> {
-    let paths = glob::glob(pattern).map_err(|error| SpecError::Glob(pattern.to_owned(), error.msg.to_owned()))?;
-    let wild: Vec<bool> = Path::new(pattern).components().map(|c| is_glob(&c.as_os_str().to_string_lossy())).collect();
-    let mut found = Vec::new();
-    for path in paths.filter_map(Result::ok) {
-        let matched = path
-            .components()
-            .zip(&wild)
-            .filter(|(_, wild)| **wild)
-            .map(|(component, _)| component.as_os_str().to_string_lossy().into_owned());
-        let name: Vec<String> = prefix.map(str::to_owned).into_iter().chain(matched).collect();
-        found.push((name.join("."), path));
-        if found.len() > most {
-            return Err(SpecError::TooMany);
-        }
-    }
-    if found.is_empty() {
-        return Err(SpecError::NoMatch(pattern.to_owned()));
-    }
-    Ok(found)
-}
 
 /// Reads every sensor's file at each tick.
 #[derive(Debug)]
@@ -186,37 +81,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn named_entries_and_globs_name_their_sensors() {
-        let dir = tempdir("names");
-        for zone in ["zone0", "zone1"] {
-            std::fs::create_dir_all(dir.join(zone)).unwrap();
-            std::fs::write(dir.join(zone).join("temp"), "42000\n").unwrap();
-        }
-        let spec = format!("cpu={0}/zone0/temp, {0}/zone*/temp, hot={0}/zone?/te*", dir.display());
-        let names: Vec<&str> = parse(&spec).unwrap().iter().map(|sensor| sensor.name).collect();
-        assert_eq!(names, ["cpu", "zone0", "zone1", "hot.zone0.temp", "hot.zone1.temp"]);
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn bad_specs_are_refused_with_the_entry() {
-        let dir = tempdir("bad");
-        let cases = [
-            ("x=relative/path".to_owned(), SpecError::Entry("x=relative/path".into())),
-            ("/no/name".to_owned(), SpecError::Unnamed("/no/name".into())),
-            ("=/a".to_owned(), SpecError::Entry("=/a".into())),
-            (format!("{}/nothing*", dir.display()), SpecError::NoMatch(format!("{}/nothing*", dir.display()))),
-            ("a=/x, a=/y".to_owned(), SpecError::Duplicate("a".into())),
-            ("a b=/x".to_owned(), SpecError::Name("a b".into(), "holds whitespace or a control character")),
-            ("/sys/**/temp".to_owned(), SpecError::Recursive("/sys/**/temp".into())),
-        ];
-        for (spec, expected) in cases {
-            assert_eq!(parse(&spec), Err(expected), "{spec}");
-        }
-        std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
     fn a_file_holds_an_integer_or_says_why_not() {
         let dir = tempdir("read");
         let path = dir.join("value");
@@ -243,7 +107,7 @@ mod tests {
     }
 
     /// A new, empty folder for one test.
-    pub(super) fn tempdir(name: &str) -> PathBuf {
+    fn tempdir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("tn-file-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -209,7 +209,7 @@ mod tests {
         assert!(after["host_uptime_seconds"] > 0);
         assert!(after.contains_key("host_network_receive_bytes_total:lo"), "{:?}", after.keys());
         for (name, value) in &after {
-            assert!(name.starts_with(crate::node::source::HOST_PREFIX), "{name}");
+            assert!(name.starts_with(crate::config::HOST_PREFIX), "{name}");
             if name.ends_with("_total") || name.contains("_total:") || name.starts_with("host_uptime") {
                 assert!(*value >= before[name], "{name} went from {} to {value}", before[name]);
             }

@@ -17,7 +17,7 @@ pub(crate) mod host;
 pub mod simulated;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -42,6 +42,8 @@ pub enum Readings {
     Simulated(simulated::Tick),
     /// A tick of a polled source.
     Polled(std::vec::IntoIter<Reading>),
+    /// One reading out of a drop-policy queue.
+    One(std::iter::Once<Reading>),
 }
 
 impl Iterator for Readings {
@@ -51,6 +53,7 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.next(),
             Self::Polled(readings) => readings.next(),
+            Self::One(reading) => reading.next(),
         }
     }
 
@@ -58,6 +61,7 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.size_hint(),
             Self::Polled(readings) => readings.size_hint(),
+            Self::One(reading) => reading.size_hint(),
         }
     }
 }
@@ -238,45 +242,6 @@ async fn off_the_runtime<S: Send + 'static>(
         Err(error) => Round { values: Vec::new(), failures: vec![Failure::new("unreadable", error.to_string())] },
     }
 }
-
-/// Names the configured sources own, so that a command cannot report a
-/// reading under another source's sensor name.
-#[derive(Debug, Clone, Default)]
-pub struct Owned {
-    /// SENSOR_NAME and SENSOR_COUNT, when simulated sensors run.
-    simulated: Option<(String, usize)>,
-    /// The file source's names.
-    named: HashSet<&'static str>,
-    /// Whether the host source runs (it owns every name with its prefix).
-    host: bool,
-}
-
-impl Owned {
-    /// The names of `simulated` sensors (base name and count), `named`
-    /// others, and the host source's if `host`.
-    pub fn new(simulated: Option<(String, usize)>, named: HashSet<&'static str>, host: bool) -> Self {
-        Self { simulated, named, host }
-    }
-
-    /// Whether a configured source owns `name`.
-    pub fn owns(&self, name: &str) -> bool {
-        self.named.contains(name) || (self.host && name.starts_with(HOST_PREFIX)) || self.simulates(name)
-    }
-
-    /// Whether `name` is one of the simulated sensors': the base name alone
-    /// for one sensor, else `<base>-<i>` for i from 1.
-    fn simulates(&self, name: &str) -> bool {
-        let Some((base, count)) = &self.simulated else { return false };
-        if *count == 1 {
-            return name == base;
-        }
-        let number = name.strip_prefix(base.as_str()).and_then(|rest| rest.strip_prefix('-'));
-        number.is_some_and(|n| !n.starts_with('0') && n.parse::<usize>().is_ok_and(|i| (1..=*count).contains(&i)))
-    }
-}
-
-/// The prefix of every host sensor's name.
-pub const HOST_PREFIX: &str = "host_";
 
 /// The sources `config` asks for, dealt into its lanes: lane i gets the
 /// i-th share of the simulated sensors; the host, file and exec sources

@@ -151,19 +151,6 @@ async fn failures_are_counted_by_source_and_reason_and_give_no_reading() {
     assert!((now - 60.0..=now).contains(&last_read), "the last read's time is shown: {last_read}");
 }
 
-#[test]
-fn a_command_cannot_take_the_names_other_sources_own() {
-    let files = std::collections::HashSet::from(["cpu_temp"]);
-    let owned = Owned::new(Some(("sensor".into(), 12)), files, true);
-    for taken in ["sensor-1", "sensor-12", "cpu_temp", "host_anything"] {
-        assert!(owned.owns(taken), "{taken}");
-    }
-    for free in ["sensor", "sensor-0", "sensor-13", "sensor-01", "sensor-x", "cpu", "hostname"] {
-        assert!(!owned.owns(free), "{free}");
-    }
-    assert!(Owned::new(Some(("s".into(), 1)), Default::default(), false).owns("s"));
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_stalled_source_delays_no_batch_beyond_the_batch_timeout() {
     let ledger = Arc::new(Ledger::default());
