@@ -450,3 +450,73 @@ async fn a_slow_sink_under_drop_policies_drops_exactly_what_is_missing() {
         assert!(most_held <= 2 * (200 + LANE_BATCHES * 50), "{policy}: held {most_held}");
     }
 }
+
+/// A sink that stores each request, then holds the lane's thread for a
+/// second before answering: a lane that is in the middle of being polled.
+#[derive(Debug, Clone, Default)]
+struct Answering {
+    /// Readings stored.
+    received: Arc<Mutex<u64>>,
+    /// Requests that arrived.
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Transport for Answering {
+    async fn send(&self, request: Outgoing) -> Result<(), Status> {
+        let items = SensorValuesRequest::decode(request.items).map_err(|error| Status::internal(error.to_string()))?;
+        *self.received.lock().unwrap() += items.items.len() as u64;
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Blocks the worker thread on purpose: the drain is ended while this
+        // lane's task is still being polled, and the lane acks when the poll
+        // ends.
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_answered_after_the_drain_was_cut_short_is_counted_once() {
+    let config = node_config(&[
+        ("SENSOR_COUNT", "1".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "100".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("BATCH_TIMEOUT", "10ms".into()),
+    ]);
+    let transport = Answering::default();
+    let requests = Arc::clone(&transport.requests);
+    let second_arrived = move || requests.load(std::sync::atomic::Ordering::SeqCst) >= 2;
+    // Stops the node as its second request reaches the sink, and ends the
+    // drain at once (a second signal) 100 ms later, from a thread of its
+    // own, while that request's lane is still mid-poll.
+    let shutdown = {
+        let second_arrived = second_arrived.clone();
+        async move {
+            while !second_arrived() {
+                tokio::task::yield_now().await;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let (abort, aborted) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        while !second_arrived() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = abort.send(());
+    });
+    let ledger = Arc::new(Ledger::default());
+    let health = node::retry::SinkHealth::new(config.retry_budget);
+    let abort = async move {
+        let _ = aborted.await;
+    };
+    let returned = node::run_with(&config, transport.clone(), health, Arc::clone(&ledger), shutdown, abort).await;
+    // A lane still running after the books were settled would ack later:
+    // the books, read again once any such lane has finished, must not move.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let summary = ledger.snapshot();
+    assert_eq!(summary, returned, "the books moved after they were settled");
+    let received = *transport.received.lock().unwrap();
+    assert_eq!(summary.produced, summary.acked + summary.dropped, "{summary}");
+    assert_eq!(summary.acked, received, "every stored reading is acked, once: {summary}");
+}

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, Stream, StreamExt, stream::BoxStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -27,14 +27,13 @@ use super::{
     },
     retry::{RetryPolicy, SinkHealth},
     sender::{self, LaneIdentity},
-    source,
+    source::{self, Readings},
     throttle::Throttle,
     transport::Transport,
 };
 use crate::{
     config::{NodeConfig, Overflow},
     node::{Ledger, Summary},
-    reading::Reading,
 };
 
 /// What every lane is built from.
@@ -160,20 +159,24 @@ impl<T: Transport> Run<'_, T> {
             let identity = LaneIdentity { node_id: Arc::clone(&self.node_id), lane, first_batch: self.first_batch };
             let spool = spools.iter().find(|(id, _)| *id == lane).map(|(_, spool)| spool.clone());
             let readings = source::merge(sources).take_until(stop.clone().cancelled_owned());
-            let (settings, context) = (settings.clone(), self.context.clone());
-            let drop = match self.config.overflow {
-                Overflow::Block | Overflow::Spool => {
-                    lanes.spawn(run_lane(Box::pin(readings), settings, context, identity, spool));
-                    continue;
-                }
-                Overflow::DropOldest => Drop::Oldest,
-                Overflow::DropNewest => Drop::Newest,
-            };
-            let ledger = Arc::clone(&self.context.ledger);
-            let readings = queue::decouple(readings, self.config.queue_capacity, drop, ledger);
-            lanes.spawn(run_lane(Box::pin(readings.map(std::iter::once)), settings, context, identity, spool));
+            let readings = self.overflow_queue(readings);
+            lanes.spawn(run_lane(readings, settings.clone(), self.context.clone(), identity, spool));
         }
         lanes
+    }
+
+    /// `readings` through a drop-policy queue when OVERFLOW_POLICY is one
+    /// (the sources then never wait for the sender), or as they are.
+    fn overflow_queue(&self, readings: impl Stream<Item = Readings> + Send + 'static) -> BoxStream<'static, Readings> {
+        let drop = match self.config.overflow {
+            Overflow::Block | Overflow::Spool => return readings.boxed(),
+            Overflow::DropOldest => Drop::Oldest,
+            Overflow::DropNewest => Drop::Newest,
+        };
+        let ledger = Arc::clone(&self.context.ledger);
+        queue::decouple(readings, self.config.queue_capacity, drop, ledger)
+            .map(|reading| Readings::One(std::iter::once(reading)))
+            .boxed()
     }
 
     /// Waits for `shutdown`, stops the sources, and lets the lanes and the
@@ -266,40 +269,51 @@ fn open_spool(config: &NodeConfig) -> Result<Option<Spool>, SpoolError> {
     Ok(Some(spool))
 }
 
-/// One lane: batches the readings of `runs` (ticks), paces the batches and
-/// sends them, until `runs` ends and the last batch is delivered.
-async fn run_lane<T: Transport, R: IntoIterator<Item = Reading>>(
-    runs: impl futures::Stream<Item = R> + Unpin,
+/// One lane: batches `readings` (a tick's worth at a time), and sends the
+/// batches, each attempt paced by the throttle, until `readings` ends and
+/// the last batch is delivered.
+async fn run_lane<T: Transport>(
+    readings: BoxStream<'static, Readings>,
     settings: LaneSettings,
     context: SendContext<T>,
     identity: LaneIdentity,
     spool: Option<LaneSpool>,
 ) {
-    let batches = batch::batches(runs, settings.batch_size, settings.batch_timeout);
+    let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
     // One batch waits ready behind the one in flight, so the next batch is
     // gathered while the sink answers instead of after.
     let sender = sender::batch_sender(context.clone(), identity, spool).buffer(1);
-    if !context.throttle.is_limited() {
-        let Ok(()) = batches.map(Ok).forward(sender).await;
+    let ahead = if context.throttle.is_limited() { BATCHES_AHEAD } else { 0 };
+    forward_ahead(batches, sender, ahead).await;
+}
+
+/// Forwards `items` into `sink`, letting up to `ahead` finished items wait
+/// for the sink while the next are gathered.
+///
+/// With a rate limit, finished batches wait for a token: without this slack
+/// the sensors would be held back (and miss ticks) whenever the lanes queue
+/// at the token bucket, even with the rate to spare. Without a limit
+/// (`ahead` 0) nothing waits there, and the hand-over would only cost time.
+async fn forward_ahead<I: Send>(
+    items: impl Stream<Item = I>,
+    sink: impl futures::Sink<I, Error = std::convert::Infallible>,
+    ahead: usize,
+) {
+    if ahead == 0 {
+        let Ok(()) = items.map(Ok).forward(sink).await;
         return;
     }
-    // With a rate limit, gathering runs on while finished batches wait for a
-    // token: without this slack the sensors would be held back (and miss
-    // ticks) whenever the lanes queue at the token bucket, even with the
-    // rate to spare. (Without a limit nothing waits there, and the hand-over
-    // would only cost time.)
-    let (ready, waiting) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+    let (ready, waiting) = tokio::sync::mpsc::channel(ahead);
     let gathering = async move {
-        let mut batches = std::pin::pin!(batches);
-        while let Some(batch) = batches.next().await {
-            // The receiver lives as long as this lane: sending cannot fail.
-            if ready.send(batch).await.is_err() {
+        let mut items = std::pin::pin!(items);
+        while let Some(item) = items.next().await {
+            // The receiver lives as long as this call: sending cannot fail.
+            if ready.send(item).await.is_err() {
                 break;
             }
         }
     };
-    // Each attempt takes its token in the sender, retries included.
-    let sending = tokio_stream::wrappers::ReceiverStream::new(waiting).map(Ok).forward(sender);
+    let sending = tokio_stream::wrappers::ReceiverStream::new(waiting).map(Ok).forward(sink);
     let ((), Ok(())) = futures::join!(gathering, sending);
 }
 
