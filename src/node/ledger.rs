@@ -10,16 +10,18 @@
 
 use std::{
     fmt,
-    sync::{Mutex, atomic::AtomicU64},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, Instant},
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder},
     metrics::{
-        counter::Counter,
+        MetricType,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -174,8 +176,6 @@ pub struct Ledger {
     batch_size: Histogram,
     /// Seconds from a batch's first attempt to its outcome.
     send_latency: Histogram,
-    /// Readings produced but neither acked nor dropped yet.
-    held: Gauge,
     /// Readings acked per second, between the last two scrapes.
     send_rate: Gauge<f64, AtomicU64>,
     /// Acked count and time at the previous scrape, for `send_rate`.
@@ -210,7 +210,6 @@ impl Default for Ledger {
             spool_damaged: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
-            held: Gauge::default(),
             send_rate: Gauge::default(),
             rate_base: Mutex::new((Instant::now(), 0)),
         }
@@ -392,7 +391,6 @@ impl Ledger {
     /// Brings the derived gauges up to date; called before each scrape.
     pub fn refresh(&self) {
         let s = self.snapshot();
-        self.held.set(s.produced.saturating_sub(s.acked + s.dropped + s.in_spool) as i64);
         let mut base = self.rate_base.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let elapsed = base.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
@@ -402,7 +400,11 @@ impl Ledger {
     }
 
     /// Registers every metric under the `telemetry_node` prefix.
-    pub fn register(&self, registry: &mut Registry) {
+    ///
+    /// The books (produced, acked, dropped by reason, in the spool, held)
+    /// are written from one snapshot per scrape, so that a scrape shows
+    /// `produced = acked + dropped + in_spool + held` while the node runs.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         // Every label a counter can have is there from the start, at 0, so
         // that rates and alerts see 0 rather than nothing.
         for reason in DropReason::ALL {
@@ -420,7 +422,7 @@ impl Ledger {
             }
         }
         let r = registry.sub_registry_with_prefix("telemetry_node");
-        r.register("readings_produced", "Readings the sensors emitted", self.produced.clone());
+        r.register_collector(Box::new(Books(Arc::clone(self))));
         let missed = self.missed.clone();
         r.register("readings_missed", "Readings not taken on time because the pipeline pushed back", missed);
         let failed = self.failed.clone();
@@ -432,9 +434,7 @@ impl Ledger {
         );
         r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
         r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
-        r.register("readings_acked", "Readings the sink acknowledged", self.acked.clone());
         r.register("batches_acked", "Batches the sink acknowledged", self.batches_acked.clone());
-        r.register("readings_dropped", "Readings of this run given up, by reason", self.dropped_by_reason.clone());
         let earlier_acked = self.earlier_acked.clone();
         r.register("earlier_run_readings_acked", "Readings of earlier runs replayed and acknowledged", earlier_acked);
         let earlier_dropped = self.earlier_dropped.clone();
@@ -448,9 +448,7 @@ impl Ledger {
         r.register("pushbacks", "Retries that waited as long as the sink asked", self.pushbacks.clone());
         r.register("readings_spooled", "Readings of this run written to the spool", self.spooled.clone());
         r.register("readings_replayed", "Readings delivered from the spool", self.replayed.clone());
-        r.register("readings_in_spool", "Readings of this run in the spool now", self.in_spool.clone());
         r.register("spool_damaged", "Spool records found damaged and skipped", self.spool_damaged.clone());
-        r.register("readings_held", "Readings produced but not yet acked or dropped", self.held.clone());
         r.register("send_rate", "Readings acked per second since the previous scrape", self.send_rate.clone());
         r.register("batch_size", "Readings per batch sent", self.batch_size.clone());
         let latency = self.send_latency.clone();
@@ -460,6 +458,38 @@ impl Ledger {
             Unit::Seconds,
             latency,
         );
+    }
+}
+
+/// The books as metrics, written from one snapshot per scrape.
+#[derive(Debug)]
+struct Books(Arc<Ledger>);
+
+impl Collector for Books {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let s = self.0.snapshot();
+        let held = s.produced.saturating_sub(s.acked + s.dropped + s.in_spool);
+        let counters = [
+            ("readings_produced", "Readings the sources emitted", s.produced),
+            ("readings_acked", "Readings of this run the sink acknowledged", s.acked),
+        ];
+        for (name, help, value) in counters {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        let help = "Readings of this run given up, by reason";
+        let mut dropped = encoder.encode_descriptor("readings_dropped", help, None, MetricType::Counter)?;
+        for (reason, value) in DropReason::ALL.into_iter().zip(s.dropped_by) {
+            ConstCounter::new(value).encode(dropped.encode_family(&ReasonLabel { reason })?)?;
+        }
+        let gauges = [
+            ("readings_in_spool", "Readings of this run in the spool now", s.in_spool),
+            ("readings_held", "Readings produced but not yet acked, dropped or spooled", held),
+        ];
+        for (name, help, value) in gauges {
+            let value = i64::try_from(value).unwrap_or(i64::MAX);
+            ConstGauge::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        Ok(())
     }
 }
 

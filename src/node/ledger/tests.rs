@@ -128,7 +128,7 @@ fn an_earlier_runs_readings_leave_this_runs_books_alone() {
 
 #[test]
 fn the_metrics_break_drops_down_by_run_and_reason() {
-    let ledger = Ledger::default();
+    let ledger = Arc::new(Ledger::default());
     ledger.produced(4);
     ledger.spooled(4);
     ledger.evicted(Run::This, 4);
@@ -157,4 +157,29 @@ async fn the_drain_wakes_when_the_spool_empties_and_not_before() {
     assert!(!waiting.is_finished(), "three readings are still in the spool");
     ledger.evicted(Run::This, 3);
     tokio::time::timeout(Duration::from_millis(1), waiting).await.unwrap().unwrap();
+}
+
+#[test]
+fn a_scrape_shows_balanced_books() {
+    let ledger = Arc::new(Ledger::default());
+    ledger.produced(10);
+    ledger.acked(3);
+    ledger.dropped(DropReason::OverflowNewest, 2);
+    ledger.spooled(4);
+    let mut registry = Registry::default();
+    ledger.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |line: &str| -> u64 {
+        let found = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("{line} in {text}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let dropped: u64 = DropReason::ALL
+        .iter()
+        .map(|reason| value(&format!("telemetry_node_readings_dropped_total{{reason=\"{}\"}}", reason.name())))
+        .sum();
+    let produced = value("telemetry_node_readings_produced_total ");
+    let (acked, in_spool) = (value("telemetry_node_readings_acked_total "), value("telemetry_node_readings_in_spool "));
+    let held = value("telemetry_node_readings_held ");
+    assert_eq!((produced, acked, dropped, in_spool, held), (10, 3, 2, 4, 1));
 }
