@@ -20,7 +20,7 @@ pub enum SendError {
 
 /// Whether a call that failed with `code` may succeed if sent again: the sink
 /// was unreachable, busy or slow, or asked for the call again (ABORTED).
-pub fn is_retryable(code: Code) -> bool {
+pub(crate) fn is_retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Aborted)
 }
 

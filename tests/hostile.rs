@@ -12,8 +12,8 @@ use telemetry_node::{
     proto::{SensorValue, SensorValuesRequest},
 };
 
-/// One test at a time: a port picked free for one test's sink can be taken
-/// meanwhile as the local port of the other test's client connections.
+/// One test at a time: each measures one sink's peak memory, and two at
+/// once would share the machine's two cores and the allocator's pressure.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

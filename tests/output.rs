@@ -220,8 +220,6 @@ fn a_file_size_limit_with_the_default_settings() {
 fn file_size_limit(kind: Node, name: &str) {
     let dir = scratch(name);
     let out = dir.join("out");
-    let port = free_port();
-    let socket = format!("127.0.0.1:{port}");
     let output = out.join("readings.jsonl");
     // A limit on the size of every file the sink writes.
     let limit = kind.size_limit_kib();
@@ -229,10 +227,10 @@ fn file_size_limit(kind: Node, name: &str) {
         "sink",
         "bash",
         &["-c", &format!("ulimit -f {limit} && exec {SINK}")],
-        &sink_env(&socket, &out),
+        &sink_env("127.0.0.1:0", &out),
         &dir,
     );
-    wait_for_port(port, Duration::from_secs(20));
+    let socket = sink.reported_address("Sink listening.", Duration::from_secs(20)).to_string();
     let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
     wait_until("a write refused", Duration::from_secs(40), || {
         stderr_of(&dir, "sink").contains("Could not write to the output")
@@ -263,11 +261,10 @@ fn the_output_deleted_with_the_default_settings() {
 fn deleted_output(kind: Node, name: &str) {
     let dir = scratch(name);
     let out = dir.join("out");
-    let port = free_port();
-    let socket = format!("127.0.0.1:{port}");
     let output = out.join("readings.jsonl");
-    let sink = Process::start("sink", SINK, &[], &sink_env(&socket, &out), &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let (sink, address) =
+        Process::start_on_port_0("sink", SINK, "Sink listening.", &sink_env("127.0.0.1:0", &out), &dir);
+    let socket = address.to_string();
     let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
     wait_until("output written", Duration::from_secs(20), || file_len(&output) > kind.some_output());
     // Keep the old file readable, as the operator who deleted it cannot.

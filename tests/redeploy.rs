@@ -11,19 +11,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
-    Process, assert_complete_and_ordered, free_port, free_ports, read_output, scratch, summary_fields, wait_for_port,
-};
+use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields};
 
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 
-fn start_sink(dir: &Path, name: &'static str, port: u16, extra: &[(&'static str, String)]) -> Process {
-    let mut env = vec![("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("FILE_PATH", "out".into())];
+/// Starts a sink on `socket` (port 0: the kernel picks), and returns it
+/// with the address it listens on.
+fn start_sink(dir: &Path, name: &'static str, socket: &str, extra: &[(&'static str, String)]) -> (Process, String) {
+    let mut env = vec![("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())];
     env.extend(extra.iter().cloned());
     let sink = Process::start(name, SINK, &[], &env, dir);
-    wait_for_port(port, Duration::from_secs(20));
-    sink
+    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    (sink, address.to_string())
+}
+
+/// The address a process reports for its metrics endpoint.
+fn metrics_port(process: &Process) -> u16 {
+    process.reported_address("Serving metrics and health.", Duration::from_secs(20)).port()
 }
 
 /// `name:n` of the summary's `dropped_by=` field.
@@ -45,15 +50,16 @@ fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
 #[test]
 fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
     let dir = scratch("redeploy-defaults");
-    let port = free_port();
-    let sink = start_sink(&dir, "sink-1", port, &[]);
+    // Restarted on the same port: one drawn where the kernel hands out none.
+    let socket = format!("127.0.0.1:{}", free_port());
+    let (sink, _) = start_sink(&dir, "sink-1", &socket, &[]);
     // Everything as users get it but the address.
-    let node = Process::start("node", NODE, &[], &[("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}"))], &dir);
+    let node = Process::start("node", NODE, &[], &[("GRPC_SERVER_SOCKET", socket.clone())], &dir);
     std::thread::sleep(Duration::from_secs(3));
     sink.signal(libc::SIGKILL);
     let _ = sink.wait(Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(3));
-    let sink = start_sink(&dir, "sink-2", port, &[]);
+    let (sink, _) = start_sink(&dir, "sink-2", &socket, &[]);
     // A deploy stops the node soon after the sink is back.
     std::thread::sleep(Duration::from_secs(2));
     let stopping = Instant::now();
@@ -76,12 +82,11 @@ fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
 #[test]
 fn a_throttling_sink_uses_up_no_retries_with_the_default_settings() {
     let dir = scratch("pushback-defaults");
-    let port = free_port();
     // 3000 request bytes a second: far less than the node would send.
-    let sink = start_sink(&dir, "sink", port, &[("RATE_PER_SECOND", "3000".into())]);
+    let (sink, socket) = start_sink(&dir, "sink", "127.0.0.1:0", &[("RATE_PER_SECOND", "3000".into())]);
     // The default retry settings; only the load is raised.
     let env = [
-        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("GRPC_SERVER_SOCKET", socket),
         ("SENSOR_COUNT", "4".into()),
         ("SENSOR_VALUE_RATE_PER_SECOND", "40".into()),
         ("REQUEST_RATE_PER_SECOND", "inf".into()),
@@ -175,15 +180,14 @@ fn get(port: u16, path: &str) -> (u16, String) {
 #[test]
 fn a_node_with_slow_sensors_stays_ready_while_its_sink_answers() {
     let dir = scratch("ready-slow");
-    let [port, metrics] = free_ports();
-    let sink = start_sink(&dir, "sink", port, &[]);
+    let (sink, socket) = start_sink(&dir, "sink", "127.0.0.1:0", &[]);
     let env = [
-        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+        ("GRPC_SERVER_SOCKET", socket),
         ("SENSOR_VALUE_RATE_PER_SECOND", "0.05".into()),
-        ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
     ];
     let node = Process::start("node", NODE, &[], &env, &dir);
-    wait_for_port(metrics, Duration::from_secs(20));
+    let metrics = metrics_port(&node);
     let answers: Vec<u16> = (0..15)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(200));
@@ -200,10 +204,10 @@ fn a_node_with_slow_sensors_stays_ready_while_its_sink_answers() {
 #[test]
 fn metrics_show_every_label_from_the_start_with_canonical_code_names() {
     let dir = scratch("metric-labels");
-    let [port, metrics] = free_ports();
-    let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")), ("METRICS_ADDR", format!("127.0.0.1:{metrics}"))];
+    // A sink address where nothing listens.
+    let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{}", free_port())), ("METRICS_ADDR", "127.0.0.1:0".into())];
     let node = Process::start("node", NODE, &[], &env, &dir);
-    wait_for_port(metrics, Duration::from_secs(20));
+    let metrics = metrics_port(&node);
     let (_, page) = get(metrics, "/metrics");
     let _ = node.terminate(Duration::from_secs(60));
     for line in [
@@ -220,31 +224,31 @@ fn metrics_show_every_label_from_the_start_with_canonical_code_names() {
 #[test]
 fn the_shared_token_appears_in_no_log_line_summary_or_metric() {
     let dir = scratch("secret");
-    let [port, node_metrics, sink_metrics] = free_ports();
     let token = "s3cret-T0ken-that-must-not-leak";
-    let sink = start_sink(
+    let (sink, socket) = start_sink(
         &dir,
         "sink",
-        port,
+        "127.0.0.1:0",
         &[
             ("SINK_AUTH_TOKEN", token.into()),
-            ("METRICS_ADDR", format!("127.0.0.1:{sink_metrics}")),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("LOGGER_MIN_LOG_LEVEL", "trace".into()),
         ],
     );
+    let sink_metrics = metrics_port(&sink);
     let mut outputs = Vec::new();
     // One node with the right token, one with a wrong one (refused).
     for (name, given) in [("node-right", token.to_owned()), ("node-wrong", format!("{token}-wrong"))] {
         let env: HashMap<&str, String> = HashMap::from([
-            ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{port}")),
+            ("GRPC_SERVER_SOCKET", socket.clone()),
             ("SINK_AUTH_TOKEN", given),
-            ("METRICS_ADDR", format!("127.0.0.1:{node_metrics}")),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("LOGGER_MIN_LOG_LEVEL", "trace".into()),
             ("LOG_FORMAT", "json".into()),
         ]);
         let env: Vec<(&str, String)> = env.into_iter().collect();
         let node = Process::start(name, NODE, &[], &env, &dir);
-        wait_for_port(node_metrics, Duration::from_secs(20));
+        let node_metrics = metrics_port(&node);
         std::thread::sleep(Duration::from_secs(2));
         outputs.push(get(node_metrics, "/metrics").1);
         outputs.push(get(sink_metrics, "/metrics").1);

@@ -52,11 +52,13 @@ fn metric(port: u16, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} in {page}"))
 }
 
-fn start_sink(dir: &Path, socket: &str, port: u16, name: &'static str) -> Process {
+/// Starts a sink on `socket`, and returns it once it listens, with the
+/// address it got (the kernel's choice for port 0).
+fn start_sink(dir: &Path, socket: &str, name: &'static str) -> (Process, String) {
     let sink =
         Process::start(name, SINK, &[], &[("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())], dir);
-    wait_for_port(port, Duration::from_secs(20));
-    sink
+    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    (sink, address.to_string())
 }
 
 fn stop(process: Process) -> std::collections::HashMap<String, u64> {
@@ -84,7 +86,7 @@ fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
     let _ = first.wait(Duration::from_secs(10));
 
     // The sink is back; a new node on the same spool replays it.
-    let sink = start_sink(&dir, &socket, port, "sink");
+    let (sink, _) = start_sink(&dir, &socket, "sink");
     let second = Process::start("node-2", NODE, &[], &node_env(&socket, "second", Some(&spool)), &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop(second);
@@ -109,7 +111,7 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_nothing_with_a_spool() {
     let spool = dir.join("spool");
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
-    let sink = start_sink(&dir, &socket, port, "sink-1");
+    let (sink, _) = start_sink(&dir, &socket, "sink-1");
     let first = Process::start("node-1", NODE, &[], &node_env(&socket, "first", Some(&spool)), &dir);
     std::thread::sleep(Duration::from_secs(2));
     stop(sink);
@@ -118,7 +120,7 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_nothing_with_a_spool() {
     assert!(first["in_spool"] > 0, "the last batches waited in the spool: {first:?}");
     assert_eq!(first["acked"] + first["in_spool"], first["produced"]);
 
-    let sink = start_sink(&dir, &socket, port, "sink-2");
+    let (sink, _) = start_sink(&dir, &socket, "sink-2");
     let second = Process::start("node-2", NODE, &[], &node_env(&socket, "second", Some(&spool)), &dir);
     std::thread::sleep(Duration::from_secs(2));
     let second = stop(second);
@@ -138,9 +140,7 @@ fn stdout_has_reasons(dir: &Path) -> bool {
 #[test]
 fn the_sink_stopped_while_the_node_shuts_down_loses_exactly_what_the_summary_says_without_one() {
     let dir = scratch("no-spool-shutdown");
-    let port = free_port();
-    let socket = format!("127.0.0.1:{port}");
-    let sink = start_sink(&dir, &socket, port, "sink");
+    let (sink, socket) = start_sink(&dir, "127.0.0.1:0", "sink");
     let node = Process::start("node", NODE, &[], &node_env(&socket, "only", None), &dir);
     std::thread::sleep(Duration::from_secs(2));
     stop(sink);

@@ -206,7 +206,7 @@ pub(crate) fn load<C: envconfig::Envconfig>(
 }
 
 /// The error for `variable` set to `value`.
-pub fn invalid(variable: &'static str, value: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(variable: &'static str, value: impl Into<String>) -> ConfigError {
     let expected =
         ACCEPTED.iter().find(|(name, _)| *name == variable).map_or("a valid value", |(_, expected)| expected);
     ConfigError::Invalid { variable, value: value.into(), expected }

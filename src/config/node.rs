@@ -267,14 +267,14 @@ impl NodeConfig {
     }
 
     /// EXEC_COMMAND as a program and its arguments, if set.
-    pub fn exec_argv(&self) -> Option<Vec<String>> {
+    pub(crate) fn exec_argv(&self) -> Option<Vec<String>> {
         let command = self.exec_command.as_deref().filter(|command| !command.trim().is_empty())?;
         Some(argv(command, self.exec_shell))
     }
 
     /// The names the simulated, `files` and host sources own, checked for
     /// clashes between them.
-    pub fn owned_names(&self, files: &[FileSensor]) -> Result<Owned, ConfigError> {
+    pub(crate) fn owned_names(&self, files: &[FileSensor]) -> Result<Owned, ConfigError> {
         let simulated = (self.sensor_count > 0).then(|| (self.sensor_name.clone(), self.sensor_count));
         let host = Owned::new(simulated.clone(), HashSet::new(), self.host_interval.is_some());
         let mut named = HashSet::new();
@@ -318,7 +318,7 @@ impl NodeConfig {
     }
 
     /// Names of the sensors: `SENSOR_NAME` alone, or numbered from 1.
-    pub fn sensor_names(&self) -> Vec<&'static str> {
+    pub(crate) fn sensor_names(&self) -> Vec<&'static str> {
         if self.sensor_count == 1 {
             return vec![sensor_name(&self.sensor_name)];
         }
@@ -342,7 +342,7 @@ impl NodeConfig {
     /// How many lanes the node runs: min(MAX_IN_FLIGHT, SENSOR_COUNT), at
     /// least one. (Without making [`Self::lanes`]' names, a million of them
     /// at most.)
-    pub fn lane_count(&self) -> usize {
+    pub(crate) fn lane_count(&self) -> usize {
         self.max_in_flight.min(self.sensor_count).max(1)
     }
 
@@ -367,7 +367,7 @@ impl NodeConfig {
 
     /// The URI of the sink named by `GRPC_SERVER_SOCKET`: https when a CA
     /// is given, http otherwise.
-    pub fn sink_uri(&self) -> Result<String, ConfigError> {
+    pub(crate) fn sink_uri(&self) -> Result<String, ConfigError> {
         let socket = self.server_socket.trim();
         let bad = || invalid("GRPC_SERVER_SOCKET", socket);
         let (host, port) = socket.rsplit_once(':').ok_or_else(bad)?;

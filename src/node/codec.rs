@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// The path of `sensor.v1.SensorService/SendSensorValues`.
-pub const SEND_PATH: &str = "/sensor.v1.SensorService/SendSensorValues";
+pub(crate) const SEND_PATH: &str = "/sensor.v1.SensorService/SendSensorValues";
 
 /// Something that can be written as a `SensorValuesRequest`.
 pub trait Payload: Send + Sync + 'static {
@@ -101,7 +101,7 @@ impl Payload for Bytes {
 
 /// Encodes `P` requests; decodes the (empty) response.
 #[derive(Debug)]
-pub struct SendCodec<P>(PhantomData<fn(P)>);
+pub(crate) struct SendCodec<P>(PhantomData<fn(P)>);
 
 impl<P> Default for SendCodec<P> {
     fn default() -> Self {
@@ -126,7 +126,7 @@ impl<P: Payload> Codec for SendCodec<P> {
 
 /// Writes a [`Payload`].
 #[derive(Debug)]
-pub struct PayloadEncoder<P>(PhantomData<fn(P)>);
+pub(crate) struct PayloadEncoder<P>(PhantomData<fn(P)>);
 
 impl<P: Payload> Encoder for PayloadEncoder<P> {
     type Item = P;
@@ -143,7 +143,7 @@ impl<P: Payload> Encoder for PayloadEncoder<P> {
 
 /// Reads a `SensorValuesResponse`.
 #[derive(Debug)]
-pub struct ResponseDecoder;
+pub(crate) struct ResponseDecoder;
 
 impl Decoder for ResponseDecoder {
     type Item = SensorValuesResponse;

@@ -219,23 +219,23 @@ impl Default for Ledger {
 /// The sources' events.
 impl Ledger {
     /// `n` readings emitted by a source.
-    pub fn produced(&self, n: u64) {
+    pub(crate) fn produced(&self, n: u64) {
         self.produced.inc_by(n);
     }
 
     /// `n` readings a source could not take on time (never produced).
-    pub fn missed(&self, n: u64) {
+    pub(crate) fn missed(&self, n: u64) {
         self.missed.inc_by(n);
     }
 
     /// One reading `source` could not take, for `reason` (never produced).
-    pub fn read_failed(&self, source: &'static str, reason: &'static str) {
+    pub(crate) fn read_failed(&self, source: &'static str, reason: &'static str) {
         self.failed.get_or_create(&FailureLabel { source, reason }).inc();
         self.failed_total.inc();
     }
 
     /// `source` finished a read at `at` seconds since 1970.
-    pub fn source_read(&self, source: &'static str, at: f64) {
+    pub(crate) fn source_read(&self, source: &'static str, at: f64) {
         self.last_read.get_or_create(&SourceLabel { source }).set(at);
     }
 }
@@ -243,42 +243,42 @@ impl Ledger {
 /// The sender's events.
 impl Ledger {
     /// A batch of `readings` handed to the transport for the first time.
-    pub fn sending(&self, readings: usize) {
+    pub(crate) fn sending(&self, readings: usize) {
         self.sent.inc_by(readings as u64);
         self.batches_sent.inc();
         self.batch_size.observe(readings as f64);
     }
 
     /// A batch's outcome came `elapsed` after its first attempt.
-    pub fn answered(&self, elapsed: Duration) {
+    pub(crate) fn answered(&self, elapsed: Duration) {
         self.send_latency.observe(elapsed.as_secs_f64());
     }
 
     /// An attempt failed with `code` and will be repeated.
-    pub fn retried(&self, code: tonic::Code) {
+    pub(crate) fn retried(&self, code: tonic::Code) {
         self.retries.inc();
         self.retries_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
     }
 
     /// The sink asked for a pause, and got it.
-    pub fn pushed_back(&self) {
+    pub(crate) fn pushed_back(&self) {
         self.pushbacks.inc();
     }
 
     /// A batch of `n` readings of this run acknowledged.
-    pub fn acked(&self, n: usize) {
+    pub(crate) fn acked(&self, n: usize) {
         self.acked.inc_by(n as u64);
         self.batches_acked.inc();
     }
 
     /// A batch of `n` readings of this run refused for good with `code`.
-    pub fn refused(&self, code: tonic::Code, n: u64) {
+    pub(crate) fn refused(&self, code: tonic::Code, n: u64) {
         self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
         self.dropped(DropReason::Refused, n);
     }
 
     /// `n` readings of this run given up for `reason`.
-    pub fn dropped(&self, reason: DropReason, n: u64) {
+    pub(crate) fn dropped(&self, reason: DropReason, n: u64) {
         self.dropped.inc_by(n);
         self.dropped_by_reason.get_or_create(&ReasonLabel { reason }).inc_by(n);
     }
@@ -287,40 +287,40 @@ impl Ledger {
 /// The spool's events.
 impl Ledger {
     /// `n` readings of this run written to the spool.
-    pub fn spooled(&self, n: usize) {
+    pub(crate) fn spooled(&self, n: usize) {
         self.spooled.inc_by(n as u64);
         self.in_spool.inc_by(n as i64);
     }
 
     /// `n` readings of `run` evicted from a full spool.
-    pub fn evicted(&self, run: Run, n: u64) {
+    pub(crate) fn evicted(&self, run: Run, n: u64) {
         self.settled_from_spool(run, n, Err(DropReason::SpoolFull));
     }
 
     /// `n` readings of `run` replayed from the spool and acknowledged.
-    pub fn replay_acked(&self, run: Run, n: usize) {
+    pub(crate) fn replay_acked(&self, run: Run, n: usize) {
         self.replayed.inc_by(n as u64);
         self.settled_from_spool(run, n as u64, Ok(()));
     }
 
     /// `n` spooled readings of `run` refused for good with `code`.
-    pub fn replay_refused(&self, run: Run, code: tonic::Code, n: u64) {
+    pub(crate) fn replay_refused(&self, run: Run, code: tonic::Code, n: u64) {
         self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
         self.settled_from_spool(run, n, Err(DropReason::Refused));
     }
 
     /// A damaged spool record skipped.
-    pub fn damaged(&self) {
+    pub(crate) fn damaged(&self) {
         self.spool_damaged.inc();
     }
 
     /// Readings of this run in the spool now.
-    pub fn in_spool(&self) -> u64 {
+    pub(crate) fn in_spool(&self) -> u64 {
         self.in_spool.get().max(0) as u64
     }
 
     /// Returns once none of this run's readings is in the spool.
-    pub async fn spool_emptied(&self) {
+    pub(crate) async fn spool_emptied(&self) {
         loop {
             let emptied = self.unspooled.notified();
             let mut emptied = std::pin::pin!(emptied);
@@ -360,7 +360,7 @@ impl Ledger {
     /// nor dropped, nor in the spool can no longer be delivered, and is
     /// counted as dropped at shutdown. Returns how many that was. Called
     /// once no stage can report any more.
-    pub fn settle(&self) -> u64 {
+    pub(crate) fn settle(&self) -> u64 {
         let s = self.snapshot();
         let missing = s.produced.saturating_sub(s.acked + s.dropped + s.in_spool);
         self.dropped(DropReason::Shutdown, missing);

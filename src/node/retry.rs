@@ -57,7 +57,7 @@ impl From<&NodeConfig> for RetryPolicy {
 impl RetryPolicy {
     /// The planned waits, one per failure, before jitter: exponential up
     /// to the cap, without end (the limits are the sender's to apply).
-    pub fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+    pub(crate) fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
         ExponentialBuilder::default()
             .with_min_delay(self.initial)
             .with_factor(self.multiplier)
@@ -68,7 +68,7 @@ impl RetryPolicy {
 
     /// The wait before retrying, where the backoff planned `planned`:
     /// drawn between 0 and it with full jitter, or exactly it.
-    pub fn jittered(&self, planned: Duration) -> Duration {
+    pub(crate) fn jittered(&self, planned: Duration) -> Duration {
         if self.jitter { planned.mul_f64(fastrand::f64()) } else { planned }
     }
 }
@@ -113,7 +113,7 @@ struct HealthInner {
 
 /// A lane's turn at probing; handed back when dropped.
 #[derive(Debug)]
-pub struct Probe(Arc<HealthInner>);
+pub(crate) struct Probe(Arc<HealthInner>);
 
 impl Drop for Probe {
     fn drop(&mut self) {
@@ -143,7 +143,7 @@ impl SinkHealth {
 
     /// Counts an answer of the sink (success, refusal or pushback), and
     /// wakes every retry waiting for news.
-    pub fn answered(&self) {
+    pub(crate) fn answered(&self) {
         {
             let mut tokens = self.inner.tokens.lock().unwrap_or_else(PoisonError::into_inner);
             tokens.0 = (tokens.0 + 0.1).min(tokens.1);
@@ -160,7 +160,7 @@ impl SinkHealth {
     /// `None` while the budget allows every lane its own backoff; once it
     /// is spent, `Some(Some(probe))` for the one lane that probes, and
     /// `Some(None)` for the lanes that wait for news.
-    pub fn turn(&self) -> Option<Option<Probe>> {
+    pub(crate) fn turn(&self) -> Option<Option<Probe>> {
         let spent = {
             let tokens = self.inner.tokens.lock().unwrap_or_else(PoisonError::into_inner);
             tokens.0 <= tokens.1 / 2.0
@@ -173,7 +173,7 @@ impl SinkHealth {
     }
 
     /// Resolves the next time the sink answers any lane.
-    pub async fn next_answer(&self) {
+    pub(crate) async fn next_answer(&self) {
         self.inner.answered.notified().await;
     }
 }

@@ -220,40 +220,40 @@ impl SinkStats {
 /// The server's events.
 impl SinkStats {
     /// A request of `bytes` encoded bytes arrived.
-    pub fn received(&self, bytes: usize) {
+    pub(crate) fn received(&self, bytes: usize) {
         self.bytes_received.inc_by(bytes as u64);
     }
 
     /// A request of `readings` answered OK.
-    pub fn accepted(&self, readings: usize) {
+    pub(crate) fn accepted(&self, readings: usize) {
         self.requests_accepted.inc();
         self.readings_accepted.inc_by(readings as u64);
     }
 
     /// A retried request answered OK without writing it again.
-    pub fn duplicate(&self) {
+    pub(crate) fn duplicate(&self) {
         self.duplicates.inc();
     }
 
     /// `n` readings superseded by a later one of the same sensor in the
     /// same millisecond.
-    pub fn superseded(&self, n: usize) {
+    pub(crate) fn superseded(&self, n: usize) {
         self.remote_write.superseded.inc_by(n as u64);
     }
 
     /// One request refused for `reason`.
-    pub fn reject(&self, reason: RejectReason) {
+    pub(crate) fn reject(&self, reason: RejectReason) {
         self.rejected.inc();
         self.rejected_by_reason.get_or_create(&RejectLabel { reason }).inc();
     }
 
     /// One request refused over RATE_PER_SECOND.
-    pub fn throttled(&self) {
+    pub(crate) fn throttled(&self) {
         self.throttled.inc();
     }
 
     /// Whether the server is accepting requests.
-    pub fn set_serving(&self, serving: bool) {
+    pub(crate) fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Relaxed);
     }
 
@@ -267,7 +267,7 @@ impl SinkStats {
 impl SinkStats {
     /// A write of `readings` to the output file took `elapsed`;
     /// `ok` says whether it succeeded (a failed one is cut off again).
-    pub fn wrote(&self, readings: usize, elapsed: Duration, ok: bool) {
+    pub(crate) fn wrote(&self, readings: usize, elapsed: Duration, ok: bool) {
         self.write_latency.observe(elapsed.as_secs_f64());
         if ok {
             self.readings_written.inc_by(readings as u64);
@@ -277,13 +277,13 @@ impl SinkStats {
     }
 
     /// A request to the database is on its way.
-    pub fn database_sending(&self) {
+    pub(crate) fn database_sending(&self) {
         self.remote_write.in_flight.inc();
     }
 
     /// The database answered with `status` (`2xx`, `4xx`, `429`, `5xx`,
     /// or `error` for no answer) after `elapsed`.
-    pub fn database_answered(&self, status: &'static str, elapsed: Duration) {
+    pub(crate) fn database_answered(&self, status: &'static str, elapsed: Duration) {
         let rw = &self.remote_write;
         rw.in_flight.dec();
         rw.latency.observe(elapsed.as_secs_f64());
@@ -291,14 +291,14 @@ impl SinkStats {
     }
 
     /// The database took `samples`: they are written.
-    pub fn database_took(&self, samples: usize) {
+    pub(crate) fn database_took(&self, samples: usize) {
         self.remote_write.samples.inc_by(samples as u64);
         self.readings_written.inc_by(samples as u64);
     }
 
     /// `requests` node requests pushed back because the database answered
     /// `status`.
-    pub fn database_pushed_back(&self, status: &'static str, requests: usize) {
+    pub(crate) fn database_pushed_back(&self, status: &'static str, requests: usize) {
         self.remote_write.retries.get_or_create(&StatusLabel { status }).inc_by(requests as u64);
     }
 }

@@ -90,7 +90,7 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
 /// milliseconds and the value as a float (exact up to 2^53). A series holds
 /// one sample per millisecond: of two readings of a sensor in the same
 /// millisecond, the later one is kept.
-pub fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(Vec<u8>, usize), ReceiveError> {
+pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(Vec<u8>, usize), ReceiveError> {
     let mut series: Vec<(&str, Vec<Sample>)> = Vec::new();
     let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     let mut superseded = 0;

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// What a chunk's sender is told: stored, or why not.
-pub type Written = Result<(), OutputError>;
+pub(crate) type Written = Result<(), OutputError>;
 
 /// What one accepted request puts in the output.
 #[derive(Debug)]

@@ -35,14 +35,12 @@ pub struct SpoolError {
 
 /// One batch read back from the spool.
 #[derive(Debug)]
-pub struct Stored {
-    /// Its lane.
-    pub lane: u32,
+pub(crate) struct Stored {
     /// Its number within the lane.
-    pub batch_sequence: u64,
+    pub(crate) batch_sequence: u64,
     /// Its encoded readings and how many there are, or `None` when the
     /// record is damaged.
-    pub items: Option<(Bytes, usize)>,
+    pub(crate) items: Option<(Bytes, usize)>,
 }
 
 /// A durable FIFO of batches per lane, bounded in bytes.
@@ -132,12 +130,12 @@ impl Spool {
     }
 
     /// The oldest batch of `lane`, if any.
-    pub fn oldest(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
+    pub(crate) fn oldest(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
         self.read(|table| {
             let mut range = table.range((lane, 0)..=(lane, u64::MAX))?;
             Ok(range.next().transpose()?.map(|(key, value)| {
-                let (lane, batch_sequence) = key.value();
-                Stored { lane, batch_sequence, items: decode(value.value()) }
+                let (_, batch_sequence) = key.value();
+                Stored { batch_sequence, items: decode(value.value()) }
             }))
         })
     }
@@ -170,7 +168,7 @@ impl Spool {
     }
 
     /// [`Spool::push`] off the async threads (it waits for the disk).
-    pub async fn push_async(
+    pub(crate) async fn push_async(
         &self,
         lane: u32,
         batch_sequence: u64,
@@ -181,13 +179,13 @@ impl Spool {
     }
 
     /// [`Spool::oldest`] off the async threads.
-    pub async fn oldest_async(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
+    pub(crate) async fn oldest_async(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
         let spool = self.clone();
         blocking(move || spool.oldest(lane)).await
     }
 
     /// [`Spool::remove`] off the async threads.
-    pub async fn remove_async(&self, lane: u32, batch_sequence: u64) -> Result<(), SpoolError> {
+    pub(crate) async fn remove_async(&self, lane: u32, batch_sequence: u64) -> Result<(), SpoolError> {
         let spool = self.clone();
         blocking(move || spool.remove(lane, batch_sequence)).await
     }

@@ -37,7 +37,7 @@ use crate::{
 
 /// The readings a source took at one tick.
 #[derive(Debug)]
-pub enum Readings {
+pub(crate) enum Readings {
     /// A tick of the simulated sensors, made as it is iterated.
     Simulated(simulated::Tick),
     /// A tick of a polled source.
@@ -69,17 +69,17 @@ impl Iterator for Readings {
 impl ExactSizeIterator for Readings {}
 
 /// One source, ready to be merged with others.
-pub type Source = Pin<Box<dyn Stream<Item = Readings> + Send>>;
+pub(crate) type Source = Pin<Box<dyn Stream<Item = Readings> + Send>>;
 
 /// The readings of `sources`, each as soon as its source has it: a source
 /// that stalls holds back no other, and each source's own order is kept.
-pub fn merge(sources: Vec<Source>) -> SelectAll<Source> {
+pub(crate) fn merge(sources: Vec<Source>) -> SelectAll<Source> {
     futures::stream::select_all(sources)
 }
 
 /// What a probe took at one tick.
 #[derive(Debug, Default)]
-pub struct Round {
+pub(crate) struct Round {
     /// Readings taken: sensor name and value.
     pub values: Vec<(&'static str, i64)>,
     /// Readings that could not be taken.
@@ -88,7 +88,7 @@ pub struct Round {
 
 /// A reading, or a whole round, that could not be taken.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// Why, as a metric label: `missing`, `not_an_integer`, `timeout`, …
     pub reason: &'static str,
     /// What failed, for the log: a path, a command's message.
@@ -97,13 +97,13 @@ pub struct Failure {
 
 impl Failure {
     /// A failure for `reason`, described by `detail`.
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: &'static str, detail: impl Into<String>) -> Self {
         Self { reason, detail: detail.into() }
     }
 }
 
 /// Something read once a tick: the machine, a set of files, a command.
-pub trait Probe: Send + 'static {
+pub(crate) trait Probe: Send + 'static {
     /// The source's name in metrics and logs.
     const KIND: &'static str;
 
@@ -121,7 +121,7 @@ pub trait Probe: Send + 'static {
 /// and the tick's time, so each sensor's sequence only grows. Failures are
 /// counted under `readings_failed{source,reason}` and logged at most once a
 /// minute per reason and subject (a file, a line).
-pub fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) -> Source {
+pub(crate) fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let state =
@@ -247,7 +247,7 @@ async fn off_the_runtime<S: Send + 'static>(
 /// i-th share of the simulated sensors; the host, file and exec sources
 /// (those set, in that order) go to lanes 0, 1, 2, … round-robin. Each source lives in one
 /// lane, so each sensor's readings keep their order.
-pub fn for_lanes(config: &NodeConfig, ledger: &Arc<Ledger>) -> Result<Vec<Vec<Source>>, ConfigError> {
+pub(crate) fn for_lanes(config: &NodeConfig, ledger: &Arc<Ledger>) -> Result<Vec<Vec<Source>>, ConfigError> {
     let mut lanes: Vec<Vec<Source>> = config
         .lanes()
         .into_iter()
