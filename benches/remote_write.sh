@@ -27,8 +27,30 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_http() { for _ in $(seq 200); do curl -sf "http://127.0.0.1:$1$2" >/dev/null && return 0; sleep 0.05; done; echo "nothing on $1"; exit 1; }
 landed() { curl -s "http://127.0.0.1:$vm/metrics" | awk '/^vm_rows_inserted_total\{type="promremotewrite"\}/ {print $2}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# Waits until VictoriaMetrics' count stops growing (a relay's queue drained).
-settle() { local last=-1 now; now=$(landed); while [ "$now" != "$last" ]; do last=$now; sleep 1; now=$(landed); done; echo "$now"; }
+# Waits until VictoriaMetrics' count stops growing (a relay's queue drained),
+# and notes when the last sample landed in $work/landed_at.
+# Settled once unchanged for 3 s (vmagent writes its queue out every second).
+settle() {
+    local last now at quiet=0; last=$(landed); at=$(date +%s.%N)
+    while [ "$quiet" -lt 15 ]; do
+        sleep 0.2; now=$(landed)
+        if [ "$now" != "$last" ]; then last=$now; at=$(date +%s.%N); quiet=0; else quiet=$((quiet + 1)); fi
+    done
+    echo "$at" >"$work/landed_at"; echo "$last"
+}
+# Samples per second from the start of a phase ($1) until its last sample
+# landed: a relay that takes requests into a queue of its own and writes them
+# later is timed until it has written them.
+rate() { python3 -c "print(int($2 / max(1e-3, $(cat "$work/landed_at") - $1)))"; }
+# Runs the load client, printing its CPU seconds to $work/load_cpu.
+run_load() {
+    python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[2:], check=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write(str(usage.ru_utime + usage.ru_stime))' "$work/load_cpu" "$load" "$@"
+}
+# CPU seconds per million samples: ticks $1 -> $2 over $3 samples.
+per_m() { python3 -c "print(f'{($2 - $1) / $hz / max(1, $3) * 1e6:.3f}')"; }
 hz=$(getconf CLK_TCK)
 
 vm=$(free_port)
@@ -36,11 +58,15 @@ victoria-metrics -storageDataPath="$work/vm" -httpListenAddr="127.0.0.1:$vm" -lo
 pids+=($!)
 wait_http "$vm" /health
 
+vm_pid=${pids[0]}
+
 # (a) the ceiling
-before=$(landed)
-"$load" rw "http://127.0.0.1:$vm/api/v1/write" "$seconds" --bench
-after=$(settle)
-ceiling=$(( (after - before) / seconds ))
+before=$(landed); vm0=$(cpu_ticks "$vm_pid"); started=$(date +%s.%N)
+run_load rw "http://127.0.0.1:$vm/api/v1/write" "$seconds" --bench
+after=$(settle); vm1=$(cpu_ticks "$vm_pid")
+ceiling=$(rate "$started" $((after - before)))
+ceiling_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
+ceiling_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
 
 # (b) the sink
 sink=$(free_port)
@@ -49,11 +75,13 @@ OUTPUT=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" GRPC_SE
 sink_pid=$!
 pids+=("$sink_pid")
 for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$sink") 2>/dev/null && break; sleep 0.05; done
-before=$(landed); cpu0=$(cpu_ticks "$sink_pid")
-"$load" grpc "127.0.0.1:$sink" "$seconds" --bench
-after=$(settle); cpu1=$(cpu_ticks "$sink_pid")
-sink_rate=$(( (after - before) / seconds ))
-sink_cpu=$(python3 -c "print(f'{($cpu1 - $cpu0) / $hz / max(1, $after - $before) * 1e6:.3f}')")
+before=$(landed); cpu0=$(cpu_ticks "$sink_pid"); vm0=$(cpu_ticks "$vm_pid"); started=$(date +%s.%N)
+run_load grpc "127.0.0.1:$sink" "$seconds" --bench
+after=$(settle); cpu1=$(cpu_ticks "$sink_pid"); vm1=$(cpu_ticks "$vm_pid")
+sink_rate=$(rate "$started" $((after - before)))
+sink_cpu=$(per_m "$cpu0" "$cpu1" $((after - before)))
+sink_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
+sink_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
 
 # (d) the whole way: the node's own pipeline -> sink -> VictoriaMetrics.
 # 10,000 sensors at 300 readings/s each (3 million/s offered, more than the
@@ -81,14 +109,18 @@ vmagent -remoteWrite.url="http://127.0.0.1:$vm/api/v1/write" -httpListenAddr="12
 agent_pid=$!
 pids+=("$agent_pid")
 wait_http "$agent" /health
-before=$(landed); cpu0=$(cpu_ticks "$agent_pid")
-"$load" rw "http://127.0.0.1:$agent/api/v1/write" "$seconds" --bench
-after=$(settle); cpu1=$(cpu_ticks "$agent_pid")
-agent_rate=$(( (after - before) / seconds ))
-agent_cpu=$(python3 -c "print(f'{($cpu1 - $cpu0) / $hz / max(1, $after - $before) * 1e6:.3f}')")
+before=$(landed); cpu0=$(cpu_ticks "$agent_pid"); vm0=$(cpu_ticks "$vm_pid"); started=$(date +%s.%N)
+run_load rw "http://127.0.0.1:$agent/api/v1/write" "$seconds" --bench
+after=$(settle); cpu1=$(cpu_ticks "$agent_pid"); vm1=$(cpu_ticks "$vm_pid")
+agent_rate=$(rate "$started" $((after - before)))
+agent_window=$(( (after - before) / seconds ))
+agent_cpu=$(per_m "$cpu0" "$cpu1" $((after - before)))
+agent_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
+agent_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
 
-echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s"
-echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s, $sink_cpu CPU s per million samples"
-echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s, $agent_cpu CPU s per million samples"
+echo "Samples/s from the first request until the last sample landed; CPU seconds per million samples."
+echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s; CPU: client $ceiling_load_cpu, VictoriaMetrics $ceiling_vm_cpu"
+echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s; CPU: client $sink_load_cpu, sink $sink_cpu, VictoriaMetrics $sink_vm_cpu"
+echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s ($agent_window/s over the ${seconds}s it took requests, its queue written out after); CPU: client $agent_load_cpu, vmagent $agent_cpu, VictoriaMetrics $agent_vm_cpu"
 echo "node    (node -> sink -> VictoriaMetrics, 10,000 sensors): $node_rate samples/s landed ($node_landed in all); $node_summary"
 echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu"
