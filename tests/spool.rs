@@ -39,12 +39,28 @@ fn of(written: &[(String, u64)], prefix: &str) -> Vec<(String, u64)> {
 }
 
 /// The value of an unlabelled metric at `127.0.0.1:port`.
-fn metric(port: u16, name: &str) -> u64 {
+/// The node's /metrics page on `port`.
+fn metrics_page(port: u16) -> String {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut page = String::new();
     stream.read_to_string(&mut page).unwrap();
+    page
+}
+
+/// The sum of the samples on `page` whose name (labels included) starts
+/// with `prefix`.
+fn sum_of(page: &str, prefix: &str) -> u64 {
+    page.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .sum()
+}
+
+fn metric(port: u16, name: &str) -> u64 {
+    let page = metrics_page(port);
     page.lines()
         .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|value| value.trim().parse::<f64>().ok())
@@ -150,4 +166,53 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_exactly_what_the_summary_say
     assert!(stdout_has_reasons(&dir), "the summary says why");
     assert_eq!(written.len() as u64, summary["produced"] - summary["dropped"]);
     assert_eq!(written.len() as u64, summary["acked"]);
+}
+
+#[test]
+fn a_full_spool_evicting_while_the_sink_comes_back_keeps_the_books() {
+    let dir = scratch("spool-full");
+    let spool = dir.join("spool");
+    // The node starts before its sink, at an address drawn for it.
+    let socket = format!("127.0.0.1:{}", free_port());
+    let mut env = vec![
+        ("GRPC_SERVER_SOCKET", socket.clone()),
+        ("SENSOR_NAME", "full".to_owned()),
+        ("SENSOR_COUNT", "100".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "50".into()),
+        ("BATCH_SIZE", "100".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("OVERFLOW_POLICY", "spool".into()),
+        ("SPOOL_DIR", spool.display().to_string()),
+        ("SPOOL_MAX_BYTES", "65536".into()),
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
+    ];
+    env.extend(fast_retries());
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    // Four seconds without a sink fill the 64 KiB spool over and over.
+    std::thread::sleep(Duration::from_secs(4));
+    let (sink, _) = start_sink(&dir, &socket, "sink");
+    // While the replayers deliver the oldest batches and new ones still
+    // evict, every page balances.
+    for _ in 0..25 {
+        let page = metrics_page(metrics);
+        let produced = sum_of(&page, "telemetry_node_readings_produced_total ");
+        let accounted = sum_of(&page, "telemetry_node_readings_acked_total ")
+            + sum_of(&page, "telemetry_node_readings_dropped_total{")
+            + sum_of(&page, "telemetry_node_readings_in_spool ")
+            + sum_of(&page, "telemetry_node_readings_held ");
+        assert_eq!(produced, accounted, "{page}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let summary = stop(node);
+    stop(sink);
+
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let mut distinct = written.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), written.len(), "nothing written twice");
+    assert!(summary["dropped"] > 0, "the spool evicted: {summary:?}");
+    assert_eq!(summary["produced"], summary["acked"] + summary["dropped"] + summary["in_spool"], "{summary:?}");
+    assert_eq!(written.len() as u64, summary["acked"], "what was acked is what the sink wrote: {summary:?}");
 }

@@ -467,22 +467,32 @@ struct Books(Arc<Ledger>);
 
 impl Collector for Books {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let s = self.0.snapshot();
-        let held = s.produced.saturating_sub(s.acked + s.dropped + s.in_spool);
+        let ledger = &self.0;
+        // Produced is read last: a reading leaves `held` for acked, dropped
+        // or the spool, and leaves the spool before it is counted as acked
+        // or dropped, so what is read first never exceeds what is produced
+        // after it, and the page balances with `held` the difference. The
+        // drops are summed from the reasons the page shows.
+        let acked = ledger.acked.get();
+        let dropped_by = DropReason::ALL
+            .map(|reason| ledger.dropped_by_reason.get(&ReasonLabel { reason }).map_or(0, |counter| counter.get()));
+        let in_spool = ledger.in_spool();
+        let produced = ledger.produced.get();
+        let held = produced.saturating_sub(acked + dropped_by.iter().sum::<u64>() + in_spool);
         let counters = [
-            ("readings_produced", "Readings the sources emitted", s.produced),
-            ("readings_acked", "Readings of this run the sink acknowledged", s.acked),
+            ("readings_produced", "Readings the sources emitted", produced),
+            ("readings_acked", "Readings of this run the sink acknowledged", acked),
         ];
         for (name, help, value) in counters {
             ConstCounter::new(value).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
         }
         let help = "Readings of this run given up, by reason";
         let mut dropped = encoder.encode_descriptor("readings_dropped", help, None, MetricType::Counter)?;
-        for (reason, value) in DropReason::ALL.into_iter().zip(s.dropped_by) {
+        for (reason, value) in DropReason::ALL.into_iter().zip(dropped_by) {
             ConstCounter::new(value).encode(dropped.encode_family(&ReasonLabel { reason })?)?;
         }
         let gauges = [
-            ("readings_in_spool", "Readings of this run in the spool now", s.in_spool),
+            ("readings_in_spool", "Readings of this run in the spool now", in_spool),
             ("readings_held", "Readings produced but not yet acked, dropped or spooled", held),
         ];
         for (name, help, value) in gauges {

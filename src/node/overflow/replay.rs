@@ -111,8 +111,10 @@ pub(crate) async fn replay<T: Transport>(
     let pause = context.retry.cap;
     loop {
         let spilled = spool.spilled();
-        let stored = match spool.spool.oldest_async(lane).await {
-            Ok(Some(stored)) => stored,
+        // Kept from eviction while it is delivered: an evicted batch is
+        // counted as dropped, and must not then be delivered too.
+        let (stored, _held) = match spool.spool.oldest_held_async(lane).await {
+            Ok(Some(found)) => found,
             Ok(None) => {
                 spool.found_empty(spilled);
                 tokio::select! {

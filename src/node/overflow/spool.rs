@@ -8,6 +8,7 @@
 //! skipped and counted rather than sent.
 
 use std::{
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
@@ -54,6 +55,24 @@ pub struct Spool {
     max_bytes: u64,
     /// Bytes of stored records.
     bytes: Arc<Mutex<u64>>,
+    /// Batches being delivered by their replayer: never evicted, so that a
+    /// batch is not counted as dropped and then delivered.
+    held: Arc<Mutex<HashSet<(u32, u64)>>>,
+}
+
+/// A batch kept from eviction while it is delivered; released on drop.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    /// The held batches of the spool.
+    held: Arc<Mutex<HashSet<(u32, u64)>>>,
+    /// This batch's lane and number.
+    key: (u32, u64),
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 impl Spool {
@@ -72,7 +91,7 @@ impl Spool {
                 (db, Some(format!("{error}; moved to {}", aside.display())))
             }
         };
-        let spool = Self { db: Arc::new(db), path, max_bytes, bytes: Arc::default() };
+        let spool = Self { db: Arc::new(db), path, max_bytes, bytes: Arc::default(), held: Arc::default() };
         let total = spool.read(|table| {
             let mut total = 0;
             for entry in table.iter()? {
@@ -102,20 +121,36 @@ impl Spool {
         Ok(id)
     }
 
+    /// The oldest batch of `lane`, kept from eviction until the returned
+    /// hold is dropped: its replayer is about to deliver it. Read while no
+    /// push is evicting, so the batch returned is one that is stored.
+    pub(crate) fn oldest_held(&self, lane: u32) -> Result<Option<(Stored, Hold)>, SpoolError> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(stored) = self.oldest(lane)? else { return Ok(None) };
+        let key = (lane, stored.batch_sequence);
+        held.insert(key);
+        Ok(Some((stored, Hold { held: Arc::clone(&self.held), key })))
+    }
+
     /// Stores a batch's encoded readings durably. When the spool would
-    /// exceed its size, the oldest stored batches are evicted first; returns
-    /// their numbers and how many readings each held (0 for damaged ones).
+    /// exceed its size, the oldest stored batches are evicted first (but
+    /// none that is being delivered: the spool then holds up to one batch
+    /// per lane more than its size); returns their numbers and how many
+    /// readings each held (0 for damaged ones).
     pub fn push(&self, lane: u32, batch_sequence: u64, items: &[u8]) -> Result<Vec<(u64, u64)>, SpoolError> {
         let mut encoded = Vec::with_capacity(items.len() + 4);
         encoded.extend_from_slice(&crc32fast::hash(items).to_le_bytes());
         encoded.extend_from_slice(items);
         let mut evicted = Vec::new();
+        // Held through the commit: a replayer cannot pick a batch up while it
+        // may be evicted.
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
             let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
             while *bytes + encoded.len() as u64 > self.max_bytes && !table.is_empty().map_err(|e| self.error(e))? {
-                let oldest = oldest_key(&table).map_err(|e| self.error(e))?;
+                let oldest = oldest_key(&table, &held).map_err(|e| self.error(e))?;
                 let Some(key) = oldest else { break };
                 if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
                     *bytes -= old.value().len() as u64;
@@ -178,10 +213,10 @@ impl Spool {
         blocking(move || spool.push(lane, batch_sequence, &items)).await
     }
 
-    /// [`Spool::oldest`] off the async threads.
-    pub(crate) async fn oldest_async(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
+    /// [`Spool::oldest_held`] off the async threads.
+    pub(crate) async fn oldest_held_async(&self, lane: u32) -> Result<Option<(Stored, Hold)>, SpoolError> {
         let spool = self.clone();
-        blocking(move || spool.oldest(lane)).await
+        blocking(move || spool.oldest_held(lane)).await
     }
 
     /// [`Spool::remove`] off the async threads.
@@ -226,13 +261,30 @@ async fn blocking<T: Send + 'static>(
 
 /// The key of the oldest batch over all lanes: the lowest batch number
 /// among each lane's first.
-fn oldest_key(table: &redb::Table<(u32, u64), &[u8]>) -> Result<Option<(u32, u64)>, redb::StorageError> {
+fn oldest_key(
+    table: &redb::Table<(u32, u64), &[u8]>,
+    held: &HashSet<(u32, u64)>,
+) -> Result<Option<(u32, u64)>, redb::StorageError> {
     let mut oldest: Option<(u32, u64)> = None;
     let mut lane = 0u32;
     loop {
         let mut range = table.range((lane, 0)..=(u32::MAX, u64::MAX))?;
         let Some(entry) = range.next().transpose()? else { break };
-        let key = entry.0.value();
+        let mut key = entry.0.value();
+        // A lane's held batch is its oldest (its replayer reads the oldest):
+        // the next one of the lane is the candidate.
+        if held.contains(&key) {
+            match range.next().transpose()? {
+                Some(next) if next.0.value().0 == key.0 => key = next.0.value(),
+                _ => {
+                    match key.0.checked_add(1) {
+                        Some(next) => lane = next,
+                        None => break,
+                    }
+                    continue;
+                }
+            }
+        }
         if oldest.is_none_or(|(_, sequence)| key.1 < sequence) {
             oldest = Some(key);
         }
@@ -348,6 +400,27 @@ mod tests {
             drop(spool);
             std::fs::remove_dir_all(&dir).unwrap();
         }
+    }
+
+    #[test]
+    fn a_batch_being_delivered_is_never_evicted() {
+        let dir = dir("held");
+        let (spool, _) = Spool::open(&dir, 1200).unwrap();
+        for sequence in 1..=10 {
+            spool.push(0, sequence, &batch(0, sequence, 5)).unwrap();
+        }
+        let (stored, hold) = spool.oldest_held(0).unwrap().unwrap();
+        let first = stored.batch_sequence;
+        let evicted: Vec<u64> = (11..=40).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(b, _)| b).collect();
+        assert!(evicted.len() >= 20, "{evicted:?}");
+        assert!(!evicted.contains(&first), "the batch being delivered was evicted: {evicted:?}");
+        assert_eq!(spool.oldest(0).unwrap().map(|s| s.batch_sequence), Some(first));
+        // Once delivered (or given up), it may be evicted like any other.
+        drop(hold);
+        let evicted: Vec<u64> = spool.push(0, 41, &batch(0, 41, 5)).unwrap().into_iter().map(|(b, _)| b).collect();
+        assert_eq!(evicted.first(), Some(&first), "{evicted:?}");
+        drop(spool);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
