@@ -411,7 +411,8 @@ mod tests {
         }
         let (stored, hold) = spool.oldest_held(0).unwrap().unwrap();
         let first = stored.batch_sequence;
-        let evicted: Vec<u64> = (11..=40).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(b, _)| b).collect();
+        let evicted: Vec<u64> =
+            (11..=40).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(b, _)| b).collect();
         assert!(evicted.len() >= 20, "{evicted:?}");
         assert!(!evicted.contains(&first), "the batch being delivered was evicted: {evicted:?}");
         assert_eq!(spool.oldest(0).unwrap().map(|s| s.batch_sequence), Some(first));
