@@ -51,10 +51,8 @@ async fn the_sink_writes_every_reading_the_node_produced() {
 #[test]
 fn binaries_stopped_by_sigterm_lose_nothing() {
     let dir = scratch("binaries");
-    let (sink, address) = Process::start_on_port_0(
+    let (sink, address) = Process::start_sink(
         "sink",
-        env!("CARGO_BIN_EXE_telemetry-sink"),
-        "Sink listening.",
         &[
             ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
             ("FILE_PATH", "out".into()),

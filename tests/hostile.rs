@@ -21,8 +21,7 @@ async fn sixteen_requests_of_four_mib_of_empty_items_cost_little_more_than_their
     let _alone = ONE_AT_A_TIME.lock().await;
     let dir = scratch("hostile-memory");
     let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
-    let (sink, address) =
-        Process::start_on_port_0("sink", env!("CARGO_BIN_EXE_telemetry-sink"), "Sink listening.", &env, &dir);
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
     let port = address.port();
     let before = peak_rss(sink.child.id());
 
@@ -61,8 +60,7 @@ async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_byt
         ("FILE_PATH", "out".into()),
         ("RATE_PER_SECOND", "1000000000".into()),
     ];
-    let (sink, address) =
-        Process::start_on_port_0("sink", env!("CARGO_BIN_EXE_telemetry-sink"), "Sink listening.", &env, &dir);
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
     let port = address.port();
     let before = peak_rss(sink.child.id());
     // 100,000 readings (MAX_ITEMS_PER_REQUEST), as large as fits in 4 MiB.

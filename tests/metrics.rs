@@ -35,10 +35,8 @@ fn samples(page: &str) -> HashMap<String, f64> {
 #[test]
 fn scraped_counters_agree_with_the_sink_file() {
     let dir = scratch("metrics");
-    let (sink, grpc) = Process::start_on_port_0(
+    let (sink, grpc) = Process::start_sink(
         "sink",
-        env!("CARGO_BIN_EXE_telemetry-sink"),
-        "Sink listening.",
         &[
             ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
@@ -46,14 +44,14 @@ fn scraped_counters_agree_with_the_sink_file() {
         ],
         &dir,
     );
-    let sink_http = sink.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    let sink_http = sink.metrics_address().port();
     assert_eq!(get(sink_http, "/healthz").0, 200);
     assert_eq!(get(sink_http, "/readyz").0, 200);
 
-    let (node, node_http) = Process::start_on_port_0(
+    let node = Process::start(
         "node",
         env!("CARGO_BIN_EXE_telemetry-node"),
-        "Serving metrics and health.",
+        &[],
         &[
             ("GRPC_SERVER_SOCKET", grpc.to_string()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
@@ -64,10 +62,10 @@ fn scraped_counters_agree_with_the_sink_file() {
         ],
         &dir,
     );
-    let node_http = node_http.port();
+    let node_http = node.metrics_address().port();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(get(node_http, "/readyz").0, 200, "the node has reached the sink");
-    // The books are written from one snapshot per scrape: each page balances
+    // The books are read once per scrape, produced last: each page balances
     // while the node runs on.
     for _ in 0..5 {
         let (status, page) = get(node_http, "/metrics");

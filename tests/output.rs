@@ -230,7 +230,7 @@ fn file_size_limit(kind: Node, name: &str) {
         &sink_env("127.0.0.1:0", &out),
         &dir,
     );
-    let socket = sink.reported_address("Sink listening.", Duration::from_secs(20)).to_string();
+    let socket = sink.sink_address().to_string();
     let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
     wait_until("a write refused", Duration::from_secs(40), || {
         stderr_of(&dir, "sink").contains("Could not write to the output")
@@ -262,8 +262,7 @@ fn deleted_output(kind: Node, name: &str) {
     let dir = scratch(name);
     let out = dir.join("out");
     let output = out.join("readings.jsonl");
-    let (sink, address) =
-        Process::start_on_port_0("sink", SINK, "Sink listening.", &sink_env("127.0.0.1:0", &out), &dir);
+    let (sink, address) = Process::start_sink("sink", &sink_env("127.0.0.1:0", &out), &dir);
     let socket = address.to_string();
     let node = Process::start("node", NODE, &[], &kind.env(&socket), &dir);
     wait_until("output written", Duration::from_secs(20), || file_len(&output) > kind.some_output());

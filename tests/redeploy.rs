@@ -13,7 +13,6 @@ use std::{
 
 use common::{Process, assert_complete_and_ordered, free_port, read_output, scratch, summary_fields};
 
-const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 
 /// Starts a sink on `socket` (port 0: the kernel picks), and returns it
@@ -21,14 +20,8 @@ const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 fn start_sink(dir: &Path, name: &'static str, socket: &str, extra: &[(&'static str, String)]) -> (Process, String) {
     let mut env = vec![("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())];
     env.extend(extra.iter().cloned());
-    let sink = Process::start(name, SINK, &[], &env, dir);
-    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    let (sink, address) = Process::start_sink(name, &env, dir);
     (sink, address.to_string())
-}
-
-/// The address a process reports for its metrics endpoint.
-fn metrics_port(process: &Process) -> u16 {
-    process.reported_address("Serving metrics and health.", Duration::from_secs(20)).port()
 }
 
 /// `name:n` of the summary's `dropped_by=` field.
@@ -187,7 +180,7 @@ fn a_node_with_slow_sensors_stays_ready_while_its_sink_answers() {
         ("METRICS_ADDR", "127.0.0.1:0".into()),
     ];
     let node = Process::start("node", NODE, &[], &env, &dir);
-    let metrics = metrics_port(&node);
+    let metrics = node.metrics_address().port();
     let answers: Vec<u16> = (0..15)
         .map(|_| {
             std::thread::sleep(Duration::from_millis(200));
@@ -207,7 +200,7 @@ fn metrics_show_every_label_from_the_start_with_canonical_code_names() {
     // A sink address where nothing listens.
     let env = [("GRPC_SERVER_SOCKET", format!("127.0.0.1:{}", free_port())), ("METRICS_ADDR", "127.0.0.1:0".into())];
     let node = Process::start("node", NODE, &[], &env, &dir);
-    let metrics = metrics_port(&node);
+    let metrics = node.metrics_address().port();
     let (_, page) = get(metrics, "/metrics");
     let _ = node.terminate(Duration::from_secs(60));
     for line in [
@@ -235,7 +228,7 @@ fn the_shared_token_appears_in_no_log_line_summary_or_metric() {
             ("LOGGER_MIN_LOG_LEVEL", "trace".into()),
         ],
     );
-    let sink_metrics = metrics_port(&sink);
+    let sink_metrics = sink.metrics_address().port();
     let mut outputs = Vec::new();
     // One node with the right token, one with a wrong one (refused).
     for (name, given) in [("node-right", token.to_owned()), ("node-wrong", format!("{token}-wrong"))] {
@@ -248,7 +241,7 @@ fn the_shared_token_appears_in_no_log_line_summary_or_metric() {
         ]);
         let env: Vec<(&str, String)> = env.into_iter().collect();
         let node = Process::start(name, NODE, &[], &env, &dir);
-        let node_metrics = metrics_port(&node);
+        let node_metrics = node.metrics_address().port();
         std::thread::sleep(Duration::from_secs(2));
         outputs.push(get(node_metrics, "/metrics").1);
         outputs.push(get(sink_metrics, "/metrics").1);

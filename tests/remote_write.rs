@@ -18,7 +18,6 @@ use telemetry_node::{
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
 };
 
-const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 
 /// A database this test runs.
@@ -256,8 +255,7 @@ fn stop_sink(sink: Process) -> String {
 /// Starts a sink on `socket` (on [`ANY_PORT`], the kernel picks the port),
 /// and returns it with the address it reports listening on.
 fn start_sink(dir: &Path, name: &'static str, socket: &str, database: &Database) -> (Process, String) {
-    let sink = Process::start(name, SINK, &[], &sink_env(socket, database), dir);
-    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    let (sink, address) = Process::start_sink(name, &sink_env(socket, database), dir);
     (sink, address.to_string())
 }
 
@@ -420,9 +418,9 @@ async fn a_request_the_database_refuses_is_refused_counted_and_logged_and_the_re
     let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
     let mut env = sink_env(ANY_PORT, &database);
     env.push(("METRICS_ADDR", ANY_PORT.into()));
-    let (sink, address) = Process::start_on_port_0("sink", SINK, "Sink listening.", &env, &dir);
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
     let port = address.port();
-    let metrics = sink.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    let metrics = sink.metrics_address().port();
     let mut client = SensorServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
     let now = SystemTime::now();
     let at = |ms: u64| now - Duration::from_secs(60) + Duration::from_millis(ms);
@@ -523,7 +521,7 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     env.push(("REMOTE_WRITE_URL", url.clone()));
     let mut wrong = env.clone();
     wrong.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("other-ca.pem").display().to_string()));
-    let (sink, address) = Process::start_on_port_0("sink-wrong-ca", SINK, "Sink listening.", &wrong, &dir);
+    let (sink, address) = Process::start_sink("sink-wrong-ca", &wrong, &dir);
     // A node as users get it (the right-CA run below is the tuned one).
     let node = Process::start("node-wrong-ca", NODE, &[], &default_node(&address.to_string(), "node-tls"), &dir);
     std::thread::sleep(Duration::from_secs(2));
@@ -537,7 +535,7 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     env.retain(|(name, _)| *name != "REMOTE_WRITE_URL");
     env.push(("REMOTE_WRITE_URL", url));
     env.push(("REMOTE_WRITE_TLS_CA_CERT", dir.join("ca.pem").display().to_string()));
-    let (sink, address) = Process::start_on_port_0("sink", SINK, "Sink listening.", &env, &dir);
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
     let node = Process::start("node", NODE, &[], &tuned_node(&address.to_string(), "node-tls-ok"), &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop_node(node);

@@ -33,10 +33,8 @@ fn metric(port: u16, prefix: &str) -> Option<u64> {
 #[test]
 fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() {
     let dir = scratch("sources");
-    let (sink, address) = Process::start_on_port_0(
+    let (sink, address) = Process::start_sink(
         "sink",
-        env!("CARGO_BIN_EXE_telemetry-sink"),
-        "Sink listening.",
         &[
             ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
             ("FILE_PATH", "out".into()),
@@ -85,7 +83,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
         std::fs::write(&next, value.to_string()).unwrap();
         std::fs::rename(&next, &level).unwrap();
     }
-    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    let metrics = node.metrics_address().port();
     let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
     let (code, stdout, node_log) = node.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{node_log}");
@@ -188,13 +186,8 @@ fn bad_source_settings_name_their_variable() {
 #[test]
 fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
     let dir = scratch("sources-defaults");
-    let (sink, address) = Process::start_on_port_0(
-        "sink",
-        env!("CARGO_BIN_EXE_telemetry-sink"),
-        "Sink listening.",
-        &[("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())],
-        &dir,
-    );
+    let (sink, address) =
+        Process::start_sink("sink", &[("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())], &dir);
     let socket = address.to_string();
     // Prints a reading, then hangs with a child of its own: killed, with the
     // child, at the default EXEC_TIMEOUT (5 s).
@@ -214,7 +207,7 @@ fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
         ],
         &dir,
     );
-    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    let metrics = node.metrics_address().port();
     std::thread::sleep(Duration::from_millis(6500));
     let timeouts = metric(metrics, "telemetry_node_readings_failed_total{source=\"exec\",reason=\"timeout\"}");
     let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");

@@ -11,7 +11,6 @@ use common::{
 };
 
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
-const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
 
 fn node_env(socket: &str, name: &str, spool: Option<&Path>) -> Vec<(&'static str, String)> {
     let mut env = vec![
@@ -71,9 +70,8 @@ fn metric(port: u16, name: &str) -> u64 {
 /// Starts a sink on `socket`, and returns it once it listens, with the
 /// address it got (the kernel's choice for port 0).
 fn start_sink(dir: &Path, socket: &str, name: &'static str) -> (Process, String) {
-    let sink =
-        Process::start(name, SINK, &[], &[("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())], dir);
-    let address = sink.reported_address("Sink listening.", Duration::from_secs(20));
+    let (sink, address) =
+        Process::start_sink(name, &[("GRPC_SERVER_SOCKET", socket.to_owned()), ("FILE_PATH", "out".into())], dir);
     (sink, address.to_string())
 }
 
@@ -188,7 +186,7 @@ fn a_full_spool_evicting_while_the_sink_comes_back_keeps_the_books() {
     ];
     env.extend(fast_retries());
     let node = Process::start("node", NODE, &[], &env, &dir);
-    let metrics = node.reported_address("Serving metrics and health.", Duration::from_secs(20)).port();
+    let metrics = node.metrics_address().port();
     // Four seconds without a sink fill the 64 KiB spool over and over.
     std::thread::sleep(Duration::from_secs(4));
     let (sink, _) = start_sink(&dir, &socket, "sink");

@@ -186,7 +186,7 @@ pub fn free_port() -> u16 {
 /// port 0: a sink restarted on the same port mid-test, and the databases
 /// and relays the tests run (whose addresses are given on their command
 /// line). Our binaries otherwise start on port 0 and report the address
-/// they got ([`Process::start_on_port_0`]).
+/// they got ([`Process::start_sink`], [`Process::metrics_address`]).
 ///
 /// They are drawn below the kernel's ephemeral range (32768 and up by
 /// default), where bind-to-port-0 and outgoing connections never take a
@@ -248,25 +248,30 @@ impl Process {
         Self { child, name, out, err }
     }
 
-    /// Starts `binary` listening on port 0, and returns it with the address
-    /// it reports in its `message` log line (the kernel's choice, so no
-    /// port is picked, released and bound again).
-    pub fn start_on_port_0(
-        name: &'static str,
-        binary: &str,
-        message: &str,
-        env: &[(&str, String)],
-        dir: &Path,
-    ) -> (Self, SocketAddr) {
-        let process = Self::start(name, binary, &[], env, dir);
-        let address = process.reported_address(message, Duration::from_secs(20));
-        (process, address)
+    /// Starts the sink binary with `env` (its `GRPC_SERVER_SOCKET` on port 0
+    /// lets the kernel pick, so no port is picked, released and bound
+    /// again), and returns it with the address it reports listening on.
+    pub fn start_sink(name: &'static str, env: &[(&str, String)], dir: &Path) -> (Self, SocketAddr) {
+        let sink = Self::start(name, env!("CARGO_BIN_EXE_telemetry-sink"), &[], env, dir);
+        let address = sink.sink_address();
+        (sink, address)
     }
 
-    /// The address in the process's first log line holding `message`
-    /// (`Sink listening.`, `Serving metrics and health.`), waiting up to
-    /// `limit` for it.
-    pub fn reported_address(&self, message: &str, limit: Duration) -> SocketAddr {
+    /// The gRPC address the sink reports (`Sink listening.`).
+    pub fn sink_address(&self) -> SocketAddr {
+        self.reported_address("Sink listening.")
+    }
+
+    /// The metrics address either binary reports (`Serving metrics and
+    /// health.`).
+    pub fn metrics_address(&self) -> SocketAddr {
+        self.reported_address("Serving metrics and health.")
+    }
+
+    /// The address in the process's first log line holding `message`,
+    /// waiting up to 20 s for it.
+    fn reported_address(&self, message: &str) -> SocketAddr {
+        let limit = Duration::from_secs(20);
         let deadline = Instant::now() + limit;
         loop {
             for path in [&self.err, &self.out] {
