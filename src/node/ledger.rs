@@ -104,6 +104,15 @@ struct SourceLabel {
     source: &'static str,
 }
 
+/// Why an earlier run's readings are given up: refused when replayed, or
+/// evicted from a full spool.
+const EARLIER_DROP_REASONS: [DropReason; 2] = [DropReason::Refused, DropReason::SpoolFull];
+
+/// The count of `family` for `reason`, 0 if it has none yet.
+fn count(family: &Family<ReasonLabel, Counter>, reason: DropReason) -> u64 {
+    family.get(&ReasonLabel { reason }).map_or(0, |counter| counter.get())
+}
+
 /// Which run produced a batch in the spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Run {
@@ -141,18 +150,15 @@ pub struct Ledger {
     acked: Counter,
     /// Batches of this run the sink acknowledged.
     batches_acked: Counter,
-    /// Readings of this run given up, for any reason.
-    dropped: Counter,
-    /// Readings of this run given up, by reason: sums to `dropped`.
+    /// Readings of this run given up, by reason (their sum is the total:
+    /// kept once, so the two cannot disagree).
     dropped_by_reason: Family<ReasonLabel, Counter>,
     /// Readings of earlier runs, replayed from the spool, that the sink
     /// acknowledged.
     earlier_acked: Counter,
-    /// Readings of earlier runs given up (refused, or evicted from a full
-    /// spool), by reason.
+    /// Readings of earlier runs given up, by reason (one of
+    /// [`EARLIER_DROP_REASONS`]).
     earlier_dropped: Family<ReasonLabel, Counter>,
-    /// Every reading counted in `earlier_dropped`, for the summary.
-    earlier_dropped_total: Counter,
     /// Attempts that repeated an earlier, failed attempt.
     retries: Counter,
     /// Retries, by the code of the failure that caused them.
@@ -194,11 +200,9 @@ impl Default for Ledger {
             batches_sent: Counter::default(),
             acked: Counter::default(),
             batches_acked: Counter::default(),
-            dropped: Counter::default(),
             dropped_by_reason: Family::default(),
             earlier_acked: Counter::default(),
             earlier_dropped: Family::default(),
-            earlier_dropped_total: Counter::default(),
             retries: Counter::default(),
             retries_by_code: Family::default(),
             refused_by_code: Family::default(),
@@ -273,14 +277,18 @@ impl Ledger {
 
     /// A batch of `n` readings of this run refused for good with `code`.
     pub(crate) fn refused(&self, code: tonic::Code, n: u64) {
-        self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
+        self.count_refusal(code);
         self.dropped(DropReason::Refused, n);
     }
 
     /// `n` readings of this run given up for `reason`.
     pub(crate) fn dropped(&self, reason: DropReason, n: u64) {
-        self.dropped.inc_by(n);
         self.dropped_by_reason.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    /// One batch refused for good with `code`, of this run or an earlier one.
+    fn count_refusal(&self, code: tonic::Code) {
+        self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
     }
 }
 
@@ -305,7 +313,7 @@ impl Ledger {
 
     /// `n` spooled readings of `run` refused for good with `code`.
     pub(crate) fn replay_refused(&self, run: Run, code: tonic::Code, n: u64) {
-        self.refused_by_code.get_or_create(&CodeLabel { code: crate::wire::code_name(code) }).inc();
+        self.count_refusal(code);
         self.settled_from_spool(run, n, Err(DropReason::Refused));
     }
 
@@ -349,7 +357,6 @@ impl Ledger {
             }
             (Run::Earlier, Err(reason)) => {
                 self.earlier_dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
-                self.earlier_dropped_total.inc_by(n);
             }
         }
     }
@@ -367,13 +374,19 @@ impl Ledger {
         missing
     }
 
+    /// This run's drops, by reason, in the order of [`DropReason::ALL`].
+    fn dropped_by(&self) -> [u64; 6] {
+        DropReason::ALL.map(|reason| count(&self.dropped_by_reason, reason))
+    }
+
     /// A consistent-enough copy for reporting.
     pub fn snapshot(&self) -> Summary {
+        let dropped_by = self.dropped_by();
         Summary {
             produced: self.produced.get(),
             sent: self.sent.get(),
             acked: self.acked.get(),
-            dropped: self.dropped.get(),
+            dropped: dropped_by.iter().sum(),
             retries: self.retries.get(),
             pushbacks: self.pushbacks.get(),
             missed: self.missed.get(),
@@ -381,36 +394,36 @@ impl Ledger {
             spooled: self.spooled.get(),
             replayed: self.replayed.get(),
             in_spool: self.in_spool(),
-            dropped_by: DropReason::ALL
-                .map(|reason| self.dropped_by_reason.get(&ReasonLabel { reason }).map_or(0, |counter| counter.get())),
+            dropped_by,
             earlier_acked: self.earlier_acked.get(),
-            earlier_dropped: self.earlier_dropped_total.get(),
+            earlier_dropped: EARLIER_DROP_REASONS.iter().map(|reason| count(&self.earlier_dropped, *reason)).sum(),
         }
     }
 
     /// Brings the derived gauges up to date; called before each scrape.
     pub fn refresh(&self) {
-        let s = self.snapshot();
+        let acked = self.acked.get();
         let mut base = self.rate_base.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let elapsed = base.0.elapsed().as_secs_f64();
         if elapsed > 0.0 {
-            self.send_rate.set((s.acked - base.1) as f64 / elapsed);
+            self.send_rate.set((acked - base.1) as f64 / elapsed);
         }
-        *base = (Instant::now(), s.acked);
+        *base = (Instant::now(), acked);
     }
 
     /// Registers every metric under the `telemetry_node` prefix.
     ///
     /// The books (produced, acked, dropped by reason, in the spool, held)
-    /// are written from one snapshot per scrape, so that a scrape shows
-    /// `produced = acked + dropped + in_spool + held` while the node runs.
+    /// are read once per scrape, produced last (see [`Books`]), so that a
+    /// scrape shows `produced = acked + dropped + in_spool + held` while
+    /// the node runs.
     pub fn register(self: &Arc<Self>, registry: &mut Registry) {
         // Every label a counter can have is there from the start, at 0, so
         // that rates and alerts see 0 rather than nothing.
         for reason in DropReason::ALL {
             let _ = self.dropped_by_reason.get_or_create(&ReasonLabel { reason });
         }
-        for reason in [DropReason::Refused, DropReason::SpoolFull] {
+        for reason in EARLIER_DROP_REASONS {
             let _ = self.earlier_dropped.get_or_create(&ReasonLabel { reason });
         }
         for code in crate::wire::CODES.into_iter().filter(|code| *code != tonic::Code::Ok) {
@@ -461,7 +474,7 @@ impl Ledger {
     }
 }
 
-/// The books as metrics, written from one snapshot per scrape.
+/// The books as metrics, read once per scrape.
 #[derive(Debug)]
 struct Books(Arc<Ledger>);
 
@@ -474,8 +487,7 @@ impl Collector for Books {
         // after it, and the page balances with `held` the difference. The
         // drops are summed from the reasons the page shows.
         let acked = ledger.acked.get();
-        let dropped_by = DropReason::ALL
-            .map(|reason| ledger.dropped_by_reason.get(&ReasonLabel { reason }).map_or(0, |counter| counter.get()));
+        let dropped_by = ledger.dropped_by();
         let in_spool = ledger.in_spool();
         let produced = ledger.produced.get();
         let held = produced.saturating_sub(acked + dropped_by.iter().sum::<u64>() + in_spool);
