@@ -259,39 +259,29 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|error| Err(SpoolError { path: PathBuf::new(), message: error.to_string() }))
 }
 
-/// The key of the oldest batch over all lanes: the lowest batch number
-/// among each lane's first.
+/// The key of the oldest batch over all lanes that is not `held`: the
+/// lowest batch number among each lane's first batch not being delivered.
 fn oldest_key(
     table: &redb::Table<(u32, u64), &[u8]>,
     held: &HashSet<(u32, u64)>,
 ) -> Result<Option<(u32, u64)>, redb::StorageError> {
     let mut oldest: Option<(u32, u64)> = None;
     let mut lane = 0u32;
-    loop {
-        let mut range = table.range((lane, 0)..=(u32::MAX, u64::MAX))?;
-        let Some(entry) = range.next().transpose()? else { break };
-        let mut key = entry.0.value();
-        // A lane's held batch is its oldest (its replayer reads the oldest):
-        // the next one of the lane is the candidate.
-        if held.contains(&key) {
-            match range.next().transpose()? {
-                Some(next) if next.0.value().0 == key.0 => key = next.0.value(),
-                _ => {
-                    match key.0.checked_add(1) {
-                        Some(next) => lane = next,
-                        None => break,
-                    }
-                    continue;
+    // Each lane with stored batches in turn: its oldest batch that is not
+    // being delivered is a candidate.
+    while let Some(first) = table.range((lane, 0)..=(u32::MAX, u64::MAX))?.next().transpose()? {
+        lane = first.0.value().0;
+        for entry in table.range((lane, 0)..=(lane, u64::MAX))? {
+            let key = entry?.0.value();
+            if !held.contains(&key) {
+                if oldest.is_none_or(|(_, sequence)| key.1 < sequence) {
+                    oldest = Some(key);
                 }
+                break;
             }
         }
-        if oldest.is_none_or(|(_, sequence)| key.1 < sequence) {
-            oldest = Some(key);
-        }
-        match key.0.checked_add(1) {
-            Some(next) => lane = next,
-            None => break,
-        }
+        let Some(next) = lane.checked_add(1) else { break };
+        lane = next;
     }
     Ok(oldest)
 }
