@@ -476,12 +476,23 @@ impl Transport for Answering {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lane_answered_after_the_drain_was_cut_short_is_counted_once() {
-    let config = node_config(&[
+    lane_answered_after_the_drain_was_cut_short(&node_config(&[
         ("SENSOR_COUNT", "1".into()),
         ("SENSOR_VALUE_RATE_PER_SECOND", "100".into()),
         ("REQUEST_RATE_PER_SECOND", "inf".into()),
         ("BATCH_TIMEOUT", "10ms".into()),
-    ]);
+    ]))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_answered_after_the_drain_was_cut_short_with_the_default_settings() {
+    lane_answered_after_the_drain_was_cut_short(&node_config(&[])).await;
+}
+
+/// Runs the node on `config` against [`Answering`], cuts its drain short
+/// while a lane is mid-poll, and checks the books were settled after it.
+async fn lane_answered_after_the_drain_was_cut_short(config: &NodeConfig) {
     let transport = Answering::default();
     let requests = Arc::clone(&transport.requests);
     let second_arrived = move || requests.load(std::sync::atomic::Ordering::SeqCst) >= 2;
@@ -510,7 +521,7 @@ async fn a_lane_answered_after_the_drain_was_cut_short_is_counted_once() {
     let abort = async move {
         let _ = aborted.await;
     };
-    let returned = node::run_with(&config, transport.clone(), health, Arc::clone(&ledger), shutdown, abort).await;
+    let returned = node::run_with(config, transport.clone(), health, Arc::clone(&ledger), shutdown, abort).await;
     // A lane still running after the books were settled would ack later:
     // the books, read again once any such lane has finished, must not move.
     tokio::time::sleep(Duration::from_millis(1500)).await;
