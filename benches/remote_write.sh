@@ -51,6 +51,8 @@ open(sys.argv[1], "w").write(str(usage.ru_utime + usage.ru_stime))' "$work/load_
 }
 # CPU seconds per million samples: ticks $1 -> $2 over $3 samples.
 per_m() { python3 -c "print(f'{($2 - $1) / $hz / max(1, $3) * 1e6:.3f}')"; }
+# The load client's CPU seconds per million of $1 samples.
+load_per_m() { python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $1) * 1e6:.3f}')"; }
 hz=$(getconf CLK_TCK)
 
 vm=$(free_port)
@@ -66,7 +68,7 @@ run_load rw "http://127.0.0.1:$vm/api/v1/write" "$seconds" --bench
 after=$(settle); vm1=$(cpu_ticks "$vm_pid")
 ceiling=$(rate "$started" $((after - before)))
 ceiling_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
-ceiling_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
+ceiling_load_cpu=$(load_per_m $((after - before)))
 
 # (b) the sink
 sink=$(free_port)
@@ -81,7 +83,7 @@ after=$(settle); cpu1=$(cpu_ticks "$sink_pid"); vm1=$(cpu_ticks "$vm_pid")
 sink_rate=$(rate "$started" $((after - before)))
 sink_cpu=$(per_m "$cpu0" "$cpu1" $((after - before)))
 sink_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
-sink_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
+sink_load_cpu=$(load_per_m $((after - before)))
 
 # (d) the whole way: the node's own pipeline -> sink -> VictoriaMetrics.
 # 10,000 sensors at 300 readings/s each (3 million/s offered, more than the
@@ -116,7 +118,7 @@ agent_rate=$(rate "$started" $((after - before)))
 agent_window=$(( (after - before) / seconds ))
 agent_cpu=$(per_m "$cpu0" "$cpu1" $((after - before)))
 agent_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
-agent_load_cpu=$(python3 -c "print(f'{$(cat "$work/load_cpu") / max(1, $after - $before) * 1e6:.3f}')")
+agent_load_cpu=$(load_per_m $((after - before)))
 
 echo "Samples/s from the first request until the last sample landed; CPU seconds per million samples."
 echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s; CPU: client $ceiling_load_cpu, VictoriaMetrics $ceiling_vm_cpu"
