@@ -205,7 +205,7 @@ impl RemoteWriter {
                     _ => "4xx",
                 };
                 self.stats.database_answered(class, elapsed);
-                Err(self.refused_or_busy(status, asked, &body, chunks.len()))
+                Err(self.refused_or_busy(status, class, asked, &body, chunks.len()))
             }
             Ok(Err(error)) => {
                 self.stats.database_answered("error", elapsed);
@@ -219,18 +219,19 @@ impl RemoteWriter {
         }
     }
 
-    /// What a non-2xx answer means for the nodes.
+    /// What a non-2xx answer (of `class`: `429`, `5xx` or `4xx`) means for
+    /// the nodes.
     fn refused_or_busy(
         &self,
         status: StatusCode,
+        class: &'static str,
         asked: Option<Duration>,
         body: &[u8],
         requests: usize,
     ) -> OutputError {
         let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_BYTES)]).trim().to_owned();
         let message = format!("the database answered {status}: {text}");
-        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            let class = if status == StatusCode::TOO_MANY_REQUESTS { "429" } else { "5xx" };
+        if class != "4xx" {
             return self.busy(class, asked, message, requests);
         }
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
