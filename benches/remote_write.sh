@@ -87,8 +87,8 @@ sink_load_cpu=$(load_per_m $((after - before)))
 
 # (d) the whole way: the node's own pipeline -> sink -> VictoriaMetrics.
 # 10,000 sensors at 300 readings/s each (3 million/s offered, more than the
-# way takes; each sensor at most one reading a millisecond, so none is
-# superseded), no request-rate limit.
+# way takes; each sensor at most one reading a millisecond, as a database
+# needs), no request-rate limit.
 before=$(landed)
 GRPC_SERVER_SOCKET="127.0.0.1:$sink" NODE_ID=bench SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 \
     REQUEST_RATE_PER_SECOND=inf LOGGER_MIN_LOG_LEVEL=error target/release/telemetry-node >"$work/node.out" 2>&1 &

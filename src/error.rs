@@ -51,6 +51,21 @@ pub enum ReceiveError {
         /// Position of the reading in the request.
         index: usize,
     },
+    /// A reading falls in the same millisecond as an earlier reading of its
+    /// sensor in the request, with another value: a database series holds
+    /// one sample per millisecond, so one of them could not be stored.
+    #[error(
+        "item {index}: sensor {sensor:?} has another reading with another value in the same millisecond \
+         ({millis} ms); a time series holds one sample per millisecond"
+    )]
+    SameMillisecond {
+        /// Position of the later reading in the request.
+        index: usize,
+        /// Its sensor.
+        sensor: String,
+        /// The millisecond, since 1970.
+        millis: i64,
+    },
     /// The request is larger than the sink accepts in one second.
     #[error("request of {bytes} bytes is larger than RATE_PER_SECOND ({limit})")]
     TooLarge {

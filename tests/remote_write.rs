@@ -281,6 +281,41 @@ fn every_reading_lands_in_prometheus_once_and_in_order() {
     every_reading_once(Kind::Prometheus, "rw-prometheus");
 }
 
+/// Sensors at 1000 readings a second each, a reading every millisecond: a
+/// late tick of the node's timer fires in the same millisecond as the next,
+/// yet each reading is in a millisecond of its own, so that every one is
+/// stored (Prometheus refuses a second sample in a millisecond;
+/// VictoriaMetrics with its 1 ms de-duplication keeps one).
+fn a_reading_every_millisecond(kind: Kind, name: &str) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let (sink, socket) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let mut env = tuned_node(&socket, "node-a");
+    env.extend([
+        ("SENSOR_COUNT", "8".to_owned()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "1000".into()),
+        ("BATCH_SIZE", "1000".into()),
+    ]);
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    let (code, _, log) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(summary["produced"] > 8000, "{summary:?}");
+    assert!(!log.contains("Refused a request."), "{log}");
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn a_reading_every_millisecond_lands_in_prometheus_every_one() {
+    a_reading_every_millisecond(Kind::Prometheus, "rw-ms-prometheus");
+}
+
+#[test]
+fn a_reading_every_millisecond_lands_in_victoria_metrics_every_one() {
+    a_reading_every_millisecond(Kind::VictoriaMetrics, "rw-ms-vm");
+}
+
 fn database_down_for_ten_seconds(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
     let dir = scratch(name);
     let Some(mut database) = Database::start(kind, &dir) else { return };
@@ -450,6 +485,46 @@ async fn a_request_the_database_refuses_is_refused_counted_and_logged_and_the_re
     let x: Vec<f64> = series[&("n".to_owned(), "x".to_owned())].iter().map(|(_, v)| *v).collect();
     assert_eq!(x, vec![1.0, 2.0, 4.0]);
     assert_eq!(series[&("n".to_owned(), "y".to_owned())].len(), 1);
+}
+
+/// Two readings of one sensor in one millisecond: with the same value they
+/// are one sample, stored and acknowledged; with two values one of them
+/// could not be stored, so the request is refused and nothing of it stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_values_of_a_sensor_in_one_millisecond_are_refused_and_nothing_of_them_is_stored() {
+    let dir = scratch("rw-same-ms");
+    let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
+    let mut env = sink_env(ANY_PORT, &database);
+    env.push(("METRICS_ADDR", ANY_PORT.into()));
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let metrics = sink.metrics_address().port();
+    let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    // On a millisecond boundary, so that 0 to 999 µs after it are one millisecond.
+    let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(60);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_millis(ago.as_millis() as u64);
+    let at = |ms: u64, us: u64| start + Duration::from_millis(ms) + Duration::from_micros(us);
+    let send = |items: Vec<SensorValue>, batch: u64| SensorValuesRequest {
+        items,
+        node_id: "n".into(),
+        lane: 0,
+        batch_sequence: batch,
+    };
+    let twice = vec![reading("x", 1, at(10, 100)), reading("y", 5, at(10, 0)), reading("x", 1, at(10, 900))];
+    client.send_sensor_values(send(twice, 1)).await.unwrap();
+    let clash = vec![reading("x", 2, at(20, 100)), reading("y", 6, at(20, 0)), reading("x", 3, at(20, 900))];
+    let refused = client.send_sensor_values(send(clash, 2)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("item 2: sensor \"x\""), "{}", refused.message());
+    assert!(refused.message().contains("one sample per millisecond"), "{}", refused.message());
+    let (_, page) = http_get(metrics, "/metrics").unwrap();
+    drop(client);
+    stop_sink(sink);
+    assert!(page.contains("telemetry_sink_requests_rejected_total{reason=\"invalid\"} 1"), "{page}");
+    assert!(page.contains("telemetry_sink_readings_accepted_total 3"), "{page}");
+    let series = database.samples();
+    let base = start.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(series[&("n".to_owned(), "x".to_owned())], vec![(base + 10, 1.0)]);
+    assert_eq!(series[&("n".to_owned(), "y".to_owned())], vec![(base + 10, 5.0)]);
 }
 
 /// Sends the same batch twice, as a node does when the sink's answer is

@@ -52,7 +52,7 @@ pub(crate) struct RemoteWriter {
     authorization: Option<HeaderValue>,
     /// REMOTE_WRITE_TIMEOUT.
     timeout: Duration,
-    /// REMOTE_WRITE_MAX_SAMPLES (counted as readings, before superseding).
+    /// REMOTE_WRITE_MAX_SAMPLES (counted as readings).
     max_samples: usize,
     /// One permit per request in flight (REMOTE_WRITE_CONCURRENCY).
     slots: Arc<Semaphore>,

@@ -99,11 +99,7 @@ impl ReceiverService {
         }
         let lines = match &self.render {
             Render::Lines => validate::to_json_lines(request)?,
-            Render::Series(metric) => {
-                let (series, superseded) = validate::to_series(request, metric)?;
-                self.stats.superseded(superseded);
-                series
-            }
+            Render::Series(metric) => validate::to_series(request, metric)?,
         };
         // Held until the batch is written, so a retry of it waits here and
         // then finds it written.
@@ -147,11 +143,10 @@ impl ReceiverService {
         self.stats.received(bytes);
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
-        let Series { bytes: lines, readings, superseded } = series;
+        let Series { bytes: lines, readings } = series;
         // In a task of its own, as in `accept`: once queued, it is written.
         let write = tokio::spawn(write_out(output, lines, readings));
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
-        self.stats.superseded(superseded);
         self.stats.accepted(readings);
         Ok(())
     }

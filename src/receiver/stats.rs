@@ -123,9 +123,6 @@ struct RemoteWriteStats {
     /// Node requests pushed back because the database could not take them
     /// now, by the database's answer.
     retries: Family<StatusLabel, Counter>,
-    /// Readings that a later reading of the same sensor in the same
-    /// millisecond superseded (a series holds one sample per millisecond).
-    superseded: Counter,
     /// Seconds from sending a request to the database to its answer.
     latency: Histogram,
     /// Requests to the database under way.
@@ -138,7 +135,6 @@ impl Default for RemoteWriteStats {
             requests: Family::default(),
             samples: Counter::default(),
             retries: Family::default(),
-            superseded: Counter::default(),
             latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             in_flight: Gauge::default(),
         }
@@ -156,8 +152,6 @@ impl RemoteWriteStats {
         r.register("requests", "Requests to the database, by its answer", self.requests.clone());
         r.register("samples", "Samples the database took", self.samples.clone());
         r.register("retries", "Node requests pushed back while the database could not take them", self.retries.clone());
-        let superseded = self.superseded.clone();
-        r.register("samples_superseded", "Readings superseded within their millisecond", superseded);
         let latency = self.latency.clone();
         r.register_with_unit("latency", "Time a request to the database took", Unit::Seconds, latency);
         r.register("in_flight", "Requests to the database under way", self.in_flight.clone());
@@ -233,12 +227,6 @@ impl SinkStats {
     /// A retried request answered OK without writing it again.
     pub(crate) fn duplicate(&self) {
         self.duplicates.inc();
-    }
-
-    /// `n` readings superseded by a later one of the same sensor in the
-    /// same millisecond.
-    pub(crate) fn superseded(&self, n: usize) {
-        self.remote_write.superseded.inc_by(n as u64);
     }
 
     /// One request refused for `reason`.

@@ -22,14 +22,11 @@ pub(crate) struct Series {
     pub(crate) bytes: Vec<u8>,
     /// Readings in the request.
     pub(crate) readings: usize,
-    /// Readings a later reading of the same sensor in the same millisecond
-    /// replaced.
-    pub(crate) superseded: usize,
 }
 
 /// The series of the request `bytes`, metric `metric`, or `None` when the
-/// request is not in the common shape (then decode it and use
-/// `validate::to_series`).
+/// request is not in the common shape or is refused (then decode it and
+/// use `validate::to_series`, which says why).
 pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
     let mut grouped = Grouped::default();
     let mut node_id: &[u8] = b"";
@@ -53,7 +50,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
         let name = std::str::from_utf8(name).ok()?;
         encode_series(&mut out, metric, node_id, name, samples);
     }
-    Some(Series { bytes: out, readings: grouped.readings, superseded: grouped.superseded })
+    Some(Series { bytes: out, readings: grouped.readings })
 }
 
 /// A series' samples: time in milliseconds, value.
@@ -71,23 +68,21 @@ struct Grouped<'a> {
     last: usize,
     /// Readings added.
     readings: usize,
-    /// Readings a later one of the same sensor and millisecond replaced.
-    superseded: usize,
 }
 
 impl<'a> Grouped<'a> {
-    /// Adds a reading; `None` if its name is not UTF-8.
+    /// Adds a reading; `None` if its name is not UTF-8, or if its sensor
+    /// has another value in the same millisecond (refused).
     fn add(&mut self, name: &'a [u8], value: i64, millis: i64) -> Option<()> {
         self.readings += 1;
         let at = self.find(name)?;
         self.last = at;
         let samples = &mut self.series[at].1;
-        match samples.last_mut() {
-            Some(last) if last.0 == millis => {
-                *last = (millis, value as f64);
-                self.superseded += 1;
-            }
-            _ => samples.push((millis, value as f64)),
+        let value = value as f64;
+        match samples.last() {
+            Some(last) if last.0 == millis && last.1.to_bits() == value.to_bits() => {}
+            Some(last) if last.0 == millis => return None,
+            _ => samples.push((millis, value)),
         }
         Some(())
     }
@@ -317,8 +312,8 @@ mod tests {
     /// What the decoder and `to_series` make of `bytes`, if they accept it.
     fn slow(bytes: &[u8], metric: &str) -> Option<Series> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
-        let (series, superseded) = to_series(&request, metric).ok()?;
-        Some(Series { bytes: series, readings: request.items.len(), superseded })
+        let series = to_series(&request, metric).ok()?;
+        Some(Series { bytes: series, readings: request.items.len() })
     }
 
     fn any_item() -> impl Strategy<Value = SensorValue> {
@@ -349,7 +344,8 @@ mod tests {
     }
 
     /// Requests every reading of which is valid, several per sensor and
-    /// millisecond now and then.
+    /// millisecond now and then, with the same value (another value in the
+    /// same millisecond refuses the request).
     fn any_valid_request() -> impl Strategy<Value = SensorValuesRequest> {
         let item = ("[a-c]{1,2}", any::<i64>(), 0i64..3, 0i32..3_000_000, any::<u64>()).prop_map(
             |(sensor_name, value, second, nanos, sequence)| SensorValue {
@@ -362,11 +358,17 @@ mod tests {
             },
         );
         let node = prop_oneof![Just(String::new()), "[a-z]{1,8}"];
-        (proptest::collection::vec(item, 0..50), node).prop_map(|(items, node_id)| SensorValuesRequest {
-            items,
-            node_id,
-            lane: 1,
-            batch_sequence: 7,
+        (proptest::collection::vec(item, 0..50), node).prop_map(|(mut items, node_id)| {
+            let mut first = std::collections::HashMap::new();
+            for item in &mut items {
+                let measurement = item.measurement.as_mut().expect("made with one");
+                let at = measurement.created_at.expect("made with one");
+                let millis = (at.seconds, at.nanos / 1_000_000);
+                measurement.sensor_value = Some(
+                    *first.entry((item.sensor_name.clone(), millis)).or_insert(measurement.sensor_value.unwrap_or(0)),
+                );
+            }
+            SensorValuesRequest { items, node_id, lane: 1, batch_sequence: 7 }
         })
     }
 

@@ -82,18 +82,17 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
 
 /// A request's readings as remote-write series, encoded as the
 /// `timeseries` entries of a `WriteRequest` (so that the series of several
-/// requests, concatenated, are one request), and how many readings a
-/// later reading of the same sensor in the same millisecond superseded.
+/// requests, concatenated, are one request).
 ///
 /// One series per sensor of the sending node: `metric{node="…",
 /// sensor="…"}`, samples in the order the node sent them, the time in
 /// milliseconds and the value as a float (exact up to 2^53). A series holds
-/// one sample per millisecond: of two readings of a sensor in the same
-/// millisecond, the later one is kept.
-pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(Vec<u8>, usize), ReceiveError> {
+/// one sample per millisecond: two readings of a sensor in the same
+/// millisecond are stored once when their values are the same, and refuse
+/// the request when they differ (one of them could not be stored).
+pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<Vec<u8>, ReceiveError> {
     let mut series: Vec<(&str, Vec<Sample>)> = Vec::new();
     let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut superseded = 0;
     for (index, item) in request.items.iter().enumerate() {
         let (value, created_at) = check(index, item)?;
         let timestamp = created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -103,10 +102,11 @@ pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(
         });
         let samples = &mut series[at].1;
         let sample = Sample { value: value as f64, timestamp };
-        match samples.last_mut() {
+        match samples.last() {
+            Some(last) if last.timestamp == timestamp && last.value.to_bits() == sample.value.to_bits() => {}
             Some(last) if last.timestamp == timestamp => {
-                *last = sample;
-                superseded += 1;
+                let sensor = item.sensor_name.clone();
+                return Err(ReceiveError::SameMillisecond { index, sensor, millis: timestamp });
             }
             _ => samples.push(sample),
         }
@@ -120,7 +120,7 @@ pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<(
         labels.push(Label { name: "sensor".into(), value: sensor.into() });
         prost::encoding::message::encode(1, &TimeSeries { labels, samples }, &mut out);
     }
-    Ok((out, superseded))
+    Ok(out)
 }
 
 /// The time of `timestamp` if RFC 3339 can write it (years 1970 to 9999).
@@ -146,8 +146,7 @@ mod tests {
             node_id: "n1".into(),
             ..Default::default()
         };
-        let (bytes, superseded) = to_series(&request, "sensor_value").unwrap();
-        assert_eq!(superseded, 0);
+        let bytes = to_series(&request, "sensor_value").unwrap();
         let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
         let labels: Vec<Vec<(String, String)>> = decoded
             .timeseries
@@ -165,15 +164,22 @@ mod tests {
     }
 
     #[test]
-    fn of_two_readings_in_one_millisecond_the_later_is_kept() {
+    fn two_readings_of_a_sensor_in_one_millisecond_are_stored_once_or_refused() {
+        // The same value twice: the database holds exactly that sample.
         let request =
-            SensorValuesRequest { items: vec![item("a", Some(1), 1), item("a", Some(9), 1)], ..Default::default() };
-        let (bytes, superseded) = to_series(&request, "m").unwrap();
-        assert_eq!(superseded, 1);
-        let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
+            SensorValuesRequest { items: vec![item("a", Some(9), 1), item("a", Some(9), 1)], ..Default::default() };
+        let decoded = WriteRequest::decode(to_series(&request, "m").unwrap().as_slice()).unwrap();
         assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
         // Without a node identity there is no node label.
         assert_eq!(decoded.timeseries[0].labels.len(), 2);
+        // Two values: one could not be stored, so the request is refused.
+        let request = SensorValuesRequest {
+            items: vec![item("b", Some(2), 1), item("a", Some(1), 1), item("a", Some(9), 1)],
+            ..Default::default()
+        };
+        let error = to_series(&request, "m").unwrap_err();
+        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1000 });
+        assert!(error.to_string().contains("one sample per millisecond"), "{error}");
     }
 
     fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {

@@ -93,6 +93,12 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             request_rate_per_second = config.request_rate,
         );
     }
+    if config.sensor_count > 0 && config.sensor_rate > 1000.0 {
+        tracing::warn!(
+            message = "Sensors faster than 1000 readings a second give some readings in the same millisecond as the one before: a time-series database holds one sample per millisecond, and a sink with OUTPUT=remote-write refuses such requests (the file output keeps them).",
+            sensor_value_rate_per_second = config.sensor_rate,
+        );
+    }
     let transport = match GrpcTransport::from_config(&config) {
         Ok(transport) => transport,
         Err(error) => {

@@ -15,6 +15,7 @@ pub(crate) mod file;
 #[cfg(target_os = "linux")]
 pub(crate) mod host;
 pub mod simulated;
+mod stamp;
 
 use std::{
     collections::HashMap,
@@ -25,6 +26,7 @@ use std::{
 };
 
 use futures::{Stream, StreamExt, stream::SelectAll};
+pub(crate) use stamp::Stamps;
 use tokio::time::MissedTickBehavior;
 use tracing::warn;
 
@@ -118,19 +120,30 @@ pub(crate) trait Probe: Send + 'static {
 /// pipeline pushes back, is skipped, as the simulated sensors skip theirs;
 /// its readings (as many as the last round gave) are counted as missed.
 /// Every reading of one round carries the round's number as its sequence
-/// and the tick's time, so each sensor's sequence only grows. Failures are
+/// and the tick's time, so each sensor's sequence only grows, and each
+/// round's time falls in a later millisecond than the round before
+/// ([`Stamps`]). Failures are
 /// counted under `readings_failed{source,reason}` and logged at most once a
 /// minute per reason and subject (a file, a line).
 pub(crate) fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) -> Source {
     let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let state =
-        Polled { probe, interval, round: 0, ledger, gates: HashMap::new(), first: None, skipped: 0, last_count: 0 };
+    let state = Polled {
+        probe,
+        interval,
+        stamps: Stamps::default(),
+        round: 0,
+        ledger,
+        gates: HashMap::new(),
+        first: None,
+        skipped: 0,
+        last_count: 0,
+    };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
             state.interval.tick().await;
             state.count_skipped();
-            let created_at = SystemTime::now();
+            let created_at = state.stamps.next();
             let round = state.probe.read().await;
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
             state.ledger.source_read(P::KIND, now.as_secs_f64());
@@ -158,6 +171,8 @@ struct Polled<P> {
     probe: P,
     /// The source's timer.
     interval: tokio::time::Interval,
+    /// The rounds' times, each in a millisecond of its own.
+    stamps: Stamps,
     /// Rounds read so far: the next readings' sequence.
     round: u64,
     /// Where readings and failures are counted.

@@ -11,6 +11,11 @@
 //! no task, no timer, just a name and a seed each. Since the sensors take
 //! turns from the first, the number of readings taken fixes whose turn is
 //! next and its sequence: no counter per sensor either.
+//!
+//! Each tick's time falls in a later millisecond than the tick before
+//! ([`Stamps`]). A sensor at up to 1000 readings a second takes at most one
+//! reading a tick, so its readings are all in milliseconds of their own, as
+//! a time-series database needs; a faster one takes several a tick.
 
 use std::{
     pin::Pin,
@@ -22,6 +27,7 @@ use std::{
 use futures::Stream;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+use super::Stamps;
 use crate::{node::Ledger, reading::Reading};
 
 /// The finest step of tokio's timers. Sensors due more often than that take
@@ -68,6 +74,8 @@ pub struct Sensors {
     due_taken: u64,
     /// Where `produced` is counted.
     ledger: Arc<Ledger>,
+    /// The ticks' times, each in a millisecond of its own.
+    stamps: Stamps,
 }
 
 impl Sensors {
@@ -78,7 +86,8 @@ impl Sensors {
         let mut interval = tokio::time::interval(period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let sensors = sensor_set(names);
-        Self { sensors, taken: 0, total_rate, interval, start: Instant::now(), due_taken: 0, ledger }
+        let start = Instant::now();
+        Self { sensors, taken: 0, total_rate, interval, start, due_taken: 0, ledger, stamps: Stamps::default() }
     }
 
     /// Readings due from the start up to, not including, tick `k`: one a
@@ -112,7 +121,7 @@ impl Sensors {
         let n = self.sensors.len() as u64;
         let tick = Tick {
             sensors: Arc::clone(&self.sensors),
-            created_at: SystemTime::now(),
+            created_at: self.stamps.next(),
             turn: (self.taken % n) as usize,
             sequence: self.taken / n,
             left: count,
