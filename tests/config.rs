@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Process, scratch, vars};
+use common::{Pki, Process, scratch, vars};
 use telemetry_node::{
     config::{ConfigError, NodeConfig, SinkConfig},
     node::RetryPolicy,
@@ -302,6 +302,57 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
         let error = remote(extra).unwrap_err().to_string();
         assert!(error.contains(variable), "{extra:?}: {error}");
         assert!(!error.contains("S3cret") && !error.contains("t0k"), "{error}");
+    }
+}
+
+#[test]
+fn a_client_certificate_for_the_database_is_checked_against_its_key() {
+    let dir = scratch("rw-client-cert-config");
+    let pki = Pki::new(&dir, "ca");
+    let ca = dir.join("ca.pem").display().to_string();
+    let (cert, key) = pki.issue("sink", "sink.example");
+    let (_, other_key) = pki.issue("other", "other.example");
+    let remote = |url: &str, extra: &[(&str, &str)]| {
+        let mut pairs = vec![
+            ("OUTPUT", "remote-write".to_owned()),
+            ("REMOTE_WRITE_URL", url.to_owned()),
+            ("REMOTE_WRITE_TLS_CA_CERT", ca.clone()),
+        ];
+        if url.starts_with("http:") {
+            pairs.pop();
+        }
+        pairs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        SinkConfig::from_vars(&vars(&pairs))
+    };
+    let https = "https://db/api/v1/write";
+    let both = [("REMOTE_WRITE_TLS_CLIENT_CERT", cert.as_str()), ("REMOTE_WRITE_TLS_CLIENT_KEY", key.as_str())];
+    let config = remote(https, &both).unwrap();
+    let (chain, pem_key) = config.remote_write_identity().unwrap().unwrap();
+    assert!(chain.contains("BEGIN CERTIFICATE") && pem_key.contains("PRIVATE KEY"));
+    assert_eq!(remote(https, &[]).unwrap().remote_write_identity().unwrap(), None);
+    /// The URL, the variables added, and the variable the error names.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
+        (https, &both[..1], "REMOTE_WRITE_TLS_CLIENT_CERT"),
+        (https, &both[1..], "REMOTE_WRITE_TLS_CLIENT_KEY"),
+        // Only toward an https:// database.
+        ("http://db/api/v1/write", &both, "REMOTE_WRITE_TLS_CLIENT_CERT"),
+        // Another certificate's key.
+        (
+            https,
+            &[("REMOTE_WRITE_TLS_CLIENT_CERT", cert.as_str()), ("REMOTE_WRITE_TLS_CLIENT_KEY", other_key.as_str())],
+            "REMOTE_WRITE_TLS_CLIENT_KEY",
+        ),
+        // A certificate where the key belongs.
+        (
+            https,
+            &[("REMOTE_WRITE_TLS_CLIENT_CERT", cert.as_str()), ("REMOTE_WRITE_TLS_CLIENT_KEY", cert.as_str())],
+            "REMOTE_WRITE_TLS_CLIENT_KEY",
+        ),
+    ];
+    for (url, extra, variable) in cases {
+        let error = remote(url, extra).unwrap_err().to_string();
+        assert!(error.contains(variable), "{extra:?}: {error}");
     }
 }
 

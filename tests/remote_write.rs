@@ -17,6 +17,7 @@ use telemetry_node::{
     node::source::simulated::readings_from,
     proto::{SensorValue, SensorValuesRequest, sensor_service_client::SensorServiceClient, sensor_value::Measurement},
 };
+use tokio_rustls::rustls::{ClientConfig, pki_types::ServerName};
 
 const NODE: &str = env!("CARGO_BIN_EXE_telemetry-node");
 
@@ -31,6 +32,10 @@ enum Kind {
     /// With `storage.tsdb.out_of_order_time_window`, as the README says to
     /// run it: a batch sent again after a lost answer is taken once.
     PrometheusWithWindow,
+    /// Serving https only, to clients showing a certificate from its CA
+    /// (`db-ca.pem` signs its certificate and the client's, `sink.crt` and
+    /// `sink.key`, in its folder).
+    PrometheusMutualTls,
 }
 
 /// A database process on a loopback port, stopped when dropped.
@@ -39,13 +44,15 @@ struct Database {
     port: u16,
     dir: PathBuf,
     process: Option<Process>,
+    /// How the test itself connects, for [`Kind::PrometheusMutualTls`].
+    tls: Option<std::sync::Arc<ClientConfig>>,
 }
 
 impl Kind {
     fn binary(self) -> &'static str {
         match self {
             Self::VictoriaMetrics => "victoria-metrics",
-            Self::Prometheus | Self::PrometheusWithWindow => "prometheus",
+            Self::Prometheus | Self::PrometheusWithWindow | Self::PrometheusMutualTls => "prometheus",
         }
     }
 }
@@ -64,7 +71,19 @@ impl Database {
             eprintln!("skipped: {} not installed", kind.binary());
             return None;
         }
-        let mut database = Self { kind, port: free_port(), dir: dir.to_owned(), process: None };
+        let mut database = Self { kind, port: free_port(), dir: dir.to_owned(), process: None, tls: None };
+        if kind == Kind::PrometheusMutualTls {
+            let pki = Pki::new(dir, "db-ca");
+            let (cert, key) = pki.issue("prometheus", "127.0.0.1");
+            pki.issue("sink", "sink.example");
+            let web = format!(
+                "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  \
+                 client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {}\n",
+                dir.join("db-ca.pem").display()
+            );
+            std::fs::write(dir.join("web.yml"), web).unwrap();
+            database.tls = Some(client_tls(dir));
+        }
         database.run();
         Some(database)
     }
@@ -81,7 +100,7 @@ impl Database {
                 "-dedup.minScrapeInterval=1ms".into(),
                 "-loggerLevel=WARN".into(),
             ],
-            Kind::Prometheus | Kind::PrometheusWithWindow => {
+            Kind::Prometheus | Kind::PrometheusWithWindow | Kind::PrometheusMutualTls => {
                 let config = self.dir.join("prometheus.yml");
                 let mut text = "global:\n  scrape_interval: 1h\n".to_owned();
                 if self.kind == Kind::PrometheusWithWindow {
@@ -95,6 +114,12 @@ impl Database {
                     "--web.enable-remote-write-receiver".into(),
                     "--log.level=warn".into(),
                 ]
+                .into_iter()
+                .chain(
+                    (self.kind == Kind::PrometheusMutualTls)
+                        .then(|| format!("--web.config.file={}", self.dir.join("web.yml").display())),
+                )
+                .collect()
             }
         };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -102,7 +127,7 @@ impl Database {
         self.process = Some(Process::start(name, name, &args, &[], &self.dir));
         let ready = if self.kind == Kind::VictoriaMetrics { "/health" } else { "/-/ready" };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(self.port, ready).map(|(status, _)| status) != Some(200) {
+        while self.get(ready).map(|(status, _)| status) != Some(200) {
             assert!(Instant::now() < deadline, "{} did not start", self.kind.binary());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -116,14 +141,23 @@ impl Database {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/api/v1/write", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/api/v1/write", self.port)
+    }
+
+    /// GET `path` from the database: status and body.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        match &self.tls {
+            None => http_get(self.port, path),
+            Some(tls) => https_get(self.port, path, tls),
+        }
     }
 
     /// Every sample of `sensor_value`, per (node, sensor), in time order.
     fn samples(&self) -> BTreeMap<(String, String), Vec<(i64, f64)>> {
         if self.kind == Kind::VictoriaMetrics {
             // Samples just taken become searchable within seconds; now.
-            assert_eq!(http_get(self.port, "/internal/force_flush").map(|(status, _)| status), Some(200));
+            assert_eq!(self.get("/internal/force_flush").map(|(status, _)| status), Some(200));
         }
         let mut series: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
         let key = |metric: &serde_json::Value| {
@@ -131,7 +165,7 @@ impl Database {
         };
         match self.kind {
             Kind::VictoriaMetrics => {
-                let (_, body) = http_get(self.port, "/api/v1/export?match%5B%5D=sensor_value").unwrap();
+                let (_, body) = self.get("/api/v1/export?match%5B%5D=sensor_value").unwrap();
                 for line in body.lines().filter(|line| !line.trim().is_empty()) {
                     let value: serde_json::Value = serde_json::from_str(line).unwrap();
                     let samples = series.entry(key(&value["metric"])).or_default();
@@ -141,8 +175,8 @@ impl Database {
                     }
                 }
             }
-            Kind::Prometheus | Kind::PrometheusWithWindow => {
-                let (_, body) = http_get(self.port, "/api/v1/query?query=sensor_value%5B1d%5D").unwrap();
+            Kind::Prometheus | Kind::PrometheusWithWindow | Kind::PrometheusMutualTls => {
+                let (_, body) = self.get("/api/v1/query?query=sensor_value%5B1d%5D").unwrap();
                 let value: serde_json::Value = serde_json::from_str(&body).unwrap();
                 for result in value["data"]["result"].as_array().unwrap() {
                     let samples = series.entry(key(&result["metric"])).or_default();
@@ -170,11 +204,50 @@ impl Drop for Database {
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    exchange(&mut stream, path)
+}
+
+/// GET `path` over HTTP/1.0 in TLS, as `tls` says.
+fn https_get(port: u16, path: &str, tls: &std::sync::Arc<ClientConfig>) -> Option<(u16, String)> {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+    let name = ServerName::try_from("127.0.0.1").ok()?;
+    let connection = tokio_rustls::rustls::ClientConnection::new(std::sync::Arc::clone(tls), name).ok()?;
+    exchange(&mut tokio_rustls::rustls::StreamOwned::new(connection, stream), path)
+}
+
+/// Sends a GET for `path` on `stream` and reads the answer to its end.
+fn exchange(stream: &mut (impl Read + Write), path: &str) -> Option<(u16, String)> {
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).ok()?;
+    let mut page = Vec::new();
+    // A TLS server may close without a close_notify after the answer.
+    let _ = stream.read_to_end(&mut page);
+    let page = String::from_utf8(page).ok()?;
     let status = page.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, page.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// The test's own TLS client for a [`Kind::PrometheusMutualTls`] database
+/// in `dir`: trusting `db-ca.pem`, showing `sink.crt`.
+fn client_tls(dir: &Path) -> std::sync::Arc<ClientConfig> {
+    use tokio_rustls::rustls::{
+        RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(dir.join("db-ca.pem")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("sink.crt")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("sink.key")).unwrap();
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    std::sync::Arc::new(config)
 }
 
 /// Every reading the nodes produced is in the database once: per node and
@@ -619,5 +692,41 @@ fn the_sink_writes_to_a_database_over_https_and_refuses_an_unknown_certificate()
     assert!(summary["produced"] > 300);
     let only_this = database.samples().keys().filter(|(node, _)| node == "node-tls").count();
     assert_eq!(only_this, 0, "nothing went through with the wrong CA");
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+/// A database that asks every client for a certificate (Prometheus with
+/// `client_auth_type: RequireAndVerifyClientCert`): without one the sink
+/// gets nothing in, the nodes keep their readings and the sink says why;
+/// with REMOTE_WRITE_TLS_CLIENT_CERT and _KEY every reading lands once.
+#[test]
+fn the_sink_shows_its_certificate_to_a_database_that_asks_for_one() {
+    let dir = scratch("rw-mtls");
+    let Some(database) = Database::start(Kind::PrometheusMutualTls, &dir) else { return };
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut env = sink_env(ANY_PORT, &database);
+    env.push(("REMOTE_WRITE_TLS_CA_CERT", path("db-ca.pem")));
+
+    // No certificate: nothing is taken, and the sink says why.
+    let (sink, address) = Process::start_sink("sink-no-cert", &env, &dir);
+    let node = Process::start("node-no-cert", NODE, &[], &default_node(&address.to_string(), "node-no-cert"), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, stdout, _) = node.terminate(Duration::from_secs(60));
+    let summary = summary_fields(&stdout);
+    assert_eq!(summary["acked"], 0, "{stdout}");
+    assert!(summary["produced"] > 0, "{stdout}");
+    let (_, _, sink_log) = sink.terminate(Duration::from_secs(30));
+    // Prometheus answers a missing certificate with a bad_certificate alert.
+    assert!(sink_log.contains("BadCertificate"), "the sink names the TLS failure: {sink_log}");
+
+    // With its certificate: every reading lands once.
+    env.push(("REMOTE_WRITE_TLS_CLIENT_CERT", path("sink.crt")));
+    env.push(("REMOTE_WRITE_TLS_CLIENT_KEY", path("sink.key")));
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let node = Process::start("node", NODE, &[], &tuned_node(&address.to_string(), "node-mtls"), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    stop_sink(sink);
+    assert!(summary["produced"] > 300);
     assert_each_reading_once(&database, summary["produced"]);
 }

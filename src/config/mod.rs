@@ -122,6 +122,11 @@ const ACCEPTED: &[(&str, &str)] = &[
         "REMOTE_WRITE_TLS_CA_CERT",
         "a readable PEM file of the CAs to trust for an https:// REMOTE_WRITE_URL (default: /etc/ssl/certs/ca-certificates.crt, which must then exist); only with https://",
     ),
+    (
+        "REMOTE_WRITE_TLS_CLIENT_CERT",
+        "a readable PEM file holding the sink's certificate for the database, set together with REMOTE_WRITE_TLS_CLIENT_KEY; only with https://",
+    ),
+    ("REMOTE_WRITE_TLS_CLIENT_KEY", "a readable PEM file holding the private key of REMOTE_WRITE_TLS_CLIENT_CERT"),
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
     ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 4s"),
@@ -248,6 +253,20 @@ pub(crate) fn read_pem(
     };
     ensure(valid, variable, path.display())?;
     Ok(Some(text))
+}
+
+/// Whether the private key `key` (PEM) is the key of the first certificate
+/// of `chain` (PEM), and one rustls can sign with.
+pub(crate) fn key_fits(chain: &str, key: &str) -> bool {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    use tokio_rustls::rustls::{crypto::ring::sign::any_supported_type, sign::CertifiedKey};
+    let (Ok(certificates), Ok(key)) = (
+        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>(),
+        PrivateKeyDer::from_pem_slice(key.as_bytes()),
+    ) else {
+        return false;
+    };
+    any_supported_type(&key).is_ok_and(|signer| CertifiedKey::new(certificates, signer).keys_match().is_ok())
 }
 
 /// The text of the regular file at `path`, if it holds at most 16 MiB of

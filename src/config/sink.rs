@@ -89,6 +89,13 @@ pub struct SinkConfig {
     /// bundle.
     #[envconfig(from = "REMOTE_WRITE_TLS_CA_CERT")]
     pub remote_write_tls_ca_cert: Option<std::path::PathBuf>,
+    /// The sink's certificate toward an https:// database that asks for
+    /// one (mutual TLS); with REMOTE_WRITE_TLS_CLIENT_KEY.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_CERT")]
+    pub remote_write_tls_client_cert: Option<std::path::PathBuf>,
+    /// Key of REMOTE_WRITE_TLS_CLIENT_CERT.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_KEY")]
+    pub remote_write_tls_client_key: Option<std::path::PathBuf>,
 }
 
 /// The system's CA bundle (Debian's `ca-certificates`), trusted for an
@@ -154,6 +161,7 @@ impl SinkConfig {
                 ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
             }
             self.remote_write_roots()?;
+            self.remote_write_identity()?;
         }
         let metric = &self.remote_write_metric;
         let metric_ok = metric
@@ -177,6 +185,27 @@ impl SinkConfig {
         ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.remote_write_username.as_deref().unwrap_or(""))?;
         ensure(!(basic.0 && self.remote_write_bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
         Ok(())
+    }
+
+    /// The certificate chain and key (PEM) the sink shows an https://
+    /// database that asks for one; `None` when not set. Both must be set,
+    /// only for https://, and the key must be the certificate's.
+    pub fn remote_write_identity(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let (cert_path, key_path) = match (&self.remote_write_tls_client_cert, &self.remote_write_tls_client_key) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), None) => {
+                return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_CERT", cert.display().to_string()));
+            }
+            (None, Some(key)) => return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_KEY", key.display().to_string())),
+        };
+        let shown = cert_path.display().to_string();
+        ensure(self.remote_write_roots()?.is_some(), "REMOTE_WRITE_TLS_CLIENT_CERT", &shown)?;
+        let cert = super::read_pem("REMOTE_WRITE_TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?;
+        let key = super::read_pem("REMOTE_WRITE_TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?;
+        let (Some(cert), Some(key)) = (cert, key) else { return Ok(None) };
+        ensure(super::key_fits(&cert, &key), "REMOTE_WRITE_TLS_CLIENT_KEY", key_path.display())?;
+        Ok(Some((cert, key)))
     }
 
     /// The CAs (PEM) to check the database's certificate against, for an

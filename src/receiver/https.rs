@@ -42,16 +42,21 @@ impl std::fmt::Debug for Connector {
 
 /// Why TLS cannot be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("no usable CA certificate")]
+#[error("no usable CA certificate, or a client certificate and key that do not go together")]
 pub(crate) struct NoRoots;
 
 impl Connector {
     /// Connections over `http`, in TLS trusting the CAs of `roots` (PEM)
-    /// when given.
-    pub(crate) fn new(mut http: HttpConnector, roots: Option<&str>) -> Result<Self, NoRoots> {
+    /// when given, showing the certificate chain and key of `identity`
+    /// (PEM) to a server that asks for one.
+    pub(crate) fn new(
+        mut http: HttpConnector,
+        roots: Option<&str>,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Self, NoRoots> {
         http.enforce_http(false);
         let Some(roots) = roots else { return Ok(Self { http, tls: None }) };
-        use tokio_rustls::rustls::pki_types::{CertificateDer, pem::PemObject};
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
         let mut store = RootCertStore::empty();
         // A system bundle may hold a certificate rustls cannot use; the rest
         // still count.
@@ -59,11 +64,19 @@ impl Connector {
         if added == 0 {
             return Err(NoRoots);
         }
-        let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|_| NoRoots)?
-            .with_root_certificates(store)
-            .with_no_client_auth();
+            .with_root_certificates(store);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => {
+                let chain = CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>();
+                let key = PrivateKeyDer::from_pem_slice(key.as_bytes());
+                let (Ok(chain), Ok(key)) = (chain, key) else { return Err(NoRoots) };
+                builder.with_client_auth_cert(chain, key).map_err(|_| NoRoots)?
+            }
+        };
         Ok(Self { http, tls: Some(TlsConnector::from(Arc::new(config))) })
     }
 }

@@ -77,7 +77,9 @@ impl RemoteWriter {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.remote_write_timeout.into()));
         let roots = config.remote_write_roots().ok()?;
-        let connector = Connector::new(connector, roots.as_deref()).ok()?;
+        let identity = config.remote_write_identity().ok()?;
+        let identity = identity.as_ref().map(|(chain, key)| (chain.as_str(), key.as_str()));
+        let connector = Connector::new(connector, roots.as_deref(), identity).ok()?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         let concurrency = u32::try_from(config.remote_write_concurrency).ok()?;
         Some(Self {
