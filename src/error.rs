@@ -66,6 +66,31 @@ pub enum ReceiveError {
         /// The millisecond, since 1970.
         millis: i64,
     },
+    /// A reading older than REMOTE_WRITE_MAX_AGE: a database may drop it
+    /// (past its retention) and still answer OK.
+    #[error("item {index}: created_at is {age} before the sink's clock, older than REMOTE_WRITE_MAX_AGE ({limit})")]
+    TooOld {
+        /// Position of the reading in the request.
+        index: usize,
+        /// How far before the sink's clock, to the second.
+        age: humantime::Duration,
+        /// REMOTE_WRITE_MAX_AGE.
+        limit: humantime::Duration,
+    },
+    /// A reading further ahead of the sink's clock than
+    /// REMOTE_WRITE_MAX_AHEAD: a database may drop it and answer OK, or
+    /// (Prometheus) take it and refuse every sample of the present after it.
+    #[error(
+        "item {index}: created_at is {ahead} after the sink's clock, further than REMOTE_WRITE_MAX_AHEAD ({limit})"
+    )]
+    TooFarAhead {
+        /// Position of the reading in the request.
+        index: usize,
+        /// How far after the sink's clock, to the second.
+        ahead: humantime::Duration,
+        /// REMOTE_WRITE_MAX_AHEAD.
+        limit: humantime::Duration,
+    },
     /// The request is larger than the sink accepts in one second.
     #[error("request of {bytes} bytes is larger than RATE_PER_SECOND ({limit})")]
     TooLarge {

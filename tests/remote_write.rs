@@ -600,6 +600,51 @@ async fn two_values_of_a_sensor_in_one_millisecond_are_refused_and_nothing_of_th
     assert_eq!(series[&("n".to_owned(), "y".to_owned())], vec![(base + 10, 5.0)]);
 }
 
+/// What another sender may send that a database would drop while answering
+/// OK, or that would stop it taking anything (Prometheus): a sensor's
+/// readings out of time order are stored in order; the same millisecond
+/// with another value further on, a reading from 1970 or from the year
+/// 9999 refuse the request; and the database takes the present after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_out_of_order_or_out_of_time_are_stored_in_order_or_refused() {
+    let dir = scratch("rw-out-of-order");
+    let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
+    let (sink, address) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(60);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_millis(ago.as_millis() as u64);
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let send = |items: Vec<SensorValue>, batch: u64| SensorValuesRequest {
+        items,
+        node_id: "n".into(),
+        lane: 0,
+        batch_sequence: batch,
+    };
+    let backwards =
+        vec![reading("x", 9, at(9)), reading("x", 8, at(8)), reading("y", 1, at(8)), reading("x", 5, at(5))];
+    client.send_sensor_values(send(backwards, 1)).await.unwrap();
+    let apart = vec![reading("x", 1, at(20)), reading("x", 2, at(21)), reading("x", 3, at(20))];
+    let refused = client.send_sensor_values(send(apart, 2)).await.unwrap_err();
+    assert!(refused.message().contains("item 2: sensor \"x\""), "{}", refused.message());
+    let year_9999 = SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799);
+    let ahead = vec![reading("x", 4, at(30)), reading("x", 5, year_9999)];
+    let refused = client.send_sensor_values(send(ahead, 3)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("REMOTE_WRITE_MAX_AHEAD (10m)"), "{}", refused.message());
+    let old = vec![reading("x", 6, SystemTime::UNIX_EPOCH + Duration::from_secs(1))];
+    let refused = client.send_sensor_values(send(old, 4)).await.unwrap_err();
+    assert!(refused.message().contains("REMOTE_WRITE_MAX_AGE (30days)"), "{}", refused.message());
+    // The present is still taken.
+    client.send_sensor_values(send(vec![reading("x", 7, at(40))], 5)).await.unwrap();
+    drop(client);
+    stop_sink(sink);
+    let series = database.samples();
+    let base = start.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let x = &series[&("n".to_owned(), "x".to_owned())];
+    assert_eq!(x, &vec![(base + 5, 5.0), (base + 8, 8.0), (base + 9, 9.0), (base + 40, 7.0)]);
+    assert_eq!(series[&("n".to_owned(), "y".to_owned())], vec![(base + 8, 1.0)]);
+}
+
 /// Sends the same batch twice, as a node does when the sink's answer is
 /// lost, and checks that the database holds it once.
 async fn a_batch_sent_again_is_stored_once(kind: Kind, name: &str) {

@@ -130,6 +130,8 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
     ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 4s"),
+    ("REMOTE_WRITE_MAX_AGE", "a duration greater than 0 and at most 3650 days, e.g. 30d"),
+    ("REMOTE_WRITE_MAX_AHEAD", "a duration greater than 0 and at most 3650 days, e.g. 10m"),
     ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
     ("REMOTE_WRITE_MAX_SAMPLES", "a whole number of samples from 1 to 1000000"),
     ("REMOTE_WRITE_BEARER_TOKEN", "a non-empty token of visible ASCII characters, not with REMOTE_WRITE_USERNAME"),

@@ -76,6 +76,14 @@ pub struct SinkConfig {
     /// Most samples gathered into one request to the database.
     #[envconfig(from = "REMOTE_WRITE_MAX_SAMPLES", default = "10000")]
     pub remote_write_max_samples: usize,
+    /// Oldest reading sent to the database, by the sink's clock: older ones
+    /// are refused (a database past its retention drops them and answers OK).
+    #[envconfig(from = "REMOTE_WRITE_MAX_AGE", default = "30d")]
+    pub remote_write_max_age: humantime::Duration,
+    /// Furthest a reading sent to the database may be ahead of the sink's
+    /// clock.
+    #[envconfig(from = "REMOTE_WRITE_MAX_AHEAD", default = "10m")]
+    pub remote_write_max_ahead: humantime::Duration,
     /// Bearer token sent to the database.
     #[envconfig(from = "REMOTE_WRITE_BEARER_TOKEN")]
     pub remote_write_bearer_token: Option<Secret>,
@@ -172,6 +180,8 @@ impl SinkConfig {
             && !metric.starts_with("__");
         ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
         ensure_positive("REMOTE_WRITE_TIMEOUT", self.remote_write_timeout)?;
+        ensure_positive("REMOTE_WRITE_MAX_AGE", self.remote_write_max_age)?;
+        ensure_positive("REMOTE_WRITE_MAX_AHEAD", self.remote_write_max_ahead)?;
         let concurrency = self.remote_write_concurrency;
         ensure((1..=64).contains(&concurrency), "REMOTE_WRITE_CONCURRENCY", concurrency)?;
         let samples = self.remote_write_max_samples;

@@ -15,6 +15,7 @@ use super::{
     refusals::Refusals,
     stats::RejectReason,
     transcode::{Series, transcode},
+    validate::SeriesRules,
 };
 use crate::proto::{SensorValuesRequest, SensorValuesResponse};
 
@@ -44,15 +45,15 @@ pub(crate) enum Incoming {
 pub(crate) struct RequestCodec {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
-    /// The metric, when requests become remote-write series.
-    series: Option<Arc<str>>,
+    /// How requests become remote-write series, when they do.
+    series: Option<SeriesRules>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
 }
 
 impl RequestCodec {
     /// A codec that refuses more than `max_items` readings in one request.
-    pub(crate) fn new(max_items: usize, series: Option<Arc<str>>, refusals: Arc<Refusals>) -> Self {
+    pub(crate) fn new(max_items: usize, series: Option<SeriesRules>, refusals: Arc<Refusals>) -> Self {
         Self { max_items, series, refusals }
     }
 }
@@ -82,8 +83,8 @@ impl Codec for RequestCodec {
 pub(crate) struct RequestDecoder {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
-    /// The metric, when requests become remote-write series.
-    series: Option<Arc<str>>,
+    /// How requests become remote-write series, when they do.
+    series: Option<SeriesRules>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
     /// What it decodes.
@@ -107,8 +108,9 @@ impl Decoder for RequestDecoder {
         };
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
-        let fast =
-            |metric: &Arc<str>| transcode(bytes, metric).map(|series| Incoming::Series { series, bytes: length });
+        let fast = |rules: &SeriesRules| {
+            transcode(bytes, &rules.metric, rules.window()).map(|series| Incoming::Series { series, bytes: length })
+        };
         let checked = match size_up(bytes, self.max_items) {
             Ok(()) => match self.series.as_ref().and_then(fast) {
                 Some(series) => Ok(series),

@@ -121,7 +121,12 @@ pub async fn serve_with(
     // Remote-write keeps no memory between requests: a retried batch is the
     // same samples again, which the database takes as one.
     let (dedup, render) = if remote_write {
-        (None, service::Render::Series(Arc::from(config.remote_write_metric.as_str())))
+        let rules = validate::SeriesRules {
+            metric: Arc::from(config.remote_write_metric.as_str()),
+            max_age: config.remote_write_max_age.into(),
+            max_ahead: config.remote_write_max_ahead.into(),
+        };
+        (None, service::Render::Series(rules))
     } else {
         (Some(dedup), service::Render::Lines)
     };

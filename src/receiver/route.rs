@@ -67,7 +67,7 @@ impl SensorRoute {
     {
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
-        let codec = RequestCodec::new(self.max_items, self.service.series_metric(), Arc::clone(&self.refusals));
+        let codec = RequestCodec::new(self.max_items, self.service.series_rules(), Arc::clone(&self.refusals));
         let mut grpc = Grpc::new(codec).max_decoding_message_size(self.max_bytes);
         if self.accept_gzip {
             grpc = grpc.accept_compressed(CompressionEncoding::Gzip);

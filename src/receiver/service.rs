@@ -18,7 +18,7 @@ use super::{
     refusals::Refusals,
     stats::{RejectReason, SinkStats},
     transcode::Series,
-    validate,
+    validate::{self, SeriesRules},
     writer::Chunk,
 };
 use crate::{
@@ -33,8 +33,8 @@ use crate::{
 pub(crate) enum Render {
     /// JSON lines, for the file.
     Lines,
-    /// Remote-write series of this metric name.
-    Series(Arc<str>),
+    /// Remote-write series, as these rules say.
+    Series(SeriesRules),
 }
 
 /// Answers `SensorService` calls.
@@ -99,7 +99,7 @@ impl ReceiverService {
         }
         let lines = match &self.render {
             Render::Lines => validate::to_json_lines(request)?,
-            Render::Series(metric) => validate::to_series(request, metric)?,
+            Render::Series(rules) => validate::to_series(request, &rules.metric, rules.window())?,
         };
         // Held until the batch is written, so a retry of it waits here and
         // then finds it written.
@@ -151,11 +151,10 @@ impl ReceiverService {
         Ok(())
     }
 
-    /// The metric requests are written under, when they become
-    /// remote-write series.
-    pub(crate) fn series_metric(&self) -> Option<Arc<str>> {
+    /// How requests become remote-write series, when they do.
+    pub(crate) fn series_rules(&self) -> Option<SeriesRules> {
         match &self.render {
-            Render::Series(metric) => Some(Arc::clone(metric)),
+            Render::Series(rules) => Some(rules.clone()),
             Render::Lines => None,
         }
     }

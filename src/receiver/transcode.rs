@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use super::validate::MAX_SECONDS;
+use super::validate::{MAX_SECONDS, Window};
 
 /// What [`transcode`] made of a request.
 #[derive(Debug, PartialEq)]
@@ -25,9 +25,10 @@ pub(crate) struct Series {
 }
 
 /// The series of the request `bytes`, metric `metric`, or `None` when the
-/// request is not in the common shape or is refused (then decode it and
-/// use `validate::to_series`, which says why).
-pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
+/// request is not in the common shape or is refused (a reading outside
+/// `window`, two values of a sensor in one millisecond): then decode it and
+/// use `validate::to_series`, which says why.
+pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Option<Series> {
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
@@ -36,6 +37,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
         match field(&mut bytes)? {
             (1, Value::Bytes(item)) => {
                 let (name, value, millis) = in_order(item).or_else(|| reading(item))?;
+                if !window.contains(millis) {
+                    return None;
+                }
                 grouped.add(name, value, millis)?;
             }
             (2, Value::Bytes(id)) => node_id = id,
@@ -45,7 +49,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str) -> Option<Series> {
         }
     }
     let node_id = std::str::from_utf8(node_id).ok()?;
-    Some(Series { bytes: grouped.encode(metric, node_id), readings: grouped.readings })
+    Some(Series { bytes: grouped.encode(metric, node_id)?, readings: grouped.readings })
 }
 
 /// One sensor's series while a request is read.
@@ -128,17 +132,14 @@ impl<'a> Grouped<'a> {
         Some(at)
     }
 
-    /// The series, encoded as the `timeseries` entries of a `WriteRequest`.
-    fn encode(&self, metric: &str, node_id: &str) -> Vec<u8> {
+    /// The series, encoded as the `timeseries` entries of a `WriteRequest`,
+    /// each series' samples in time order; `None` if a sensor has two
+    /// values in one millisecond.
+    fn encode(&self, metric: &str, node_id: &str) -> Option<Vec<u8>> {
         let mut out =
             Vec::with_capacity(self.samples.len() * 20 + self.series.len() * (metric.len() + node_id.len() + 64));
         let common = common_labels(metric, node_id);
-        if let [head] = self.series.as_slice() {
-            let samples = self.samples.iter().map(|&(_, millis, value)| (millis, value));
-            encode_series(&mut out, &common, head.name, samples);
-            return out;
-        }
-        // Each series' samples, in order, one series after another.
+        // Each series' samples, one series after another.
         let mut starts = Vec::with_capacity(self.series.len());
         let mut start = 0;
         for head in &self.series {
@@ -152,10 +153,21 @@ impl<'a> Grouped<'a> {
             cursor[at] += 1;
         }
         for (head, start) in self.series.iter().zip(starts) {
-            let samples = ordered[start..start + head.count].iter().copied();
-            encode_series(&mut out, &common, head.name, samples);
+            let samples = &mut ordered[start..start + head.count];
+            // In the order sent, unless a sender sent them otherwise.
+            if !samples.windows(2).all(|pair| pair[0].0 < pair[1].0) {
+                samples.sort_by_key(|(millis, _)| *millis);
+                let clash = |pair: &[(i64, f64)]| pair[0].0 == pair[1].0 && pair[0].1.to_bits() != pair[1].1.to_bits();
+                if samples.windows(2).any(clash) {
+                    return None;
+                }
+            }
+            let samples = &*samples;
+            // The same sample twice is stored once.
+            let once = samples.iter().enumerate().filter(|(i, (millis, _))| *i == 0 || samples[i - 1].0 != *millis);
+            encode_series(&mut out, &common, head.name, once.map(|(_, sample)| *sample));
         }
-        out
+        Some(out)
     }
 }
 
@@ -414,6 +426,8 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use proptest::prelude::*;
     use prost::Message;
 
@@ -425,8 +439,12 @@ mod tests {
 
     /// What the decoder and `to_series` make of `bytes`, if they accept it.
     fn slow(bytes: &[u8], metric: &str) -> Option<Series> {
+        slow_within(bytes, metric, Window::any())
+    }
+
+    fn slow_within(bytes: &[u8], metric: &str, window: Window) -> Option<Series> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
-        let series = to_series(&request, metric).ok()?;
+        let series = to_series(&request, metric, window).ok()?;
         Some(Series { bytes: series, readings: request.items.len() })
     }
 
@@ -492,15 +510,29 @@ mod tests {
         #[test]
         fn valid_requests_are_always_taken_fast_and_alike(request in any_valid_request()) {
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "sensor_value");
+            let fast = transcode(&bytes, "sensor_value", Window::any());
             prop_assert!(fast.is_some());
             prop_assert_eq!(fast, slow(&bytes, "sensor_value"));
         }
 
         #[test]
+        fn a_window_refuses_alike(
+            request in any_valid_request(),
+            now in 1_699_999_999_000i64..1_700_000_004_000,
+            age in 0u64..3000,
+            ahead in 0u64..3000,
+        ) {
+            let window = Window::around(now, Duration::from_millis(age), Duration::from_millis(ahead));
+            let bytes = request.encode_to_vec();
+            let fast = transcode(&bytes, "m", window);
+            let slow = slow_within(&bytes, "m", window);
+            prop_assert_eq!(fast, slow);
+        }
+
+        #[test]
         fn gives_what_decoding_and_to_series_give(request in any_request()) {
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "sensor_value");
+            let fast = transcode(&bytes, "sensor_value", Window::any());
             let slow = slow(&bytes, "sensor_value");
             prop_assert!(fast.is_none() || fast == slow, "fast {fast:?} slow {slow:?}");
             // The common shape, every reading valid: always taken fast.
@@ -523,7 +555,7 @@ mod tests {
                 }
             }
             bytes.extend(extra);
-            let fast = transcode(&bytes, "m");
+            let fast = transcode(&bytes, "m", Window::any());
             prop_assert!(fast.is_none() || fast == slow(&bytes, "m"));
         }
     }
@@ -543,7 +575,7 @@ mod tests {
         // A second node_id, and a second measurement inside the item: the
         // last string wins; the decoder merges measurements, so it judges.
         bytes.extend([0x12, 1, b'm']);
-        let fast = transcode(&bytes, "x").unwrap();
+        let fast = transcode(&bytes, "x", Window::any()).unwrap();
         assert_eq!(Some(fast), slow(&bytes, "x"));
     }
 }

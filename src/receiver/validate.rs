@@ -1,7 +1,10 @@
 //! Validation: a request in, its JSON lines out, or the reason it is refused.
 //! Nothing of a refused request is ever written.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use serde::Serialize;
 
@@ -80,39 +83,116 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
     Ok((value, created_at))
 }
 
+/// How readings become remote-write samples: under which metric, and
+/// within which times of the sink's clock a database is sent them.
+#[derive(Debug, Clone)]
+pub(crate) struct SeriesRules {
+    /// REMOTE_WRITE_METRIC.
+    pub(crate) metric: Arc<str>,
+    /// REMOTE_WRITE_MAX_AGE.
+    pub(crate) max_age: Duration,
+    /// REMOTE_WRITE_MAX_AHEAD.
+    pub(crate) max_ahead: Duration,
+}
+
+impl SeriesRules {
+    /// The times a database is sent, by the sink's clock now.
+    pub(crate) fn window(&self) -> Window {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        Window::around(now, self.max_age, self.max_ahead)
+    }
+}
+
+/// The times, in milliseconds since 1970, a database is sent at one
+/// moment: a database drops samples before its retention, and too far
+/// ahead, answering OK all the same (VictoriaMetrics); or takes one far
+/// ahead and then refuses every sample of the present (Prometheus).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    /// The sink's clock.
+    now: i64,
+    /// The limits, for messages.
+    max_age: Duration,
+    max_ahead: Duration,
+}
+
+impl Window {
+    /// From `max_age` before `now` to `max_ahead` after it.
+    pub(crate) fn around(now: i64, max_age: Duration, max_ahead: Duration) -> Self {
+        Self { now, max_age, max_ahead }
+    }
+
+    /// Every time RFC 3339 can write.
+    #[cfg(test)]
+    pub(crate) fn any() -> Self {
+        Self::around(0, Duration::from_secs(1 << 40), Duration::from_secs(1 << 40))
+    }
+
+    /// Whether `millis` is inside.
+    pub(crate) fn contains(&self, millis: i64) -> bool {
+        let (age, ahead) = (self.max_age.as_millis() as i64, self.max_ahead.as_millis() as i64);
+        self.now.saturating_sub(age) <= millis && millis <= self.now.saturating_add(ahead)
+    }
+
+    /// Why the reading at `index`, of `millis`, is outside.
+    fn check(&self, index: usize, millis: i64) -> Result<(), ReceiveError> {
+        if self.contains(millis) {
+            return Ok(());
+        }
+        let seconds = |ms: i64| humantime::Duration::from(Duration::from_secs(ms.unsigned_abs() / 1000));
+        Err(if millis < self.now {
+            ReceiveError::TooOld { index, age: seconds(self.now - millis), limit: self.max_age.into() }
+        } else {
+            ReceiveError::TooFarAhead { index, ahead: seconds(millis - self.now), limit: self.max_ahead.into() }
+        })
+    }
+}
+
 /// A request's readings as remote-write series, encoded as the
 /// `timeseries` entries of a `WriteRequest` (so that the series of several
 /// requests, concatenated, are one request).
 ///
 /// One series per sensor of the sending node: `metric{node="…",
-/// sensor="…"}`, samples in the order the node sent them, the time in
-/// milliseconds and the value as a float (exact up to 2^53). A series holds
-/// one sample per millisecond: two readings of a sensor in the same
-/// millisecond are stored once when their values are the same, and refuse
-/// the request when they differ (one of them could not be stored).
-pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str) -> Result<Vec<u8>, ReceiveError> {
-    let mut series: Vec<(&str, Vec<Sample>)> = Vec::new();
+/// sensor="…"}`, the time in milliseconds and the value as a float (exact
+/// up to 2^53). A series' samples go in time order, whatever order the
+/// request held them in (Prometheus drops, and answers OK all the same, a
+/// sample older than one before it in the same request). A series holds one
+/// sample per millisecond: two readings of a sensor in the same millisecond
+/// are stored once when their values are the same, and refuse the request
+/// when they differ (one of them could not be stored). A reading outside
+/// `window` refuses the request too.
+pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str, window: Window) -> Result<Vec<u8>, ReceiveError> {
+    // Each sensor's readings: time in ms, value, position in the request.
+    type Readings = Vec<(i64, f64, usize)>;
+    let mut series: Vec<(&str, Readings)> = Vec::new();
     let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (index, item) in request.items.iter().enumerate() {
         let (value, created_at) = check(index, item)?;
         let timestamp = created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        window.check(index, timestamp)?;
         let at = *index_of.entry(item.sensor_name.as_str()).or_insert_with(|| {
             series.push((item.sensor_name.as_str(), Vec::new()));
             series.len() - 1
         });
-        let samples = &mut series[at].1;
-        let sample = Sample { value: value as f64, timestamp };
-        match samples.last() {
-            Some(last) if last.timestamp == timestamp && last.value.to_bits() == sample.value.to_bits() => {}
-            Some(last) if last.timestamp == timestamp => {
-                let sensor = item.sensor_name.clone();
-                return Err(ReceiveError::SameMillisecond { index, sensor, millis: timestamp });
-            }
-            _ => samples.push(sample),
-        }
+        series[at].1.push((timestamp, value as f64, index));
     }
     let mut out = Vec::with_capacity(request.items.len() * 24 + series.len() * (metric.len() + 64));
-    for (sensor, samples) in series {
+    for (sensor, mut readings) in series {
+        readings.sort_by_key(|(millis, _, _)| *millis);
+        let mut samples: Vec<Sample> = Vec::with_capacity(readings.len());
+        let mut last_index = 0;
+        for (timestamp, value, index) in readings {
+            match samples.last() {
+                Some(last) if last.timestamp == timestamp && last.value.to_bits() == value.to_bits() => continue,
+                Some(last) if last.timestamp == timestamp => {
+                    let index = index.max(last_index);
+                    return Err(ReceiveError::SameMillisecond { index, sensor: sensor.to_owned(), millis: timestamp });
+                }
+                _ => {}
+            }
+            samples.push(Sample { value, timestamp });
+            last_index = index;
+        }
         let mut labels = vec![Label { name: "__name__".into(), value: metric.into() }];
         if !request.node_id.is_empty() {
             labels.push(Label { name: "node".into(), value: request.node_id.clone() });
@@ -146,7 +226,7 @@ mod tests {
             node_id: "n1".into(),
             ..Default::default()
         };
-        let bytes = to_series(&request, "sensor_value").unwrap();
+        let bytes = to_series(&request, "sensor_value", Window::any()).unwrap();
         let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
         let labels: Vec<Vec<(String, String)>> = decoded
             .timeseries
@@ -168,7 +248,7 @@ mod tests {
         // The same value twice: the database holds exactly that sample.
         let request =
             SensorValuesRequest { items: vec![item("a", Some(9), 1), item("a", Some(9), 1)], ..Default::default() };
-        let decoded = WriteRequest::decode(to_series(&request, "m").unwrap().as_slice()).unwrap();
+        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any()).unwrap().as_slice()).unwrap();
         assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
         // Without a node identity there is no node label.
         assert_eq!(decoded.timeseries[0].labels.len(), 2);
@@ -177,9 +257,45 @@ mod tests {
             items: vec![item("b", Some(2), 1), item("a", Some(1), 1), item("a", Some(9), 1)],
             ..Default::default()
         };
-        let error = to_series(&request, "m").unwrap_err();
+        let error = to_series(&request, "m", Window::any()).unwrap_err();
         assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1000 });
         assert!(error.to_string().contains("one sample per millisecond"), "{error}");
+    }
+
+    #[test]
+    fn a_series_goes_in_time_order_and_a_clash_out_of_turn_is_refused() {
+        let at = |value: i64, millis: i32| {
+            let mut item = item("a", Some(value), 1);
+            item.measurement.as_mut().unwrap().created_at.as_mut().unwrap().nanos = millis * 1_000_000;
+            item
+        };
+        let request = SensorValuesRequest { items: vec![at(9, 9), at(8, 8), at(5, 5), at(9, 9)], ..Default::default() };
+        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any()).unwrap().as_slice()).unwrap();
+        let times: Vec<i64> = decoded.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
+        assert_eq!(times, vec![1005, 1008, 1009]);
+        // The same millisecond with another value, not next to it.
+        let request = SensorValuesRequest { items: vec![at(1, 5), at(2, 6), at(3, 5)], ..Default::default() };
+        let error = to_series(&request, "m", Window::any()).unwrap_err();
+        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1005 });
+    }
+
+    #[test]
+    fn a_reading_outside_the_window_refuses_the_request() {
+        let window = Window::around(1_000_000, Duration::from_secs(60), Duration::from_secs(10));
+        let at = |seconds: i64| SensorValuesRequest { items: vec![item("a", Some(1), seconds)], ..Default::default() };
+        assert!(to_series(&at(1000), "m", window).is_ok());
+        assert!(to_series(&at(940), "m", window).is_ok());
+        assert!(to_series(&at(1010), "m", window).is_ok());
+        let old = to_series(&at(900), "m", window).unwrap_err();
+        assert_eq!(
+            old.to_string(),
+            "item 0: created_at is 1m 40s before the sink's clock, older than REMOTE_WRITE_MAX_AGE (1m)"
+        );
+        let ahead = to_series(&at(1011), "m", window).unwrap_err().to_string();
+        assert!(
+            ahead.contains("11s after the sink's clock") && ahead.contains("REMOTE_WRITE_MAX_AHEAD (10s)"),
+            "{ahead}"
+        );
     }
 
     fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
