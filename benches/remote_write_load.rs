@@ -23,7 +23,8 @@ use telemetry_node::{
     proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement},
 };
 
-/// Loops sending at once, as a node's default MAX_IN_FLIGHT.
+/// Loops sending at once, unless `LOAD_LOOPS` says otherwise: 4, as one
+/// node's default MAX_IN_FLIGHT.
 const LOOPS: u64 = 4;
 /// Distinct requests each loop cycles through.
 const POOL: u64 = 64;
@@ -90,11 +91,12 @@ fn main() {
     let start_ms =
         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_millis() as i64 - 3_600_000;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let loops = std::env::var("LOAD_LOOPS").ok().and_then(|n| n.parse().ok()).unwrap_or(LOOPS);
     let sent = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     runtime.block_on(async {
-        let loops: Vec<_> = (0..LOOPS)
+        let loops: Vec<_> = (0..loops)
             .map(|lane| {
                 let sent = Arc::clone(&sent);
                 let (mode, target) = (mode.clone(), target.clone());

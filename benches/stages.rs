@@ -127,7 +127,7 @@ fn sink_writing(c: &mut Criterion) {
             let request = SensorValuesRequest::decode(black_box(encoded.as_slice())).unwrap();
             let lines = to_json_lines(&request).unwrap();
             let (written, confirmed) = tokio::sync::oneshot::channel();
-            queue.send(Chunk { lines, readings: BATCH, written }).await.unwrap();
+            queue.send(Chunk { lines, readings: BATCH, sender: 0, written }).await.unwrap();
             confirmed.await.unwrap().unwrap();
         })
     });

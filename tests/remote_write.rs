@@ -133,6 +133,13 @@ impl Database {
         }
     }
 
+    /// Sends the process `signal` (SIGSTOP to stall it, SIGCONT to go on).
+    fn signal(&self, signal: i32) {
+        if let Some(process) = &self.process {
+            process.signal(signal);
+        }
+    }
+
     /// Stops the process, keeping its data.
     fn stop(&mut self) {
         if let Some(process) = self.process.take() {
@@ -643,6 +650,62 @@ async fn readings_out_of_order_or_out_of_time_are_stored_in_order_or_refused() {
     let x = &series[&("n".to_owned(), "x".to_owned())];
     assert_eq!(x, &vec![(base + 5, 5.0), (base + 8, 8.0), (base + 9, 9.0), (base + 40, 7.0)]);
     assert_eq!(series[&("n".to_owned(), "y".to_owned())], vec![(base + 8, 1.0)]);
+}
+
+/// Requests of one sender that queue up while the database stalls: the
+/// sink sends them one after another, never two in one write or two at
+/// once (Prometheus would keep only the samples in order, and answer OK for
+/// all). So exactly the readings of the requests answered OK are stored,
+/// for a sender whose requests go back in time and for one whose requests
+/// clash in the same milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_one_sender_queued_behind_a_stalled_database_are_stored_exactly_as_answered() {
+    let dir = scratch("rw-one-sender");
+    let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
+    let (sink, address) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(30);
+    let base = ago.as_millis() as u64;
+    let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(base + ms);
+    // Request i of "back": 5 readings, each request earlier than the one
+    // before. Request i of "clash": the same 5 milliseconds, other values.
+    let request = |node: &str, i: u64| {
+        let start = if node == "back" { (20 - i) * 5 } else { 0 };
+        let items = (0..5).map(|k| reading("x", (1000 * i + k) as i64, at(start + k))).collect();
+        SensorValuesRequest { items, node_id: node.into(), lane: 0, batch_sequence: i }
+    };
+    database.signal(libc::SIGSTOP);
+    let mut sends = Vec::new();
+    for node in ["back", "clash"] {
+        for i in 0..20 {
+            let (mut client, request) = (client.clone(), request(node, i));
+            sends.push(tokio::spawn(async move { (request.clone(), client.send_sensor_values(request).await) }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    database.signal(libc::SIGCONT);
+    let mut answered: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    for send in sends {
+        let (request, answer) = send.await.unwrap();
+        let stored = answered.entry(request.node_id.clone()).or_default();
+        if answer.is_ok() {
+            for item in &request.items {
+                let measurement = item.measurement.as_ref().unwrap();
+                let time = measurement.created_at.unwrap();
+                let millis = time.seconds * 1000 + i64::from(time.nanos) / 1_000_000;
+                stored.push((millis, measurement.sensor_value.unwrap() as f64));
+            }
+        }
+    }
+    drop(client);
+    stop_sink(sink);
+    let series = database.samples();
+    for (node, mut expected) in answered {
+        expected.sort_by_key(|(millis, _)| *millis);
+        assert!(!expected.is_empty(), "{node}: some request was answered OK");
+        let stored = series.get(&(node.clone(), "x".to_owned())).cloned().unwrap_or_default();
+        assert_eq!(stored, expected, "{node}: the database holds exactly what was answered OK");
+    }
 }
 
 /// Sends the same batch twice, as a node does when the sink's answer is

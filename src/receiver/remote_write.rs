@@ -7,6 +7,7 @@
 //! spools hold the data.
 
 use std::{
+    collections::{HashSet, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -22,7 +23,7 @@ use hyper_util::{
 };
 use prost::bytes::Bytes;
 use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,10 @@ const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Most bytes of a database's error answer kept for logs and statuses.
 const ANSWER_BYTES: usize = 1024;
 
+/// Most requests taken off the queue to wait for a slot or for their
+/// sender's write under way.
+const MOST_WAITING: usize = 64;
+
 /// Sends what the sink accepts to a database.
 #[derive(Debug)]
 pub(crate) struct RemoteWriter {
@@ -58,6 +63,10 @@ pub(crate) struct RemoteWriter {
     slots: Arc<Semaphore>,
     /// REMOTE_WRITE_CONCURRENCY.
     concurrency: u32,
+    /// Senders with a write under way.
+    busy: Mutex<HashSet<u64>>,
+    /// Told when a write ends (its slot and senders free again).
+    finished: Notify,
     /// Failures in a row, and no request before this instant.
     pause: Mutex<(u32, Option<Instant>)>,
     /// Counters.
@@ -90,6 +99,8 @@ impl RemoteWriter {
             max_samples: config.remote_write_max_samples,
             slots: Arc::new(Semaphore::new(concurrency as usize)),
             concurrency,
+            busy: Mutex::default(),
+            finished: Notify::new(),
             pause: Mutex::new((0, None)),
             stats,
             failures: Mutex::new(Every::second()),
@@ -99,45 +110,84 @@ impl RemoteWriter {
 
     /// Sends what arrives on `queue` until `stop` is cancelled, then what is
     /// still queued, and waits for every request under way.
+    ///
+    /// Requests wait in arrival order until a slot is free and no write of
+    /// their sender is under way; then as many as fit in
+    /// REMOTE_WRITE_MAX_SAMPLES, of distinct senders, go out as one write.
     pub(crate) async fn run(self, mut queue: mpsc::Receiver<Chunk>, stop: CancellationToken) {
         let writer = Arc::new(self);
+        let mut waiting: VecDeque<Chunk> = VecDeque::new();
+        let (mut open, mut stopping) = (true, false);
         loop {
-            let chunk = tokio::select! {
-                chunk = queue.recv() => chunk,
-                () = stop.cancelled() => None,
-            };
-            let Some(chunk) = chunk else { break };
-            writer.dispatch(chunk, &mut queue).await;
-        }
-        queue.close();
-        while let Some(chunk) = queue.recv().await {
-            writer.dispatch(chunk, &mut queue).await;
+            // Take what is queued, so that it can go out together.
+            while open && waiting.len() < MOST_WAITING {
+                match queue.try_recv() {
+                    Ok(chunk) => waiting.push_back(chunk),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            writer.start_writes(&mut waiting);
+            if !open && waiting.is_empty() {
+                break;
+            }
+            let room = waiting.len() < MOST_WAITING;
+            tokio::select! {
+                chunk = queue.recv(), if open && room => match chunk {
+                    Some(chunk) => waiting.push_back(chunk),
+                    None => open = false,
+                },
+                () = writer.finished.notified() => {}
+                () = stop.cancelled(), if !stopping => {
+                    // What is queued is still sent; nothing more comes.
+                    stopping = true;
+                    queue.close();
+                }
+            }
         }
         let _ = writer.slots.acquire_many(writer.concurrency).await;
     }
 
-    /// Gathers `first` and what else is queued, up to REMOTE_WRITE_MAX_SAMPLES,
-    /// and sends them as one request once a slot is free.
-    async fn dispatch(self: &Arc<Self>, first: Chunk, queue: &mut mpsc::Receiver<Chunk>) {
-        let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else { return };
-        let mut samples = first.readings;
-        let mut chunks = vec![first];
-        while samples < self.max_samples {
-            match queue.try_recv() {
-                Ok(chunk) => {
-                    samples += chunk.readings;
-                    chunks.push(chunk);
+    /// Starts a write while a slot is free and a waiting request's sender
+    /// has none under way: that request, and after it the waiting requests
+    /// of other senders up to REMOTE_WRITE_MAX_SAMPLES. A sender's requests
+    /// go out in the order they came.
+    fn start_writes(self: &Arc<Self>, waiting: &mut VecDeque<Chunk>) {
+        while !waiting.is_empty() {
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else { return };
+            let mut chunks = Vec::new();
+            {
+                let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+                // Senders passed over: their later requests wait too.
+                let mut passed = Vec::new();
+                let (mut at, mut samples) = (0, 0);
+                while at < waiting.len() && samples < self.max_samples {
+                    let sender = waiting[at].sender;
+                    if busy.contains(&sender) || passed.contains(&sender) {
+                        passed.push(sender);
+                        at += 1;
+                        continue;
+                    }
+                    if let Some(chunk) = waiting.remove(at) {
+                        busy.insert(sender);
+                        samples += chunk.readings;
+                        chunks.push(chunk);
+                    }
                 }
-                Err(_) => break,
             }
+            if chunks.is_empty() {
+                return;
+            }
+            let senders = chunks.iter().map(|chunk| chunk.sender).collect();
+            let release = Release { writer: Arc::clone(self), senders, slot: Some(slot) };
+            tokio::spawn(Arc::clone(self).deliver(chunks, release));
         }
-        tokio::spawn(Arc::clone(self).deliver(chunks, slot));
     }
 
     /// Sends `chunks` as one request and answers each. If the database
     /// refuses a request of several, each is sent on its own, so that one
     /// node's bad sample does not refuse the others'.
-    async fn deliver(self: Arc<Self>, chunks: Vec<Chunk>, _slot: OwnedSemaphorePermit) {
+    async fn deliver(self: Arc<Self>, chunks: Vec<Chunk>, _release: Release) {
         if let Some(wait) = self.paused() {
             let busy = OutputError::Busy { retry_after: wait, message: "the database is not answering".into() };
             self.stats.database_pushed_back("error", chunks.len());
@@ -272,6 +322,27 @@ impl RemoteWriter {
         if let Some(suppressed) = gate {
             warn!(message = "The database cannot take samples now; pushing back on the nodes.", answer = %message, suppressed);
         }
+    }
+}
+
+/// A write under way: when it ends (however it ends), its senders and its
+/// slot are freed, and the writer's loop is told.
+struct Release {
+    writer: Arc<RemoteWriter>,
+    senders: Vec<u64>,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut busy = self.writer.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        for sender in &self.senders {
+            busy.remove(sender);
+        }
+        drop(busy);
+        // The slot is free before the loop looks for one.
+        drop(self.slot.take());
+        self.writer.finished.notify_one();
     }
 }
 

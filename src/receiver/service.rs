@@ -122,9 +122,10 @@ impl ReceiverService {
         // missing for lines that were written.
         let output = self.output.clone();
         let batch = request.batch_sequence;
+        let sender = validate::sender(request.node_id.as_bytes(), request.lane);
         let write = tokio::spawn(async move {
             if let Some(output) = output {
-                write_out(output, lines, items).await?;
+                write_out(output, lines, items, sender).await?;
             }
             if let Some(last) = last_written.as_mut() {
                 **last = Some(batch);
@@ -143,9 +144,9 @@ impl ReceiverService {
         self.stats.received(bytes);
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
-        let Series { bytes: lines, readings } = series;
+        let Series { bytes: lines, readings, sender } = series;
         // In a task of its own, as in `accept`: once queued, it is written.
-        let write = tokio::spawn(write_out(output, lines, readings));
+        let write = tokio::spawn(write_out(output, lines, readings, sender));
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
         self.stats.accepted(readings);
         Ok(())
@@ -174,9 +175,14 @@ impl ReceiverService {
 
 /// Hands `lines` (holding `readings` readings) to the output and waits
 /// until they are stored: in the file, or in the database.
-async fn write_out(output: mpsc::Sender<Chunk>, lines: Vec<u8>, readings: usize) -> Result<(), ReceiveError> {
+async fn write_out(
+    output: mpsc::Sender<Chunk>,
+    lines: Vec<u8>,
+    readings: usize,
+    sender: u64,
+) -> Result<(), ReceiveError> {
     let (written, confirmed) = oneshot::channel();
-    output.send(Chunk { lines, readings, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+    output.send(Chunk { lines, readings, sender, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
     confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
 }
 

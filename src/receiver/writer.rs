@@ -26,6 +26,11 @@ pub struct Chunk {
     pub lines: Vec<u8>,
     /// How many readings the lines hold.
     pub readings: usize,
+    /// Whose series the lines hold, for remote-write: a node's lane (see
+    /// `validate::sender`). A database is sent one sender's requests one
+    /// after another, never two in one write or two at once. The file
+    /// output ignores it.
+    pub sender: u64,
     /// Told once the lines are in the file (handed to the operating system,
     /// so a crash of the sink process cannot lose them), or that they could
     /// not be written and nothing of them is in the file.
