@@ -72,7 +72,7 @@ pub enum ReceiveError {
     TooOld {
         /// Position of the reading in the request.
         index: usize,
-        /// How far before the sink's clock, to the second.
+        /// How far before the sink's clock, to the millisecond.
         age: humantime::Duration,
         /// REMOTE_WRITE_MAX_AGE.
         limit: humantime::Duration,
@@ -86,7 +86,7 @@ pub enum ReceiveError {
     TooFarAhead {
         /// Position of the reading in the request.
         index: usize,
-        /// How far after the sink's clock, to the second.
+        /// How far after the sink's clock, to the millisecond.
         ahead: humantime::Duration,
         /// REMOTE_WRITE_MAX_AHEAD.
         limit: humantime::Duration,

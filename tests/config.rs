@@ -272,7 +272,7 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
     }
     assert_eq!(remote(&[]).unwrap().remote_write_roots().unwrap(), None);
     let not_pem = std::env::current_exe().unwrap().display().to_string();
-    let cases: [(&[(&str, &str)], &str); 12] = [
+    let cases: [(&[(&str, &str)], &str); 14] = [
         (&[("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_URL", "https://db..x/api/v1/write")], "REMOTE_WRITE_URL"),
         (
@@ -290,6 +290,8 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
         ),
         (&[("REMOTE_WRITE_URL", "http://user:pw-S3cret@db:8428/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_METRIC", "__name")], "REMOTE_WRITE_METRIC"),
+        (&[("REMOTE_WRITE_MAX_AGE", "999ms")], "REMOTE_WRITE_MAX_AGE"),
+        (&[("REMOTE_WRITE_MAX_AHEAD", "0s")], "REMOTE_WRITE_MAX_AHEAD"),
         (&[("REMOTE_WRITE_METRIC", "1bad")], "REMOTE_WRITE_METRIC"),
         (&[("REMOTE_WRITE_USERNAME", "u")], "REMOTE_WRITE_USERNAME"),
         (&[("REMOTE_WRITE_USERNAME", "u"), ("REMOTE_WRITE_PASSWORD", "")], "REMOTE_WRITE_PASSWORD"),

@@ -180,8 +180,14 @@ impl SinkConfig {
             && !metric.starts_with("__");
         ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
         ensure_positive("REMOTE_WRITE_TIMEOUT", self.remote_write_timeout)?;
-        ensure_positive("REMOTE_WRITE_MAX_AGE", self.remote_write_max_age)?;
-        ensure_positive("REMOTE_WRITE_MAX_AHEAD", self.remote_write_max_ahead)?;
+        // A window narrower than a second would refuse nearly every reading.
+        for (variable, limit) in [
+            ("REMOTE_WRITE_MAX_AGE", self.remote_write_max_age),
+            ("REMOTE_WRITE_MAX_AHEAD", self.remote_write_max_ahead),
+        ] {
+            ensure_positive(variable, limit)?;
+            ensure(*limit >= std::time::Duration::from_secs(1), variable, limit)?;
+        }
         let concurrency = self.remote_write_concurrency;
         ensure((1..=64).contains(&concurrency), "REMOTE_WRITE_CONCURRENCY", concurrency)?;
         let samples = self.remote_write_max_samples;

@@ -155,11 +155,11 @@ impl Window {
         if self.contains(millis) {
             return Ok(());
         }
-        let seconds = |ms: i64| humantime::Duration::from(Duration::from_secs(ms.unsigned_abs() / 1000));
+        let off = |ms: i64| humantime::Duration::from(Duration::from_millis(ms.unsigned_abs()));
         Err(if millis < self.now {
-            ReceiveError::TooOld { index, age: seconds(self.now - millis), limit: self.max_age.into() }
+            ReceiveError::TooOld { index, age: off(self.now - millis), limit: self.max_age.into() }
         } else {
-            ReceiveError::TooFarAhead { index, ahead: seconds(millis - self.now), limit: self.max_ahead.into() }
+            ReceiveError::TooFarAhead { index, ahead: off(millis - self.now), limit: self.max_ahead.into() }
         })
     }
 }
