@@ -9,6 +9,9 @@
 # through the sink into VictoriaMetrics.
 #
 #   benches/remote_write.sh [seconds per phase, default 10]
+#
+# LOAD_LOOPS=N sets how many requests the load client keeps in flight
+# (default 4, one node's MAX_IN_FLIGHT), in every phase alike.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
