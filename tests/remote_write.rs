@@ -652,51 +652,69 @@ async fn readings_out_of_order_or_out_of_time_are_stored_in_order_or_refused() {
     assert_eq!(series[&("n".to_owned(), "y".to_owned())], vec![(base + 8, 1.0)]);
 }
 
-/// Requests of one sender that queue up while the database stalls: the
-/// sink sends them one after another, never two in one write or two at
-/// once (Prometheus would keep only the samples in order, and answer OK for
-/// all). So exactly the readings of the requests answered OK are stored,
-/// for a sender whose requests go back in time and for one whose requests
-/// clash in the same milliseconds.
+/// Requests of one node that queue up while the database stalls: the sink
+/// sends them one after another, never two in one write or two at once
+/// (Prometheus would keep only the samples in order, and answer OK for
+/// all). So exactly the readings of the requests answered OK are stored: for
+/// a node whose requests go back in time, one whose requests clash in the
+/// same milliseconds, and one that sends a sensor on two lanes. A node with
+/// more requests waiting than its share is pushed back at once, and holds
+/// up no other node: while the database stalls, each node has a write under
+/// way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_of_one_sender_queued_behind_a_stalled_database_are_stored_exactly_as_answered() {
+async fn requests_of_one_node_queued_behind_a_stalled_database_are_stored_exactly_as_answered() {
     let dir = scratch("rw-one-sender");
     let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
-    let (sink, address) = start_sink(&dir, "sink", ANY_PORT, &database);
+    let mut env = sink_env(ANY_PORT, &database);
+    env.push(("METRICS_ADDR", ANY_PORT.into()));
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let metrics = sink.metrics_address().port();
     let client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
     let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(30);
     let base = ago.as_millis() as u64;
     let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(base + ms);
     // Request i of "back": 5 readings, each request earlier than the one
-    // before. Request i of "clash": the same 5 milliseconds, other values.
+    // before. Of "clash": the same 5 milliseconds, other values; of
+    // "lanes" the same, on lanes 0 and 1 in turn.
     let request = |node: &str, i: u64| {
-        let start = if node == "back" { (20 - i) * 5 } else { 0 };
+        let start = if node == "back" { (100 - i) * 5 } else { 0 };
         let items = (0..5).map(|k| reading("x", (1000 * i + k) as i64, at(start + k))).collect();
-        SensorValuesRequest { items, node_id: node.into(), lane: 0, batch_sequence: i }
+        let lane = if node == "lanes" { (i % 2) as u32 } else { 0 };
+        SensorValuesRequest { items, node_id: node.into(), lane, batch_sequence: i }
     };
     database.signal(libc::SIGSTOP);
     let mut sends = Vec::new();
-    for node in ["back", "clash"] {
-        for i in 0..20 {
+    // "back" first, with more requests than the sink keeps waiting at all.
+    for (node, count) in [("back", 80), ("clash", 20), ("lanes", 20)] {
+        for i in 0..count {
             let (mut client, request) = (client.clone(), request(node, i));
             sends.push(tokio::spawn(async move { (request.clone(), client.send_sensor_values(request).await) }));
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, page) = http_get(metrics, "/metrics").unwrap();
     database.signal(libc::SIGCONT);
+    assert!(page.contains("telemetry_sink_remote_write_in_flight 3"), "each node has a write under way: {page}");
     let mut answered: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    let mut pushed_back = 0;
     for send in sends {
         let (request, answer) = send.await.unwrap();
         let stored = answered.entry(request.node_id.clone()).or_default();
-        if answer.is_ok() {
-            for item in &request.items {
-                let measurement = item.measurement.as_ref().unwrap();
-                let time = measurement.created_at.unwrap();
-                let millis = time.seconds * 1000 + i64::from(time.nanos) / 1_000_000;
-                stored.push((millis, measurement.sensor_value.unwrap() as f64));
+        match answer {
+            Ok(_) => {
+                for item in &request.items {
+                    let measurement = item.measurement.as_ref().unwrap();
+                    let time = measurement.created_at.unwrap();
+                    let millis = time.seconds * 1000 + i64::from(time.nanos) / 1_000_000;
+                    stored.push((millis, measurement.sensor_value.unwrap() as f64));
+                }
             }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => pushed_back += 1,
+            Err(_) => {}
         }
     }
+    // Of "back", at most 16 wait and one is under way.
+    assert!(pushed_back >= 80 - 17, "{pushed_back} pushed back");
     drop(client);
     stop_sink(sink);
     let series = database.samples();

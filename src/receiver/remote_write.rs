@@ -46,6 +46,10 @@ const ANSWER_BYTES: usize = 1024;
 /// sender's write under way.
 const MOST_WAITING: usize = 64;
 
+/// Most of those from one sender: more are pushed back at once, so that
+/// one node with many requests queued cannot hold up every other node.
+const MOST_WAITING_PER_SENDER: usize = 16;
+
 /// Sends what the sink accepts to a database.
 #[derive(Debug)]
 pub(crate) struct RemoteWriter {
@@ -122,7 +126,7 @@ impl RemoteWriter {
             // Take what is queued, so that it can go out together.
             while open && waiting.len() < MOST_WAITING {
                 match queue.try_recv() {
-                    Ok(chunk) => waiting.push_back(chunk),
+                    Ok(chunk) => admit(&mut waiting, chunk),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
@@ -134,7 +138,7 @@ impl RemoteWriter {
             let room = waiting.len() < MOST_WAITING;
             tokio::select! {
                 chunk = queue.recv(), if open && room => match chunk {
-                    Some(chunk) => waiting.push_back(chunk),
+                    Some(chunk) => admit(&mut waiting, chunk),
                     None => open = false,
                 },
                 () = writer.finished.notified() => {}
@@ -323,6 +327,17 @@ impl RemoteWriter {
             warn!(message = "The database cannot take samples now; pushing back on the nodes.", answer = %message, suppressed);
         }
     }
+}
+
+/// Puts `chunk` among the `waiting`, or pushes it back at once when its
+/// sender has [`MOST_WAITING_PER_SENDER`] waiting already.
+/// (The service counts it as throttled.)
+fn admit(waiting: &mut VecDeque<Chunk>, chunk: Chunk) {
+    if waiting.iter().filter(|other| other.sender == chunk.sender).count() < MOST_WAITING_PER_SENDER {
+        return waiting.push_back(chunk);
+    }
+    let message = format!("{MOST_WAITING_PER_SENDER} requests of this node are already waiting for the database");
+    answer(vec![chunk], &Err(OutputError::Busy { retry_after: FIRST_PAUSE, message: message.into() }));
 }
 
 /// A write under way: when it ends (however it ends), its senders and its

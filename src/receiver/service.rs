@@ -122,7 +122,7 @@ impl ReceiverService {
         // missing for lines that were written.
         let output = self.output.clone();
         let batch = request.batch_sequence;
-        let sender = validate::sender(request.node_id.as_bytes(), request.lane);
+        let sender = validate::sender(request.node_id.as_bytes());
         let write = tokio::spawn(async move {
             if let Some(output) = output {
                 write_out(output, lines, items, sender).await?;

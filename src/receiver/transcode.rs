@@ -34,7 +34,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Optio
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
-    let (mut node_id, mut lane): (&[u8], u32) = (b"", 0);
+    let mut node_id: &[u8] = b"";
     while !bytes.is_empty() {
         match field(&mut bytes)? {
             (1, Value::Bytes(item)) => {
@@ -45,14 +45,12 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Optio
                 grouped.add(name, value, millis)?;
             }
             (2, Value::Bytes(id)) => node_id = id,
-            // As prost reads a uint32: the low 32 bits.
-            (3, Value::Varint(number)) => lane = number as u32,
-            (4, Value::Varint(_)) => {}
+            (3 | 4, Value::Varint(_)) => {}
             (1..=4, _) => return None,
             _ => {}
         }
     }
-    let sender = super::validate::sender(node_id, lane);
+    let sender = super::validate::sender(node_id);
     let node_id = std::str::from_utf8(node_id).ok()?;
     Some(Series { bytes: grouped.encode(metric, node_id)?, readings: grouped.readings, sender })
 }
@@ -450,7 +448,7 @@ mod tests {
     fn slow_within(bytes: &[u8], metric: &str, window: Window) -> Option<Series> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
         let series = to_series(&request, metric, window).ok()?;
-        let sender = crate::receiver::validate::sender(request.node_id.as_bytes(), request.lane);
+        let sender = crate::receiver::validate::sender(request.node_id.as_bytes());
         Some(Series { bytes: series, readings: request.items.len(), sender })
     }
 

@@ -83,19 +83,18 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
     Ok((value, created_at))
 }
 
-/// Whose series a request holds, as a number: its node and lane. A sensor
-/// belongs to one lane of its node, so the requests of two senders never
-/// hold the same series, and one sender's requests can be written to a
-/// database one after another: a database that takes two writes of one
-/// series at once, or one write holding it twice, may keep only some of
-/// their samples and answer OK (Prometheus drops what is out of order when
-/// it commits). Requests without a node identity (the Go node) are told
-/// apart by lane only.
-pub(crate) fn sender(node_id: &[u8], lane: u32) -> u64 {
+/// Whose series a request holds, as a number: its node (the series' node
+/// label). Two nodes' series never meet, so their requests can be written
+/// to a database together; one node's requests are written one after
+/// another: a database that takes two writes of one series at once, or one
+/// write holding it twice, may keep only some of their samples and answer
+/// OK (Prometheus drops what is out of order when it commits). The lane does
+/// not count: this node keeps a sensor to one lane, but a client need not.
+/// Requests without a node identity (the Go node) are one sender.
+pub(crate) fn sender(node_id: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
     node_id.hash(&mut hasher);
-    lane.hash(&mut hasher);
     hasher.finish()
 }
 

@@ -26,7 +26,7 @@ pub struct Chunk {
     pub lines: Vec<u8>,
     /// How many readings the lines hold.
     pub readings: usize,
-    /// Whose series the lines hold, for remote-write: a node's lane (see
+    /// Whose series the lines hold, for remote-write: the node (see
     /// `validate::sender`). A database is sent one sender's requests one
     /// after another, never two in one write or two at once. The file
     /// output ignores it.
