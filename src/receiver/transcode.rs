@@ -61,8 +61,6 @@ struct Head<'a> {
     name: &'a str,
     /// Its samples so far.
     count: usize,
-    /// Its last sample's time in ms and value.
-    last: (i64, f64),
 }
 
 /// Readings grouped into one series per sensor, in the order the sensors
@@ -86,21 +84,15 @@ struct Grouped<'a> {
 }
 
 impl<'a> Grouped<'a> {
-    /// Adds a reading; `None` if its name is not UTF-8, or if its sensor
-    /// has another value in the same millisecond (refused).
+    /// Adds a reading; `None` if its name is not UTF-8. (Two readings of a
+    /// sensor in one millisecond are judged in [`Grouped::encode`], with the
+    /// series whole.)
     fn add(&mut self, name: &'a [u8], value: i64, millis: i64) -> Option<()> {
         self.readings += 1;
         let at = self.find(name)?;
         self.last = at;
-        let head = &mut self.series[at];
-        let value = value as f64;
-        if head.count > 0 && head.last.0 == millis {
-            // One sample per millisecond: the same one again is stored once.
-            return (head.last.1.to_bits() == value.to_bits()).then_some(());
-        }
-        head.count += 1;
-        head.last = (millis, value);
-        self.samples.push((at, millis, value));
+        self.series[at].count += 1;
+        self.samples.push((at, millis, value as f64));
         Some(())
     }
 
@@ -130,7 +122,7 @@ impl<'a> Grouped<'a> {
             // A name that is not UTF-8 ends the reading (and this
             // grouping) here.
             let name = std::str::from_utf8(name).ok()?;
-            self.series.push(Head { name, count: 0, last: (0, 0.0) });
+            self.series.push(Head { name, count: 0 });
         }
         Some(at)
     }
@@ -307,12 +299,7 @@ fn field<'a>(bytes: &mut &'a [u8]) -> Option<(u32, Value<'a>)> {
     }
     let value = match key & 7 {
         0 => Value::Varint(varint(bytes)?),
-        2 => {
-            let length = usize::try_from(varint(bytes)?).ok().filter(|l| *l <= bytes.len())?;
-            let (value, rest) = bytes.split_at(length);
-            *bytes = rest;
-            Value::Bytes(value)
-        }
+        2 => Value::Bytes(delimited(bytes)?),
         1 | 5 => {
             let width = if key & 7 == 1 { 8 } else { 4 };
             *bytes = bytes.get(width..)?;
