@@ -215,11 +215,10 @@ impl SinkConfig {
             }
             (None, Some(key)) => return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_KEY", key.display().to_string())),
         };
-        let shown = cert_path.display().to_string();
-        ensure(self.remote_write_roots()?.is_some(), "REMOTE_WRITE_TLS_CLIENT_CERT", &shown)?;
+        ensure(self.remote_write_https(), "REMOTE_WRITE_TLS_CLIENT_CERT", cert_path.display())?;
         let cert = super::read_pem("REMOTE_WRITE_TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?;
         let key = super::read_pem("REMOTE_WRITE_TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?;
-        let (Some(cert), Some(key)) = (cert, key) else { return Ok(None) };
+        let (cert, key) = (cert.unwrap_or_default(), key.unwrap_or_default());
         ensure(super::key_fits(&cert, &key), "REMOTE_WRITE_TLS_CLIENT_KEY", key_path.display())?;
         Ok(Some((cert, key)))
     }
@@ -227,11 +226,8 @@ impl SinkConfig {
     /// The CAs (PEM) to check the database's certificate against, for an
     /// https:// REMOTE_WRITE_URL; `None` for http://.
     pub fn remote_write_roots(&self) -> Result<Option<String>, ConfigError> {
-        // The scheme as the client will read it (`HTTPS://` is https too).
-        let url = self.remote_write_url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
-        let https = url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS));
         let given = self.remote_write_tls_ca_cert.as_deref();
-        match (https, given) {
+        match (self.remote_write_https(), given) {
             (false, None) => Ok(None),
             (false, Some(path)) => Err(super::invalid("REMOTE_WRITE_TLS_CA_CERT", path.display().to_string())),
             (true, Some(path)) => super::read_pem("REMOTE_WRITE_TLS_CA_CERT", Some(path), Pem::Certificates),
@@ -241,6 +237,13 @@ impl SinkConfig {
                 .map(Some)
                 .ok_or_else(|| super::invalid("REMOTE_WRITE_TLS_CA_CERT", "")),
         }
+    }
+
+    /// Whether REMOTE_WRITE_URL is https, read as the client will read it
+    /// (`HTTPS://` is https too).
+    fn remote_write_https(&self) -> bool {
+        let url = self.remote_write_url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
+        url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS))
     }
 
     /// The server's TLS material, read and checked, or `None` for plaintext.
