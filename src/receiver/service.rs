@@ -97,9 +97,13 @@ impl ReceiverService {
         if items > self.max_items {
             return Err(ReceiveError::TooManyItems { items, limit: self.max_items });
         }
-        let lines = match &self.render {
-            Render::Lines => validate::to_json_lines(request)?,
-            Render::Series(rules) => validate::to_series(request, &rules.metric, rules.window())?,
+        // The file takes every request in turn; a database, one node's at a time.
+        let (lines, sender) = match &self.render {
+            Render::Lines => (validate::to_json_lines(request)?, 0),
+            Render::Series(rules) => (
+                validate::to_series(request, &rules.metric, rules.window())?,
+                validate::sender(request.node_id.as_bytes()),
+            ),
         };
         // Held until the batch is written, so a retry of it waits here and
         // then finds it written.
@@ -122,7 +126,6 @@ impl ReceiverService {
         // missing for lines that were written.
         let output = self.output.clone();
         let batch = request.batch_sequence;
-        let sender = validate::sender(request.node_id.as_bytes());
         let write = tokio::spawn(async move {
             if let Some(output) = output {
                 write_out(output, lines, items, sender).await?;
