@@ -339,26 +339,33 @@ fn start_sink(dir: &Path, name: &'static str, socket: &str, database: &Database)
     (sink, address.to_string())
 }
 
-fn every_reading_once(kind: Kind, name: &str) {
+/// A tuned node, with `extra` settings on top, runs for 3 s into a sink
+/// writing to `kind`: it produces more than `least` readings, the sink
+/// refuses none, and each is in the database once.
+fn every_reading_once(kind: Kind, name: &str, extra: &[(&'static str, &str)], least: u64) {
     let dir = scratch(name);
     let Some(database) = Database::start(kind, &dir) else { return };
     let (sink, socket) = start_sink(&dir, "sink", ANY_PORT, &database);
-    let node = Process::start("node", NODE, &[], &tuned_node(&socket, "node-a"), &dir);
+    let mut env = tuned_node(&socket, "node-a");
+    env.extend(extra.iter().map(|(variable, value)| (*variable, (*value).to_owned())));
+    let node = Process::start("node", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop_node(node);
-    stop_sink(sink);
-    assert!(summary["produced"] > 300);
+    let (code, _, log) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(summary["produced"] > least, "{summary:?}");
+    assert!(!log.contains("Refused a request."), "{log}");
     assert_each_reading_once(&database, summary["produced"]);
 }
 
 #[test]
 fn every_reading_lands_in_victoria_metrics_once() {
-    every_reading_once(Kind::VictoriaMetrics, "rw-vm");
+    every_reading_once(Kind::VictoriaMetrics, "rw-vm", &[], 300);
 }
 
 #[test]
 fn every_reading_lands_in_prometheus_once_and_in_order() {
-    every_reading_once(Kind::Prometheus, "rw-prometheus");
+    every_reading_once(Kind::Prometheus, "rw-prometheus", &[], 300);
 }
 
 /// Sensors at 1000 readings a second each, a reading every millisecond: a
@@ -366,34 +373,17 @@ fn every_reading_lands_in_prometheus_once_and_in_order() {
 /// yet each reading is in a millisecond of its own, so that every one is
 /// stored (Prometheus refuses a second sample in a millisecond;
 /// VictoriaMetrics with its 1 ms de-duplication keeps one).
-fn a_reading_every_millisecond(kind: Kind, name: &str) {
-    let dir = scratch(name);
-    let Some(database) = Database::start(kind, &dir) else { return };
-    let (sink, socket) = start_sink(&dir, "sink", ANY_PORT, &database);
-    let mut env = tuned_node(&socket, "node-a");
-    env.extend([
-        ("SENSOR_COUNT", "8".to_owned()),
-        ("SENSOR_VALUE_RATE_PER_SECOND", "1000".into()),
-        ("BATCH_SIZE", "1000".into()),
-    ]);
-    let node = Process::start("node", NODE, &[], &env, &dir);
-    std::thread::sleep(Duration::from_secs(3));
-    let summary = stop_node(node);
-    let (code, _, log) = sink.terminate(Duration::from_secs(30));
-    assert_eq!(code, 0, "{log}");
-    assert!(summary["produced"] > 8000, "{summary:?}");
-    assert!(!log.contains("Refused a request."), "{log}");
-    assert_each_reading_once(&database, summary["produced"]);
-}
+const A_READING_EVERY_MILLISECOND: [(&str, &str); 3] =
+    [("SENSOR_COUNT", "8"), ("SENSOR_VALUE_RATE_PER_SECOND", "1000"), ("BATCH_SIZE", "1000")];
 
 #[test]
 fn a_reading_every_millisecond_lands_in_prometheus_every_one() {
-    a_reading_every_millisecond(Kind::Prometheus, "rw-ms-prometheus");
+    every_reading_once(Kind::Prometheus, "rw-ms-prometheus", &A_READING_EVERY_MILLISECOND, 8000);
 }
 
 #[test]
 fn a_reading_every_millisecond_lands_in_victoria_metrics_every_one() {
-    a_reading_every_millisecond(Kind::VictoriaMetrics, "rw-ms-vm");
+    every_reading_once(Kind::VictoriaMetrics, "rw-ms-vm", &A_READING_EVERY_MILLISECOND, 8000);
 }
 
 fn database_down_for_ten_seconds(kind: Kind, name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
