@@ -32,14 +32,14 @@ impl Stamps {
 
     /// The time of a tick taken when the system's clock read `now`.
     fn at(&mut self, now: SystemTime) -> SystemTime {
-        let millis = |at: SystemTime| at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let stamp = match self.last {
-            Some(last) if millis(now) <= last && last - millis(now) < MOST_AHEAD => {
-                UNIX_EPOCH + Duration::from_millis(last + 1)
+        let millis = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let (stamp, millis) = match self.last {
+            Some(last) if millis <= last && last - millis < MOST_AHEAD => {
+                (UNIX_EPOCH + Duration::from_millis(last + 1), last + 1)
             }
-            _ => now,
+            _ => (now, millis),
         };
-        self.last = Some(millis(stamp));
+        self.last = Some(millis);
         stamp
     }
 }
