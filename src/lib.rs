@@ -35,6 +35,7 @@
 
 pub(crate) mod clock;
 pub mod config;
+pub(crate) mod database;
 pub mod error;
 pub mod listen;
 pub mod logging;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Pki, Process, scratch, vars};
 use telemetry_node::{
-    config::{ConfigError, NodeConfig, SinkConfig},
+    config::{ConfigError, Destination, NodeConfig, SinkConfig},
     node::RetryPolicy,
 };
 
@@ -164,6 +164,7 @@ fn binaries_exit_2_with_one_line_naming_the_variable() {
         (node, "GRPC_CLIENT_RETRY_SEND_INTERVAL", "18446744073709551615s"),
         (node, "GRPC_SERVER_SOCKET", "127.0.0.1:0"),
         (node, "TLS_SERVER_NAME", "sink.example"),
+        (node, "DESTINATION", "database"),
         (sink, "FILE_PATH", "/dev/null"),
         (sink, "REMOTE_WRITE_TIMEOUT", "1000000000000s"),
         (sink, "RATE_PER_SECOND", "0"),
@@ -268,9 +269,9 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
     let bundle_text = bundle.display().to_string();
     let shouted = [("REMOTE_WRITE_URL", "HTTPS://db/api/v1/write"), ("REMOTE_WRITE_TLS_CA_CERT", bundle_text.as_str())];
     if bundle.exists() {
-        assert!(remote(&shouted).unwrap().remote_write_roots().unwrap().is_some());
+        assert!(remote(&shouted).unwrap().remote_write.roots().unwrap().is_some());
     }
-    assert_eq!(remote(&[]).unwrap().remote_write_roots().unwrap(), None);
+    assert_eq!(remote(&[]).unwrap().remote_write.roots().unwrap(), None);
     let not_pem = std::env::current_exe().unwrap().display().to_string();
     let cases: [(&[(&str, &str)], &str); 14] = [
         (&[("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
@@ -307,6 +308,38 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
     }
 }
 
+/// A node writing to the database itself reads the sink's remote-write
+/// variables and checks them the same way, only when it uses them.
+#[test]
+fn a_node_writing_to_the_database_checks_the_same_settings() {
+    let node = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(&str, String)> = pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        NodeConfig::from_vars(&vars(&pairs))
+    };
+    let direct = ("DESTINATION", "remote-write");
+    let config = node(&[direct, ("REMOTE_WRITE_URL", "http://db:8428/api/v1/write")]).unwrap();
+    assert_eq!(config.destination, Destination::RemoteWrite);
+    assert_eq!(node(&[]).unwrap().destination, Destination::Sink);
+    // Unused, an unusable URL is no error (as for a sink writing its file).
+    assert!(node(&[("REMOTE_WRITE_URL", "ftp://db")]).is_ok());
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[direct], "REMOTE_WRITE_URL"),
+        (&[direct, ("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
+        (&[direct, ("REMOTE_WRITE_URL", "http://user:pw-S3cret@db/api/v1/write")], "REMOTE_WRITE_URL"),
+        (&[direct, ("REMOTE_WRITE_URL", "http://db/w"), ("REMOTE_WRITE_MAX_AGE", "10ms")], "REMOTE_WRITE_MAX_AGE"),
+        (&[("DESTINATION", "vm")], "DESTINATION"),
+    ];
+    for (pairs, variable) in cases {
+        let error = node(pairs).unwrap_err().to_string();
+        assert!(error.contains(variable) && !error.contains("S3cret"), "{pairs:?}: {error}");
+    }
+    let dir = scratch("node-destination-config");
+    let (code, stderr) =
+        run_binary(env!("CARGO_BIN_EXE_telemetry-node"), &[("DESTINATION", "remote-write".into())], &dir);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("REMOTE_WRITE_URL") && stderr.lines().count() == 1, "{stderr}");
+}
+
 #[test]
 fn a_client_certificate_for_the_database_is_checked_against_its_key() {
     let dir = scratch("rw-client-cert-config");
@@ -329,9 +362,9 @@ fn a_client_certificate_for_the_database_is_checked_against_its_key() {
     let https = "https://db/api/v1/write";
     let both = [("REMOTE_WRITE_TLS_CLIENT_CERT", cert.as_str()), ("REMOTE_WRITE_TLS_CLIENT_KEY", key.as_str())];
     let config = remote(https, &both).unwrap();
-    let (chain, pem_key) = config.remote_write_identity().unwrap().unwrap();
+    let (chain, pem_key) = config.remote_write.identity().unwrap().unwrap();
     assert!(chain.contains("BEGIN CERTIFICATE") && pem_key.contains("PRIVATE KEY"));
-    assert_eq!(remote(https, &[]).unwrap().remote_write_identity().unwrap(), None);
+    assert_eq!(remote(https, &[]).unwrap().remote_write.identity().unwrap(), None);
     /// The URL, the variables added, and the variable the error names.
     type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
     let cases: [Case; 5] = [

@@ -881,3 +881,161 @@ fn the_sink_shows_its_certificate_to_a_database_that_asks_for_one() {
     assert!(summary["produced"] > 300);
     assert_each_reading_once(&database, summary["produced"]);
 }
+
+// A node writing to the database itself (DESTINATION=remote-write), no sink
+// between them.
+
+/// A node's settings `env` (made for a sink) turned to write to `database`
+/// itself.
+fn direct(mut env: Vec<(&'static str, String)>, database: &Database) -> Vec<(&'static str, String)> {
+    env.retain(|(variable, _)| *variable != "GRPC_SERVER_SOCKET");
+    env.push(("DESTINATION", "remote-write".into()));
+    env.push(("REMOTE_WRITE_URL", database.url()));
+    env
+}
+
+/// A node (`node_env`, `extra` on top) writes to `kind` itself for 3 s: it
+/// produces more than `least` readings, every one acknowledged, and each
+/// is in the database once.
+fn written_by_the_node(
+    kind: Kind,
+    name: &str,
+    node_env: fn(&str, &str) -> Vec<(&'static str, String)>,
+    extra: &[(&'static str, &str)],
+    least: u64,
+) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let mut env = direct(node_env("", "node-a"), &database);
+    env.extend(extra.iter().map(|(variable, value)| (*variable, (*value).to_owned())));
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    assert!(summary["produced"] > least, "{summary:?}");
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn a_node_writing_to_victoria_metrics_itself_lands_every_reading_once() {
+    written_by_the_node(Kind::VictoriaMetrics, "direct-vm", tuned_node, &[], 300);
+}
+
+#[test]
+fn a_node_writing_to_prometheus_itself_lands_every_reading_once_and_in_order() {
+    written_by_the_node(Kind::Prometheus, "direct-prometheus", tuned_node, &[], 300);
+}
+
+#[test]
+fn a_node_writing_to_prometheus_itself_with_the_default_settings() {
+    written_by_the_node(Kind::Prometheus, "direct-prometheus-defaults", default_node, &[], 10);
+}
+
+#[test]
+fn a_node_writing_a_reading_every_millisecond_to_prometheus_itself_lands_every_one() {
+    written_by_the_node(Kind::Prometheus, "direct-ms-prometheus", tuned_node, &A_READING_EVERY_MILLISECOND, 8000);
+}
+
+/// The database out for ten seconds under a node writing to it itself: the
+/// node keeps every batch and retries it until the database is back.
+fn database_out_under_a_node(
+    outage: Outage,
+    kind: Kind,
+    name: &str,
+    node_env: fn(&str, &str) -> Vec<(&'static str, String)>,
+) {
+    let dir = scratch(name);
+    let Some(mut database) = Database::start(kind, &dir) else { return };
+    let node = Process::start("node", NODE, &[], &direct(node_env("", "node-a"), &database), &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    match outage {
+        Outage::Down => database.stop(),
+        Outage::Stalled => database.signal(libc::SIGSTOP),
+    }
+    std::thread::sleep(Duration::from_secs(10));
+    let node_rss = peak_rss(node.child.id());
+    match outage {
+        Outage::Down => database.run(),
+        Outage::Stalled => database.signal(libc::SIGCONT),
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let summary = stop_node(node);
+    assert!(summary["retries"] > 0, "the node retried: {summary:?}");
+    assert!(node_rss < 64 << 20, "the node held {} MiB", node_rss >> 20);
+    assert_each_reading_once(&database, summary["produced"]);
+}
+
+#[test]
+fn the_database_down_for_ten_seconds_under_a_node_writing_itself_loses_nothing() {
+    database_out_under_a_node(Outage::Down, Kind::VictoriaMetrics, "direct-db-down", tuned_node);
+}
+
+#[test]
+fn the_database_down_for_ten_seconds_under_a_node_writing_itself_with_the_default_settings() {
+    database_out_under_a_node(Outage::Down, Kind::Prometheus, "direct-db-down-defaults", default_node);
+}
+
+#[test]
+fn the_database_stalled_for_ten_seconds_under_a_node_writing_itself_loses_nothing() {
+    database_out_under_a_node(Outage::Stalled, Kind::VictoriaMetrics, "direct-db-stalled", tuned_node);
+}
+
+#[test]
+fn the_database_stalled_for_ten_seconds_under_a_node_writing_itself_with_the_default_settings() {
+    database_out_under_a_node(Outage::Stalled, Kind::VictoriaMetrics, "direct-db-stalled-defaults", default_node);
+}
+
+/// POSTs one remote-write sample of `sensor_value{node, sensor}` straight
+/// to the database, as another writer would.
+fn write_one_sample(database: &Database, node: &str, sensor: &str, value: f64, at: SystemTime) {
+    use prost::Message;
+    use telemetry_node::prompb::{Label, Sample, TimeSeries, WriteRequest};
+    let label = |name: &str, value: &str| Label { name: name.into(), value: value.into() };
+    let timestamp = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let request = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels: vec![label("__name__", "sensor_value"), label("node", node), label("sensor", sensor)],
+            samples: vec![Sample { value, timestamp }],
+        }],
+    };
+    let body = snap::raw::Encoder::new().compress_vec(&request.encode_to_vec()).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", database.port)).unwrap();
+    let head = format!(
+        "POST /api/v1/write HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/x-protobuf\r\n\
+         Content-Encoding: snappy\r\nX-Prometheus-Remote-Write-Version: 0.1.0\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(&body).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 204") || answer.starts_with("HTTP/1.1 204"), "{answer}");
+}
+
+/// Another writer put a sample of one of the node's series a minute ahead:
+/// Prometheus (no out-of-order window) refuses every later batch holding
+/// that series (400). The node counts those readings as refused and logs
+/// the database's message; every other sensor's readings flow and are
+/// stored, and what the node counts as acknowledged is exactly what the
+/// database holds from it.
+#[test]
+fn batches_the_database_refuses_are_counted_as_refused_by_the_node_and_the_rest_flows() {
+    let dir = scratch("direct-refused");
+    let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
+    let ahead = SystemTime::now() + Duration::from_secs(60);
+    write_one_sample(&database, "node-a", "sensor-1", -1.0, ahead);
+    let node = Process::start("node", NODE, &[], &direct(tuned_node("", "node-a"), &database), &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["dropped"] > 0 && summary["acked"] > 0, "{stdout}");
+    assert_eq!(summary["acked"] + summary["dropped"], summary["produced"], "{stdout}");
+    assert!(stdout.contains(&format!("dropped_by=refused:{}", summary["dropped"])), "{stdout}");
+    assert!(stderr.contains("the database answered 400 Bad Request") && stderr.contains("out of order"), "{stderr}");
+    // The query reads up to now: the other writer's sample is ahead of it.
+    let series = database.samples();
+    let stored: usize = series.values().map(Vec::len).sum();
+    assert_eq!(stored as u64, summary["acked"], "acknowledged = stored");
+    let sensors: Vec<&str> = series.keys().map(|(_, sensor)| sensor.as_str()).collect();
+    assert_eq!(sensors, ["sensor-2", "sensor-3", "sensor-4"], "none of sensor-1's readings was taken");
+}

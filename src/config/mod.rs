@@ -6,13 +6,17 @@
 //! [`ConfigError`] that names the variable, the value and what is accepted.
 
 mod node;
+mod remote_write;
 mod sink;
 mod sources;
 
 use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
-pub use node::{ClientTls, Jitter, LogFormat, MAX_REQUEST_RATE, NodeConfig, Overflow, RequestRate, Retries};
+pub use node::{
+    ClientTls, Destination, Jitter, LogFormat, MAX_REQUEST_RATE, NodeConfig, Overflow, RequestRate, Retries,
+};
+pub use remote_write::RemoteWriteConfig;
 pub use sink::{OutputKind, ServerTls, SinkConfig};
 pub use sources::{FileSensor, HOST_PREFIX, Owned};
 
@@ -114,9 +118,10 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("MAX_MESSAGE_BYTES", "a whole number of bytes from 1024 to 1073741824"),
     ("MAX_ITEMS_PER_REQUEST", "a whole number from 1 to 10000000"),
     ("OUTPUT", "file or remote-write"),
+    ("DESTINATION", "sink or remote-write"),
     (
         "REMOTE_WRITE_URL",
-        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by OUTPUT=remote-write",
+        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by the sink's OUTPUT=remote-write and the node's DESTINATION=remote-write",
     ),
     (
         "REMOTE_WRITE_TLS_CA_CERT",
@@ -124,7 +129,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ),
     (
         "REMOTE_WRITE_TLS_CLIENT_CERT",
-        "a readable PEM file holding the sink's certificate for the database, set together with REMOTE_WRITE_TLS_CLIENT_KEY; only with https://",
+        "a readable PEM file holding the certificate shown to the database, set together with REMOTE_WRITE_TLS_CLIENT_KEY; only with https://",
     ),
     ("REMOTE_WRITE_TLS_CLIENT_KEY", "a readable PEM file holding the private key of REMOTE_WRITE_TLS_CLIENT_CERT"),
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),

@@ -145,6 +145,34 @@ pub struct NodeConfig {
     /// Key of TLS_CLIENT_CERT.
     #[envconfig(from = "TLS_CLIENT_KEY")]
     pub tls_client_key: Option<PathBuf>,
+    /// Where batches go: the sink over gRPC, or a database over
+    /// Prometheus remote-write.
+    #[envconfig(from = "DESTINATION", default = "sink")]
+    pub destination: Destination,
+    /// The database (DESTINATION=remote-write).
+    #[envconfig(nested)]
+    pub remote_write: super::RemoteWriteConfig,
+}
+
+/// Where a node sends its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The sink at GRPC_SERVER_SOCKET.
+    Sink,
+    /// The database at REMOTE_WRITE_URL.
+    RemoteWrite,
+}
+
+impl FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "sink" => Ok(Self::Sink),
+            "remote-write" => Ok(Self::RemoteWrite),
+            _ => Err(format!("unknown destination {s:?}")),
+        }
+    }
 }
 
 /// Whether `token` can travel as an HTTP/2 header value.
@@ -182,6 +210,7 @@ impl NodeConfig {
         if let Some(id) = &self.node_id {
             ensure(!id.is_empty() && id.len() <= 128, "NODE_ID", id)?;
         }
+        self.remote_write.validate(self.destination == Destination::RemoteWrite)?;
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure((1..=100_000_000).contains(&self.queue_capacity), "QUEUE_CAPACITY", self.queue_capacity)?;

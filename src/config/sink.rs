@@ -4,7 +4,7 @@ use std::{collections::HashMap, path::PathBuf};
 
 use envconfig::Envconfig;
 
-use super::{ConfigError, LogFormat, Pem, Secret, ensure, ensure_positive};
+use super::{ConfigError, LogFormat, Pem, RemoteWriteConfig, Secret, ensure, ensure_positive};
 
 /// Everything `telemetry-sink` reads from its environment. Defaults accept
 /// what a node started with its own defaults sends.
@@ -61,54 +61,16 @@ pub struct SinkConfig {
     /// database over Prometheus remote-write.
     #[envconfig(from = "OUTPUT", default = "file")]
     pub output: OutputKind,
-    /// The database's remote-write endpoint (OUTPUT=remote-write).
-    #[envconfig(from = "REMOTE_WRITE_URL")]
-    pub remote_write_url: Option<String>,
-    /// Name of the metric every sensor's series carries.
-    #[envconfig(from = "REMOTE_WRITE_METRIC", default = "sensor_value")]
-    pub remote_write_metric: String,
-    /// Deadline of one request to the database.
-    #[envconfig(from = "REMOTE_WRITE_TIMEOUT", default = "4s")]
-    pub remote_write_timeout: humantime::Duration,
+    /// Where and how to reach the database (OUTPUT=remote-write).
+    #[envconfig(nested)]
+    pub remote_write: RemoteWriteConfig,
     /// Requests to the database in flight at once, at most.
     #[envconfig(from = "REMOTE_WRITE_CONCURRENCY", default = "4")]
     pub remote_write_concurrency: usize,
     /// Most samples gathered into one request to the database.
     #[envconfig(from = "REMOTE_WRITE_MAX_SAMPLES", default = "10000")]
     pub remote_write_max_samples: usize,
-    /// Oldest reading sent to the database, by the sink's clock: older ones
-    /// are refused (a database past its retention drops them and answers OK).
-    #[envconfig(from = "REMOTE_WRITE_MAX_AGE", default = "30d")]
-    pub remote_write_max_age: humantime::Duration,
-    /// Furthest a reading sent to the database may be ahead of the sink's
-    /// clock.
-    #[envconfig(from = "REMOTE_WRITE_MAX_AHEAD", default = "10m")]
-    pub remote_write_max_ahead: humantime::Duration,
-    /// Bearer token sent to the database.
-    #[envconfig(from = "REMOTE_WRITE_BEARER_TOKEN")]
-    pub remote_write_bearer_token: Option<Secret>,
-    /// User for basic authentication to the database.
-    #[envconfig(from = "REMOTE_WRITE_USERNAME")]
-    pub remote_write_username: Option<String>,
-    /// Password for basic authentication to the database.
-    #[envconfig(from = "REMOTE_WRITE_PASSWORD")]
-    pub remote_write_password: Option<Secret>,
-    /// CAs to check an https:// database against; default: the system's
-    /// bundle.
-    #[envconfig(from = "REMOTE_WRITE_TLS_CA_CERT")]
-    pub remote_write_tls_ca_cert: Option<std::path::PathBuf>,
-    /// The sink's certificate toward an https:// database that asks for
-    /// one (mutual TLS); with REMOTE_WRITE_TLS_CLIENT_KEY.
-    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_CERT")]
-    pub remote_write_tls_client_cert: Option<std::path::PathBuf>,
-    /// Key of REMOTE_WRITE_TLS_CLIENT_CERT.
-    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_KEY")]
-    pub remote_write_tls_client_key: Option<std::path::PathBuf>,
 }
-
-/// The system's CA bundle (Debian's `ca-certificates`), trusted for an
-/// https:// database when REMOTE_WRITE_TLS_CA_CERT is unset.
-pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where the sink puts what it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,96 +116,12 @@ impl SinkConfig {
         ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
         self.tls()?;
-        if self.output == OutputKind::RemoteWrite {
-            let url = self.remote_write_url.as_deref().unwrap_or("");
-            // Credentials in the URL would be logged and not sent: refused,
-            // and not echoed.
-            if url.contains('@') {
-                return Err(super::invalid("REMOTE_WRITE_URL", super::HIDDEN_CREDENTIALS));
-            }
-            let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
-            let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
-            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", url)?;
-            if scheme == Some("https") {
-                let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
-                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
-            }
-            self.remote_write_roots()?;
-            self.remote_write_identity()?;
-        }
-        let metric = &self.remote_write_metric;
-        let metric_ok = metric
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
-            && !metric.is_empty()
-            && !metric.starts_with("__");
-        ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
-        ensure_positive("REMOTE_WRITE_TIMEOUT", self.remote_write_timeout)?;
-        // A window narrower than a second would refuse nearly every reading.
-        for (variable, limit) in [
-            ("REMOTE_WRITE_MAX_AGE", self.remote_write_max_age),
-            ("REMOTE_WRITE_MAX_AHEAD", self.remote_write_max_ahead),
-        ] {
-            ensure_positive(variable, limit)?;
-            ensure(*limit >= std::time::Duration::from_secs(1), variable, limit)?;
-        }
+        self.remote_write.validate(self.output == OutputKind::RemoteWrite)?;
         let concurrency = self.remote_write_concurrency;
         ensure((1..=64).contains(&concurrency), "REMOTE_WRITE_CONCURRENCY", concurrency)?;
         let samples = self.remote_write_max_samples;
         ensure((1..=1_000_000).contains(&samples), "REMOTE_WRITE_MAX_SAMPLES", samples)?;
-        if let Some(token) = &self.remote_write_bearer_token {
-            ensure(super::tokenable(token.expose()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
-        }
-        let empty_password = self.remote_write_password.as_ref().is_some_and(|p| p.expose().is_empty());
-        ensure(!empty_password, "REMOTE_WRITE_PASSWORD", "(hidden)")?;
-        let basic = (self.remote_write_username.is_some(), self.remote_write_password.is_some());
-        ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.remote_write_username.as_deref().unwrap_or(""))?;
-        ensure(!(basic.0 && self.remote_write_bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
         Ok(())
-    }
-
-    /// The certificate chain and key (PEM) the sink shows an https://
-    /// database that asks for one; `None` when not set. Both must be set,
-    /// only for https://, and the key must be the certificate's.
-    pub fn remote_write_identity(&self) -> Result<Option<(String, String)>, ConfigError> {
-        let (cert_path, key_path) = match (&self.remote_write_tls_client_cert, &self.remote_write_tls_client_key) {
-            (None, None) => return Ok(None),
-            (Some(cert), Some(key)) => (cert, key),
-            (Some(cert), None) => {
-                return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_CERT", cert.display().to_string()));
-            }
-            (None, Some(key)) => return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_KEY", key.display().to_string())),
-        };
-        ensure(self.remote_write_https(), "REMOTE_WRITE_TLS_CLIENT_CERT", cert_path.display())?;
-        let cert = super::read_pem("REMOTE_WRITE_TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?;
-        let key = super::read_pem("REMOTE_WRITE_TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?;
-        let (cert, key) = (cert.unwrap_or_default(), key.unwrap_or_default());
-        ensure(super::key_fits(&cert, &key), "REMOTE_WRITE_TLS_CLIENT_KEY", key_path.display())?;
-        Ok(Some((cert, key)))
-    }
-
-    /// The CAs (PEM) to check the database's certificate against, for an
-    /// https:// REMOTE_WRITE_URL; `None` for http://.
-    pub fn remote_write_roots(&self) -> Result<Option<String>, ConfigError> {
-        let given = self.remote_write_tls_ca_cert.as_deref();
-        match (self.remote_write_https(), given) {
-            (false, None) => Ok(None),
-            (false, Some(path)) => Err(super::invalid("REMOTE_WRITE_TLS_CA_CERT", path.display().to_string())),
-            (true, Some(path)) => super::read_pem("REMOTE_WRITE_TLS_CA_CERT", Some(path), Pem::Certificates),
-            (true, None) => std::fs::read_to_string(SYSTEM_CA_BUNDLE)
-                .ok()
-                .filter(|bundle| bundle.contains("-----BEGIN CERTIFICATE-----"))
-                .map(Some)
-                .ok_or_else(|| super::invalid("REMOTE_WRITE_TLS_CA_CERT", "")),
-        }
-    }
-
-    /// Whether REMOTE_WRITE_URL is https, read as the client will read it
-    /// (`HTTPS://` is https too).
-    fn remote_write_https(&self) -> bool {
-        let url = self.remote_write_url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
-        url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS))
     }
 
     /// The server's TLS material, read and checked, or `None` for plaintext.

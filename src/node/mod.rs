@@ -9,6 +9,7 @@ pub(crate) mod delivery;
 pub mod ledger;
 pub mod overflow;
 pub(crate) mod pipeline;
+pub mod remote_write;
 pub mod retry;
 pub(crate) mod sender;
 pub mod source;
@@ -17,5 +18,6 @@ pub mod transport;
 
 pub use ledger::{Ledger, Summary};
 pub use pipeline::{run, run_with};
+pub use remote_write::RemoteWriteTransport;
 pub use retry::RetryPolicy;
 pub use transport::{GrpcTransport, Transport};

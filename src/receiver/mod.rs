@@ -5,14 +5,13 @@
 
 mod codec;
 pub(crate) mod dedup;
-mod https;
 mod output_file;
 mod refusals;
 mod remote_write;
 mod route;
 pub(crate) mod service;
 pub mod stats;
-mod transcode;
+pub(crate) mod transcode;
 pub mod validate;
 pub mod writer;
 
@@ -122,9 +121,9 @@ pub async fn serve_with(
     // same samples again, which the database takes as one.
     let (dedup, render) = if remote_write {
         let rules = validate::SeriesRules {
-            metric: Arc::from(config.remote_write_metric.as_str()),
-            max_age: config.remote_write_max_age.into(),
-            max_ahead: config.remote_write_max_ahead.into(),
+            metric: Arc::from(config.remote_write.metric.as_str()),
+            max_age: config.remote_write.max_age.into(),
+            max_ahead: config.remote_write.max_ahead.into(),
         };
         (None, service::Render::Series(rules))
     } else {
@@ -147,7 +146,7 @@ pub async fn serve_with(
     info!(
         message = "Sink listening.",
         address = %listener.local_addr().map_err(ServeError::Listen)?,
-        output = %if remote_write { config.remote_write_url.clone().unwrap_or_default() } else { path.display().to_string() },
+        output = %if remote_write { config.remote_write.url.clone().unwrap_or_default() } else { path.display().to_string() },
         tls = config.tls_cert.is_some(),
     );
     stats.set_serving(true);

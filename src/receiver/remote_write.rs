@@ -12,16 +12,6 @@ use std::{
     time::Duration,
 };
 
-use http_body_util::{BodyExt, Full};
-use hyper::{
-    Request, StatusCode, Uri,
-    header::{self, HeaderValue},
-};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
-use prost::bytes::Bytes;
 use tokio::{
     sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
@@ -29,8 +19,13 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{https::Connector, stats::SinkStats, writer::Chunk};
-use crate::{config::SinkConfig, error::OutputError, logging::Every};
+use super::{stats::SinkStats, writer::Chunk};
+use crate::{
+    config::SinkConfig,
+    database::{Answer, Database},
+    error::OutputError,
+    logging::Every,
+};
 
 /// Shortest and longest pause asked of the nodes while the database fails.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -38,9 +33,6 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 
 /// Longest `Retry-After` honoured.
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// Most bytes of a database's error answer kept for logs and statuses.
-const ANSWER_BYTES: usize = 1024;
 
 /// Most requests taken off the queue to wait for a slot or for their
 /// sender's write under way.
@@ -53,14 +45,8 @@ const MOST_WAITING_PER_SENDER: usize = 16;
 /// Sends what the sink accepts to a database.
 #[derive(Debug)]
 pub(crate) struct RemoteWriter {
-    /// Pooled HTTP/1.1 connections to the database.
-    client: Client<Connector, Full<Bytes>>,
-    /// REMOTE_WRITE_URL.
-    url: Uri,
-    /// `Authorization` header, from a bearer token or basic credentials.
-    authorization: Option<HeaderValue>,
-    /// REMOTE_WRITE_TIMEOUT.
-    timeout: Duration,
+    /// The database.
+    database: Database,
     /// REMOTE_WRITE_MAX_SAMPLES (counted as readings).
     max_samples: usize,
     /// One permit per request in flight (REMOTE_WRITE_CONCURRENCY).
@@ -85,21 +71,10 @@ impl RemoteWriter {
     /// The writer `config` describes; `None` when REMOTE_WRITE_URL is not
     /// a usable URL (the configuration's check refuses that first).
     pub(crate) fn new(config: &SinkConfig, stats: Arc<SinkStats>) -> Option<Self> {
-        let url: Uri = config.remote_write_url.as_deref()?.parse().ok()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.remote_write_timeout.into()));
-        let roots = config.remote_write_roots().ok()?;
-        let identity = config.remote_write_identity().ok()?;
-        let identity = identity.as_ref().map(|(chain, key)| (chain.as_str(), key.as_str()));
-        let connector = Connector::new(connector, roots.as_deref(), identity).ok()?;
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let database = Database::new(&config.remote_write, concat!("telemetry-sink/", env!("CARGO_PKG_VERSION")))?;
         let concurrency = u32::try_from(config.remote_write_concurrency).ok()?;
         Some(Self {
-            client,
-            url,
-            authorization: authorization(config),
-            timeout: config.remote_write_timeout.into(),
+            database,
             max_samples: config.remote_write_max_samples,
             slots: Arc::new(Semaphore::new(concurrency as usize)),
             concurrency,
@@ -221,88 +196,39 @@ impl RemoteWriter {
         for chunk in chunks {
             body.extend_from_slice(&chunk.lines);
         }
-        let compressed = snap::raw::Encoder::new()
-            .compress_vec(&body)
-            .map_err(|error| OutputError::Failed(format!("snappy: {error}").into()))?;
-        let mut request = Request::post(self.url.clone())
-            .header(header::CONTENT_TYPE, "application/x-protobuf")
-            .header(header::CONTENT_ENCODING, "snappy")
-            .header(header::USER_AGENT, concat!("telemetry-sink/", env!("CARGO_PKG_VERSION")))
-            .header("X-Prometheus-Remote-Write-Version", "0.1.0");
-        if let Some(authorization) = &self.authorization {
-            request = request.header(header::AUTHORIZATION, authorization.clone());
-        }
-        let request = request
-            .body(Full::new(Bytes::from(compressed)))
-            .map_err(|error| OutputError::Failed(error.to_string().into()))?;
         self.stats.database_sending();
-        let started = Instant::now();
-        let answer = tokio::time::timeout(self.timeout, async {
-            let response = self.client.request(request).await?;
-            let status = response.status();
-            let asked = retry_after(response.headers().get(header::RETRY_AFTER));
-            let body = response.into_body().collect().await.map(|body| body.to_bytes()).unwrap_or_default();
-            Ok::<_, hyper_util::client::legacy::Error>((status, asked, body))
-        })
-        .await;
-        let elapsed = started.elapsed();
+        let (answer, elapsed) = self.database.post(&body).await;
         match answer {
-            Ok(Ok((status, _, _))) if status.is_success() => {
+            Answer::Took => {
                 self.stats.database_answered("2xx", elapsed);
                 self.stats.database_took(readings);
                 *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = (0, None);
                 debug!(message = "The database took the samples.", readings, requests = chunks.len());
                 Ok(())
             }
-            Ok(Ok((status, asked, body))) => {
-                let class = match status {
-                    StatusCode::TOO_MANY_REQUESTS => "429",
-                    status if status.is_server_error() => "5xx",
-                    _ => "4xx",
-                };
+            Answer::Busy { class, retry_after, message } => {
                 self.stats.database_answered(class, elapsed);
-                Err(self.refused_or_busy(status, class, asked, &body, chunks.len()))
+                Err(self.busy(class, retry_after, message, chunks.len()))
             }
-            Ok(Err(error)) => {
-                self.stats.database_answered("error", elapsed);
-                Err(self.busy("error", None, format!("cannot reach the database: {}", chain(&error)), chunks.len()))
+            Answer::Misconfigured(message) => {
+                // The sink's own settings are wrong, not the node's data: the
+                // nodes keep it and retry until an operator mends the sink.
+                self.stats.database_answered("4xx", elapsed);
+                self.log_failure(&message);
+                Err(OutputError::Failed(message.into()))
             }
-            Err(_) => {
-                self.stats.database_answered("error", elapsed);
-                let message = format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout);
-                Err(self.busy("error", None, message, chunks.len()))
+            Answer::Refused(message) => {
+                self.stats.database_answered("4xx", elapsed);
+                // Each refused node request is also logged as a refusal, once
+                // a second at most; this line says what the database said, as
+                // often.
+                let gate = self.refused.lock().unwrap_or_else(PoisonError::into_inner).ready();
+                if let Some(suppressed) = gate {
+                    error!(message = "The database refused samples.", answer = %message, requests = chunks.len(), suppressed);
+                }
+                Err(OutputError::Refused(message.into()))
             }
         }
-    }
-
-    /// What a non-2xx answer (of `class`: `429`, `5xx` or `4xx`) means for
-    /// the nodes.
-    fn refused_or_busy(
-        &self,
-        status: StatusCode,
-        class: &'static str,
-        asked: Option<Duration>,
-        body: &[u8],
-        requests: usize,
-    ) -> OutputError {
-        let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_BYTES)]).trim().to_owned();
-        let message = format!("the database answered {status}: {text}");
-        if class != "4xx" {
-            return self.busy(class, asked, message, requests);
-        }
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND) {
-            // The sink's own settings are wrong, not the node's data: the
-            // nodes keep it and retry until an operator mends the sink.
-            self.log_failure(&message);
-            return OutputError::Failed(format!("{message} (check REMOTE_WRITE_URL and its credentials)").into());
-        }
-        // Each refused node request is also logged as a refusal, once a second
-        // at most; this line says what the database said, as often.
-        let gate = self.refused.lock().unwrap_or_else(PoisonError::into_inner).ready();
-        if let Some(suppressed) = gate {
-            error!(message = "The database refused samples.", answer = %message, requests, suppressed);
-        }
-        OutputError::Refused(message.into())
     }
 
     /// Counts and logs a database that cannot take samples now, and sets
@@ -361,81 +287,9 @@ impl Drop for Release {
     }
 }
 
-/// `error` and every error under it, as one line: hyper's own message
-/// ("client error (Connect)") says little without its causes (a refused
-/// connection, an unknown certificate).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        line.push_str(": ");
-        line.push_str(&error.to_string());
-        cause = error.source();
-    }
-    line
-}
-
-/// A `Retry-After` in seconds (the HTTP-date form is not honoured: the
-/// backoff applies then).
-fn retry_after(value: Option<&HeaderValue>) -> Option<Duration> {
-    let seconds: u64 = value?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(seconds))
-}
-
 /// Tells each chunk's sender the outcome.
 fn answer(chunks: Vec<Chunk>, outcome: &Result<(), OutputError>) {
     for chunk in chunks {
         let _ = chunk.written.send(outcome.clone());
-    }
-}
-
-/// The `Authorization` header for the database, if any is configured.
-fn authorization(config: &SinkConfig) -> Option<HeaderValue> {
-    let value = match (&config.remote_write_bearer_token, &config.remote_write_username, &config.remote_write_password)
-    {
-        (Some(token), _, _) => format!("Bearer {}", token.expose()),
-        (None, Some(user), Some(password)) => format!("Basic {}", base64(&format!("{user}:{}", password.expose()))),
-        _ => return None,
-    };
-    let mut value = HeaderValue::from_str(&value).ok()?;
-    value.set_sensitive(true);
-    Some(value)
-}
-
-/// Standard base64 with padding, for basic authentication.
-fn base64(text: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for group in bytes.chunks(3) {
-        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= group.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_as_the_rfc_gives_it() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("user:pass", "dXNlcjpwYXNz"),
-        ];
-        for (text, encoded) in cases {
-            assert_eq!(base64(text), encoded);
-        }
     }
 }

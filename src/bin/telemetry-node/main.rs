@@ -12,10 +12,10 @@ mod demo;
 
 use bench::BenchOptions;
 use telemetry_node::{
-    config::{self, NodeConfig},
+    config::{self, Destination, NodeConfig},
     logging,
     node::Ledger,
-    node::{self, GrpcTransport, retry::SinkHealth},
+    node::{self, GrpcTransport, RemoteWriteTransport, retry::SinkHealth},
     observe,
 };
 use tracing::info;
@@ -99,12 +99,22 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             sensor_value_rate_per_second = config.sensor_rate,
         );
     }
-    let transport = match GrpcTransport::from_config(&config) {
+    let grpc = match GrpcTransport::from_config(&config) {
         Ok(transport) => transport,
         Err(error) => {
             eprintln!("telemetry-node: {error}");
             return ExitCode::from(2);
         }
+    };
+    let database = match config.destination {
+        Destination::Sink => None,
+        Destination::RemoteWrite => match RemoteWriteTransport::from_config(&config) {
+            Ok(transport) => Some(transport),
+            Err(error) => {
+                eprintln!("telemetry-node: {error}");
+                return ExitCode::from(2);
+            }
+        },
     };
     let stats = Arc::new(Ledger::default());
     let health = SinkHealth::new(config.retry_budget);
@@ -124,7 +134,10 @@ async fn run_node(config: NodeConfig) -> ExitCode {
         }
     }
     let (first, second) = stop_signals();
-    let summary = node::run_with(&config, transport, health, stats, first, second).await;
+    let summary = match database {
+        Some(database) => node::run_with(&config, database, health, stats, first, second).await,
+        None => node::run_with(&config, grpc, health, stats, first, second).await,
+    };
     stop_metrics.cancel();
     info!(
         message = "Node stopped.",
@@ -302,6 +315,23 @@ fn log_config(c: &NodeConfig) {
         log_level = %c.log_level,
         log_format = ?c.log_format,
     );
+    if c.destination == Destination::RemoteWrite {
+        let w = &c.remote_write;
+        info!(
+            message = "Writing to the database itself (DESTINATION=remote-write).",
+            remote_write_url = %or_none(&w.url),
+            remote_write_metric = %w.metric,
+            remote_write_timeout = %w.timeout,
+            remote_write_max_age = %w.max_age,
+            remote_write_max_ahead = %w.max_ahead,
+            remote_write_tls_ca_cert = %path(&w.tls_ca_cert),
+            remote_write_tls_client_cert = %path(&w.tls_client_cert),
+            remote_write_tls_client_key = %path(&w.tls_client_key),
+            remote_write_bearer_token = %w.bearer_token.as_ref().map_or("-".into(), ToString::to_string),
+            remote_write_username = %or_none(&w.username),
+            remote_write_password = %w.password.as_ref().map_or("-".into(), ToString::to_string),
+        );
+    }
     info!(
         message = "Sink connection.",
         grpc_server_socket = %c.server_socket,

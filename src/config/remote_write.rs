@@ -1,0 +1,146 @@
+//! Where and how a database is reached over Prometheus remote-write: the
+//! same variables for the sink (`OUTPUT=remote-write`) and for a node that
+//! writes to the database itself (`DESTINATION=remote-write`).
+
+use std::{path::PathBuf, time::Duration};
+
+use envconfig::Envconfig;
+
+use super::{ConfigError, Pem, Secret, ensure, ensure_positive};
+
+/// The system's CA bundle (Debian's `ca-certificates`), trusted for an
+/// https:// database when REMOTE_WRITE_TLS_CA_CERT is unset.
+pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The database, its credentials, and how readings become its samples.
+#[derive(Debug, Clone, Envconfig)]
+pub struct RemoteWriteConfig {
+    /// The database's remote-write endpoint.
+    #[envconfig(from = "REMOTE_WRITE_URL")]
+    pub url: Option<String>,
+    /// Name of the metric every sensor's series carries.
+    #[envconfig(from = "REMOTE_WRITE_METRIC", default = "sensor_value")]
+    pub metric: String,
+    /// Deadline of one request to the database.
+    #[envconfig(from = "REMOTE_WRITE_TIMEOUT", default = "4s")]
+    pub timeout: humantime::Duration,
+    /// Oldest reading sent to the database, by this process' clock: older
+    /// ones are refused (a database past its retention drops them and
+    /// answers OK).
+    #[envconfig(from = "REMOTE_WRITE_MAX_AGE", default = "30d")]
+    pub max_age: humantime::Duration,
+    /// Furthest a reading sent to the database may be ahead of this
+    /// process' clock.
+    #[envconfig(from = "REMOTE_WRITE_MAX_AHEAD", default = "10m")]
+    pub max_ahead: humantime::Duration,
+    /// Bearer token sent to the database.
+    #[envconfig(from = "REMOTE_WRITE_BEARER_TOKEN")]
+    pub bearer_token: Option<Secret>,
+    /// User for basic authentication to the database.
+    #[envconfig(from = "REMOTE_WRITE_USERNAME")]
+    pub username: Option<String>,
+    /// Password for basic authentication to the database.
+    #[envconfig(from = "REMOTE_WRITE_PASSWORD")]
+    pub password: Option<Secret>,
+    /// CAs to check an https:// database against; default: the system's
+    /// bundle.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CA_CERT")]
+    pub tls_ca_cert: Option<PathBuf>,
+    /// The certificate shown to an https:// database that asks for one
+    /// (mutual TLS); with REMOTE_WRITE_TLS_CLIENT_KEY.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_CERT")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of REMOTE_WRITE_TLS_CLIENT_CERT.
+    #[envconfig(from = "REMOTE_WRITE_TLS_CLIENT_KEY")]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl RemoteWriteConfig {
+    /// Checks every value that parsed but cannot be used; the URL and the
+    /// TLS files only when the database is `used`.
+    pub fn validate(&self, used: bool) -> Result<(), ConfigError> {
+        if used {
+            let url = self.url.as_deref().unwrap_or("");
+            // Credentials in the URL would be logged and not sent: refused,
+            // and not echoed.
+            if url.contains('@') {
+                return Err(super::invalid("REMOTE_WRITE_URL", super::HIDDEN_CREDENTIALS));
+            }
+            let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
+            let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
+            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", url)?;
+            if scheme == Some("https") {
+                let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
+                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
+            }
+            self.roots()?;
+            self.identity()?;
+        }
+        let metric = &self.metric;
+        let metric_ok = metric
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+            && !metric.is_empty()
+            && !metric.starts_with("__");
+        ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
+        ensure_positive("REMOTE_WRITE_TIMEOUT", self.timeout)?;
+        // A window narrower than a second would refuse nearly every reading.
+        for (variable, limit) in [("REMOTE_WRITE_MAX_AGE", self.max_age), ("REMOTE_WRITE_MAX_AHEAD", self.max_ahead)] {
+            ensure_positive(variable, limit)?;
+            ensure(*limit >= Duration::from_secs(1), variable, limit)?;
+        }
+        if let Some(token) = &self.bearer_token {
+            ensure(super::tokenable(token.expose()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
+        }
+        let empty_password = self.password.as_ref().is_some_and(|p| p.expose().is_empty());
+        ensure(!empty_password, "REMOTE_WRITE_PASSWORD", "(hidden)")?;
+        let basic = (self.username.is_some(), self.password.is_some());
+        ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.username.as_deref().unwrap_or(""))?;
+        ensure(!(basic.0 && self.bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
+        Ok(())
+    }
+
+    /// The certificate chain and key (PEM) shown to an https:// database
+    /// that asks for one; `None` when not set. Both must be set, only for
+    /// https://, and the key must be the certificate's.
+    pub fn identity(&self) -> Result<Option<(String, String)>, ConfigError> {
+        let (cert_path, key_path) = match (&self.tls_client_cert, &self.tls_client_key) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(cert), None) => {
+                return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_CERT", cert.display().to_string()));
+            }
+            (None, Some(key)) => return Err(super::invalid("REMOTE_WRITE_TLS_CLIENT_KEY", key.display().to_string())),
+        };
+        ensure(self.https(), "REMOTE_WRITE_TLS_CLIENT_CERT", cert_path.display())?;
+        let cert = super::read_pem("REMOTE_WRITE_TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?;
+        let key = super::read_pem("REMOTE_WRITE_TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?;
+        let (cert, key) = (cert.unwrap_or_default(), key.unwrap_or_default());
+        ensure(super::key_fits(&cert, &key), "REMOTE_WRITE_TLS_CLIENT_KEY", key_path.display())?;
+        Ok(Some((cert, key)))
+    }
+
+    /// The CAs (PEM) to check the database's certificate against, for an
+    /// https:// REMOTE_WRITE_URL; `None` for http://.
+    pub fn roots(&self) -> Result<Option<String>, ConfigError> {
+        let given = self.tls_ca_cert.as_deref();
+        match (self.https(), given) {
+            (false, None) => Ok(None),
+            (false, Some(path)) => Err(super::invalid("REMOTE_WRITE_TLS_CA_CERT", path.display().to_string())),
+            (true, Some(path)) => super::read_pem("REMOTE_WRITE_TLS_CA_CERT", Some(path), Pem::Certificates),
+            (true, None) => std::fs::read_to_string(SYSTEM_CA_BUNDLE)
+                .ok()
+                .filter(|bundle| bundle.contains("-----BEGIN CERTIFICATE-----"))
+                .map(Some)
+                .ok_or_else(|| super::invalid("REMOTE_WRITE_TLS_CA_CERT", "")),
+        }
+    }
+
+    /// Whether REMOTE_WRITE_URL is https, read as the client will read it
+    /// (`HTTPS://` is https too).
+    fn https(&self) -> bool {
+        let url = self.url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
+        url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS))
+    }
+}

@@ -1,0 +1,104 @@
+//! A node writing to the database itself (`DESTINATION=remote-write`): each
+//! batch becomes one Prometheus remote-write request, with the series, the
+//! checks and the answers the sink's remote-write output uses. The node's
+//! retry, pushback and spool then serve the database as they serve a sink.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use prost::Message;
+use tonic::Status;
+use tracing::warn;
+
+use super::{
+    codec::{Outgoing, Payload},
+    transport::Transport,
+};
+use crate::{
+    config::{ConfigError, NodeConfig},
+    database::{Answer, Database},
+    logging::Every,
+    proto::SensorValuesRequest,
+    receiver::{transcode::transcode, validate},
+};
+
+/// Delivers one batch to the database, once, and says what its answer means
+/// in the terms the node's sender knows: OK only for a 2xx.
+#[derive(Debug, Clone)]
+pub struct RemoteWriteTransport {
+    /// The database.
+    database: Database,
+    /// REMOTE_WRITE_METRIC and the window of times sent.
+    rules: validate::SeriesRules,
+    /// Failures are logged at most once a second.
+    failures: Arc<Mutex<Every>>,
+}
+
+impl RemoteWriteTransport {
+    /// The transport to the database `config` names.
+    pub fn from_config(config: &NodeConfig) -> Result<Self, ConfigError> {
+        let agent = concat!("telemetry-node/", env!("CARGO_PKG_VERSION"));
+        let database = Database::new(&config.remote_write, agent).ok_or_else(|| {
+            crate::config::invalid("REMOTE_WRITE_URL", config.remote_write.url.as_deref().unwrap_or(""))
+        })?;
+        let rules = validate::SeriesRules {
+            metric: Arc::from(config.remote_write.metric.as_str()),
+            max_age: config.remote_write.max_age.into(),
+            max_ahead: config.remote_write.max_ahead.into(),
+        };
+        Ok(Self { database, rules, failures: Arc::new(Mutex::new(Every::second())) })
+    }
+
+    /// The series of `request`, or the reason it cannot be sent (a reading
+    /// outside REMOTE_WRITE_MAX_AGE / REMOTE_WRITE_MAX_AHEAD, two values of
+    /// a sensor in one millisecond): INVALID_ARGUMENT, never retried.
+    fn series(&self, request: &Outgoing) -> Result<Vec<u8>, Status> {
+        let mut bytes = Vec::with_capacity(request.encoded_len());
+        request.write_to(&mut bytes);
+        let window = self.rules.window();
+        if let Some(series) = transcode(&bytes, &self.rules.metric, window) {
+            return Ok(series.bytes);
+        }
+        let decoded = SensorValuesRequest::decode(bytes.as_slice())
+            .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
+        Ok(validate::to_series(&decoded, &self.rules.metric, window)?)
+    }
+
+    fn log_failure(&self, message: &str) {
+        let gate = self.failures.lock().unwrap_or_else(PoisonError::into_inner).ready();
+        if let Some(suppressed) = gate {
+            warn!(message = "The database cannot take samples now; the batch is kept and retried.", answer = %message, suppressed);
+        }
+    }
+}
+
+impl Transport for RemoteWriteTransport {
+    async fn send(&self, request: Outgoing) -> Result<(), Status> {
+        let series = self.series(&request)?;
+        match self.database.post(&series).await.0 {
+            Answer::Took => Ok(()),
+            Answer::Busy { retry_after: Some(wait), message, .. } => {
+                self.log_failure(&message);
+                Err(pushed_back(message, wait))
+            }
+            Answer::Busy { retry_after: None, message, .. } | Answer::Misconfigured(message) => {
+                self.log_failure(&message);
+                Err(Status::unavailable(message))
+            }
+            Answer::Refused(message) => Err(Status::invalid_argument(message)),
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED asking the sender to wait `wait` (the database's
+/// `Retry-After`, at most a minute), as a sink's pushback does.
+fn pushed_back(message: String, wait: Duration) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    let ms = wait.min(Duration::from_secs(60)).as_millis().max(1).to_string();
+    if let Ok(value) = ms.parse() {
+        status.metadata_mut().insert(crate::wire::PUSHBACK_TRAILER, value);
+    }
+    status
+}
