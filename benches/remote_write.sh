@@ -6,7 +6,8 @@
 # the same samples, posted to it as pre-encoded remote-write. Samples landed
 # are VictoriaMetrics' own count (vm_rows_inserted_total); relay CPU is from
 # /proc/<pid>/stat. Then (d), the whole way: the node binary's own pipeline
-# through the sink into VictoriaMetrics.
+# through the sink into VictoriaMetrics; and (e) the node writing to
+# VictoriaMetrics itself (DESTINATION=remote-write).
 #
 #   benches/remote_write.sh [seconds per phase, default 10]
 #
@@ -107,6 +108,24 @@ node_rate=$(python3 -c "print(int(($after - $before) / $ran))")
 node_landed=$((after - before))
 node_summary=$(grep '^summary:' "$work/node.out" || true)
 
+# (e) the node writing to VictoriaMetrics itself (DESTINATION=remote-write),
+# the same sensors and rates as (d), no sink between.
+before=$(landed); vm0=$(cpu_ticks "$vm_pid")
+DESTINATION=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" NODE_ID=bench-direct \
+    SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 REQUEST_RATE_PER_SECOND=inf LOGGER_MIN_LOG_LEVEL=error \
+    target/release/telemetry-node >"$work/direct.out" 2>&1 &
+direct_pid=$!
+pids+=("$direct_pid")
+started=$(date +%s.%N)
+sleep "$seconds"
+kill -TERM "$direct_pid"; wait "$direct_pid" || true
+ran=$(python3 -c "import time; print(time.time() - $started)")
+after=$(settle); vm1=$(cpu_ticks "$vm_pid")
+direct_rate=$(python3 -c "print(int(($after - $before) / $ran))")
+direct_landed=$((after - before))
+direct_vm_cpu=$(per_m "$vm0" "$vm1" "$direct_landed")
+direct_summary=$(grep '^summary:' "$work/direct.out" || true)
+
 # (c) vmagent
 agent=$(free_port)
 vmagent -remoteWrite.url="http://127.0.0.1:$vm/api/v1/write" -httpListenAddr="127.0.0.1:$agent" \
@@ -128,4 +147,5 @@ echo "ceiling (bare client -> VictoriaMetrics): $ceiling samples/s; CPU: client 
 echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s; CPU: client $sink_load_cpu, sink $sink_cpu, VictoriaMetrics $sink_vm_cpu"
 echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s ($agent_window/s over the ${seconds}s it took requests, its queue written out after); CPU: client $agent_load_cpu, vmagent $agent_cpu, VictoriaMetrics $agent_vm_cpu"
 echo "node    (node -> sink -> VictoriaMetrics, 10,000 sensors): $node_rate samples/s landed ($node_landed in all); $node_summary"
+echo "direct  (node -> VictoriaMetrics, DESTINATION=remote-write, 10,000 sensors): $direct_rate samples/s landed ($direct_landed in all); CPU: VictoriaMetrics $direct_vm_cpu; $direct_summary"
 echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu"
