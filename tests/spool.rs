@@ -214,3 +214,34 @@ fn a_full_spool_evicting_while_the_sink_comes_back_keeps_the_books() {
     assert_eq!(summary["produced"], summary["acked"] + summary["dropped"] + summary["in_spool"], "{summary:?}");
     assert_eq!(written.len() as u64, summary["acked"], "what was acked is what the sink wrote: {summary:?}");
 }
+
+/// A spool filling while the sink is down costs disk, not memory: the
+/// node's memory stays flat while its spool grows past 64 MiB (redb would
+/// cache up to 1 GiB of it by default).
+#[test]
+fn a_spool_filling_while_the_sink_is_down_keeps_the_node_memory_flat() {
+    let dir = scratch("spool-memory");
+    let spool = dir.join("spool");
+    // Nothing listens there: every batch goes to the spool.
+    let socket = format!("127.0.0.1:{}", free_port());
+    let mut env = node_env(&socket, "busy", Some(&spool));
+    env.extend([
+        ("SENSOR_COUNT", "100".to_owned()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "1000".into()),
+        ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("BATCH_SIZE", "1000".into()),
+        ("SHUTDOWN_TIMEOUT", "1s".into()),
+    ]);
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    let file = spool.join("spool.redb");
+    let size = || std::fs::metadata(&file).map_or(0, |meta| meta.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while size() < 64 << 20 {
+        assert!(std::time::Instant::now() < deadline, "the spool reached only {} MiB", size() >> 20);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (rss, spooled) = (common::peak_rss(node.child.id()), size());
+    let summary = stop(node);
+    assert!(rss < 32 << 20, "the node held {} MiB with a {} MiB spool", rss >> 20, spooled >> 20);
+    assert_eq!(summary["in_spool"], summary["produced"], "{summary:?}");
+}

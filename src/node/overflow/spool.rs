@@ -75,6 +75,9 @@ impl Drop for Hold {
     }
 }
 
+/// Memory redb may use to cache the spool's pages.
+const CACHE_BYTES: usize = 4 << 20;
+
 impl Spool {
     /// Opens (or creates) the spool in `dir`. A database redb cannot open is
     /// moved aside as `spool.redb.damaged` and a new one started.
@@ -82,12 +85,16 @@ impl Spool {
         let path = dir.join("spool.redb");
         let fail = |message: String| SpoolError { path: path.clone(), message };
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        let (db, damage) = match Database::create(&path) {
+        // redb caches up to 1 GiB of pages by default, which a spool filling
+        // while the sink is down would take as memory; a spool is written
+        // and read in order, and needs little.
+        let create = |path: &Path| Database::builder().set_cache_size(CACHE_BYTES).create(path);
+        let (db, damage) = match create(&path) {
             Ok(db) => (db, None),
             Err(error) => {
                 let aside = dir.join("spool.redb.damaged");
                 std::fs::rename(&path, &aside).map_err(|e| fail(e.to_string()))?;
-                let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
+                let db = create(&path).map_err(|e| fail(e.to_string()))?;
                 (db, Some(format!("{error}; moved to {}", aside.display())))
             }
         };
