@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The sink answered with a status that retrying cannot change.
-    #[error("sink refused the batch: {:?}: {}", .0.code(), .0.message())]
+    #[error("the batch was refused: {:?}: {}", .0.code(), .0.message())]
     Refused(Status),
     /// Every allowed attempt failed with a retryable status.
     #[error("gave up after {attempts} attempts, last: {:?}: {}", .last.code(), .last.message())]

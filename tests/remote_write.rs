@@ -1039,3 +1039,28 @@ fn batches_the_database_refuses_are_counted_as_refused_by_the_node_and_the_rest_
     let sensors: Vec<&str> = series.keys().map(|(_, sensor)| sensor.as_str()).collect();
     assert_eq!(sensors, ["sensor-2", "sensor-3", "sensor-4"], "none of sensor-1's readings was taken");
 }
+
+/// A URL whose path the database does not serve is the node's own setting
+/// gone wrong, not bad data: VictoriaMetrics answers it 400 (`unsupported
+/// path`), which the node retries like an outage instead of dropping the
+/// readings as refused.
+#[test]
+fn a_path_the_database_does_not_serve_is_retried_not_refused() {
+    let dir = scratch("direct-wrong-path");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let mut env = direct(tuned_node("", "node-a"), &database);
+    for (variable, value) in env.iter_mut() {
+        if *variable == "REMOTE_WRITE_URL" {
+            *value = value.replace("/api/v1/write", "/api/v1/writ");
+        }
+    }
+    env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["retries"] > 0 && summary["acked"] == 0, "{stdout}");
+    assert!(!stdout.contains("refused:"), "{stdout}");
+    assert!(stderr.contains("unsupported path"), "{stderr}");
+}

@@ -103,7 +103,7 @@ fn log_config(c: &SinkConfig) {
         log_level = %c.log_level,
         log_format = ?c.log_format,
         output = ?c.output,
-        remote_write_url = %c.remote_write.url.clone().unwrap_or_else(|| "-".into()),
+        remote_write_url = %c.remote_write.shown_url(),
         remote_write_metric = %c.remote_write.metric,
         remote_write_timeout = %c.remote_write.timeout,
         remote_write_concurrency = c.remote_write_concurrency,

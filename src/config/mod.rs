@@ -121,7 +121,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("DESTINATION", "sink or remote-write"),
     (
         "REMOTE_WRITE_URL",
-        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), required by the sink's OUTPUT=remote-write and the node's DESTINATION=remote-write",
+        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) with a port from 1 to 65535 if any, without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), and not an endpoint of another protocol that answers OK and stores nothing (InfluxDB's /write, /api/v2/write; /api/v1/import), required by the sink's OUTPUT=remote-write and the node's DESTINATION=remote-write",
     ),
     (
         "REMOTE_WRITE_TLS_CA_CERT",

@@ -69,6 +69,11 @@ impl RemoteWriteConfig {
             let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
             let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
             ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", url)?;
+            ensure(
+                uri.as_ref().is_some_and(|uri| port_fits(uri) && !other_protocol(uri.path())),
+                "REMOTE_WRITE_URL",
+                url,
+            )?;
             if scheme == Some("https") {
                 let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
                 ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
@@ -137,10 +142,63 @@ impl RemoteWriteConfig {
         }
     }
 
+    /// REMOTE_WRITE_URL for logs: without its query, which may hold a
+    /// token.
+    pub fn shown_url(&self) -> String {
+        let Some(url) = self.url.as_deref() else { return "-".into() };
+        match url.split_once('?') {
+            Some((base, _)) => format!("{base}?(query not shown)"),
+            None => url.to_owned(),
+        }
+    }
+
     /// Whether REMOTE_WRITE_URL is https, read as the client will read it
     /// (`HTTPS://` is https too).
     fn https(&self) -> bool {
         let url = self.url.as_deref().and_then(|url| url.trim().parse::<hyper::Uri>().ok());
         url.is_some_and(|url| url.scheme() == Some(&hyper::http::uri::Scheme::HTTPS))
+    }
+}
+
+/// Whether the port of `uri`, if it names one, is one a connection can use
+/// (the parser reads `:99999` as no port, and the client would use 80).
+fn port_fits(uri: &hyper::Uri) -> bool {
+    let authority = uri.authority().map_or("", |authority| authority.as_str());
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
+    match after_host.rsplit_once(':') {
+        Some((_, port)) => port.parse::<u16>().is_ok_and(|port| port > 0),
+        None => true,
+    }
+}
+
+/// Whether `path` is an endpoint of another protocol that answers OK to a
+/// remote-write request and stores nothing of it: InfluxDB's line protocol
+/// (`/write`, `/influx/write`, `/api/v2/write`) or an import API
+/// (`/api/v1/import…`), as VictoriaMetrics serves them beside
+/// `/api/v1/write`.
+fn other_protocol(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').filter(|segment| !segment.is_empty()).collect();
+    let influx = segments.last() == Some(&"write") && segments.iter().rev().nth(1) != Some(&"v1");
+    influx || segments.contains(&"import")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_protocols_paths_and_unusable_ports_are_told_apart() {
+        for path in
+            ["/api/v1/write", "/prometheus/api/v1/write", "/api/v1/push", "/api/prom/push", "/insert/0/prometheus"]
+        {
+            assert!(!other_protocol(path), "{path}");
+        }
+        for path in ["/write", "/influx/write", "/api/v2/write", "/api/v1/import", "/api/v1/import/native"] {
+            assert!(other_protocol(path), "{path}");
+        }
+        let fits = |url: &str| port_fits(&url.parse().unwrap());
+        assert!(fits("http://db/api/v1/write") && fits("http://db:8428/w") && fits("http://[::1]:8428/w"));
+        assert!(fits("http://[::1]/w"));
+        assert!(!fits("http://db:99999/w") && !fits("http://db:0/w") && !fits("http://[::1]:70000/w"));
     }
 }

@@ -120,6 +120,10 @@ impl Database {
                     StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
                         Answer::Misconfigured(format!("{message} (check REMOTE_WRITE_URL and its credentials)"))
                     }
+                    // VictoriaMetrics' answer to a path it does not serve.
+                    StatusCode::BAD_REQUEST if text.contains("unsupported path") => {
+                        Answer::Misconfigured(format!("{message} (check REMOTE_WRITE_URL)"))
+                    }
                     _ => Answer::Refused(message),
                 }
             }

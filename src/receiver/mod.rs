@@ -146,7 +146,7 @@ pub async fn serve_with(
     info!(
         message = "Sink listening.",
         address = %listener.local_addr().map_err(ServeError::Listen)?,
-        output = %if remote_write { config.remote_write.url.clone().unwrap_or_default() } else { path.display().to_string() },
+        output = %if remote_write { config.remote_write.shown_url() } else { path.display().to_string() },
         tls = config.tls_cert.is_some(),
     );
     stats.set_serving(true);

@@ -319,7 +319,7 @@ fn log_config(c: &NodeConfig) {
         let w = &c.remote_write;
         info!(
             message = "Writing to the database itself (DESTINATION=remote-write).",
-            remote_write_url = %or_none(&w.url),
+            remote_write_url = %w.shown_url(),
             remote_write_metric = %w.metric,
             remote_write_timeout = %w.timeout,
             remote_write_max_age = %w.max_age,
