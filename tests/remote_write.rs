@@ -1064,3 +1064,33 @@ fn a_path_the_database_does_not_serve_is_retried_not_refused() {
     assert!(!stdout.contains("refused:"), "{stdout}");
     assert!(stderr.contains("unsupported path"), "{stderr}");
 }
+
+/// Mutual TLS from a node writing to the database itself: without its
+/// certificate nothing is taken (kept and retried, the alert logged); with
+/// it every reading lands once.
+#[test]
+fn a_node_writing_itself_shows_its_certificate_to_a_database_that_asks_for_one() {
+    let dir = scratch("direct-mtls");
+    let Some(database) = Database::start(Kind::PrometheusMutualTls, &dir) else { return };
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut env = direct(tuned_node("", "node-no-cert"), &database);
+    env.push(("REMOTE_WRITE_TLS_CA_CERT", path("db-ca.pem")));
+    env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
+    let node = Process::start("node-no-cert", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] > 0 && summary["acked"] == 0 && summary["retries"] > 0, "{stdout}");
+    assert!(!stdout.contains("refused:"), "{stdout}");
+    assert!(stderr.contains("BadCertificate"), "the node names the TLS failure: {stderr}");
+
+    let mut env = direct(tuned_node("", "node-mtls"), &database);
+    env.push(("REMOTE_WRITE_TLS_CA_CERT", path("db-ca.pem")));
+    env.push(("REMOTE_WRITE_TLS_CLIENT_CERT", path("sink.crt")));
+    env.push(("REMOTE_WRITE_TLS_CLIENT_KEY", path("sink.key")));
+    let node = Process::start("node", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(3));
+    let summary = stop_node(node);
+    assert!(summary["produced"] > 300);
+    assert_each_reading_once(&database, summary["produced"]);
+}
