@@ -89,42 +89,39 @@ sink_cpu=$(per_m "$cpu0" "$cpu1" $((after - before)))
 sink_vm_cpu=$(per_m "$vm0" "$vm1" $((after - before)))
 sink_load_cpu=$(load_per_m $((after - before)))
 
+# The node binary's own pipeline with the settings given as arguments
+# (VAR=value ...), 10,000 sensors at 300 readings/s each (3 million/s
+# offered, more than the way takes; each sensor at most one reading a
+# millisecond, as a database needs), no request-rate limit, for $seconds,
+# then SIGTERM. Sets phase_rate (samples/s landed over the whole run, the
+# drain after SIGTERM included), phase_landed, phase_vm_cpu and
+# phase_summary (the node's summary line).
+node_phase() {
+    local out="$work/node-$RANDOM.out" pid started ran before after vm0 vm1
+    before=$(landed); vm0=$(cpu_ticks "$vm_pid")
+    env "$@" SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 REQUEST_RATE_PER_SECOND=inf \
+        LOGGER_MIN_LOG_LEVEL=error target/release/telemetry-node >"$out" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    started=$(date +%s.%N)
+    sleep "$seconds"
+    kill -TERM "$pid"; wait "$pid" || true
+    ran=$(python3 -c "import time; print(time.time() - $started)")
+    after=$(settle); vm1=$(cpu_ticks "$vm_pid")
+    phase_rate=$(python3 -c "print(int(($after - $before) / $ran))")
+    phase_landed=$((after - before))
+    phase_vm_cpu=$(per_m "$vm0" "$vm1" "$phase_landed")
+    phase_summary=$(grep '^summary:' "$out" || true)
+}
+
 # (d) the whole way: the node's own pipeline -> sink -> VictoriaMetrics.
-# 10,000 sensors at 300 readings/s each (3 million/s offered, more than the
-# way takes; each sensor at most one reading a millisecond, as a database
-# needs), no request-rate limit.
-before=$(landed)
-GRPC_SERVER_SOCKET="127.0.0.1:$sink" NODE_ID=bench SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 \
-    REQUEST_RATE_PER_SECOND=inf LOGGER_MIN_LOG_LEVEL=error target/release/telemetry-node >"$work/node.out" 2>&1 &
-node_pid=$!
-pids+=("$node_pid")
-started=$(date +%s.%N)
-sleep "$seconds"
-kill -TERM "$node_pid"; wait "$node_pid" || true
-ran=$(python3 -c "import time; print(time.time() - $started)")
-after=$(settle)
-# Over the whole run, the drain after SIGTERM included.
-node_rate=$(python3 -c "print(int(($after - $before) / $ran))")
-node_landed=$((after - before))
-node_summary=$(grep '^summary:' "$work/node.out" || true)
+node_phase GRPC_SERVER_SOCKET="127.0.0.1:$sink" NODE_ID=bench
+node_rate=$phase_rate node_landed=$phase_landed node_summary=$phase_summary
 
 # (e) the node writing to VictoriaMetrics itself (DESTINATION=remote-write),
-# the same sensors and rates as (d), no sink between.
-before=$(landed); vm0=$(cpu_ticks "$vm_pid")
-DESTINATION=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" NODE_ID=bench-direct \
-    SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 REQUEST_RATE_PER_SECOND=inf LOGGER_MIN_LOG_LEVEL=error \
-    target/release/telemetry-node >"$work/direct.out" 2>&1 &
-direct_pid=$!
-pids+=("$direct_pid")
-started=$(date +%s.%N)
-sleep "$seconds"
-kill -TERM "$direct_pid"; wait "$direct_pid" || true
-ran=$(python3 -c "import time; print(time.time() - $started)")
-after=$(settle); vm1=$(cpu_ticks "$vm_pid")
-direct_rate=$(python3 -c "print(int(($after - $before) / $ran))")
-direct_landed=$((after - before))
-direct_vm_cpu=$(per_m "$vm0" "$vm1" "$direct_landed")
-direct_summary=$(grep '^summary:' "$work/direct.out" || true)
+# no sink between.
+node_phase DESTINATION=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" NODE_ID=bench-direct
+direct_rate=$phase_rate direct_landed=$phase_landed direct_vm_cpu=$phase_vm_cpu direct_summary=$phase_summary
 
 # (c) vmagent
 agent=$(free_port)
