@@ -5,12 +5,23 @@ use crate::config::LogFormat;
 /// Installs the global subscriber. Standard output stays free for the
 /// machine-readable summary lines.
 pub fn init(level: tracing::Level, format: LogFormat) {
-    let builder = tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr);
+    // A log line that cannot be written (stderr closed: a collector that
+    // died) is passed over; by default the subscriber would report it with
+    // eprintln!, which panics on that same closed stderr.
+    let builder =
+        tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).log_internal_errors(false);
     // A second call (tests that run both binaries' code) keeps the first.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Writes `line` to standard output, passing over a closed one (println!
+/// would panic there, losing whatever the process still holds).
+pub fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// A gate that lets a repeated log line through at most once per period,

@@ -273,7 +273,7 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
     }
     assert_eq!(remote(&[]).unwrap().remote_write.roots().unwrap(), None);
     let not_pem = std::env::current_exe().unwrap().display().to_string();
-    let cases: [(&[(&str, &str)], &str); 17] = [
+    let cases: [(&[(&str, &str)], &str); 19] = [
         (&[("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_URL", "https://db..x/api/v1/write")], "REMOTE_WRITE_URL"),
         (
@@ -290,8 +290,12 @@ fn remote_write_settings_are_checked_and_credentials_never_echoed() {
             "REMOTE_WRITE_TLS_CA_CERT",
         ),
         (&[("REMOTE_WRITE_URL", "http://user:pw-S3cret@db:8428/api/v1/write")], "REMOTE_WRITE_URL"),
-        // Read as no port at all, the client would use 80.
-        (&[("REMOTE_WRITE_URL", "http://db:99999/api/v1/write")], "REMOTE_WRITE_URL"),
+        // Read as no port at all, the client would use 80; the query (which
+        // may hold a token) is not shown.
+        (&[("REMOTE_WRITE_URL", "http://db:99999/api/v1/write?token=S3cret")], "REMOTE_WRITE_URL"),
+        (&[("REMOTE_WRITE_URL", "http://db:8428/%77rite#S3cret")], "REMOTE_WRITE_URL"),
+        // A user name that would break a log line.
+        (&[("REMOTE_WRITE_USERNAME", "u\nINFO forged"), ("REMOTE_WRITE_PASSWORD", "p")], "REMOTE_WRITE_USERNAME"),
         // InfluxDB's and the import endpoints answer OK and store nothing.
         (&[("REMOTE_WRITE_URL", "http://db:8428/write")], "REMOTE_WRITE_URL"),
         (&[("REMOTE_WRITE_URL", "http://db:8428/api/v1/import")], "REMOTE_WRITE_URL"),

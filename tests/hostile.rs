@@ -87,3 +87,42 @@ async fn sixteen_valid_requests_of_four_mib_cost_a_bounded_multiple_of_their_byt
     let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
 }
+
+/// A node whose stdout and stderr are closed under it (a log collector
+/// that died, `| head`) goes on and stops cleanly: a log line or summary
+/// that cannot be written is passed over, not a panic that loses what the
+/// node holds.
+#[test]
+fn a_node_whose_output_is_closed_goes_on_and_stops_cleanly() {
+    use std::process::{Command, Stdio};
+    let dir = scratch("closed-output");
+    // Nothing listens there: the node logs a failed send every second.
+    let sink = format!("127.0.0.1:{}", common::free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_telemetry-node"))
+        .env_clear()
+        .env("GRPC_SERVER_SOCKET", &sink)
+        .env("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms")
+        .env("SHUTDOWN_TIMEOUT", "1s")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(child.try_wait().unwrap().is_none(), "the node went on");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a PID this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the node did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

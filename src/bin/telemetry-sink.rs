@@ -71,7 +71,7 @@ async fn run(config: SinkConfig) -> ExitCode {
     match served {
         Ok(summary) => {
             info!(message = "Sink stopped.", %summary);
-            println!("summary: {summary}");
+            logging::print_line(format_args!("summary: {summary}"));
             ExitCode::SUCCESS
         }
         Err(error) => {

@@ -206,6 +206,12 @@ pub(crate) fn load<C: envconfig::Envconfig>(
             ..
         } => error,
         ConfigError::Invalid { ref value, .. } if value == HIDDEN_CREDENTIALS => error,
+        // A URL shown without its query, which may hold a token.
+        ConfigError::Invalid { variable: "REMOTE_WRITE_URL", ref value, .. }
+            if value.ends_with(remote_write::QUERY_NOT_SHOWN) =>
+        {
+            error
+        }
         // Nor are the contents of files: only their names.
         ConfigError::Invalid { variable, .. } if variable.starts_with("TLS_") => error,
         ConfigError::Invalid { variable, value, expected } => {
@@ -266,14 +272,60 @@ pub(crate) fn read_pem(
 /// of `chain` (PEM), and one rustls can sign with.
 pub(crate) fn key_fits(chain: &str, key: &str) -> bool {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-    use tokio_rustls::rustls::{crypto::ring::sign::any_supported_type, sign::CertifiedKey};
-    let (Ok(certificates), Ok(key)) = (
-        CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>(),
-        PrivateKeyDer::from_pem_slice(key.as_bytes()),
-    ) else {
+    use tokio_rustls::rustls::crypto::ring::sign::any_supported_type;
+    let (Some(Ok(certificate)), Ok(key)) =
+        (CertificateDer::pem_slice_iter(chain.as_bytes()).next(), PrivateKeyDer::from_pem_slice(key.as_bytes()))
+    else {
         return false;
     };
-    any_supported_type(&key).is_ok_and(|signer| CertifiedKey::new(certificates, signer).keys_match().is_ok())
+    let Ok(signer) = any_supported_type(&key) else { return false };
+    let key_spki = signer.public_key();
+    key_spki.is_some_and(|key_spki| subject_public_key_info(&certificate) == Some(key_spki.as_ref()))
+}
+
+/// The SubjectPublicKeyInfo of the DER certificate `der`, tag and length
+/// included; read here rather than by webpki, which refuses X.509 v1
+/// certificates (what `openssl x509 -req` makes without an extension file),
+/// which TLS servers accept from clients.
+fn subject_public_key_info(der: &[u8]) -> Option<&[u8]> {
+    /// The next DER element of `bytes`: its tag, its whole encoding and its
+    /// contents; `bytes` moves past it.
+    fn element<'a>(bytes: &mut &'a [u8]) -> Option<(u8, &'a [u8], &'a [u8])> {
+        let whole = *bytes;
+        let (&tag, rest) = bytes.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let length = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let (digits, after) = rest.split_at(count);
+            rest = after;
+            digits.iter().fold(0usize, |length, digit| length << 8 | usize::from(*digit))
+        };
+        let header = whole.len() - rest.len();
+        let contents = rest.get(..length)?;
+        *bytes = &rest[length..];
+        Some((tag, &whole[..header + length], contents))
+    }
+    const SEQUENCE: u8 = 0x30;
+    let mut outer = der;
+    let (SEQUENCE, _, mut certificate) = element(&mut outer)? else { return None };
+    let (SEQUENCE, _, mut tbs) = element(&mut certificate)? else { return None };
+    // [0] version, absent in v1; then serial, signature algorithm, issuer,
+    // validity, subject, and the key.
+    if tbs.first() == Some(&0xa0) {
+        element(&mut tbs)?;
+    }
+    for _ in 0..5 {
+        element(&mut tbs)?;
+    }
+    match element(&mut tbs)? {
+        (SEQUENCE, whole, _) => Some(whole),
+        _ => None,
+    }
 }
 
 /// The text of the regular file at `path`, if it holds at most 16 MiB of

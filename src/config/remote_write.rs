@@ -8,6 +8,9 @@ use envconfig::Envconfig;
 
 use super::{ConfigError, Pem, Secret, ensure, ensure_positive};
 
+/// Put where a URL's query or fragment was left out.
+pub(crate) const QUERY_NOT_SHOWN: &str = "?(query not shown)";
+
 /// The system's CA bundle (Debian's `ca-certificates`), trusted for an
 /// https:// database when REMOTE_WRITE_TLS_CA_CERT is unset.
 pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -68,15 +71,14 @@ impl RemoteWriteConfig {
             }
             let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
             let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
-            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", url)?;
-            ensure(
-                uri.as_ref().is_some_and(|uri| port_fits(uri) && !other_protocol(uri.path())),
-                "REMOTE_WRITE_URL",
-                url,
-            )?;
+            // Shown without its query, which may hold a token.
+            let shown = self.shown_url();
+            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", &shown)?;
+            let usable = uri.as_ref().is_some_and(|uri| port_fits(uri) && !other_protocol(uri.path()));
+            ensure(usable, "REMOTE_WRITE_URL", &shown)?;
             if scheme == Some("https") {
                 let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
-                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", url)?;
+                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", &shown)?;
             }
             self.roots()?;
             self.identity()?;
@@ -100,6 +102,8 @@ impl RemoteWriteConfig {
         }
         let empty_password = self.password.as_ref().is_some_and(|p| p.expose().is_empty());
         ensure(!empty_password, "REMOTE_WRITE_PASSWORD", "(hidden)")?;
+        let username = self.username.as_deref().unwrap_or("");
+        ensure(!username.chars().any(char::is_control), "REMOTE_WRITE_USERNAME", username.escape_debug())?;
         let basic = (self.username.is_some(), self.password.is_some());
         ensure(basic.0 == basic.1, "REMOTE_WRITE_USERNAME", self.username.as_deref().unwrap_or(""))?;
         ensure(!(basic.0 && self.bearer_token.is_some()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
@@ -142,12 +146,12 @@ impl RemoteWriteConfig {
         }
     }
 
-    /// REMOTE_WRITE_URL for logs: without its query, which may hold a
-    /// token.
+    /// REMOTE_WRITE_URL for logs and errors: without its query or
+    /// fragment, which may hold a token.
     pub fn shown_url(&self) -> String {
-        let Some(url) = self.url.as_deref() else { return "-".into() };
-        match url.split_once('?') {
-            Some((base, _)) => format!("{base}?(query not shown)"),
+        let Some(url) = self.url.as_deref() else { return String::new() };
+        match url.split_once(['?', '#']) {
+            Some((base, _)) => format!("{base}{QUERY_NOT_SHOWN}"),
             None => url.to_owned(),
         }
     }
@@ -176,10 +180,34 @@ fn port_fits(uri: &hyper::Uri) -> bool {
 /// (`/write`, `/influx/write`, `/api/v2/write`) or an import API
 /// (`/api/v1/import…`), as VictoriaMetrics serves them beside
 /// `/api/v1/write`.
+/// The path is read as a server reads it: percent-decoded (`/%77rite` is
+/// `/write`), and in any case.
 fn other_protocol(path: &str) -> bool {
+    let path = percent_decoded(path).to_ascii_lowercase();
     let segments: Vec<&str> = path.split('/').filter(|segment| !segment.is_empty()).collect();
     let influx = segments.last() == Some(&"write") && segments.iter().rev().nth(1) != Some(&"v1");
     influx || segments.contains(&"import")
+}
+
+/// `path` with each `%XX` decoded (bytes that are not UTF-8 are replaced).
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|hex| std::str::from_utf8(hex).ok());
+        match hex.and_then(|hex| u8::from_str_radix(hex, 16).ok()) {
+            Some(byte) if bytes[i] == b'%' => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -193,7 +221,17 @@ mod tests {
         {
             assert!(!other_protocol(path), "{path}");
         }
-        for path in ["/write", "/influx/write", "/api/v2/write", "/api/v1/import", "/api/v1/import/native"] {
+        for path in [
+            "/write",
+            "/influx/write",
+            "/api/v2/write",
+            "/api/v1/import",
+            "/api/v1/import/native",
+            "/%77rite",
+            "/api/v1/%69mport",
+            "/influx/%57RITE",
+            "/WRITE",
+        ] {
             assert!(other_protocol(path), "{path}");
         }
         let fits = |url: &str| port_fits(&url.parse().unwrap());

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{
     TlsConnector,
     client::TlsStream,
-    rustls::{ClientConfig, RootCertStore, crypto::ring},
+    rustls::{ClientConfig, RootCertStore, client::ResolvesClientCert, crypto::ring, sign::CertifiedKey},
 };
 use tonic::codegen::Service;
 
@@ -74,10 +74,29 @@ impl Connector {
                 let chain = CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<Vec<_>, _>>();
                 let key = PrivateKeyDer::from_pem_slice(key.as_bytes());
                 let (Ok(chain), Ok(key)) = (chain, key) else { return Err(NoRoots) };
-                builder.with_client_auth_cert(chain, key).map_err(|_| NoRoots)?
+                let signer = ring::sign::any_supported_type(&key).map_err(|_| NoRoots)?;
+                // Not `with_client_auth_cert`, whose check of the key against
+                // the certificate (through webpki) refuses X.509 v1
+                // certificates; the configuration made that check already.
+                let identity = Arc::new(CertifiedKey::new(chain, signer));
+                builder.with_client_cert_resolver(Arc::new(Identity(identity)))
             }
         };
         Ok(Self { http, tls: Some(TlsConnector::from(Arc::new(config))) })
+    }
+}
+
+/// The one certificate and key shown to a database that asks for one.
+#[derive(Debug)]
+struct Identity(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Identity {
+    fn resolve(&self, _: &[&[u8]], _: &[tokio_rustls::rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -159,5 +178,25 @@ impl Write for Stream {
             Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             Self::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An X.509 v1 client certificate (what `openssl x509 -req` makes
+    /// without an extension file) passes the configuration's check of its
+    /// key and sets up: rustls' own check, through webpki, refuses v1.
+    #[test]
+    fn a_version_1_client_certificate_is_taken() {
+        let ca = include_str!("../../tests/data/v1-ca.crt");
+        let cert = include_str!("../../tests/data/v1-client.crt");
+        let key = include_str!("../../tests/data/v1-client.key");
+        assert!(crate::config::key_fits(cert, key));
+        assert!(Connector::new(HttpConnector::new(), Some(ca), Some((cert, key))).is_ok());
+        // Another key is still refused.
+        let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        assert!(!crate::config::key_fits(cert, &other));
     }
 }

@@ -120,8 +120,11 @@ impl Database {
                     StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
                         Answer::Misconfigured(format!("{message} (check REMOTE_WRITE_URL and its credentials)"))
                     }
-                    // VictoriaMetrics' answer to a path it does not serve.
-                    StatusCode::BAD_REQUEST if text.contains("unsupported path") => {
+                    // VictoriaMetrics' answer to a path it does not serve, and
+                    // Go's to http:// sent to an https server.
+                    StatusCode::BAD_REQUEST
+                        if text.contains("unsupported path") || text.contains("HTTP request to an HTTPS server") =>
+                    {
                         Answer::Misconfigured(format!("{message} (check REMOTE_WRITE_URL)"))
                     }
                     _ => Answer::Refused(message),

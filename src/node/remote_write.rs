@@ -40,8 +40,15 @@ impl RemoteWriteTransport {
     /// The transport to the database `config` names.
     pub fn from_config(config: &NodeConfig) -> Result<Self, ConfigError> {
         let agent = concat!("telemetry-node/", env!("CARGO_PKG_VERSION"));
+        // The configuration's check passed, so what fails here is TLS.
         let database = Database::new(&config.remote_write, agent).ok_or_else(|| {
-            crate::config::invalid("REMOTE_WRITE_URL", config.remote_write.url.as_deref().unwrap_or(""))
+            let cert = config.remote_write.tls_client_cert.as_ref().or(config.remote_write.tls_ca_cert.as_ref());
+            let variable = if config.remote_write.tls_client_cert.is_some() {
+                "REMOTE_WRITE_TLS_CLIENT_CERT"
+            } else {
+                "REMOTE_WRITE_TLS_CA_CERT"
+            };
+            crate::config::invalid(variable, cert.map(|path| path.display().to_string()).unwrap_or_default())
         })?;
         let rules = validate::SeriesRules {
             metric: Arc::from(config.remote_write.metric.as_str()),

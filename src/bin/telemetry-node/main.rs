@@ -147,7 +147,7 @@ async fn run_node(config: NodeConfig) -> ExitCode {
         dropped = summary.dropped,
         retries = summary.retries
     );
-    println!("summary: {summary}");
+    logging::print_line(format_args!("summary: {summary}"));
     ExitCode::SUCCESS
 }
 
