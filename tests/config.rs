@@ -165,6 +165,10 @@ fn binaries_exit_2_with_one_line_naming_the_variable() {
         (node, "GRPC_SERVER_SOCKET", "127.0.0.1:0"),
         (node, "TLS_SERVER_NAME", "sink.example"),
         (node, "DESTINATION", "database"),
+        // Below tokio's millisecond: a deadline that fails every attempt.
+        (node, "RPC_TIMEOUT", "1ns"),
+        (node, "BATCH_TIMEOUT", "500us"),
+        (sink, "BUFFER_FLUSH_INTERVAL", "10us"),
         (sink, "FILE_PATH", "/dev/null"),
         (sink, "REMOTE_WRITE_TIMEOUT", "1000000000000s"),
         (sink, "RATE_PER_SECOND", "0"),

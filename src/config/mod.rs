@@ -77,7 +77,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("REQUEST_BURST", "a whole number from 1 to 4294967295"),
     ("GRPC_SERVER_SOCKET", "host:port with a port from 1 (the sink: 0 for any free one), e.g. localhost:8000"),
     ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "a whole number of retries, 0 or more, or inf for no limit"),
-    ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration greater than 0 and at most 3650 days, e.g. 500ms or 1s"),
+    ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "a duration from 1ms to 3650 days, e.g. 500ms or 1s"),
     ("GRPC_CLIENT_RETRY_MULTIPLIER", "a number from 1 to 100, e.g. 2"),
     (
         "GRPC_CLIENT_RETRY_MAX_INTERVAL",
@@ -93,15 +93,15 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("SPOOL_DIR", "a folder the node can create and write files in, required by OVERFLOW_POLICY=spool"),
     ("SPOOL_MAX_BYTES", "a whole number of bytes, at least 65536"),
     ("QUEUE_CAPACITY", "a whole number of readings from 1 to 100000000"),
-    ("BATCH_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 500ms or 1s"),
-    ("RPC_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 5s"),
-    ("SHUTDOWN_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 10s"),
+    ("BATCH_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 500ms or 1s"),
+    ("RPC_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 5s"),
+    ("SHUTDOWN_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 10s"),
     ("LOGGER_MIN_LOG_LEVEL", "one of trace, debug, info, warn, error"),
     ("LOG_FORMAT", "text or json"),
     ("RATE_PER_SECOND", "a whole number of bytes per second from 1 to 4294967295"),
     ("FILE_PATH", "a non-empty path of a folder (or of none yet) that the sink can create and write"),
     ("BUFFER_SIZE", "a whole number of bytes from 1 to 1073741824"),
-    ("BUFFER_FLUSH_INTERVAL", "a duration greater than 0 and at most 3650 days, e.g. 1s"),
+    ("BUFFER_FLUSH_INTERVAL", "a duration from 1ms to 3650 days, e.g. 1s"),
     ("METRICS_ADDR", "host:port to serve /metrics, /healthz and /readyz on, e.g. 0.0.0.0:9100"),
     ("GRPC_COMPRESSION", "none or gzip"),
     ("SINK_AUTH_TOKEN", "a non-empty token of visible ASCII characters"),
@@ -134,7 +134,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("REMOTE_WRITE_TLS_CLIENT_KEY", "a readable PEM file holding the private key of REMOTE_WRITE_TLS_CLIENT_CERT"),
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
-    ("REMOTE_WRITE_TIMEOUT", "a duration greater than 0 and at most 3650 days, e.g. 4s"),
+    ("REMOTE_WRITE_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 4s"),
     ("REMOTE_WRITE_MAX_AGE", "a duration from 1s to 3650 days, e.g. 30d"),
     ("REMOTE_WRITE_MAX_AHEAD", "a duration from 1s to 3650 days, e.g. 10m"),
     ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
@@ -407,9 +407,11 @@ impl std::str::FromStr for Compression {
 /// overflow the clock's arithmetic.
 const LONGEST: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// Fails unless `duration` is longer than zero and at most ten years.
+/// Fails unless `duration` is from a millisecond to ten years: tokio's
+/// timers count whole milliseconds, so a shorter timeout or interval would
+/// act as a millisecond (or, as a deadline, fail every attempt at once).
 pub(crate) fn ensure_positive(variable: &'static str, duration: humantime::Duration) -> Result<(), ConfigError> {
-    ensure(!duration.is_zero() && *duration <= LONGEST, variable, duration)
+    ensure(*duration >= std::time::Duration::from_millis(1) && *duration <= LONGEST, variable, duration)
 }
 
 /// Fails unless `duration` is at most ten years (zero allowed).

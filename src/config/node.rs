@@ -240,10 +240,7 @@ impl NodeConfig {
     /// Checks the host, file and exec sources, and that some source runs.
     fn validate_sources(&self) -> Result<(), ConfigError> {
         // A source's timer ticks at most once a millisecond, as tokio's do.
-        let every = |variable, interval: humantime::Duration| {
-            ensure_positive(variable, interval)?;
-            ensure(*interval >= Duration::from_millis(1), variable, interval)
-        };
+        let every = |variable, interval: humantime::Duration| ensure_positive(variable, interval);
         if let Some(interval) = self.host_interval {
             every("HOST_INTERVAL", interval)?;
             ensure(cfg!(target_os = "linux"), "HOST_INTERVAL", interval)?;

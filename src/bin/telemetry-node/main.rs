@@ -83,6 +83,15 @@ fn main() -> ExitCode {
     code
 }
 
+/// Where this node's batches go.
+#[allow(clippy::large_enum_variant, reason = "one value, made once and moved into the node")]
+enum Chosen {
+    /// The sink, over gRPC.
+    Sink(GrpcTransport),
+    /// The database itself, over remote-write.
+    Database(RemoteWriteTransport),
+}
+
 async fn run_node(config: NodeConfig) -> ExitCode {
     log_config(&config);
     let needed = config.requests_needed();
@@ -99,22 +108,17 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             sensor_value_rate_per_second = config.sensor_rate,
         );
     }
-    let grpc = match GrpcTransport::from_config(&config) {
+    // Only the destination's own settings are built (and can fail).
+    let transport = match config.destination {
+        Destination::Sink => GrpcTransport::from_config(&config).map(Chosen::Sink),
+        Destination::RemoteWrite => RemoteWriteTransport::from_config(&config).map(Chosen::Database),
+    };
+    let transport = match transport {
         Ok(transport) => transport,
         Err(error) => {
             eprintln!("telemetry-node: {error}");
             return ExitCode::from(2);
         }
-    };
-    let database = match config.destination {
-        Destination::Sink => None,
-        Destination::RemoteWrite => match RemoteWriteTransport::from_config(&config) {
-            Ok(transport) => Some(transport),
-            Err(error) => {
-                eprintln!("telemetry-node: {error}");
-                return ExitCode::from(2);
-            }
-        },
     };
     let stats = Arc::new(Ledger::default());
     let health = SinkHealth::new(config.retry_budget);
@@ -134,9 +138,9 @@ async fn run_node(config: NodeConfig) -> ExitCode {
         }
     }
     let (first, second) = stop_signals();
-    let summary = match database {
-        Some(database) => node::run_with(&config, database, health, stats, first, second).await,
-        None => node::run_with(&config, grpc, health, stats, first, second).await,
+    let summary = match transport {
+        Chosen::Sink(sink) => node::run_with(&config, sink, health, stats, first, second).await,
+        Chosen::Database(database) => node::run_with(&config, database, health, stats, first, second).await,
     };
     stop_metrics.cancel();
     info!(
@@ -333,9 +337,7 @@ fn log_config(c: &NodeConfig) {
         );
     }
     info!(
-        message = "Sink connection.",
-        grpc_server_socket = %c.server_socket,
-        rpc_timeout = %c.rpc_timeout,
+        message = "Retries.",
         grpc_client_max_retry_attempts_number = %c.max_retries.0.map_or("inf".into(), |n| n.to_string()),
         grpc_client_retry_send_interval = %c.retry_interval,
         grpc_client_retry_multiplier = c.retry_multiplier,
@@ -343,13 +345,20 @@ fn log_config(c: &NodeConfig) {
         grpc_client_retry_max_elapsed = %c.retry_max_elapsed,
         grpc_client_retry_jitter = ?c.retry_jitter,
         grpc_client_retry_budget = c.retry_budget,
-        grpc_compression = ?c.compression,
-        sink_auth_token = %c.auth_token.as_ref().map_or("-".into(), ToString::to_string),
-        tls_ca_cert = %path(&c.tls_ca_cert),
-        tls_server_name = %or_none(&c.tls_server_name),
-        tls_client_cert = %path(&c.tls_client_cert),
-        tls_client_key = %path(&c.tls_client_key),
     );
+    if c.destination == Destination::Sink {
+        info!(
+            message = "Sink connection.",
+            grpc_server_socket = %c.server_socket,
+            rpc_timeout = %c.rpc_timeout,
+            grpc_compression = ?c.compression,
+            sink_auth_token = %c.auth_token.as_ref().map_or("-".into(), ToString::to_string),
+            tls_ca_cert = %path(&c.tls_ca_cert),
+            tls_server_name = %or_none(&c.tls_server_name),
+            tls_client_cert = %path(&c.tls_client_cert),
+            tls_client_key = %path(&c.tls_client_key),
+        );
+    }
 }
 
 /// The first and the second SIGINT or SIGTERM: the first starts a clean
