@@ -103,20 +103,10 @@ fn log_config(c: &SinkConfig) {
         log_level = %c.log_level,
         log_format = ?c.log_format,
         output = ?c.output,
-        remote_write_url = %c.remote_write.shown_url(),
-        remote_write_metric = %c.remote_write.metric,
-        remote_write_timeout = %c.remote_write.timeout,
         remote_write_concurrency = c.remote_write_concurrency,
         remote_write_max_samples = c.remote_write_max_samples,
-        remote_write_max_age = %c.remote_write.max_age,
-        remote_write_max_ahead = %c.remote_write.max_ahead,
-        remote_write_tls_ca_cert = %path(&c.remote_write.tls_ca_cert),
-        remote_write_tls_client_cert = %path(&c.remote_write.tls_client_cert),
-        remote_write_tls_client_key = %path(&c.remote_write.tls_client_key),
-        remote_write_bearer_token = %c.remote_write.bearer_token.as_ref().map_or("-".into(), ToString::to_string),
-        remote_write_username = %c.remote_write.username.clone().unwrap_or_else(|| "-".into()),
-        remote_write_password = %c.remote_write.password.as_ref().map_or("-".into(), ToString::to_string),
     );
+    c.remote_write.log("Database settings (used with OUTPUT=remote-write).");
 }
 
 /// SIGHUP reopens the output file (after a log rotation renamed it).

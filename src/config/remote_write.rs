@@ -146,6 +146,27 @@ impl RemoteWriteConfig {
         }
     }
 
+    /// Logs these settings, secrets as `[redacted]`, under `message`.
+    pub fn log(&self, message: &str) {
+        let path = |value: &Option<PathBuf>| value.as_ref().map_or("-".into(), |p| p.display().to_string());
+        let secret = |value: &Option<Secret>| value.as_ref().map_or("-".into(), ToString::to_string);
+        let shown = self.shown_url();
+        tracing::info!(
+            message,
+            remote_write_url = %if shown.is_empty() { "-" } else { shown.as_str() },
+            remote_write_metric = %self.metric,
+            remote_write_timeout = %self.timeout,
+            remote_write_max_age = %self.max_age,
+            remote_write_max_ahead = %self.max_ahead,
+            remote_write_tls_ca_cert = %path(&self.tls_ca_cert),
+            remote_write_tls_client_cert = %path(&self.tls_client_cert),
+            remote_write_tls_client_key = %path(&self.tls_client_key),
+            remote_write_bearer_token = %secret(&self.bearer_token),
+            remote_write_username = %self.username.as_deref().unwrap_or("-"),
+            remote_write_password = %secret(&self.password),
+        );
+    }
+
     /// REMOTE_WRITE_URL for logs and errors: without its query or
     /// fragment, which may hold a token.
     pub fn shown_url(&self) -> String {

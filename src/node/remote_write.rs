@@ -50,11 +50,7 @@ impl RemoteWriteTransport {
             };
             crate::config::invalid(variable, cert.map(|path| path.display().to_string()).unwrap_or_default())
         })?;
-        let rules = validate::SeriesRules {
-            metric: Arc::from(config.remote_write.metric.as_str()),
-            max_age: config.remote_write.max_age.into(),
-            max_ahead: config.remote_write.max_ahead.into(),
-        };
+        let rules = validate::SeriesRules::new(&config.remote_write);
         Ok(Self { database, rules, failures: Arc::new(Mutex::new(Every::second())) })
     }
 

@@ -120,12 +120,7 @@ pub async fn serve_with(
     // Remote-write keeps no memory between requests: a retried batch is the
     // same samples again, which the database takes as one.
     let (dedup, render) = if remote_write {
-        let rules = validate::SeriesRules {
-            metric: Arc::from(config.remote_write.metric.as_str()),
-            max_age: config.remote_write.max_age.into(),
-            max_ahead: config.remote_write.max_ahead.into(),
-        };
-        (None, service::Render::Series(rules))
+        (None, service::Render::Series(validate::SeriesRules::new(&config.remote_write)))
     } else {
         (Some(dedup), service::Render::Lines)
     };

@@ -111,6 +111,15 @@ pub(crate) struct SeriesRules {
 }
 
 impl SeriesRules {
+    /// The rules REMOTE_WRITE_METRIC, _MAX_AGE and _MAX_AHEAD of `config` set.
+    pub(crate) fn new(config: &crate::config::RemoteWriteConfig) -> Self {
+        Self {
+            metric: Arc::from(config.metric.as_str()),
+            max_age: config.max_age.into(),
+            max_ahead: config.max_ahead.into(),
+        }
+    }
+
     /// The times a database is sent, by the sink's clock now.
     pub(crate) fn window(&self) -> Window {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);

@@ -320,21 +320,7 @@ fn log_config(c: &NodeConfig) {
         log_format = ?c.log_format,
     );
     if c.destination == Destination::RemoteWrite {
-        let w = &c.remote_write;
-        info!(
-            message = "Writing to the database itself (DESTINATION=remote-write).",
-            remote_write_url = %w.shown_url(),
-            remote_write_metric = %w.metric,
-            remote_write_timeout = %w.timeout,
-            remote_write_max_age = %w.max_age,
-            remote_write_max_ahead = %w.max_ahead,
-            remote_write_tls_ca_cert = %path(&w.tls_ca_cert),
-            remote_write_tls_client_cert = %path(&w.tls_client_cert),
-            remote_write_tls_client_key = %path(&w.tls_client_key),
-            remote_write_bearer_token = %w.bearer_token.as_ref().map_or("-".into(), ToString::to_string),
-            remote_write_username = %or_none(&w.username),
-            remote_write_password = %w.password.as_ref().map_or("-".into(), ToString::to_string),
-        );
+        c.remote_write.log("Writing to the database itself (DESTINATION=remote-write).");
     }
     info!(
         message = "Retries.",
