@@ -3,14 +3,10 @@
 //! checks and the answers the sink's remote-write output uses. The node's
 //! retry, pushback and spool then serve the database as they serve a sink.
 
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::time::Duration;
 
 use prost::Message;
 use tonic::Status;
-use tracing::warn;
 
 use super::{
     codec::{Outgoing, Payload},
@@ -19,7 +15,6 @@ use super::{
 use crate::{
     config::{ConfigError, NodeConfig},
     database::{Answer, Database},
-    logging::Every,
     proto::SensorValuesRequest,
     receiver::{transcode::transcode, validate},
 };
@@ -32,8 +27,6 @@ pub struct RemoteWriteTransport {
     database: Database,
     /// REMOTE_WRITE_METRIC and the window of times sent.
     rules: validate::SeriesRules,
-    /// Failures are logged at most once a second.
-    failures: Arc<Mutex<Every>>,
 }
 
 impl RemoteWriteTransport {
@@ -51,7 +44,7 @@ impl RemoteWriteTransport {
             crate::config::invalid(variable, cert.map(|path| path.display().to_string()).unwrap_or_default())
         })?;
         let rules = validate::SeriesRules::new(&config.remote_write);
-        Ok(Self { database, rules, failures: Arc::new(Mutex::new(Every::second())) })
+        Ok(Self { database, rules })
     }
 
     /// The series of `request`, or the reason it cannot be sent (a reading
@@ -68,26 +61,17 @@ impl RemoteWriteTransport {
             .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
         Ok(validate::to_series(&decoded, &self.rules.metric, window)?)
     }
-
-    fn log_failure(&self, message: &str) {
-        let gate = self.failures.lock().unwrap_or_else(PoisonError::into_inner).ready();
-        if let Some(suppressed) = gate {
-            warn!(message = "The database cannot take samples now; the batch is kept and retried.", answer = %message, suppressed);
-        }
-    }
 }
 
+/// Failures are not logged here: the sender logs every failed attempt with
+/// its status, which carries the database's answer.
 impl Transport for RemoteWriteTransport {
     async fn send(&self, request: Outgoing) -> Result<(), Status> {
         let series = self.series(&request)?;
         match self.database.post(&series).await.0 {
             Answer::Took => Ok(()),
-            Answer::Busy { retry_after: Some(wait), message, .. } => {
-                self.log_failure(&message);
-                Err(pushed_back(message, wait))
-            }
+            Answer::Busy { retry_after: Some(wait), message, .. } => Err(pushed_back(message, wait)),
             Answer::Busy { retry_after: None, message, .. } | Answer::Misconfigured(message) => {
-                self.log_failure(&message);
                 Err(Status::unavailable(message))
             }
             Answer::Refused(message) => Err(Status::invalid_argument(message)),
