@@ -999,24 +999,28 @@ fn write_one_sample(database: &Database, node: &str, sensor: &str, value: f64, a
     assert!(answer.starts_with("HTTP/1.0 204") || answer.starts_with("HTTP/1.1 204"), "{answer}");
 }
 
-/// Another writer put a sample of one of the node's series a minute ahead:
-/// Prometheus (no out-of-order window) refuses every later batch holding
-/// that series (400). The node counts those readings as refused and logs
-/// the database's message; every other sensor's readings flow and are
+/// Another writer put a sample of the node's series of `poisoned` a minute
+/// ahead: Prometheus (no out-of-order window) refuses every later batch
+/// holding that series (400). The node counts those readings as refused and
+/// logs the database's message; the `others` sensors' readings flow and are
 /// stored, and what the node counts as acknowledged is exactly what the
 /// database holds from it.
-#[test]
-fn batches_the_database_refuses_are_counted_as_refused_by_the_node_and_the_rest_flows() {
-    let dir = scratch("direct-refused");
+fn refused_by_the_database(
+    name: &str,
+    node_env: fn(&str, &str) -> Vec<(&'static str, String)>,
+    poisoned: &str,
+    others: &[&str],
+) {
+    let dir = scratch(name);
     let Some(database) = Database::start(Kind::Prometheus, &dir) else { return };
     let ahead = SystemTime::now() + Duration::from_secs(60);
-    write_one_sample(&database, "node-a", "sensor-1", -1.0, ahead);
-    let node = Process::start("node", NODE, &[], &direct(tuned_node("", "node-a"), &database), &dir);
+    write_one_sample(&database, "node-a", poisoned, -1.0, ahead);
+    let node = Process::start("node", NODE, &[], &direct(node_env("", "node-a"), &database), &dir);
     std::thread::sleep(Duration::from_secs(3));
     let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     let summary = summary_fields(&stdout);
-    assert!(summary["dropped"] > 0 && summary["acked"] > 0, "{stdout}");
+    assert!(summary["dropped"] > 0 && (others.is_empty() || summary["acked"] > 0), "{stdout}");
     assert_eq!(summary["acked"] + summary["dropped"], summary["produced"], "{stdout}");
     assert!(stdout.contains(&format!("dropped_by=refused:{}", summary["dropped"])), "{stdout}");
     assert!(stderr.contains("the database answered 400 Bad Request") && stderr.contains("out of order"), "{stderr}");
@@ -1025,24 +1029,32 @@ fn batches_the_database_refuses_are_counted_as_refused_by_the_node_and_the_rest_
     let stored: usize = series.values().map(Vec::len).sum();
     assert_eq!(stored as u64, summary["acked"], "acknowledged = stored");
     let sensors: Vec<&str> = series.keys().map(|(_, sensor)| sensor.as_str()).collect();
-    assert_eq!(sensors, ["sensor-2", "sensor-3", "sensor-4"], "none of sensor-1's readings was taken");
+    assert_eq!(sensors, others, "none of {poisoned}'s readings was taken");
+}
+
+#[test]
+fn batches_the_database_refuses_are_counted_as_refused_by_the_node_and_the_rest_flows() {
+    refused_by_the_database("direct-refused", tuned_node, "sensor-1", &["sensor-2", "sensor-3", "sensor-4"]);
+}
+
+#[test]
+fn batches_the_database_refuses_are_counted_as_refused_with_the_default_settings() {
+    refused_by_the_database("direct-refused-defaults", default_node, "sensor", &[]);
 }
 
 /// A URL whose path the database does not serve is the node's own setting
 /// gone wrong, not bad data: VictoriaMetrics answers it 400 (`unsupported
 /// path`), which the node retries like an outage instead of dropping the
 /// readings as refused.
-#[test]
-fn a_path_the_database_does_not_serve_is_retried_not_refused() {
-    let dir = scratch("direct-wrong-path");
+fn a_path_the_database_does_not_serve(name: &str, node_env: fn(&str, &str) -> Vec<(&'static str, String)>) {
+    let dir = scratch(name);
     let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
-    let mut env = direct(tuned_node("", "node-a"), &database);
+    let mut env = direct(node_env("", "node-a"), &database);
     for (variable, value) in env.iter_mut() {
         if *variable == "REMOTE_WRITE_URL" {
             *value = value.replace("/api/v1/write", "/api/v1/writ");
         }
     }
-    env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
     let node = Process::start("node", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(3));
     let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
@@ -1053,6 +1065,20 @@ fn a_path_the_database_does_not_serve_is_retried_not_refused() {
     assert!(stderr.contains("unsupported path"), "{stderr}");
 }
 
+#[test]
+fn a_path_the_database_does_not_serve_is_retried_not_refused() {
+    a_path_the_database_does_not_serve("direct-wrong-path", |socket, id| {
+        let mut env = tuned_node(socket, id);
+        env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
+        env
+    });
+}
+
+#[test]
+fn a_path_the_database_does_not_serve_is_retried_with_the_default_settings() {
+    a_path_the_database_does_not_serve("direct-wrong-path-defaults", default_node);
+}
+
 /// Mutual TLS from a node writing to the database itself: without its
 /// certificate nothing is taken (kept and retried, the alert logged); with
 /// it every reading lands once.
@@ -1061,11 +1087,11 @@ fn a_node_writing_itself_shows_its_certificate_to_a_database_that_asks_for_one()
     let dir = scratch("direct-mtls");
     let Some(database) = Database::start(Kind::PrometheusMutualTls, &dir) else { return };
     let path = |name: &str| dir.join(name).display().to_string();
-    let mut env = direct(tuned_node("", "node-no-cert"), &database);
+    // With the default settings, as the sink's run without one.
+    let mut env = direct(default_node("", "node-no-cert"), &database);
     env.push(("REMOTE_WRITE_TLS_CA_CERT", path("db-ca.pem")));
-    env.push(("SHUTDOWN_TIMEOUT", "1s".into()));
     let node = Process::start("node-no-cert", NODE, &[], &env, &dir);
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     let (_, stdout, stderr) = node.terminate(Duration::from_secs(60));
     let summary = summary_fields(&stdout);
     assert!(summary["produced"] > 0 && summary["acked"] == 0 && summary["retries"] > 0, "{stdout}");
