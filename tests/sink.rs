@@ -245,3 +245,34 @@ async fn a_request_of_empty_items_is_refused_before_it_is_decoded() {
     let (summary, _) = sink.stop().await;
     assert_eq!(summary.rejected, 1);
 }
+
+/// The sink tells clients they may send HTTP/2 frames of up to
+/// `MAX_FRAME_BYTES`, in the SETTINGS frame that opens its side of every
+/// connection: read here off the wire, as a client sees it.
+#[tokio::test]
+async fn the_sink_lets_clients_send_large_frames() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sink = Running::start("large-frames", &[]).await;
+    let mut connection = tokio::net::TcpStream::connect(sink.address).await.unwrap();
+    // The client preface, then an empty SETTINGS frame.
+    connection.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    connection.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), connection.read_exact(&mut head)).await.unwrap().unwrap();
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    assert_eq!((head[3], head[4]), (4, 0), "the server's first frame is a SETTINGS frame, not an ACK");
+    let mut payload = vec![0u8; length];
+    connection.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|entry| {
+            (u16::from_be_bytes([entry[0], entry[1]]), u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+        })
+        .collect();
+    // SETTINGS_MAX_FRAME_SIZE is setting 5.
+    assert!(settings.contains(&(5, receiver::MAX_FRAME_BYTES)), "settings sent: {settings:?}");
+    const { assert!(receiver::MAX_FRAME_BYTES > 16_384) };
+    drop(connection);
+    sink.stop().await;
+}
