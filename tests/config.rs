@@ -423,3 +423,30 @@ fn the_requests_the_sources_need_are_estimated_for_the_rate_warning() {
     // Alone, a source read every 10 s sends a batch every 10 s.
     assert_eq!(needed(&[("SENSOR_COUNT", "0"), ("EXEC_COMMAND", "true")]), 0.1);
 }
+
+#[test]
+fn the_nodes_client_certificate_is_checked_against_its_key_and_its_version() {
+    let dir = scratch("node-client-cert-config");
+    let pki = Pki::new(&dir, "ca");
+    let ca = dir.join("ca.pem").display().to_string();
+    let (cert, key) = pki.issue("node", "node.example");
+    let (_, other_key) = pki.issue("other", "other.example");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let node = |cert: &str, key: &str| {
+        let pairs =
+            [("TLS_CA_CERT", ca.clone()), ("TLS_CLIENT_CERT", cert.to_owned()), ("TLS_CLIENT_KEY", key.to_owned())];
+        NodeConfig::from_vars(&vars(&pairs))
+    };
+    let config = node(&cert, &key).unwrap();
+    assert!(config.tls().unwrap().unwrap().identity.is_some());
+    // Another certificate's key: named, not left to fail at the first
+    // connection as a "transport error".
+    let error = node(&cert, &other_key).unwrap_err().to_string();
+    assert!(error.contains("TLS_CLIENT_KEY"), "{error}");
+    // A version 1 certificate, with its own key: rustls refuses it on both
+    // ends, so the node says so at start, naming the certificate.
+    let error = node(&format!("{data}/v1-client.crt"), &format!("{data}/v1-client.key")).unwrap_err();
+    let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
+    assert_eq!(*variable, "TLS_CLIENT_CERT");
+    assert!(reason.contains("version 1") && reason.contains("-extfile"), "{reason}");
+}

@@ -108,7 +108,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("TLS_CA_CERT", "a readable PEM file holding the certificate of the CA that signed the sink's certificate"),
     ("TLS_SERVER_NAME", "the DNS name or IP address the sink's certificate is issued for; needs TLS_CA_CERT"),
     ("TLS_CLIENT_CERT", "a readable PEM file holding a certificate, set together with TLS_CLIENT_KEY and TLS_CA_CERT"),
-    ("TLS_CLIENT_KEY", "a readable PEM file holding a private key, set together with TLS_CLIENT_CERT"),
+    ("TLS_CLIENT_KEY", "a readable PEM file holding the private key of TLS_CLIENT_CERT, set together with it"),
     ("TLS_CERT", "a readable PEM file holding a certificate, set together with TLS_KEY"),
     ("TLS_KEY", "a readable PEM file holding a private key, set together with TLS_CERT"),
     (
@@ -283,47 +283,76 @@ pub(crate) fn key_fits(chain: &str, key: &str) -> bool {
     key_spki.is_some_and(|key_spki| subject_public_key_info(&certificate) == Some(key_spki.as_ref()))
 }
 
+/// The X.509 version (1, 2 or 3) of the first certificate of `chain`
+/// (PEM), or `None` when it cannot be read.
+pub(crate) fn certificate_version(chain: &str) -> Option<u8> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let certificate = CertificateDer::pem_slice_iter(chain.as_bytes()).next()?.ok()?;
+    let mut tbs = to_be_signed(&certificate)?;
+    // [0] EXPLICIT version, absent in v1: an INTEGER, 0 for v1 to 2 for v3.
+    if tbs.first() != Some(&0xa0) {
+        return Some(1);
+    }
+    let (_, _, mut version) = der_element(&mut tbs)?;
+    match der_element(&mut version)? {
+        (0x02, _, &[number]) if number <= 2 => Some(number + 1),
+        _ => None,
+    }
+}
+
+/// Why a version 1 client certificate cannot be used.
+pub(crate) const VERSION_1_CERTIFICATE: &str = "an X.509 version 1 certificate (what `openssl x509 -req` makes without \
+     an extension file): this node and the sink take version 3 client certificates only; issue it again with \
+     `-extfile` naming a file that holds e.g. `extendedKeyUsage=clientAuth`";
+
+/// The next DER element of `bytes`: its tag, its whole encoding and its
+/// contents; `bytes` moves past it.
+fn der_element<'a>(bytes: &mut &'a [u8]) -> Option<(u8, &'a [u8], &'a [u8])> {
+    let whole = *bytes;
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, mut rest) = rest.split_first()?;
+    let length = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let (digits, after) = rest.split_at(count);
+        rest = after;
+        digits.iter().fold(0usize, |length, digit| length << 8 | usize::from(*digit))
+    };
+    let header = whole.len() - rest.len();
+    let contents = rest.get(..length)?;
+    *bytes = &rest[length..];
+    Some((tag, &whole[..header + length], contents))
+}
+
+/// The contents of the TBSCertificate of the DER certificate `der`.
+fn to_be_signed(der: &[u8]) -> Option<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    let mut outer = der;
+    let (SEQUENCE, _, mut certificate) = der_element(&mut outer)? else { return None };
+    let (SEQUENCE, _, tbs) = der_element(&mut certificate)? else { return None };
+    Some(tbs)
+}
+
 /// The SubjectPublicKeyInfo of the DER certificate `der`, tag and length
 /// included; read here rather than by webpki, which refuses X.509 v1
 /// certificates (what `openssl x509 -req` makes without an extension file),
 /// which TLS servers accept from clients.
 fn subject_public_key_info(der: &[u8]) -> Option<&[u8]> {
-    /// The next DER element of `bytes`: its tag, its whole encoding and its
-    /// contents; `bytes` moves past it.
-    fn element<'a>(bytes: &mut &'a [u8]) -> Option<(u8, &'a [u8], &'a [u8])> {
-        let whole = *bytes;
-        let (&tag, rest) = bytes.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let length = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let count = usize::from(first & 0x7f);
-            if count == 0 || count > 4 || rest.len() < count {
-                return None;
-            }
-            let (digits, after) = rest.split_at(count);
-            rest = after;
-            digits.iter().fold(0usize, |length, digit| length << 8 | usize::from(*digit))
-        };
-        let header = whole.len() - rest.len();
-        let contents = rest.get(..length)?;
-        *bytes = &rest[length..];
-        Some((tag, &whole[..header + length], contents))
-    }
-    const SEQUENCE: u8 = 0x30;
-    let mut outer = der;
-    let (SEQUENCE, _, mut certificate) = element(&mut outer)? else { return None };
-    let (SEQUENCE, _, mut tbs) = element(&mut certificate)? else { return None };
+    let mut tbs = to_be_signed(der)?;
     // [0] version, absent in v1; then serial, signature algorithm, issuer,
     // validity, subject, and the key.
     if tbs.first() == Some(&0xa0) {
-        element(&mut tbs)?;
+        der_element(&mut tbs)?;
     }
     for _ in 0..5 {
-        element(&mut tbs)?;
+        der_element(&mut tbs)?;
     }
-    match element(&mut tbs)? {
-        (SEQUENCE, whole, _) => Some(whole),
+    match der_element(&mut tbs)? {
+        (0x30, whole, _) => Some(whole),
         _ => None,
     }
 }

@@ -322,9 +322,19 @@ impl NodeConfig {
     pub fn tls(&self) -> Result<Option<ClientTls>, ConfigError> {
         let identity = match (&self.tls_client_cert, &self.tls_client_key) {
             (None, None) => None,
-            (Some(cert), Some(key)) => {
-                let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert), Pem::Certificates)?.unwrap_or_default();
-                let key = super::read_pem("TLS_CLIENT_KEY", Some(key), Pem::PrivateKey)?.unwrap_or_default();
+            (Some(cert_path), Some(key_path)) => {
+                let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?.unwrap_or_default();
+                let key = super::read_pem("TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?.unwrap_or_default();
+                // rustls would refuse either when the node connects, with a
+                // message that names neither.
+                if super::certificate_version(&cert) == Some(1) {
+                    return Err(ConfigError::Unusable {
+                        variable: "TLS_CLIENT_CERT",
+                        value: cert_path.display().to_string(),
+                        reason: super::VERSION_1_CERTIFICATE.into(),
+                    });
+                }
+                ensure(super::key_fits(&cert, &key), "TLS_CLIENT_KEY", key_path.display())?;
                 Some((cert, key))
             }
             (Some(cert), None) => return Err(invalid("TLS_CLIENT_CERT", cert.display().to_string())),
