@@ -449,4 +449,26 @@ fn the_nodes_client_certificate_is_checked_against_its_key_and_its_version() {
     let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
     assert_eq!(*variable, "TLS_CLIENT_CERT");
     assert!(reason.contains("version 1") && reason.contains("-extfile"), "{reason}");
+    // The CA's certificate first, then the node's: the order is at fault,
+    // not the key.
+    let reversed = dir.join("reversed.crt");
+    let text = std::fs::read_to_string(dir.join("ca.pem")).unwrap() + &std::fs::read_to_string(&cert).unwrap();
+    std::fs::write(&reversed, text).unwrap();
+    let error = node(&reversed.display().to_string(), &key).unwrap_err();
+    let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
+    assert_eq!(*variable, "TLS_CLIENT_CERT");
+    assert!(reason.contains("certificate 2") && reason.contains("must come first"), "{reason}");
+    // A certificate cut short (a whole base64 line of it taken out: still
+    // valid base64, no longer a whole certificate) is the certificate's
+    // fault, not the key's.
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    let mut lines: Vec<&str> = pem.lines().collect();
+    let full = lines.iter().rposition(|line| line.len() == 64).unwrap();
+    lines.remove(full);
+    let cut = dir.join("cut.crt");
+    std::fs::write(&cut, lines.join("\n") + "\n").unwrap();
+    let error = node(&cut.display().to_string(), &key).unwrap_err();
+    let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
+    assert_eq!(*variable, "TLS_CLIENT_CERT");
+    assert!(reason.contains("not readable as X.509"), "{reason}");
 }

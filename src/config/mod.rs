@@ -268,41 +268,87 @@ pub(crate) fn read_pem(
     Ok(Some(text))
 }
 
-/// Whether the private key `key` (PEM) is the key of the first certificate
-/// of `chain` (PEM), and one rustls can sign with.
-pub(crate) fn key_fits(chain: &str, key: &str) -> bool {
+/// Checks a client certificate chain `chain` (PEM, from the file `cert`
+/// names) and its private key `key` (PEM, from the file `key_file` names):
+/// the first certificate must be readable whole as X.509, of version 3 when
+/// `v3_only` (rustls, on the sink's side too, takes no other from a
+/// client), and the key one rustls can sign with and that certificate's.
+/// Each fault names the variable holding it.
+pub(crate) fn check_identity(
+    cert: (&'static str, &std::path::Path),
+    key_file: (&'static str, &std::path::Path),
+    chain: &str,
+    key: &str,
+    v3_only: bool,
+) -> Result<(), ConfigError> {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     use tokio_rustls::rustls::crypto::ring::sign::any_supported_type;
-    let (Some(Ok(certificate)), Ok(key)) =
-        (CertificateDer::pem_slice_iter(chain.as_bytes()).next(), PrivateKeyDer::from_pem_slice(key.as_bytes()))
-    else {
-        return false;
+    let unusable = |(variable, path): (&'static str, &std::path::Path), reason: String| ConfigError::Unusable {
+        variable,
+        value: path.display().to_string(),
+        reason,
     };
-    let Ok(signer) = any_supported_type(&key) else { return false };
-    let key_spki = signer.public_key();
-    key_spki.is_some_and(|key_spki| subject_public_key_info(&certificate) == Some(key_spki.as_ref()))
+    let certificates: Vec<CertificateDer> = CertificateDer::pem_slice_iter(chain.as_bytes()).flatten().collect();
+    let Some(first) = certificates.first() else { return Err(invalid(cert.0, cert.1.display().to_string())) };
+    match certificate_version(first) {
+        None => {
+            return Err(unusable(
+                cert,
+                "its first certificate is not readable as X.509 (cut short, or bytes after it)".into(),
+            ));
+        }
+        Some(version) if v3_only && version != 3 => {
+            // What `openssl x509 -req` makes without an extension file.
+            let made_by = if version == 1 { " (what `openssl x509 -req` makes without an extension file)" } else { "" };
+            let reason = format!("an X.509 version {version} certificate{made_by}: {ONLY_VERSION_3}");
+            return Err(unusable(cert, reason));
+        }
+        Some(_) => {}
+    }
+    let Ok(key_der) = PrivateKeyDer::from_pem_slice(key.as_bytes()) else {
+        return Err(invalid(key_file.0, key_file.1.display().to_string()));
+    };
+    let signer = any_supported_type(&key_der).ok();
+    let Some(key_spki) = signer.as_ref().and_then(|signer| signer.public_key()) else {
+        return Err(unusable(
+            key_file,
+            "a key TLS cannot sign with here: RSA of 2048 bits or more, ECDSA P-256 or P-384, or Ed25519 can".into(),
+        ));
+    };
+    let fits = |certificate: &CertificateDer| subject_public_key_info(certificate) == Some(key_spki.as_ref());
+    if fits(first) {
+        return Ok(());
+    }
+    match certificates.iter().position(fits) {
+        Some(at) => Err(unusable(
+            cert,
+            format!(
+                "the key of {} is that of certificate {} in this file: the client's own certificate must come first, then the CAs that issued it",
+                key_file.0,
+                at + 1
+            ),
+        )),
+        None => Err(invalid(key_file.0, key_file.1.display().to_string())),
+    }
 }
 
-/// The X.509 version (1, 2 or 3) of the first certificate of `chain`
-/// (PEM), or `None` when it cannot be read.
-pub(crate) fn certificate_version(chain: &str) -> Option<u8> {
-    use rustls_pki_types::{CertificateDer, pem::PemObject};
-    let certificate = CertificateDer::pem_slice_iter(chain.as_bytes()).next()?.ok()?;
-    let mut tbs = to_be_signed(&certificate)?;
+/// The X.509 version (1, 2 or 3) of the DER certificate `der`, or `None`
+/// when it is not one whole certificate.
+fn certificate_version(der: &[u8]) -> Option<u8> {
+    let mut tbs = to_be_signed(der)?;
     // [0] EXPLICIT version, absent in v1: an INTEGER, 0 for v1 to 2 for v3.
     if tbs.first() != Some(&0xa0) {
         return Some(1);
     }
     let (_, _, mut version) = der_element(&mut tbs)?;
     match der_element(&mut version)? {
-        (0x02, _, &[number]) if number <= 2 => Some(number + 1),
+        (0x02, _, &[number]) if number <= 2 && version.is_empty() => Some(number + 1),
         _ => None,
     }
 }
 
-/// Why a version 1 client certificate cannot be used.
-pub(crate) const VERSION_1_CERTIFICATE: &str = "an X.509 version 1 certificate (what `openssl x509 -req` makes without \
-     an extension file): this node and the sink take version 3 client certificates only; issue it again with \
+/// The sink's TLS, and the node's, take version 3 client certificates only.
+const ONLY_VERSION_3: &str = "this node and the sink take version 3 client certificates only; issue it again with \
      `-extfile` naming a file that holds e.g. `extendedKeyUsage=clientAuth`";
 
 /// The next DER element of `bytes`: its tag, its whole encoding and its
@@ -334,7 +380,7 @@ fn to_be_signed(der: &[u8]) -> Option<&[u8]> {
     let mut outer = der;
     let (SEQUENCE, _, mut certificate) = der_element(&mut outer)? else { return None };
     let (SEQUENCE, _, tbs) = der_element(&mut certificate)? else { return None };
-    Some(tbs)
+    outer.is_empty().then_some(tbs)
 }
 
 /// The SubjectPublicKeyInfo of the DER certificate `der`, tag and length

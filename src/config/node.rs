@@ -325,16 +325,9 @@ impl NodeConfig {
             (Some(cert_path), Some(key_path)) => {
                 let cert = super::read_pem("TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?.unwrap_or_default();
                 let key = super::read_pem("TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?.unwrap_or_default();
-                // rustls would refuse either when the node connects, with a
-                // message that names neither.
-                if super::certificate_version(&cert) == Some(1) {
-                    return Err(ConfigError::Unusable {
-                        variable: "TLS_CLIENT_CERT",
-                        value: cert_path.display().to_string(),
-                        reason: super::VERSION_1_CERTIFICATE.into(),
-                    });
-                }
-                ensure(super::key_fits(&cert, &key), "TLS_CLIENT_KEY", key_path.display())?;
+                // rustls would refuse what this refuses when the node
+                // connects, with a message that names neither variable.
+                super::check_identity(("TLS_CLIENT_CERT", cert_path), ("TLS_CLIENT_KEY", key_path), &cert, &key, true)?;
                 Some((cert, key))
             }
             (Some(cert), None) => return Err(invalid("TLS_CLIENT_CERT", cert.display().to_string())),

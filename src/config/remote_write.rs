@@ -126,7 +126,9 @@ impl RemoteWriteConfig {
         let cert = super::read_pem("REMOTE_WRITE_TLS_CLIENT_CERT", Some(cert_path), Pem::Certificates)?;
         let key = super::read_pem("REMOTE_WRITE_TLS_CLIENT_KEY", Some(key_path), Pem::PrivateKey)?;
         let (cert, key) = (cert.unwrap_or_default(), key.unwrap_or_default());
-        ensure(super::key_fits(&cert, &key), "REMOTE_WRITE_TLS_CLIENT_KEY", key_path.display())?;
+        // Databases (Go's TLS) take version 1 certificates too.
+        let (cert_var, key_var) = ("REMOTE_WRITE_TLS_CLIENT_CERT", "REMOTE_WRITE_TLS_CLIENT_KEY");
+        super::check_identity((cert_var, cert_path), (key_var, key_path), &cert, &key, false)?;
         Ok(Some((cert, key)))
     }
 

@@ -183,6 +183,8 @@ impl Write for Stream {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// An X.509 v1 client certificate (what `openssl x509 -req` makes
@@ -193,10 +195,14 @@ mod tests {
         let ca = include_str!("../../tests/data/v1-ca.crt");
         let cert = include_str!("../../tests/data/v1-client.crt");
         let key = include_str!("../../tests/data/v1-client.key");
-        assert!(crate::config::key_fits(cert, key));
+        let (cert_file, key_file) = (("CERT", Path::new("cert.pem")), ("KEY", Path::new("key.pem")));
+        assert!(crate::config::check_identity(cert_file, key_file, cert, key, false).is_ok());
         assert!(Connector::new(HttpConnector::new(), Some(ca), Some((cert, key))).is_ok());
-        // Another key is still refused.
+        // Another key is still refused, and so is v1 where only v3 will do.
         let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
-        assert!(!crate::config::key_fits(cert, &other));
+        let refused = crate::config::check_identity(cert_file, key_file, cert, &other, false).unwrap_err();
+        assert!(refused.to_string().contains("KEY"), "{refused}");
+        let refused = crate::config::check_identity(cert_file, key_file, cert, key, true).unwrap_err();
+        assert!(refused.to_string().contains("CERT") && refused.to_string().contains("version 1"), "{refused}");
     }
 }
