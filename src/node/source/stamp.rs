@@ -6,15 +6,31 @@
 //! reading a tick, and a tick comes at most once a millisecond on average,
 //! but a late tick can fire in the same millisecond as the next one. Each
 //! tick is therefore stamped at least one millisecond after the tick before
-//! it.
+//! it: also when the system's clock is set back (an NTP step), within
+//! [`MOST_CREPT`], so that a reading never takes a millisecond of its sensor
+//! that an earlier reading may already hold in the database (VictoriaMetrics
+//! keeps one sample of a millisecond and answers OK for both).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Furthest a tick is stamped ahead of the system's clock. Ticks at most
-/// once a millisecond on average stay within a millisecond or two of it; a
-/// clock set back by more than this is followed at once (its times are the
-/// truth), not crept up to.
+use tracing::warn;
+
+/// Furthest ticks that come faster than the clock (a late timer firing in
+/// the millisecond of the next) are stamped ahead of it: a source at up to
+/// a reading a millisecond on average stays within a millisecond or two.
 const MOST_AHEAD: u64 = 10;
+
+/// Furthest a set-back of the clock is made up for: a clock set back by up
+/// to this is crept up to (each tick a millisecond after the last until the
+/// clock catches up: no reading lost, their times bunched for as long as
+/// the clock was set back); one set back further is followed at once (it
+/// was far wrong before, and creeping would stamp every reading in a time
+/// that is not coming), and the readings of the next moments may then share
+/// milliseconds with stored ones.
+const MOST_CREPT: u64 = 60_000;
+
+/// A set-back at least this long is logged.
+const LOGGED: u64 = 1_000;
 
 /// Tick times of one source: the system's clock, each in a later
 /// millisecond than the one before.
@@ -22,6 +38,11 @@ const MOST_AHEAD: u64 = 10;
 pub(crate) struct Stamps {
     /// The millisecond (since 1970) of the last tick.
     last: Option<u64>,
+    /// What the clock read at the last tick, in milliseconds.
+    clock: Option<u64>,
+    /// How far the clock was set back since the stamps were last at the
+    /// clock: how far ahead of it they may run, beyond [`MOST_AHEAD`].
+    set_back: u64,
 }
 
 impl Stamps {
@@ -33,14 +54,35 @@ impl Stamps {
     /// The time of a tick taken when the system's clock read `now`.
     fn at(&mut self, now: SystemTime) -> SystemTime {
         let millis = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let (stamp, millis) = match self.last {
-            Some(last) if millis <= last && last - millis < MOST_AHEAD => {
-                (UNIX_EPOCH + Duration::from_millis(last + 1), last + 1)
+        let back = self.clock.map_or(0, |clock| clock.saturating_sub(millis));
+        self.clock = Some(millis);
+        self.set_back = self.set_back.saturating_add(back);
+        let ahead = self.last.and_then(|last| last.checked_sub(millis));
+        let creep = ahead.is_some_and(|ahead| self.set_back <= MOST_CREPT && ahead < MOST_AHEAD + self.set_back);
+        if back >= LOGGED {
+            if creep {
+                warn!(
+                    message = "The system clock was set back; readings are stamped a millisecond apart after the last until it catches up.",
+                    back_ms = back,
+                );
+            } else {
+                warn!(
+                    message = "The system clock was set back by more than a minute; followed. Readings of the time set back may share milliseconds with stored ones, of which a database keeps one.",
+                    back_ms = back,
+                );
             }
-            _ => (now, millis),
-        };
-        self.last = Some(millis);
-        stamp
+        }
+        match (creep, self.last) {
+            (true, Some(last)) => {
+                self.last = Some(last + 1);
+                UNIX_EPOCH + Duration::from_millis(last + 1)
+            }
+            _ => {
+                self.last = Some(millis);
+                self.set_back = 0;
+                now
+            }
+        }
     }
 }
 
@@ -72,23 +114,43 @@ mod tests {
     }
 
     #[test]
-    fn a_clock_set_back_a_little_is_crept_up_to_and_a_lot_followed() {
+    fn a_clock_set_back_up_to_a_minute_is_crept_up_to_and_further_followed() {
         let mut stamps = Stamps::default();
-        stamps.at(at(2000, 0));
-        assert_eq!(stamps.at(at(1995, 0)), at(2001, 0));
-        assert_eq!(stamps.at(at(1996, 0)), at(2002, 0));
-        // Set back by more than MOST_AHEAD: the clock is followed.
-        assert_eq!(stamps.at(at(1000, 7)), at(1000, 7));
-        assert_eq!(stamps.at(at(1000, 8)), at(1001, 0));
+        stamps.at(at(100_000, 0));
+        // Set back by 10 s (an NTP step): every tick still gets a millisecond
+        // after the last, none the database may already hold ...
+        assert_eq!(stamps.at(at(90_000, 0)), at(100_001, 0));
+        assert_eq!(stamps.at(at(90_200, 0)), at(100_002, 0));
+        assert_eq!(stamps.at(at(99_999, 0)), at(100_003, 0));
+        // ... until the clock has caught up, and is taken as it is again.
+        assert_eq!(stamps.at(at(100_003, 500)), at(100_004, 0));
+        assert_eq!(stamps.at(at(100_200, 1)), at(100_200, 1));
+        // Set back by exactly MOST_CREPT: still crept up to.
+        assert_eq!(stamps.at(at(100_200 - MOST_CREPT, 0)), at(100_201, 0));
+        assert_eq!(stamps.at(at(100_300, 0)), at(100_300, 0));
+        // By more: the clock is followed.
+        assert_eq!(stamps.at(at(40_000, 7)), at(40_000, 7));
+        assert_eq!(stamps.at(at(40_000, 8)), at(40_001, 0));
+    }
+
+    #[test]
+    fn ticks_faster_than_the_clock_run_ahead_of_it_at_most_a_little() {
+        let mut stamps = Stamps::default();
+        let now = at(5000, 0);
+        for k in 0..=MOST_AHEAD {
+            assert_eq!(stamps.at(now), at(5000 + k, 0));
+        }
+        // More ticks in that millisecond than MOST_AHEAD: the clock, unmoved
+        // and never set back, is followed.
+        assert_eq!(stamps.at(now), now);
     }
 
     #[test]
     fn ticks_faster_than_the_clock_all_get_their_own_millisecond() {
         let mut stamps = Stamps::default();
         let now = at(5000, 0);
-        let millis: Vec<u64> = (0..MOST_AHEAD)
-            .map(|_| stamps.at(now).duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap())
-            .collect();
+        let millis: Vec<u64> =
+            (0..10).map(|_| stamps.at(now).duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap()).collect();
         assert_eq!(millis, (5000..5000 + MOST_AHEAD).collect::<Vec<_>>());
     }
 }
