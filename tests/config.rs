@@ -472,3 +472,20 @@ fn the_nodes_client_certificate_is_checked_against_its_key_and_its_version() {
     assert_eq!(*variable, "TLS_CLIENT_CERT");
     assert!(reason.contains("not readable as X.509"), "{reason}");
 }
+
+#[test]
+fn a_sensor_name_is_held_to_what_a_database_label_keeps_whole() {
+    let node = |name: String, count: &str| {
+        NodeConfig::from_vars(&vars(&[("SENSOR_NAME", name), ("SENSOR_COUNT", count.into())]))
+    };
+    assert!(node("x".repeat(256), "1").is_ok());
+    assert!(node("x".repeat(253), "99").is_ok());
+    // With its `-100` suffix the last name would be 257 bytes.
+    let error = node("x".repeat(253), "100").unwrap_err().to_string();
+    assert!(error.contains("SENSOR_NAME"), "{error}");
+    // A name far too long (VictoriaMetrics cuts labels at 16 KiB, merging
+    // sensors) is refused and not echoed whole.
+    let error = node("x".repeat(17_000), "2").unwrap_err().to_string();
+    assert!(error.contains("SENSOR_NAME") && error.len() < 1000, "{} bytes: {}", error.len(), &error[..200]);
+    assert!(node(String::new(), "1").is_err());
+}

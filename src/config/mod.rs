@@ -55,7 +55,7 @@ pub(crate) const HIDDEN_CREDENTIALS: &str = "(holds credentials, not shown)";
 /// What each variable accepts, for messages. One table for both binaries: a
 /// variable means the same to each of them or has a separate name.
 const ACCEPTED: &[(&str, &str)] = &[
-    ("SENSOR_NAME", "a non-empty name"),
+    ("SENSOR_NAME", "a non-empty name of at most 256 bytes with its `-N` suffix (SENSOR_COUNT > 1)"),
     (
         "SENSOR_COUNT",
         "a whole number from 0 to 1000000; 0 (no simulated sensors) only with HOST_INTERVAL, FILE_SENSORS or EXEC_COMMAND",
@@ -216,11 +216,21 @@ pub(crate) fn load<C: envconfig::Envconfig>(
         ConfigError::Invalid { variable, .. } if variable.starts_with("TLS_") => error,
         ConfigError::Invalid { variable, value, expected } => {
             let value = vars.get(variable).cloned().unwrap_or(value);
-            ConfigError::Invalid { variable, value, expected }
+            ConfigError::Invalid { variable, value: shortened(value), expected }
         }
         other => other,
     })?;
     Ok(config)
+}
+
+/// `value` as an error line shows it: a value of more than 200 bytes by its
+/// first 64 characters and its length, not whole.
+fn shortened(value: String) -> String {
+    if value.len() <= 200 {
+        return value;
+    }
+    let start: String = value.chars().take(64).collect();
+    format!("{start}… ({} bytes)", value.len())
 }
 
 /// The error for `variable` set to `value`.

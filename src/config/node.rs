@@ -13,7 +13,7 @@ use envconfig::Envconfig;
 
 use super::sources::{FileSensor, Owned, argv, findable, parse_file_sensors};
 use super::{ConfigError, Pem, Secret, ensure, ensure_bounded, ensure_positive, invalid};
-use crate::reading::sensor_name;
+use crate::reading::{MAX_SENSOR_NAME_BYTES, sensor_name};
 
 /// Everything `telemetry-node` reads from its environment. Defaults match
 /// the Go node's load (one sensor, 5 readings/s, 1 request/s) and a sink
@@ -188,8 +188,13 @@ impl NodeConfig {
 
     /// Checks every value that parsed but cannot be used.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        ensure(!self.sensor_name.is_empty(), "SENSOR_NAME", &self.sensor_name)?;
         ensure(self.sensor_count <= 1_000_000, "SENSOR_COUNT", self.sensor_count)?;
+        // The longest name made from it, `-N` included, fits where every
+        // other source's names fit: a database cuts longer labels (at 16 KiB,
+        // VictoriaMetrics), which would merge sensors into one series.
+        let suffix = if self.sensor_count > 1 { self.sensor_count.to_string().len() + 1 } else { 0 };
+        let fits = !self.sensor_name.is_empty() && self.sensor_name.len() + suffix <= MAX_SENSOR_NAME_BYTES;
+        ensure(fits, "SENSOR_NAME", &self.sensor_name)?;
         self.validate_sources()?;
         let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
