@@ -4,7 +4,13 @@
 
 pub(crate) mod https;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use http_body_util::{BodyExt, Full};
 use hyper::{
@@ -37,6 +43,16 @@ pub(crate) struct Database {
     timeout: Duration,
     /// Sent as `User-Agent`.
     agent: &'static str,
+    /// The database's clock, as its answers' `Date` headers tell it.
+    clock: Arc<Clock>,
+}
+
+/// The database's clock less this one's, in milliseconds, once an answer
+/// told it (to the second: `Date` has no finer unit).
+#[derive(Debug, Default)]
+struct Clock {
+    known: AtomicBool,
+    offset_ms: AtomicI64,
 }
 
 /// What the database made of one request.
@@ -76,7 +92,8 @@ impl Database {
         let identity = identity.as_ref().map(|(chain, key)| (chain.as_str(), key.as_str()));
         let connector = Connector::new(connector, roots.as_deref(), identity).ok()?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Some(Self { client, url, authorization: authorization(config), timeout: config.timeout.into(), agent })
+        let clock = Arc::default();
+        Some(Self { client, url, authorization: authorization(config), timeout: config.timeout.into(), agent, clock })
     }
 
     /// POSTs `body`, the encoded `timeseries` of a `WriteRequest`,
@@ -102,6 +119,7 @@ impl Database {
         let started = Instant::now();
         let answer = tokio::time::timeout(self.timeout, async {
             let response = self.client.request(request).await?;
+            self.note_clock(response.headers().get(header::DATE));
             let status = response.status();
             let asked = retry_after(response.headers().get(header::RETRY_AFTER));
             let body = response.into_body().collect().await.map(|body| body.to_bytes()).unwrap_or_default();
@@ -143,6 +161,59 @@ impl Database {
         };
         (answer, elapsed)
     }
+}
+
+impl Database {
+    /// The database's clock less this one's, in milliseconds: from its
+    /// last answer, or, before the first, from the answer to a GET of
+    /// REMOTE_WRITE_URL (0 when the answer has no `Date`); an error when the
+    /// database cannot be reached.
+    pub(crate) async fn clock_offset(&self) -> Result<i64, String> {
+        if self.clock.known.load(Relaxed) {
+            return Ok(self.clock.offset_ms.load(Relaxed));
+        }
+        let mut request = Request::get(self.url.clone()).header(header::USER_AGENT, self.agent);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(header::AUTHORIZATION, authorization.clone());
+        }
+        let request = request.body(Full::new(Bytes::new())).map_err(|error| error.to_string())?;
+        let answer = tokio::time::timeout(self.timeout, async {
+            let response = self.client.request(request).await?;
+            let date = response.headers().get(header::DATE).cloned();
+            let _ = response.into_body().collect().await;
+            Ok::<_, hyper_util::client::legacy::Error>(date)
+        })
+        .await;
+        match answer {
+            Ok(Ok(date)) => {
+                self.note_clock(date.as_ref());
+                self.clock.known.store(true, Relaxed);
+                Ok(self.clock.offset_ms.load(Relaxed))
+            }
+            Ok(Err(error)) => Err(format!("cannot reach the database to read its clock: {}", chain(&error))),
+            Err(_) => Err(format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout)),
+        }
+    }
+
+    /// Notes the database's clock from the `Date` of an answer.
+    fn note_clock(&self, date: Option<&HeaderValue>) {
+        let Some(offset) = date.and_then(|date| offset_ms(date, SystemTime::now())) else { return };
+        self.clock.offset_ms.store(offset, Relaxed);
+        self.clock.known.store(true, Relaxed);
+    }
+}
+
+/// The time `date` (an HTTP date) names less `now`, in milliseconds. An
+/// HTTP date is to the second, so a clock that agrees reads 0 to 1 s
+/// behind; differences under a second are taken as none.
+fn offset_ms(date: &HeaderValue, now: SystemTime) -> Option<i64> {
+    let date = httpdate::parse_http_date(date.to_str().ok()?).ok()?;
+    let millis = |time: SystemTime| match time.duration_since(UNIX_EPOCH) {
+        Ok(since) => since.as_millis() as i64,
+        Err(before) => -(before.duration().as_millis() as i64),
+    };
+    let offset = millis(date) - millis(now);
+    Some(if (-1000..=1000).contains(&offset) { 0 } else { offset })
 }
 
 /// `error` and every error under it, as one line: hyper's own message
@@ -199,6 +270,19 @@ fn base64(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_clock_is_read_from_date_to_the_second() {
+        let now = UNIX_EPOCH + Duration::from_millis(1_764_860_000_500);
+        let date = |text: &str| offset_ms(&HeaderValue::from_str(text).unwrap(), now);
+        // 2025-12-04 14:53:20 GMT is 1,764,860,000 s: the same second reads as 0.
+        assert_eq!(date("Thu, 04 Dec 2025 14:53:20 GMT"), Some(0));
+        assert_eq!(date("Thu, 04 Dec 2025 14:53:21 GMT"), Some(0));
+        // Three days ahead, ten minutes behind.
+        assert_eq!(date("Sun, 07 Dec 2025 14:53:20 GMT"), Some(3 * 86_400_000 - 500));
+        assert_eq!(date("Thu, 04 Dec 2025 14:43:20 GMT"), Some(-600_000 - 500));
+        assert_eq!(date("not a date"), None);
+    }
 
     #[test]
     fn base64_as_the_rfc_gives_it() {

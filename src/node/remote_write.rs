@@ -50,16 +50,23 @@ impl RemoteWriteTransport {
     /// The series of `request`, or the reason it cannot be sent (a reading
     /// outside REMOTE_WRITE_MAX_AGE / REMOTE_WRITE_MAX_AHEAD, two values of
     /// a sensor in one millisecond): INVALID_ARGUMENT, never retried.
-    fn series(&self, request: &Outgoing) -> Result<Vec<u8>, Status> {
+    /// The window is the database's clock's, not the node's: a node whose
+    /// clock is far off would otherwise send readings VictoriaMetrics drops
+    /// and answers OK for, or that poison Prometheus for every other writer.
+    fn series(&self, request: &Outgoing, clock_offset_ms: i64) -> Result<Vec<u8>, Status> {
         let mut bytes = Vec::with_capacity(request.encoded_len());
         request.write_to(&mut bytes);
-        let window = self.rules.window();
+        let window = self.rules.window_offset(clock_offset_ms);
         if let Some(series) = transcode(&bytes, &self.rules.metric, window) {
             return Ok(series.bytes);
         }
         let decoded = SensorValuesRequest::decode(bytes.as_slice())
             .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
-        Ok(validate::to_series(&decoded, &self.rules.metric, window)?)
+        validate::to_series(&decoded, &self.rules.metric, window).map_err(|error| {
+            let status = Status::from(error);
+            // Checked here against the database's clock.
+            Status::new(status.code(), status.message().replace("the sink's clock", "the database's clock"))
+        })
     }
 }
 
@@ -67,7 +74,8 @@ impl RemoteWriteTransport {
 /// its status, which carries the database's answer.
 impl Transport for RemoteWriteTransport {
     async fn send(&self, request: Outgoing) -> Result<(), Status> {
-        let series = self.series(&request)?;
+        let offset = self.database.clock_offset().await.map_err(Status::unavailable)?;
+        let series = self.series(&request, offset)?;
         match self.database.post(&series).await.0 {
             Answer::Took => Ok(()),
             Answer::Busy { retry_after: Some(wait), message, .. } => Err(pushed_back(message, wait)),

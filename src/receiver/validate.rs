@@ -122,8 +122,14 @@ impl SeriesRules {
 
     /// The times a database is sent, by the sink's clock now.
     pub(crate) fn window(&self) -> Window {
+        self.window_offset(0)
+    }
+
+    /// The times a database is sent, by this clock now shifted by
+    /// `offset_ms` (the database's clock, for a node writing to it itself).
+    pub(crate) fn window_offset(&self, offset_ms: i64) -> Window {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        Window::around(now, self.max_age, self.max_ahead)
+        Window::around(now.saturating_add(offset_ms), self.max_age, self.max_ahead)
     }
 }
 
