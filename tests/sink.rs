@@ -276,3 +276,48 @@ async fn the_sink_lets_clients_send_large_frames() {
     drop(connection);
     sink.stop().await;
 }
+
+/// A peer that stalls in the middle of a frame (or vanished without a FIN)
+/// is pinged once it has sent nothing for `KEEPALIVE_INTERVAL`, and its
+/// connection closed when it does not answer within `KEEPALIVE_TIMEOUT`:
+/// what it held is let go, and a stalled connection cannot hold the sink's
+/// memory for ever.
+#[tokio::test]
+async fn a_peer_that_stalls_mid_frame_is_pinged_and_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let sink = Running::start("stalled-peer", &[]).await;
+    let mut connection = tokio::net::TcpStream::connect(sink.address).await.unwrap();
+    connection.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    connection.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // The head of a 64 KiB DATA frame on stream 1, and 1000 bytes of it.
+    connection.write_all(&[0x01, 0x00, 0x00, 0, 0, 0, 0, 0, 1]).await.unwrap();
+    connection.write_all(&[0u8; 1000]).await.unwrap();
+    let started = std::time::Instant::now();
+    // Read what the sink sends, answering nothing, until it closes.
+    let (mut pings, mut buffer) = (0, Vec::new());
+    let limit = receiver::KEEPALIVE_INTERVAL + receiver::KEEPALIVE_TIMEOUT + Duration::from_secs(20);
+    let closed = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match connection.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled connection was still open after {limit:?}");
+    let waited = started.elapsed();
+    assert!(waited >= receiver::KEEPALIVE_INTERVAL, "closed after {waited:?}, before any ping was due");
+    // Frames: 9-byte heads; PING is type 6.
+    let mut at = 0;
+    while at + 9 <= buffer.len() {
+        let length = u32::from_be_bytes([0, buffer[at], buffer[at + 1], buffer[at + 2]]) as usize;
+        pings += usize::from(buffer[at + 3] == 6);
+        at += 9 + length;
+    }
+    assert!(pings >= 1, "the sink closed the connection without pinging it first");
+    drop(connection);
+    sink.stop().await;
+}

@@ -15,7 +15,7 @@ pub(crate) mod transcode;
 pub mod validate;
 pub mod writer;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::{
     net::TcpListener,
@@ -55,6 +55,16 @@ const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// bounded: a frame is at most this, and a message at most
 /// MAX_MESSAGE_BYTES, as before.
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
+/// A connection that sends nothing for this long is sent an HTTP/2 PING;
+/// one that does not answer it within [`KEEPALIVE_TIMEOUT`] is closed, and
+/// what it held (a frame or a message sent in part) let go. Nodes answer
+/// PINGs on their own; a peer that stalled, or vanished without a FIN,
+/// does not.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// See [`KEEPALIVE_INTERVAL`].
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves `listener` until `shutdown` resolves, then finishes the requests
 /// under way and writes out everything it acknowledged before returning.
@@ -163,6 +173,8 @@ pub async fn serve_with(
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
         .max_frame_size(Some(MAX_FRAME_BYTES))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
