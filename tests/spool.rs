@@ -88,9 +88,11 @@ fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
     let [port, metrics] = free_ports();
     let socket = format!("127.0.0.1:{port}");
 
-    // The sink is down: everything goes to the spool; then SIGKILL.
+    // The sink is down: everything goes to the spool; then SIGKILL. The
+    // node is named, as a pod is, and comes back under another name.
     let mut env = node_env(&socket, "first", Some(&spool));
     env.push(("METRICS_ADDR", format!("127.0.0.1:{metrics}")));
+    env.push(("NODE_ID", "pod-a".into()));
     let first = Process::start("node-1", NODE, &[], &env, &dir);
     wait_for_port(metrics, Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(2));
@@ -101,7 +103,9 @@ fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
 
     // The sink is back; a new node on the same spool replays it.
     let (sink, _) = start_sink(&dir, &socket, "sink");
-    let second = Process::start("node-2", NODE, &[], &node_env(&socket, "second", Some(&spool)), &dir);
+    let mut env = node_env(&socket, "second", Some(&spool));
+    env.push(("NODE_ID", "pod-b".into()));
+    let second = Process::start("node-2", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(3));
     let summary = stop(second);
     stop(sink);
@@ -117,6 +121,23 @@ fn a_node_killed_while_the_sink_is_down_delivers_its_spool_after_restart() {
     let own = assert_complete_and_ordered(&of(&written, "second-"));
     assert_eq!(own.values().sum::<u64>(), summary["produced"]);
     assert_eq!((summary["acked"], summary["dropped"], summary["in_spool"]), (summary["produced"], 0, 0));
+    // Each reading is its maker's: the spooled ones the first pod's.
+    assert_eq!(node_ids(&dir.join("out/readings.jsonl"), "first-"), ["pod-a"]);
+    assert_eq!(node_ids(&dir.join("out/readings.jsonl"), "second-"), ["pod-b"]);
+}
+
+/// The node identities the sink wrote for sensors starting with `prefix`.
+fn node_ids(path: &Path, prefix: &str) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|value| value["sensor_name"].as_str().is_some_and(|name| name.starts_with(prefix)))
+        .filter_map(|value| value["node_id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 #[test]

@@ -97,7 +97,9 @@ impl LaneSpool {
     }
 }
 
-/// Delivers the spooled batches of `lane`, oldest first, until `stop`.
+/// Delivers the spooled batches of `lane`, oldest first, until `stop`,
+/// each under the identity it was made with (`node_id` where the spool has
+/// none recorded).
 /// A batch leaves the spool only once the sink took it, or refused it for
 /// good; a damaged one is skipped and counted.
 pub(crate) async fn replay<T: Transport>(
@@ -137,8 +139,9 @@ pub(crate) async fn replay<T: Transport>(
             let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;
             continue;
         };
-        let request =
-            Outgoing { items, readings: n, node_id: Arc::clone(&node_id), lane, batch_sequence: stored.batch_sequence };
+        // Sent as the run that made it: NODE_ID may have changed since.
+        let node_id = stored.node_id.map_or_else(|| Arc::clone(&node_id), Arc::from);
+        let request = Outgoing { items, readings: n, node_id, lane, batch_sequence: stored.batch_sequence };
         let delivered = tokio::select! {
             delivered = deliver(&context, request) => delivered,
             () = stop.cancelled() => return,

@@ -23,6 +23,11 @@ use crate::proto::SensorValuesRequest;
 const BATCHES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("batches");
 /// Node facts that outlive a run: its identity.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// The identity each run sent its batches under: first batch number of the
+/// run → node identity. A stored batch belongs to the run with the greatest
+/// first number not above its own, so it is replayed under the identity it
+/// was made with, whatever NODE_ID is now.
+const RUNS: TableDefinition<u64, &str> = TableDefinition::new("runs");
 
 /// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,9 @@ pub(crate) struct Stored {
     /// Its encoded readings and how many there are, or `None` when the
     /// record is damaged.
     pub(crate) items: Option<(Bytes, usize)>,
+    /// The identity it was made under, where the spool recorded it (a
+    /// spool written before runs were recorded has none).
+    pub(crate) node_id: Option<String>,
 }
 
 /// A durable FIFO of batches per lane, bounded in bytes.
@@ -128,6 +136,40 @@ impl Spool {
         Ok(id)
     }
 
+    /// Records that this run numbers its batches from `first_batch` on and
+    /// sends them as `node_id`, and forgets runs no stored batch belongs to.
+    /// Returns the run's first batch number: `first_batch`, or one past
+    /// every number already stored or recorded if that is higher (a clock
+    /// set back between runs), so batches of two runs never share a number.
+    pub fn begin_run(&self, first_batch: u64, node_id: &str) -> Result<u64, SpoolError> {
+        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let first = {
+            let batches = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+            let mut runs = write.open_table(RUNS).map_err(|e| self.error(e))?;
+            let (mut lowest, mut highest) = (u64::MAX, 0);
+            for entry in batches.iter().map_err(|e| self.error(e))? {
+                let (_, sequence) = entry.map_err(|e| self.error(e))?.0.value();
+                lowest = lowest.min(sequence);
+                highest = highest.max(sequence);
+            }
+            let last_run = runs.last().map_err(|e| self.error(e))?.map(|(key, _)| key.value());
+            let first = first_batch.max(highest.saturating_add(1)).max(last_run.map_or(0, |run| run.saturating_add(1)));
+            // Runs before the one the oldest stored batch belongs to hold
+            // nothing any more; with nothing stored, none holds anything.
+            let keep_from = if lowest == u64::MAX {
+                u64::MAX
+            } else {
+                let owner = runs.range(..=lowest).map_err(|e| self.error(e))?.next_back();
+                owner.transpose().map_err(|e| self.error(e))?.map_or(0, |(key, _)| key.value())
+            };
+            runs.retain_in(..keep_from, |_, _| false).map_err(|e| self.error(e))?;
+            runs.insert(first, node_id).map_err(|e| self.error(e))?;
+            first
+        };
+        write.commit().map_err(|e| self.error(e))?;
+        Ok(first)
+    }
+
     /// The oldest batch of `lane`, kept from eviction until the returned
     /// hold is dropped: its replayer is about to deliver it. Read while no
     /// push is evicting, so the batch returned is one that is stored.
@@ -173,13 +215,28 @@ impl Spool {
 
     /// The oldest batch of `lane`, if any.
     pub(crate) fn oldest(&self, lane: u32) -> Result<Option<Stored>, SpoolError> {
-        self.read(|table| {
+        let stored = self.read(|table| {
             let mut range = table.range((lane, 0)..=(lane, u64::MAX))?;
             Ok(range.next().transpose()?.map(|(key, value)| {
                 let (_, batch_sequence) = key.value();
-                Stored { batch_sequence, items: decode(value.value()) }
+                Stored { batch_sequence, items: decode(value.value()), node_id: None }
             }))
-        })
+        })?;
+        let Some(mut stored) = stored else { return Ok(None) };
+        stored.node_id = self.identity_of(stored.batch_sequence)?;
+        Ok(Some(stored))
+    }
+
+    /// The identity batch number `batch` was made under, if recorded.
+    fn identity_of(&self, batch: u64) -> Result<Option<String>, SpoolError> {
+        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        let runs = match read.open_table(RUNS) {
+            Ok(runs) => runs,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(self.error(error)),
+        };
+        let run = runs.range(..=batch).map_err(|e| self.error(e))?.next_back();
+        Ok(run.transpose().map_err(|e| self.error(e))?.map(|(_, id)| id.value().to_owned()))
     }
 
     /// Removes a delivered (or damaged) batch.
@@ -417,6 +474,48 @@ mod tests {
         drop(hold);
         let evicted: Vec<u64> = spool.push(0, 41, &batch(0, 41, 5)).unwrap().into_iter().map(|(b, _)| b).collect();
         assert_eq!(evicted.first(), Some(&first), "{evicted:?}");
+        drop(spool);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn each_batch_keeps_the_identity_of_the_run_that_made_it() {
+        let dir = dir("runs");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        // Written before runs were recorded: no identity.
+        spool.push(0, 10, &batch(0, 10, 2)).unwrap();
+        assert_eq!(spool.oldest(0).unwrap().unwrap().node_id, None);
+        assert_eq!(spool.begin_run(100, "first").unwrap(), 100);
+        spool.push(0, 100, &batch(0, 100, 2)).unwrap();
+        spool.push(1, 101, &batch(1, 101, 2)).unwrap();
+        drop(spool);
+        // Restarted with another NODE_ID, and a clock set back: numbers
+        // still grow past every stored batch.
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        let second = spool.begin_run(50, "second").unwrap();
+        assert_eq!(second, 102);
+        spool.push(0, second, &batch(0, second, 2)).unwrap();
+        let identities = |spool: &Spool, lane| {
+            let mut seen = Vec::new();
+            while let Some(stored) = spool.oldest(lane).unwrap() {
+                seen.push((stored.batch_sequence, stored.node_id));
+                spool.remove(lane, stored.batch_sequence).unwrap();
+            }
+            seen
+        };
+        let id = |s: &str| Some(s.to_owned());
+        assert_eq!(identities(&spool, 0), vec![(10, None), (100, id("first")), (102, id("second"))]);
+        // Runs are forgotten once no stored batch is theirs; a later run's
+        // numbers still start past the last one recorded.
+        let runs = |spool: &Spool| -> Vec<u64> {
+            let read = spool.db.begin_read().unwrap();
+            read.open_table(RUNS).unwrap().iter().unwrap().map(|entry| entry.unwrap().0.value()).collect()
+        };
+        assert_eq!(spool.begin_run(60, "third").unwrap(), 103);
+        assert_eq!(runs(&spool), vec![100, 102, 103], "batch 101 is still the first run's");
+        assert_eq!(identities(&spool, 1), vec![(101, id("first"))]);
+        assert_eq!(spool.begin_run(70, "fourth").unwrap(), 104);
+        assert_eq!(runs(&spool), vec![104]);
         drop(spool);
         std::fs::remove_dir_all(&dir).unwrap();
     }
