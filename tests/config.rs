@@ -44,6 +44,8 @@ fn every_bad_node_value_names_its_variable() {
         ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "0s"),
         ("BATCH_SIZE", "0"),
         ("BATCH_SIZE", "-5"),
+        ("MAX_MESSAGE_BYTES", "1000"),
+        ("MAX_MESSAGE_BYTES", "2000000000"),
         ("BATCH_TIMEOUT", "1"),
         ("RPC_TIMEOUT", "0ms"),
         ("SHUTDOWN_TIMEOUT", "x"),

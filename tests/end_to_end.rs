@@ -132,3 +132,50 @@ fn the_demo_with_host_shows_live_host_readings() {
     let summary = summary_fields(&stdout);
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
 }
+
+/// A batch whose request would pass the sink's MAX_MESSAGE_BYTES (4 MiB by
+/// default on both sides) is sent as several requests that fit: a large
+/// BATCH_SIZE with long sensor names loses nothing.
+#[test]
+fn a_batch_larger_than_a_request_may_be_is_sent_in_parts() {
+    let dir = scratch("large-batches");
+    let (sink, address) =
+        Process::start_sink("sink", &[("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())], &dir);
+    let name = "x".repeat(200);
+    // One lane of 1,000 sensors at 25 a second: a second's batch of 25,000
+    // readings of about 240 bytes is some 6 MB.
+    let node = Process::start(
+        "node",
+        env!("CARGO_BIN_EXE_telemetry-node"),
+        &[],
+        &[
+            ("GRPC_SERVER_SOCKET", address.to_string()),
+            ("SENSOR_NAME", name.clone()),
+            ("SENSOR_COUNT", "1000".into()),
+            ("SENSOR_VALUE_RATE_PER_SECOND", "25".into()),
+            ("MAX_IN_FLIGHT", "1".into()),
+            ("BATCH_SIZE", "100000".into()),
+            ("REQUEST_RATE_PER_SECOND", "20".into()),
+        ],
+        &dir,
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    assert_eq!(code, 0, "node failed: {stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] >= 40_000, "{stdout}");
+    assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "sink failed: {stderr}");
+
+    let text = std::fs::read_to_string(dir.join("out/readings.jsonl")).unwrap();
+    let mut per_batch: std::collections::BTreeMap<u64, usize> = Default::default();
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        *per_batch.entry(value["batch"].as_u64().unwrap()).or_default() += 1;
+    }
+    let largest = per_batch.values().max().copied().unwrap_or(0);
+    assert!(largest * (name.len() + 40) <= 4 << 20, "a request of {largest} readings passed 4 MiB");
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    assert_eq!(assert_complete_and_ordered(&written).values().sum::<u64>(), summary["produced"]);
+}

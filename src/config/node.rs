@@ -108,6 +108,10 @@ pub struct NodeConfig {
     /// Readings per request at most.
     #[envconfig(from = "BATCH_SIZE", default = "1000")]
     pub batch_size: usize,
+    /// Largest request the node sends: the sink's MAX_MESSAGE_BYTES. A batch
+    /// whose request would be larger is sent as several.
+    #[envconfig(from = "MAX_MESSAGE_BYTES", default = "4194304")]
+    pub max_message_bytes: usize,
     /// Longest a reading waits for its batch to fill before it is sent anyway.
     #[envconfig(from = "BATCH_TIMEOUT", default = "1s")]
     pub batch_timeout: humantime::Duration,
@@ -217,6 +221,7 @@ impl NodeConfig {
         }
         self.remote_write.validate(self.destination == Destination::RemoteWrite)?;
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
+        ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure((1..=100_000_000).contains(&self.queue_capacity), "QUEUE_CAPACITY", self.queue_capacity)?;
         ensure(self.spool_max_bytes >= 1 << 16, "SPOOL_MAX_BYTES", self.spool_max_bytes)?;

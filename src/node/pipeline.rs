@@ -162,7 +162,12 @@ impl<T: Transport> Run<'_, T> {
         let mut lanes = JoinSet::new();
         for (lane, sources) in sources.into_iter().enumerate() {
             let lane = lane as u32;
-            let identity = LaneIdentity { node_id: Arc::clone(&self.node_id), lane, first_batch: self.first_batch };
+            let identity = LaneIdentity {
+                node_id: Arc::clone(&self.node_id),
+                lane,
+                first_batch: self.first_batch,
+                max_bytes: self.config.max_message_bytes,
+            };
             let spool = spools.iter().find(|(id, _)| *id == lane).map(|(_, spool)| spool.clone());
             let readings = source::merge(sources).take_until(stop.clone().cancelled_owned());
             let readings = self.overflow_queue(readings);

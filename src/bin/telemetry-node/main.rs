@@ -308,6 +308,7 @@ fn log_config(c: &NodeConfig) {
         request_burst = c.request_burst,
         batch_size = c.batch_size,
         batch_timeout = %c.batch_timeout,
+        max_message_bytes = c.max_message_bytes,
         max_in_flight = c.max_in_flight,
         overflow_policy = ?c.overflow,
         queue_capacity = c.queue_capacity,
