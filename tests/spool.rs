@@ -166,6 +166,46 @@ fn the_sink_stopped_while_the_node_shuts_down_loses_nothing_with_a_spool() {
     assert!(second["replayed"] >= first["in_spool"]);
 }
 
+/// With the default request rate (1 a second) and shutdown timeout, the
+/// batches a stopping node holds outnumber what the rate lets out before the
+/// deadline: with a spool they wait on disk for the next start instead of
+/// being dropped (3,577 of 9,600 readings were, in this scenario, before).
+#[test]
+fn readings_waiting_for_the_request_rate_at_shutdown_go_to_the_spool() {
+    let dir = scratch("spool-rate-shutdown");
+    let spool = dir.join("spool");
+    let (sink, address) = start_sink(&dir, "127.0.0.1:0", "sink");
+    let spool_env = |name: &str| {
+        vec![
+            ("GRPC_SERVER_SOCKET", address.clone()),
+            ("SENSOR_NAME", name.to_owned()),
+            ("OVERFLOW_POLICY", "spool".to_owned()),
+            ("SPOOL_DIR", spool.display().to_string()),
+        ]
+    };
+    let mut env = spool_env("first");
+    env.extend([("SENSOR_COUNT", "8".to_owned()), ("SENSOR_VALUE_RATE_PER_SECOND", "200".to_owned())]);
+    let first = Process::start("node-1", NODE, &[], &env, &dir);
+    std::thread::sleep(Duration::from_secs(5));
+    let first = stop(first);
+    assert_eq!(first["dropped"], 0, "{first:?}");
+    assert!(first["in_spool"] > 0, "more was held than the rate let out: {first:?}");
+    assert_eq!(first["acked"] + first["in_spool"], first["produced"]);
+
+    // The next start sends them, at the same rate.
+    let second = Process::start("node-2", NODE, &[], &spool_env("second"), &dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let delivered = || of(&read_output(&dir.join("out/readings.jsonl")), "first-").len() as u64;
+    while delivered() < first["produced"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop(second);
+    stop(sink);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let delivered = assert_complete_and_ordered(&of(&written, "first-"));
+    assert_eq!(delivered.values().sum::<u64>(), first["produced"], "every reading of the first run, once");
+}
+
 /// Whether the node's summary line in `dir` lists its drops by reason.
 fn stdout_has_reasons(dir: &Path) -> bool {
     let out = std::fs::read_to_string(dir.join("node.out")).unwrap_or_default();

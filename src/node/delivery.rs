@@ -45,6 +45,21 @@ impl<T: Transport> SendContext<T> {
     /// the sink did.
     pub(crate) async fn attempt(&self, request: Outgoing) -> Result<(), Status> {
         self.throttle.acquire().await;
+        self.attempt_now(request).await
+    }
+
+    /// A token, unless shutdown has begun and none is free: `false` then,
+    /// and no token is taken.
+    pub(crate) async fn token_unless_draining(&self) -> bool {
+        tokio::select! {
+            biased;
+            () = self.throttle.acquire() => true,
+            () = self.draining.cancelled() => false,
+        }
+    }
+
+    /// One attempt, its token already taken.
+    pub(crate) async fn attempt_now(&self, request: Outgoing) -> Result<(), Status> {
         let answer = self.transport.send(request).await;
         match &answer {
             Err(status) if reached_nobody(status) => self.health.failed(),

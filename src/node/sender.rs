@@ -107,15 +107,18 @@ async fn send<T: Transport>(context: &SendContext<T>, spool: Option<&LaneSpool>,
 
 /// With a spool: sends `request` once if nothing of its lane waits in the
 /// spool; if something does, or the sink cannot take it now, spools it for
-/// the replayer. `None` when spooled; the outcome when it was sent (or the
-/// spool failed and it was delivered in memory).
+/// the replayer. Once shutdown has begun, a request that would wait for the
+/// request rate is spooled at once too: what the rate lets out before the
+/// deadline the replayer sends, and the rest stays on disk rather than being
+/// dropped. `None` when spooled; the outcome when it was sent (or the spool
+/// failed and it was delivered in memory).
 async fn send_or_spill<T: Transport>(
     context: &SendContext<T>,
     spool: &LaneSpool,
     request: Outgoing,
 ) -> Option<Result<(), SendError>> {
-    if !spool.has_waiting() {
-        match context.attempt(request.clone()).await {
+    if !spool.has_waiting() && context.token_unless_draining().await {
+        match context.attempt_now(request.clone()).await {
             Ok(()) => return Some(Ok(())),
             Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
             Err(status) => {
