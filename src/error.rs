@@ -66,6 +66,18 @@ pub enum ReceiveError {
         /// The millisecond, since 1970.
         millis: i64,
     },
+    /// A sensor name or node identity too long to be a database label value
+    /// (VictoriaMetrics cuts longer ones, merging series; Mimir and Cortex
+    /// refuse them).
+    #[error("{what} is {bytes} bytes, longer than a label value in the database may be ({limit} bytes)")]
+    LabelTooLong {
+        /// Which: `item N: sensor_name` or `node_id`.
+        what: String,
+        /// Its length.
+        bytes: usize,
+        /// The most a label value may be.
+        limit: usize,
+    },
     /// A reading older than REMOTE_WRITE_MAX_AGE: a database may drop it
     /// (past its retention) and still answer OK.
     #[error("item {index}: created_at is {age} before the sink's clock, older than REMOTE_WRITE_MAX_AGE ({limit})")]

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use super::validate::{MAX_SECONDS, Window};
+use super::validate::{MAX_LABEL_BYTES, MAX_SECONDS, Window};
 
 /// What [`transcode`] made of a request.
 #[derive(Debug, PartialEq)]
@@ -39,7 +39,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Optio
         match field(&mut bytes)? {
             (1, Value::Bytes(item)) => {
                 let (name, value, millis) = in_order(item).or_else(|| reading(item))?;
-                if !window.contains(millis) {
+                if !window.contains(millis) || name.len() > MAX_LABEL_BYTES {
                     return None;
                 }
                 grouped.add(name, value, millis)?;
@@ -49,6 +49,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Optio
             (1..=4, _) => return None,
             _ => {}
         }
+    }
+    if node_id.len() > MAX_LABEL_BYTES {
+        return None;
     }
     let sender = super::validate::sender(node_id);
     let node_id = std::str::from_utf8(node_id).ok()?;
@@ -440,7 +443,13 @@ mod tests {
     }
 
     fn any_item() -> impl Strategy<Value = SensorValue> {
-        let name = prop_oneof![Just(String::new()), "[a-c]{1,3}", "\\PC{0,4}"];
+        let name = prop_oneof![
+            8 => Just(String::new()),
+            40 => "[a-c]{1,3}",
+            40 => "\\PC{0,4}",
+            1 => Just("a".repeat(MAX_LABEL_BYTES)),
+            1 => Just("a".repeat(MAX_LABEL_BYTES + 1)),
+        ];
         let value = prop_oneof![Just(None), Just(Some(0i64)), any::<i64>().prop_map(Some), (0i64..5).prop_map(Some)];
         let seconds = prop_oneof![Just(0i64), 1_700_000_000i64..1_700_000_003, any::<i64>(), Just(MAX_SECONDS + 1)];
         let nanos = prop_oneof![Just(0i32), 0i32..3_000_000, any::<i32>(), Just(999_999_999)];
@@ -460,7 +469,12 @@ mod tests {
     }
 
     fn any_request() -> impl Strategy<Value = SensorValuesRequest> {
-        let node = prop_oneof![Just(String::new()), "[a-z]{1,8}"];
+        let node = prop_oneof![
+            10 => Just(String::new()),
+            10 => "[a-z]{1,8}",
+            1 => Just("n".repeat(MAX_LABEL_BYTES)),
+            1 => Just("n".repeat(MAX_LABEL_BYTES + 1)),
+        ];
         (proptest::collection::vec(any_item(), 0..20), node, any::<u32>(), any::<u64>()).prop_map(
             |(items, node_id, lane, batch_sequence)| SensorValuesRequest { items, node_id, lane, batch_sequence },
         )

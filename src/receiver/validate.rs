@@ -17,6 +17,12 @@ use crate::{
 /// Latest timestamp that RFC 3339 can write: 9999-12-31T23:59:59Z.
 pub(crate) const MAX_SECONDS: i64 = 253_402_300_799;
 
+/// Longest sensor name or node identity sent to a database as a label
+/// value: VictoriaMetrics cuts longer values (two sensors then share one
+/// series, and one's samples are lost though the answer is OK); Mimir and
+/// Cortex refuse values over 2048 bytes.
+pub(crate) const MAX_LABEL_BYTES: usize = 2048;
+
 /// One output line.
 #[derive(Debug, Serialize)]
 struct Line<'a> {
@@ -178,6 +184,14 @@ impl Window {
     }
 }
 
+/// Whether `value` may be a label value in the database; `what` names it.
+fn label_fits(value: &str, what: impl FnOnce() -> String) -> Result<(), ReceiveError> {
+    if value.len() <= MAX_LABEL_BYTES {
+        return Ok(());
+    }
+    Err(ReceiveError::LabelTooLong { what: what(), bytes: value.len(), limit: MAX_LABEL_BYTES })
+}
+
 /// A request's readings as remote-write series, encoded as the
 /// `timeseries` entries of a `WriteRequest` (so that the series of several
 /// requests, concatenated, are one request).
@@ -196,8 +210,10 @@ pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str, window: Win
     type Readings = Vec<(i64, f64, usize)>;
     let mut series: Vec<(&str, Readings)> = Vec::new();
     let mut index_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    label_fits(&request.node_id, || "node_id".into())?;
     for (index, item) in request.items.iter().enumerate() {
         let (value, created_at) = check(index, item)?;
+        label_fits(&item.sensor_name, || format!("item {index}: sensor_name"))?;
         let timestamp = created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         window.check(index, timestamp)?;
         let at = *index_of.entry(item.sensor_name.as_str()).or_insert_with(|| {
@@ -243,6 +259,7 @@ fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use prost::Message;
+    use tonic::Status;
 
     use super::*;
     use crate::{prompb::WriteRequest, proto::sensor_value::Measurement};
@@ -307,6 +324,26 @@ mod tests {
         let request = SensorValuesRequest { items: vec![at(1, 5), at(2, 6), at(3, 5)], ..Default::default() };
         let error = to_series(&request, "m", Window::any()).unwrap_err();
         assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1005 });
+    }
+
+    #[test]
+    fn a_name_too_long_for_a_database_label_refuses_the_request() {
+        let named = |sensor: usize, node: usize| SensorValuesRequest {
+            items: vec![item("a", Some(1), 1), item(&"s".repeat(sensor), Some(1), 1)],
+            node_id: "n".repeat(node),
+            ..Default::default()
+        };
+        assert!(to_series(&named(MAX_LABEL_BYTES, MAX_LABEL_BYTES), "m", Window::any()).is_ok());
+        let error = to_series(&named(MAX_LABEL_BYTES + 1, 1), "m", Window::any()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "item 1: sensor_name is 2049 bytes, longer than a label value in the database may be (2048 bytes)"
+        );
+        let error = to_series(&named(1, 17_000), "m", Window::any()).unwrap_err();
+        assert!(error.to_string().starts_with("node_id is 17000 bytes"), "{error}");
+        assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
+        // The file takes any length.
+        assert!(to_json_lines(&named(17_000, 17_000)).is_ok());
     }
 
     #[test]
