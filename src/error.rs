@@ -80,25 +80,25 @@ pub enum ReceiveError {
     },
     /// A reading older than REMOTE_WRITE_MAX_AGE: a database may drop it
     /// (past its retention) and still answer OK.
-    #[error("item {index}: created_at is {age} before the sink's clock, older than REMOTE_WRITE_MAX_AGE ({limit})")]
+    #[error("item {index}: created_at is {age} before the database's clock, older than REMOTE_WRITE_MAX_AGE ({limit})")]
     TooOld {
         /// Position of the reading in the request.
         index: usize,
-        /// How far before the sink's clock, to the millisecond.
+        /// How far before the database's clock, to the millisecond.
         age: humantime::Duration,
         /// REMOTE_WRITE_MAX_AGE.
         limit: humantime::Duration,
     },
-    /// A reading further ahead of the sink's clock than
+    /// A reading further ahead of the database's clock than
     /// REMOTE_WRITE_MAX_AHEAD: a database may drop it and answer OK, or
     /// (Prometheus) take it and refuse every sample of the present after it.
     #[error(
-        "item {index}: created_at is {ahead} after the sink's clock, further than REMOTE_WRITE_MAX_AHEAD ({limit})"
+        "item {index}: created_at is {ahead} after the database's clock, further than REMOTE_WRITE_MAX_AHEAD ({limit})"
     )]
     TooFarAhead {
         /// Position of the reading in the request.
         index: usize,
-        /// How far after the sink's clock, to the millisecond.
+        /// How far after the database's clock, to the millisecond.
         ahead: humantime::Duration,
         /// REMOTE_WRITE_MAX_AHEAD.
         limit: humantime::Duration,

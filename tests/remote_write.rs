@@ -718,8 +718,14 @@ async fn requests_of_one_node_queued_behind_a_stalled_database_are_stored_exactl
         let lane = if node == "lanes" { (i % 2) as u32 } else { 0 };
         SensorValuesRequest { items, node_id: node.into(), lane, batch_sequence: i }
     };
+    // The sink has heard from the database (and knows its clock) before it
+    // stalls.
+    let mut sends = vec![{
+        let (mut client, request) = (client.clone(), request("warm", 0));
+        let answer = client.send_sensor_values(request.clone()).await;
+        tokio::spawn(async move { (request, answer) })
+    }];
     database.signal(libc::SIGSTOP);
-    let mut sends = Vec::new();
     // "back" first, with more requests than the sink keeps waiting at all.
     for (node, count) in [("back", 80), ("clash", 20), ("lanes", 20)] {
         for i in 0..count {
@@ -1107,4 +1113,83 @@ fn a_node_writing_itself_shows_its_certificate_to_a_database_that_asks_for_one()
     let summary = stop_node(node);
     assert!(summary["produced"] > 300);
     assert_each_reading_once(&database, summary["produced"]);
+}
+
+/// Serves, on a loopback port, a stand-in for a database whose clock is
+/// `behind` the machine's: every answer (204) carries that clock as its
+/// `Date`. Counts the POSTs it answers.
+async fn database_with_a_clock_behind(behind: Duration) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&posts);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let posts = std::sync::Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let (mut line, mut length, mut post) = (String::new(), 0usize, false);
+                    while stream.read_line(&mut line).await.unwrap_or(0) > 0 && line != "\r\n" {
+                        post |= line.starts_with("POST ");
+                        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                        line.clear();
+                    }
+                    if line != "\r\n" {
+                        return;
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if post {
+                        posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    let date = httpdate::fmt_http_date(SystemTime::now() - behind);
+                    let answer = format!("HTTP/1.1 204 No Content\r\nDate: {date}\r\nContent-Length: 0\r\n\r\n");
+                    if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, posts)
+}
+
+/// The sink checks REMOTE_WRITE_MAX_AGE / _MAX_AHEAD by the database's
+/// clock, read from its answers' `Date` (and, before the first request, a
+/// GET): a reading in time by the sink's clock but 40 days ahead of a
+/// database's (VictoriaMetrics would drop it and answer OK) is refused, and
+/// one in time by the database's clock is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_judges_readings_by_the_databases_clock() {
+    let dir = scratch("rw-database-clock");
+    let behind = Duration::from_secs(40 * 24 * 3600);
+    let (port, posts) = database_with_a_clock_behind(behind).await;
+    let env = [
+        ("GRPC_SERVER_SOCKET", ANY_PORT.to_owned()),
+        ("OUTPUT", "remote-write".to_owned()),
+        ("REMOTE_WRITE_URL", format!("http://127.0.0.1:{port}/api/v1/write")),
+    ];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let send = |items: Vec<SensorValue>, batch: u64| SensorValuesRequest {
+        items,
+        node_id: "n".into(),
+        lane: 0,
+        batch_sequence: batch,
+    };
+    let now = SystemTime::now();
+    let refused = client.send_sensor_values(send(vec![reading("x", 1, now)], 1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("after the database's clock"), "{}", refused.message());
+    assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing of it was sent");
+    client.send_sensor_values(send(vec![reading("x", 2, now - behind)], 2)).await.unwrap();
+    assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(client);
+    stop_sink(sink);
 }

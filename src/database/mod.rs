@@ -53,6 +53,12 @@ pub(crate) struct Database {
 struct Clock {
     known: AtomicBool,
     offset_ms: AtomicI64,
+    /// Held by the one reading the clock with a GET, so that requests
+    /// arriving together before it is known cause one probe, not one each.
+    probing: tokio::sync::Mutex<()>,
+    /// When the last probe failed, and why: those that waited for it fail
+    /// with it rather than each trying again in turn.
+    failed: std::sync::Mutex<Option<(Instant, String)>>,
 }
 
 /// What the database made of one request.
@@ -169,9 +175,29 @@ impl Database {
     /// REMOTE_WRITE_URL (0 when the answer has no `Date`); an error when the
     /// database cannot be reached.
     pub(crate) async fn clock_offset(&self) -> Result<i64, String> {
-        if self.clock.known.load(Relaxed) {
-            return Ok(self.clock.offset_ms.load(Relaxed));
+        if let Some(offset) = self.known_clock_offset() {
+            return Ok(offset);
         }
+        let waiting_since = Instant::now();
+        let _probing = self.clock.probing.lock().await;
+        if let Some(offset) = self.known_clock_offset() {
+            return Ok(offset);
+        }
+        let failed = self.clock.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some((_, error)) = failed.filter(|(at, _)| *at >= waiting_since) {
+            return Err(error);
+        }
+        let probed = self.probe_clock().await;
+        if let Err(error) = &probed {
+            *self.clock.failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((Instant::now(), error.clone()));
+        }
+        probed
+    }
+
+    /// Reads the database's clock from the answer to a GET of
+    /// REMOTE_WRITE_URL.
+    async fn probe_clock(&self) -> Result<i64, String> {
         let mut request = Request::get(self.url.clone()).header(header::USER_AGENT, self.agent);
         if let Some(authorization) = &self.authorization {
             request = request.header(header::AUTHORIZATION, authorization.clone());
@@ -193,6 +219,11 @@ impl Database {
             Ok(Err(error)) => Err(format!("cannot reach the database to read its clock: {}", chain(&error))),
             Err(_) => Err(format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout)),
         }
+    }
+
+    /// The database's clock less this one's, if an answer has told it.
+    pub(crate) fn known_clock_offset(&self) -> Option<i64> {
+        self.clock.known.load(Relaxed).then(|| self.clock.offset_ms.load(Relaxed))
     }
 
     /// Notes the database's clock from the `Date` of an answer.

@@ -62,11 +62,7 @@ impl RemoteWriteTransport {
         }
         let decoded = SensorValuesRequest::decode(bytes.as_slice())
             .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
-        validate::to_series(&decoded, &self.rules.metric, window).map_err(|error| {
-            let status = Status::from(error);
-            // Checked here against the database's clock.
-            Status::new(status.code(), status.message().replace("the sink's clock", "the database's clock"))
-        })
+        validate::to_series(&decoded, &self.rules.metric, window).map_err(Status::from)
     }
 }
 

@@ -102,11 +102,13 @@ pub async fn serve_with(
     let stop_writer = CancellationToken::new();
     let dedup = Arc::new(dedup::Deduplicator::new(DEDUP_LANES));
     let remote_write = output == Output::File && config.output == OutputKind::RemoteWrite;
+    let mut database = None;
     let (chunks, writing) = if remote_write {
         let writer = remote_write::RemoteWriter::new(config, Arc::clone(&stats)).ok_or_else(|| ServeError::Output {
             path: "REMOTE_WRITE_URL".into(),
             source: std::io::ErrorKind::InvalidInput.into(),
         })?;
+        database = Some(writer.database().clone());
         let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
         let stop = stop_writer.clone();
         (
@@ -138,10 +140,16 @@ pub async fn serve_with(
     let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&stats)));
     // Remote-write keeps no memory between requests: a retried batch is the
     // same samples again, which the database takes as one.
-    let (dedup, render) = if remote_write {
-        (None, service::Render::Series(validate::SeriesRules::new(&config.remote_write)))
-    } else {
-        (Some(dedup), service::Render::Lines)
+    // Its time window follows the database's clock, read at once so that
+    // the first request need not wait for it.
+    let (dedup, render) = match database {
+        Some(database) => {
+            let rules = validate::SeriesRules::new(&config.remote_write).following(database);
+            let early = rules.clone();
+            tokio::spawn(async move { early.read_clock().await });
+            (None, service::Render::Series(rules))
+        }
+        None => (Some(dedup), service::Render::Lines),
     };
     let receiver = ReceiverService::new(config, chunks, dedup, render, Arc::clone(&stats), Arc::clone(&refusals));
     let accept_gzip = config.compression == Compression::Gzip;

@@ -87,6 +87,11 @@ impl RemoteWriter {
         })
     }
 
+    /// The database it writes to (its clock is shared by the clones).
+    pub(crate) fn database(&self) -> &Database {
+        &self.database
+    }
+
     /// Sends what arrives on `queue` until `stop` is cancelled, then what is
     /// still queued, and waits for every request under way.
     ///

@@ -65,6 +65,9 @@ impl SensorRoute {
         B: HttpBody + Send + 'static,
         B::Error: Into<StdError> + Send,
     {
+        if let Err(status) = self.service.read_database_clock().await {
+            return status.into_http();
+        }
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
         let codec = RequestCodec::new(self.max_items, self.service.series_rules(), Arc::clone(&self.refusals));

@@ -10,7 +10,7 @@ use prost::Message;
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{
     codec::Incoming,
@@ -27,6 +27,10 @@ use crate::{
     error::{OutputError, ReceiveError},
     proto::{SensorValuesRequest, SensorValuesResponse, sensor_service_server::SensorService},
 };
+
+/// How long a node waits when the database could not be reached to read
+/// its clock.
+const CLOCK_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the output takes of an accepted request.
 #[derive(Debug, Clone)]
@@ -62,6 +66,9 @@ pub struct ReceiverService {
     stats: Arc<SinkStats>,
     /// Where refused requests are counted and logged.
     refusals: Arc<Refusals>,
+    /// Failures to read the database's clock are logged at most once a
+    /// second.
+    clock_failures: std::sync::Mutex<crate::logging::Every>,
 }
 
 impl ReceiverService {
@@ -79,7 +86,20 @@ impl ReceiverService {
         let clock = TokioClock::new();
         let bucket = RateLimiter::direct_with_clock(Quota::per_second(burst), clock);
         let authorization = config.auth_token.as_ref().map(|token| format!("Bearer {}", token.expose()).into_bytes());
-        Self { authorization, max_items: config.max_items, bucket, clock, rate, output, dedup, render, stats, refusals }
+        let clock_failures = std::sync::Mutex::new(crate::logging::Every::second());
+        Self {
+            authorization,
+            max_items: config.max_items,
+            bucket,
+            clock,
+            rate,
+            output,
+            dedup,
+            render,
+            stats,
+            refusals,
+            clock_failures,
+        }
     }
 
     /// Whether `request` carries the token, compared in constant time.
@@ -156,6 +176,22 @@ impl ReceiverService {
     }
 
     /// How requests become remote-write series, when they do.
+    /// With a database as the output, reads its clock before the first
+    /// request is judged by it. While the database cannot be reached the
+    /// node is pushed back, as while the database fails: nothing is judged
+    /// by the sink's clock where the database's may differ.
+    pub(crate) async fn read_database_clock(&self) -> Result<(), Status> {
+        let Render::Series(rules) = &self.render else { return Ok(()) };
+        rules.read_clock().await.map_err(|message| {
+            self.stats.database_pushed_back("error", 1);
+            let gate = self.clock_failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).ready();
+            if let Some(suppressed) = gate {
+                warn!(message = "Cannot read the database's clock; pushing back on the nodes.", error = %message, suppressed);
+            }
+            Status::from(ReceiveError::Output(OutputError::Busy { retry_after: CLOCK_PAUSE, message: message.into() }))
+        })
+    }
+
     pub(crate) fn series_rules(&self) -> Option<SeriesRules> {
         match &self.render {
             Render::Series(rules) => Some(rules.clone()),

@@ -9,6 +9,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    database::Database,
     error::ReceiveError,
     prompb::{Label, Sample, TimeSeries},
     proto::{SensorValue, SensorValuesRequest},
@@ -105,7 +106,7 @@ pub(crate) fn sender(node_id: &[u8]) -> u64 {
 }
 
 /// How readings become remote-write samples: under which metric, and
-/// within which times of the sink's clock a database is sent them.
+/// within which times of the database's clock a database is sent them.
 #[derive(Debug, Clone)]
 pub(crate) struct SeriesRules {
     /// REMOTE_WRITE_METRIC.
@@ -114,6 +115,9 @@ pub(crate) struct SeriesRules {
     pub(crate) max_age: Duration,
     /// REMOTE_WRITE_MAX_AHEAD.
     pub(crate) max_ahead: Duration,
+    /// The database whose clock the window follows (the sink's output);
+    /// `None`: the caller gives the offset (a node writing itself).
+    database: Option<Arc<Database>>,
 }
 
 impl SeriesRules {
@@ -123,12 +127,29 @@ impl SeriesRules {
             metric: Arc::from(config.metric.as_str()),
             max_age: config.max_age.into(),
             max_ahead: config.max_ahead.into(),
+            database: None,
         }
     }
 
-    /// The times a database is sent, by the sink's clock now.
+    /// These rules, with the window following `database`'s clock.
+    pub(crate) fn following(mut self, database: Database) -> Self {
+        self.database = Some(Arc::new(database));
+        self
+    }
+
+    /// Reads the database's clock if no answer has told it yet (a GET of
+    /// REMOTE_WRITE_URL); an error when the database cannot be reached.
+    pub(crate) async fn read_clock(&self) -> Result<(), String> {
+        match &self.database {
+            Some(database) if database.known_clock_offset().is_none() => database.clock_offset().await.map(drop),
+            _ => Ok(()),
+        }
+    }
+
+    /// The times a database is sent now: by its clock as its answers'
+    /// `Date` last told it (the sink's own clock until one has).
     pub(crate) fn window(&self) -> Window {
-        self.window_offset(0)
+        self.window_offset(self.database.as_ref().and_then(|database| database.known_clock_offset()).unwrap_or(0))
     }
 
     /// The times a database is sent, by this clock now shifted by
@@ -145,7 +166,7 @@ impl SeriesRules {
 /// ahead and then refuses every sample of the present (Prometheus).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
-    /// The sink's clock.
+    /// The database's clock, as far as it is known.
     now: i64,
     /// The limits, for messages.
     max_age: Duration,
@@ -356,11 +377,11 @@ mod tests {
         let old = to_series(&at(900), "m", window).unwrap_err();
         assert_eq!(
             old.to_string(),
-            "item 0: created_at is 1m 40s before the sink's clock, older than REMOTE_WRITE_MAX_AGE (1m)"
+            "item 0: created_at is 1m 40s before the database's clock, older than REMOTE_WRITE_MAX_AGE (1m)"
         );
         let ahead = to_series(&at(1011), "m", window).unwrap_err().to_string();
         assert!(
-            ahead.contains("11s after the sink's clock") && ahead.contains("REMOTE_WRITE_MAX_AHEAD (10s)"),
+            ahead.contains("11s after the database's clock") && ahead.contains("REMOTE_WRITE_MAX_AHEAD (10s)"),
             "{ahead}"
         );
     }
