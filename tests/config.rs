@@ -71,6 +71,8 @@ fn every_bad_sink_value_names_its_variable() {
         ("RATE_PER_SECOND", "0"),
         ("RATE_PER_SECOND", "-1"),
         ("RATE_PER_SECOND", "fast"),
+        ("MAX_BYTES_IN_FLIGHT", "1000"),
+        ("MAX_BYTES_IN_FLIGHT", "lots"),
         ("BUFFER_SIZE", "0"),
         ("BUFFER_FLUSH_INTERVAL", "later"),
         ("BUFFER_FLUSH_INTERVAL", "0s"),

@@ -126,3 +126,82 @@ fn a_node_whose_output_is_closed_goes_on_and_stops_cleanly() {
     };
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// A peer on one HTTP/2 connection, until dropped.
+struct Peer {
+    /// Its connection's task.
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    /// Its requests' bodies, never ended.
+    _bodies: Vec<h2::SendStream<prost::bytes::Bytes>>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+/// Opens `streams` requests on one HTTP/2 connection to `port`, each
+/// declaring a message of almost 4 MiB and sending `send` bytes of it, and
+/// never finishing.
+async fn stalled_requests(port: u16, streams: usize, send: usize) -> Peer {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut bodies = Vec::new();
+    for _ in 0..streams {
+        let mut client = client.clone().ready().await.unwrap();
+        let request = http::Request::post(format!("http://127.0.0.1:{port}/sensor.v1.SensorService/SendSensorValues"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (_answer, mut body) = client.send_request(request, false).unwrap();
+        let mut message = vec![0u8];
+        message.extend_from_slice(&((4 << 20) - 100u32).to_be_bytes());
+        message.resize(send, 0x0a);
+        // h2 sends what the sink's flow control lets through and keeps the
+        // rest here.
+        body.send_data(message.into(), false).unwrap();
+        bodies.push(body);
+    }
+    Peer { connection, _bodies: bodies }
+}
+
+/// A peer opening as many requests as it may on one connection, each
+/// declaring a 4 MiB message and stalling before its end, and four such
+/// peers at once: requests are let in only while their messages fit in
+/// MAX_BYTES_IN_FLIGHT (64 MiB), so the sink's memory stays near it (before,
+/// 200 such requests on one connection took 792 MB). The stalled requests
+/// are let go after 60 s, and a well-behaved request then gets through
+/// while the peers are still connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_requests_on_many_streams_hold_no_more_than_the_budget() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = scratch("hostile-streams");
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let port = address.port();
+    let before = peak_rss(sink.child.id());
+    let mut peers = Vec::new();
+    for _ in 0..4 {
+        // The sink lets a connection open 128 requests at once.
+        peers.push(stalled_requests(port, 128, 4 << 20).await);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grown = peak_rss(sink.child.id()).saturating_sub(before);
+    eprintln!("peak RSS grew by {} MiB under 4 × 128 stalled requests", grown >> 20);
+    assert!(grown < 160 << 20, "the sink grew by {} MiB", grown >> 20);
+
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let transport = GrpcTransport::new(endpoint, Duration::from_secs(90));
+    let request = SensorValuesRequest { items: vec![SensorValue::default()], ..Default::default() };
+    let started = std::time::Instant::now();
+    let answer = transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await;
+    assert_eq!(answer.unwrap_err().code(), tonic::Code::InvalidArgument, "answered, not stuck");
+    eprintln!("a request got through after {:?}", started.elapsed());
+    drop(peers);
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("did not arrive whole within 60 s"), "the stalled requests were let go: {stderr}");
+}

@@ -54,6 +54,10 @@ pub struct SinkConfig {
     /// Largest request accepted, in encoded bytes.
     #[envconfig(from = "MAX_MESSAGE_BYTES", default = "4194304")]
     pub max_message_bytes: usize,
+    /// Most bytes of requests held at once while they are received and
+    /// answered, over all connections (at least one largest request).
+    #[envconfig(from = "MAX_BYTES_IN_FLIGHT", default = "67108864")]
+    pub max_bytes_in_flight: usize,
     /// Most readings accepted in one request.
     #[envconfig(from = "MAX_ITEMS_PER_REQUEST", default = "100000")]
     pub max_items: usize,
@@ -115,6 +119,8 @@ impl SinkConfig {
         }
         ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
+        let in_flight = self.max_bytes_in_flight;
+        ensure((1 << 20..=1 << 40).contains(&in_flight), "MAX_BYTES_IN_FLIGHT", in_flight)?;
         self.tls()?;
         self.remote_write.validate(self.output == OutputKind::RemoteWrite)?;
         let concurrency = self.remote_write_concurrency;

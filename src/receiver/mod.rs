@@ -3,6 +3,7 @@
 //! [`service`] answers each request; [`validate`] turns a request into
 //! output lines or refuses it; [`writer`] owns the output file.
 
+mod budget;
 mod codec;
 pub(crate) mod dedup;
 mod output_file;
@@ -55,6 +56,12 @@ const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 /// bounded: a frame is at most this, and a message at most
 /// MAX_MESSAGE_BYTES, as before.
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
+/// Requests one connection may have open at once. A request waiting for its
+/// share of MAX_BYTES_IN_FLIGHT holds its first frame (at most
+/// MAX_FRAME_BYTES), so this bounds what a connection holds while it
+/// waits; a node's further requests wait at the node.
+pub const MAX_STREAMS: u32 = 128;
 
 /// A connection that sends nothing for this long is sent an HTTP/2 PING;
 /// one that does not answer it within [`KEEPALIVE_TIMEOUT`] is closed, and
@@ -153,7 +160,9 @@ pub async fn serve_with(
     };
     let receiver = ReceiverService::new(config, chunks, dedup, render, Arc::clone(&stats), Arc::clone(&refusals));
     let accept_gzip = config.compression == Compression::Gzip;
-    let service = route::SensorRoute::new(receiver, accept_gzip, config.max_message_bytes, config.max_items, refusals);
+    let budget = budget::Budget::new(config.max_bytes_in_flight, config.max_message_bytes);
+    let limits = (config.max_message_bytes, config.max_items);
+    let service = route::SensorRoute::new(receiver, accept_gzip, limits, budget, refusals);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<route::SensorRoute>().await;
     let tls = config.tls().map_err(|error| ServeError::Tls(error.to_string()))?;
@@ -181,6 +190,7 @@ pub async fn serve_with(
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
         .max_frame_size(Some(MAX_FRAME_BYTES))
+        .max_concurrent_streams(Some(MAX_STREAMS))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)

@@ -23,11 +23,17 @@ use tonic::{
 
 use super::stats::RejectReason;
 use super::{
+    budget::{Budget, Share},
     codec::{Incoming, RequestCodec},
     refusals::Refusals,
     service::ReceiverService,
 };
-use crate::proto::SensorValuesResponse;
+use crate::{error::ReceiveError, proto::SensorValuesResponse};
+
+/// Longest a request may take to arrive whole (waiting for its share of
+/// the budget included) before it is answered DEADLINE_EXCEEDED, which a
+/// node retries: a sender that stalls mid-request gives its share back.
+const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The method's path.
 const SEND_PATH: &str = "/sensor.v1.SensorService/SendSensorValues";
@@ -45,6 +51,8 @@ pub(crate) struct SensorRoute {
     max_items: usize,
     /// Where refusals are counted and logged.
     refusals: Arc<Refusals>,
+    /// The bytes requests being received may hold, over all connections.
+    budget: Budget,
 }
 
 impl SensorRoute {
@@ -52,22 +60,34 @@ impl SensorRoute {
     pub(crate) fn new(
         service: ReceiverService,
         accept_gzip: bool,
-        max_bytes: usize,
-        max_items: usize,
+        limits: (usize, usize),
+        budget: Budget,
         refusals: Arc<Refusals>,
     ) -> Self {
-        Self { service: Arc::new(service), accept_gzip, max_bytes, max_items, refusals }
+        let (max_bytes, max_items) = limits;
+        Self { service: Arc::new(service), accept_gzip, max_bytes, max_items, refusals, budget }
     }
 
     /// Answers one call of the method.
     async fn send<B>(self, request: http::Request<B>) -> http::Response<Body>
     where
         B: HttpBody + Send + 'static,
+        B::Data: Send,
         B::Error: Into<StdError> + Send,
     {
+        // Before any of the body is read: a sender without the token costs
+        // no memory.
+        if !self.service.authorized(request.headers()) {
+            let status = Status::from(ReceiveError::Unauthenticated);
+            self.refusals.refuse(RejectReason::Unauthenticated, &status);
+            return status.into_http();
+        }
         if let Err(status) = self.service.read_database_clock().await {
             return status.into_http();
         }
+        // Held until the request is answered.
+        let share = Share::default();
+        let request = request.map(|body| self.budget.meter(Box::pin(body), Arc::clone(&share)));
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
         let codec = RequestCodec::new(self.max_items, self.service.series_rules(), Arc::clone(&self.refusals));
@@ -75,7 +95,25 @@ impl SensorRoute {
         if self.accept_gzip {
             grpc = grpc.accept_compressed(CompressionEncoding::Gzip);
         }
-        let response = grpc.unary(method, request).await;
+        let answering = grpc.unary(method, request);
+        tokio::pin!(answering);
+        let response = tokio::select! {
+            response = &mut answering => response,
+            () = tokio::time::sleep(RECEIVE_TIMEOUT) => {
+                if reached.load(Relaxed) {
+                    // Received whole: its answer is the output's to give.
+                    answering.await
+                } else {
+                    let status = Status::deadline_exceeded(format!(
+                        "the request did not arrive whole within {} s",
+                        RECEIVE_TIMEOUT.as_secs()
+                    ));
+                    self.refusals.refuse(RejectReason::Invalid, &status);
+                    return status.into_http();
+                }
+            }
+        };
+        drop(share);
         if reached.load(Relaxed) {
             return response;
         }
@@ -114,6 +152,7 @@ impl NamedService for SensorRoute {
 impl<B> Service<http::Request<B>> for SensorRoute
 where
     B: HttpBody + Send + 'static,
+    B::Data: Send,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<Body>;

@@ -102,10 +102,15 @@ impl ReceiverService {
         }
     }
 
-    /// Whether `request` carries the token, compared in constant time.
-    fn authorized<T>(&self, request: &Request<T>) -> bool {
+    /// Whether a request with `headers` carries the token, compared in
+    /// constant time.
+    pub(crate) fn authorized(&self, headers: &tonic::codegen::http::HeaderMap) -> bool {
+        self.token_matches(headers.get("authorization").map_or(&[][..], |value| value.as_bytes()))
+    }
+
+    /// Whether `given` is `Bearer <SINK_AUTH_TOKEN>` (or no token is set).
+    fn token_matches(&self, given: &[u8]) -> bool {
         let Some(expected) = &self.authorization else { return true };
-        let given = request.metadata().get("authorization").map_or(&[][..], |value| value.as_bytes());
         bool::from(given.ct_eq(expected))
     }
 
@@ -228,7 +233,10 @@ async fn write_out(
 impl ReceiverService {
     /// Answers one request, as decoded by the route's codec.
     pub(crate) async fn receive(&self, request: Request<Incoming>) -> Result<Response<SensorValuesResponse>, Status> {
-        let answer = if !self.authorized(&request) {
+        // The route checks the token before reading the body; checked again
+        // for a service served without the route.
+        let given = request.metadata().get("authorization").map_or(&[][..], |value| value.as_bytes());
+        let answer = if !self.token_matches(given) {
             Err(ReceiveError::Unauthenticated)
         } else {
             match request.into_inner() {
