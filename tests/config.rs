@@ -475,6 +475,17 @@ fn the_nodes_client_certificate_is_checked_against_its_key_and_its_version() {
     let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
     assert_eq!(*variable, "TLS_CLIENT_CERT");
     assert!(reason.contains("not readable as X.509"), "{reason}");
+    // Expired, or not valid yet: the sink would refuse it at the handshake.
+    for (name, from, until, said) in [
+        ("expired", (2019, 1, 1), (2020, 1, 1), "expired at 2020-01-01T00:00:00Z"),
+        ("early", (2090, 1, 1), (2091, 1, 1), "valid only from 2090-01-01T00:00:00Z"),
+    ] {
+        let (cert, key) = pki.issue_valid(name, "node", from, until);
+        let error = node(&cert, &key).unwrap_err();
+        let ConfigError::Unusable { variable, reason, .. } = &error else { panic!("{error}") };
+        assert_eq!(*variable, "TLS_CLIENT_CERT");
+        assert!(reason.contains(said), "{reason}");
+    }
 }
 
 #[test]

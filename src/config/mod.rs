@@ -316,6 +316,30 @@ pub(crate) fn check_identity(
         }
         Some(_) => {}
     }
+    if let Some((not_before, not_after)) = certificate_validity(first) {
+        let now = std::time::SystemTime::now();
+        let at = |seconds: i64| {
+            let since = std::time::Duration::from_secs(seconds.max(0).unsigned_abs());
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + since)
+        };
+        let now_seconds = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if now_seconds > not_after {
+            let reason = format!(
+                "it expired at {} (this machine's clock reads {}): the other side refuses it at the handshake; issue a new one",
+                at(not_after),
+                humantime::format_rfc3339_seconds(now)
+            );
+            return Err(unusable(cert, reason));
+        }
+        if now_seconds < not_before {
+            let reason = format!(
+                "it is valid only from {} (this machine's clock reads {}): the other side refuses it at the handshake",
+                at(not_before),
+                humantime::format_rfc3339_seconds(now)
+            );
+            return Err(unusable(cert, reason));
+        }
+    }
     let Ok(key_der) = PrivateKeyDer::from_pem_slice(key.as_bytes()) else {
         return Err(invalid(key_file.0, key_file.1.display().to_string()));
     };
@@ -356,6 +380,57 @@ fn certificate_version(der: &[u8]) -> Option<u8> {
         (0x02, _, &[number]) if number <= 2 && version.is_empty() => Some(number + 1),
         _ => None,
     }
+}
+
+/// When the DER certificate `der` is valid, from and until, in seconds
+/// since 1970; `None` when its validity cannot be read.
+fn certificate_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let mut tbs = to_be_signed(der)?;
+    // [0] version, absent in v1; then serial, signature algorithm, issuer,
+    // and the validity: two times.
+    if tbs.first() == Some(&0xa0) {
+        der_element(&mut tbs)?;
+    }
+    for _ in 0..3 {
+        der_element(&mut tbs)?;
+    }
+    let (0x30, _, mut validity) = der_element(&mut tbs)? else { return None };
+    let (from_tag, _, from) = der_element(&mut validity)?;
+    let (until_tag, _, until) = der_element(&mut validity)?;
+    Some((asn1_time(from_tag, from)?, asn1_time(until_tag, until)?))
+}
+
+/// An ASN.1 UTCTime (tag 0x17, `YYMMDDHHMMSSZ`, 1950 to 2049) or
+/// GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`) in seconds since 1970.
+fn asn1_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = std::str::from_utf8(text.get(range)?).ok()?;
+        part.bytes().all(|b| b.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    let (year, rest) = match (tag, text.len()) {
+        (0x17, 13) => {
+            let year = digits(0..2)?;
+            (if year < 50 { 2000 + year } else { 1900 + year }, 2)
+        }
+        (0x18, 15) => (digits(0..4)?, 4),
+        _ => return None,
+    };
+    if text.last() != Some(&b'Z') {
+        return None;
+    }
+    let field = |i: usize| digits(rest + 2 * i..rest + 2 * i + 2);
+    let (month, day, hour, minute, second) = (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (the proleptic Gregorian calendar).
+    let (y, m) = if month <= 2 { (year - 1, month + 9) } else { (year, month - 3) };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 /// The sink's TLS, and the node's, take version 3 client certificates only.
@@ -503,4 +578,28 @@ pub(crate) fn ensure_positive(variable: &'static str, duration: humantime::Durat
 /// Fails unless `duration` is at most ten years (zero allowed).
 pub(crate) fn ensure_bounded(variable: &'static str, duration: humantime::Duration) -> Result<(), ConfigError> {
     ensure(*duration <= LONGEST, variable, duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asn1_time;
+
+    #[test]
+    fn certificate_times_are_read_as_seconds_since_1970() {
+        assert_eq!(asn1_time(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(asn1_time(0x17, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(asn1_time(0x17, b"500101000000Z"), Some(-631_152_000));
+        assert_eq!(asn1_time(0x18, b"20260101000000Z"), Some(1_767_225_600));
+        assert_eq!(asn1_time(0x18, b"20240229120000Z"), Some(1_709_208_000));
+        assert_eq!(asn1_time(0x18, b"99991231235959Z"), Some(253_402_300_799));
+        for (tag, text) in [
+            (0x17, &b"700101000000"[..]),
+            (0x17, b"701301000000Z"),
+            (0x18, b"2026010100000Z"),
+            (0x18, b"2026-1-01000000Z"),
+            (0x04, b"700101000000Z"),
+        ] {
+            assert_eq!(asn1_time(tag, text), None, "{}", String::from_utf8_lossy(text));
+        }
+    }
 }

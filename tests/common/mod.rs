@@ -412,8 +412,23 @@ impl<'a> Pki<'a> {
 
     /// Writes `<name>.crt` and `<name>.key` for `host`, signed by this CA.
     pub fn issue(&self, name: &str, host: &str) -> (String, String) {
+        let params = rcgen::CertificateParams::new(vec![host.to_owned()]).unwrap();
+        self.issue_with(name, params)
+    }
+
+    /// [`Pki::issue`], valid from `from` until `until` (year, month, day)
+    /// only.
+    #[allow(dead_code)]
+    pub fn issue_valid(&self, name: &str, host: &str, from: (i32, u8, u8), until: (i32, u8, u8)) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec![host.to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        self.issue_with(name, params)
+    }
+
+    fn issue_with(&self, name: &str, params: rcgen::CertificateParams) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![host.to_owned()]).unwrap().signed_by(&key, &self.ca).unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
         let (cert_path, key_path) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
