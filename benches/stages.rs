@@ -149,7 +149,7 @@ fn spool(c: &mut Criterion) {
     group.bench_function("commit_and_remove_batch_100", |b| {
         b.iter(|| {
             sequence += 1;
-            spool.push(0, sequence, &batch).unwrap();
+            spool.push(0, sequence, &batch, "node").unwrap();
             spool.remove(0, sequence).unwrap();
         })
     });

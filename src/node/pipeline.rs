@@ -94,13 +94,7 @@ pub async fn run_with<T: Transport>(
     };
     // Batch numbers only grow, across restarts too: each run starts from the
     // clock, in microseconds.
-    let mut first_batch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
-    if let Some(spool) = &spool {
-        match spool.begin_run(first_batch, &node_id) {
-            Ok(first) => first_batch = first,
-            Err(error) => error!(message = "Cannot record this run in the spool.", %error),
-        }
-    }
+    let first_batch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
     let run = Run { config, context, node_id, first_batch };
     let replayers = run.start_replayers(spool.as_ref());
     let stop_sources = CancellationToken::new();

@@ -77,7 +77,10 @@ impl LaneSpool {
     pub(crate) async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
         let ledger = &context.ledger;
         let readings = request.readings;
-        let pushed = self.spool.push_async(request.lane, request.batch_sequence, request.items.clone()).await;
+        let pushed = self
+            .spool
+            .push_async(request.lane, request.batch_sequence, request.items.clone(), Arc::clone(&request.node_id))
+            .await;
         match pushed {
             Ok(evicted) => {
                 self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).spilled += 1;

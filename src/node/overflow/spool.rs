@@ -23,11 +23,11 @@ use crate::proto::SensorValuesRequest;
 const BATCHES: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("batches");
 /// Node facts that outlive a run: its identity.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-/// The identity each run sent its batches under: first batch number of the
-/// run → node identity. A stored batch belongs to the run with the greatest
-/// first number not above its own, so it is replayed under the identity it
-/// was made with, whatever NODE_ID is now.
-const RUNS: TableDefinition<u64, &str> = TableDefinition::new("runs");
+/// The identity each stored batch was made under: (lane, batch number) →
+/// node identity, written and removed with the batch, so that it is
+/// replayed as its maker, whatever NODE_ID is now. (A batch stored before
+/// this table existed has none.)
+const IDENTITIES: TableDefinition<(u32, u64), &str> = TableDefinition::new("identities");
 
 /// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
@@ -136,40 +136,6 @@ impl Spool {
         Ok(id)
     }
 
-    /// Records that this run numbers its batches from `first_batch` on and
-    /// sends them as `node_id`, and forgets runs no stored batch belongs to.
-    /// Returns the run's first batch number: `first_batch`, or one past
-    /// every number already stored or recorded if that is higher (a clock
-    /// set back between runs), so batches of two runs never share a number.
-    pub fn begin_run(&self, first_batch: u64, node_id: &str) -> Result<u64, SpoolError> {
-        let write = self.db.begin_write().map_err(|e| self.error(e))?;
-        let first = {
-            let batches = write.open_table(BATCHES).map_err(|e| self.error(e))?;
-            let mut runs = write.open_table(RUNS).map_err(|e| self.error(e))?;
-            let (mut lowest, mut highest) = (u64::MAX, 0);
-            for entry in batches.iter().map_err(|e| self.error(e))? {
-                let (_, sequence) = entry.map_err(|e| self.error(e))?.0.value();
-                lowest = lowest.min(sequence);
-                highest = highest.max(sequence);
-            }
-            let last_run = runs.last().map_err(|e| self.error(e))?.map(|(key, _)| key.value());
-            let first = first_batch.max(highest.saturating_add(1)).max(last_run.map_or(0, |run| run.saturating_add(1)));
-            // Runs before the one the oldest stored batch belongs to hold
-            // nothing any more; with nothing stored, none holds anything.
-            let keep_from = if lowest == u64::MAX {
-                u64::MAX
-            } else {
-                let owner = runs.range(..=lowest).map_err(|e| self.error(e))?.next_back();
-                owner.transpose().map_err(|e| self.error(e))?.map_or(0, |(key, _)| key.value())
-            };
-            runs.retain_in(..keep_from, |_, _| false).map_err(|e| self.error(e))?;
-            runs.insert(first, node_id).map_err(|e| self.error(e))?;
-            first
-        };
-        write.commit().map_err(|e| self.error(e))?;
-        Ok(first)
-    }
-
     /// The oldest batch of `lane`, kept from eviction until the returned
     /// hold is dropped: its replayer is about to deliver it. Read while no
     /// push is evicting, so the batch returned is one that is stored.
@@ -186,7 +152,13 @@ impl Spool {
     /// none that is being delivered: the spool then holds up to one batch
     /// per lane more than its size); returns their numbers and how many
     /// readings each held (0 for damaged ones).
-    pub fn push(&self, lane: u32, batch_sequence: u64, items: &[u8]) -> Result<Vec<(u64, u64)>, SpoolError> {
+    pub fn push(
+        &self,
+        lane: u32,
+        batch_sequence: u64,
+        items: &[u8],
+        node_id: &str,
+    ) -> Result<Vec<(u64, u64)>, SpoolError> {
         let mut encoded = Vec::with_capacity(items.len() + 4);
         encoded.extend_from_slice(&crc32fast::hash(items).to_le_bytes());
         encoded.extend_from_slice(items);
@@ -197,16 +169,19 @@ impl Spool {
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+            let mut identities = write.open_table(IDENTITIES).map_err(|e| self.error(e))?;
             let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
             while *bytes + encoded.len() as u64 > self.max_bytes && !table.is_empty().map_err(|e| self.error(e))? {
                 let oldest = oldest_key(&table, &held).map_err(|e| self.error(e))?;
                 let Some(key) = oldest else { break };
+                identities.remove(key).map_err(|e| self.error(e))?;
                 if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
                     *bytes -= old.value().len() as u64;
                     evicted.push((key.1, decode(old.value()).map_or(0, |(_, n)| n as u64)));
                 }
             }
             table.insert((lane, batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?;
+            identities.insert((lane, batch_sequence), node_id).map_err(|e| self.error(e))?;
             *bytes += encoded.len() as u64;
         }
         write.commit().map_err(|e| self.error(e))?;
@@ -223,20 +198,20 @@ impl Spool {
             }))
         })?;
         let Some(mut stored) = stored else { return Ok(None) };
-        stored.node_id = self.identity_of(stored.batch_sequence)?;
+        stored.node_id = self.identity_of(lane, stored.batch_sequence)?;
         Ok(Some(stored))
     }
 
-    /// The identity batch number `batch` was made under, if recorded.
-    fn identity_of(&self, batch: u64) -> Result<Option<String>, SpoolError> {
+    /// The identity batch `batch` of `lane` was made under, if recorded.
+    fn identity_of(&self, lane: u32, batch: u64) -> Result<Option<String>, SpoolError> {
         let read = self.db.begin_read().map_err(|e| self.error(e))?;
-        let runs = match read.open_table(RUNS) {
-            Ok(runs) => runs,
+        let identities = match read.open_table(IDENTITIES) {
+            Ok(identities) => identities,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
             Err(error) => return Err(self.error(error)),
         };
-        let run = runs.range(..=batch).map_err(|e| self.error(e))?.next_back();
-        Ok(run.transpose().map_err(|e| self.error(e))?.map(|(_, id)| id.value().to_owned()))
+        let id = identities.get((lane, batch)).map_err(|e| self.error(e))?;
+        Ok(id.map(|id| id.value().to_owned()))
     }
 
     /// Removes a delivered (or damaged) batch.
@@ -244,6 +219,11 @@ impl Spool {
         let write = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+            write
+                .open_table(IDENTITIES)
+                .map_err(|e| self.error(e))?
+                .remove((lane, batch_sequence))
+                .map_err(|e| self.error(e))?;
             if let Some(old) = table.remove((lane, batch_sequence)).map_err(|e| self.error(e))? {
                 let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
                 *bytes = bytes.saturating_sub(old.value().len() as u64);
@@ -272,9 +252,10 @@ impl Spool {
         lane: u32,
         batch_sequence: u64,
         items: Bytes,
+        node_id: std::sync::Arc<str>,
     ) -> Result<Vec<(u64, u64)>, SpoolError> {
         let spool = self.clone();
-        blocking(move || spool.push(lane, batch_sequence, &items)).await
+        blocking(move || spool.push(lane, batch_sequence, &items, &node_id)).await
     }
 
     /// [`Spool::oldest_held`] off the async threads.
@@ -385,6 +366,13 @@ mod tests {
         items.into()
     }
 
+    /// A stored record of `items`: its CRC, then the items.
+    fn batch_record(items: &[u8]) -> Vec<u8> {
+        let mut record = crc32fast::hash(items).to_le_bytes().to_vec();
+        record.extend_from_slice(items);
+        record
+    }
+
     fn dir(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("spool-{name}-{}-{:?}", std::process::id(), std::thread::current().id()));
@@ -426,7 +414,7 @@ mod tests {
                 match op {
                     Op::Push(lane, n) => {
                         let items = batch(lane, next, n);
-                        prop_assert_eq!(spool.push(lane, next, &items).unwrap(), vec![]);
+                        prop_assert_eq!(spool.push(lane, next, &items, "n").unwrap(), vec![]);
                         model.entry(lane).or_default().push_back((next, items, n));
                         next += 1;
                     }
@@ -461,41 +449,40 @@ mod tests {
         let dir = dir("held");
         let (spool, _) = Spool::open(&dir, 1200).unwrap();
         for sequence in 1..=10 {
-            spool.push(0, sequence, &batch(0, sequence, 5)).unwrap();
+            spool.push(0, sequence, &batch(0, sequence, 5), "n").unwrap();
         }
         let (stored, hold) = spool.oldest_held(0).unwrap().unwrap();
         let first = stored.batch_sequence;
         let evicted: Vec<u64> =
-            (11..=40).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(b, _)| b).collect();
+            (11..=40).flat_map(|s| spool.push(0, s, &batch(0, s, 5), "n").unwrap()).map(|(b, _)| b).collect();
         assert!(evicted.len() >= 20, "{evicted:?}");
         assert!(!evicted.contains(&first), "the batch being delivered was evicted: {evicted:?}");
         assert_eq!(spool.oldest(0).unwrap().map(|s| s.batch_sequence), Some(first));
         // Once delivered (or given up), it may be evicted like any other.
         drop(hold);
-        let evicted: Vec<u64> = spool.push(0, 41, &batch(0, 41, 5)).unwrap().into_iter().map(|(b, _)| b).collect();
+        let evicted: Vec<u64> = spool.push(0, 41, &batch(0, 41, 5), "n").unwrap().into_iter().map(|(b, _)| b).collect();
         assert_eq!(evicted.first(), Some(&first), "{evicted:?}");
         drop(spool);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn each_batch_keeps_the_identity_of_the_run_that_made_it() {
-        let dir = dir("runs");
+    fn each_batch_keeps_the_identity_it_was_made_under() {
+        let (dir, evict_dir) = (dir("identities"), dir("identities-evict"));
         let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
-        // Written before runs were recorded: no identity.
-        spool.push(0, 10, &batch(0, 10, 2)).unwrap();
-        assert_eq!(spool.oldest(0).unwrap().unwrap().node_id, None);
-        assert_eq!(spool.begin_run(100, "first").unwrap(), 100);
-        spool.push(0, 100, &batch(0, 100, 2)).unwrap();
-        spool.push(1, 101, &batch(1, 101, 2)).unwrap();
+        spool.push(0, 100, &batch(0, 100, 2), "first").unwrap();
+        spool.push(1, 101, &batch(1, 101, 2), "first").unwrap();
         drop(spool);
-        // Restarted with another NODE_ID, and a clock set back: numbers
-        // still grow past every stored batch.
+        // Restarted under another NODE_ID, with a clock set back: numbers
+        // below the first run's are told apart all the same.
         let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
-        let second = spool.begin_run(50, "second").unwrap();
-        assert_eq!(second, 102);
-        spool.push(0, second, &batch(0, second, 2)).unwrap();
-        let identities = |spool: &Spool, lane| {
+        spool.push(0, 50, &batch(0, 50, 2), "second").unwrap();
+        spool.push(0, 102, &batch(0, 102, 2), "second").unwrap();
+        // Written before identities were kept: none.
+        let write = spool.db.begin_write().unwrap();
+        write.open_table(BATCHES).unwrap().insert((2, 7), batch_record(&batch(2, 7, 1)).as_slice()).unwrap();
+        write.commit().unwrap();
+        let drain = |lane| {
             let mut seen = Vec::new();
             while let Some(stored) = spool.oldest(lane).unwrap() {
                 seen.push((stored.batch_sequence, stored.node_id));
@@ -504,20 +491,21 @@ mod tests {
             seen
         };
         let id = |s: &str| Some(s.to_owned());
-        assert_eq!(identities(&spool, 0), vec![(10, None), (100, id("first")), (102, id("second"))]);
-        // Runs are forgotten once no stored batch is theirs; a later run's
-        // numbers still start past the last one recorded.
-        let runs = |spool: &Spool| -> Vec<u64> {
-            let read = spool.db.begin_read().unwrap();
-            read.open_table(RUNS).unwrap().iter().unwrap().map(|entry| entry.unwrap().0.value()).collect()
-        };
-        assert_eq!(spool.begin_run(60, "third").unwrap(), 103);
-        assert_eq!(runs(&spool), vec![100, 102, 103], "batch 101 is still the first run's");
-        assert_eq!(identities(&spool, 1), vec![(101, id("first"))]);
-        assert_eq!(spool.begin_run(70, "fourth").unwrap(), 104);
-        assert_eq!(runs(&spool), vec![104]);
-        drop(spool);
+        assert_eq!(drain(0), vec![(50, id("second")), (100, id("first")), (102, id("second"))]);
+        assert_eq!(drain(1), vec![(101, id("first"))]);
+        assert_eq!(drain(2), vec![(7, None)]);
+        // Removed with their batches, evicted ones too.
+        let small = Spool::open(&evict_dir, 300).unwrap().0;
+        for sequence in 1..=10 {
+            small.push(0, sequence, &batch(0, sequence, 2), "n").unwrap();
+        }
+        let read = small.db.begin_read().unwrap();
+        let kept = read.open_table(IDENTITIES).unwrap().len().unwrap();
+        assert_eq!(kept, read.open_table(BATCHES).unwrap().len().unwrap());
+        assert!(kept < 10);
+        drop((read, small, spool));
         std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&evict_dir).unwrap();
     }
 
     #[test]
@@ -525,9 +513,10 @@ mod tests {
         let dir = dir("evict");
         let (spool, _) = Spool::open(&dir, 1200).unwrap();
         for sequence in 1..=20 {
-            spool.push(sequence as u32 % 2, sequence, &batch(0, sequence, 5)).unwrap();
+            spool.push(sequence as u32 % 2, sequence, &batch(0, sequence, 5), "n").unwrap();
         }
-        let evicted: u64 = (21..=25).flat_map(|s| spool.push(0, s, &batch(0, s, 5)).unwrap()).map(|(_, n)| n).sum();
+        let evicted: u64 =
+            (21..=25).flat_map(|s| spool.push(0, s, &batch(0, s, 5), "n").unwrap()).map(|(_, n)| n).sum();
         assert!(evicted >= 25, "evicted {evicted}");
         assert!(*spool.bytes.lock().unwrap() <= 1200);
         // What is left is the newest, in order.
@@ -541,11 +530,11 @@ mod tests {
     fn a_damaged_record_is_found_and_a_damaged_file_moved_aside() {
         let dir = dir("damage");
         let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
-        spool.push(0, 1, &batch(0, 1, 3)).unwrap();
+        spool.push(0, 1, &batch(0, 1, 3), "n").unwrap();
         let write = spool.db.begin_write().unwrap();
         write.open_table(BATCHES).unwrap().insert((0, 2), &b"\x01\x02\x03\x04garbage"[..]).unwrap();
         write.commit().unwrap();
-        spool.push(0, 3, &batch(0, 3, 3)).unwrap();
+        spool.push(0, 3, &batch(0, 3, 3), "n").unwrap();
         assert_eq!(spool.oldest(0).unwrap().unwrap().items.map(|(_, n)| n), Some(3));
         spool.remove(0, 1).unwrap();
         let damaged = spool.oldest(0).unwrap().unwrap();
