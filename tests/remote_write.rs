@@ -1117,8 +1117,10 @@ fn a_node_writing_itself_shows_its_certificate_to_a_database_that_asks_for_one()
 
 /// Serves, on a loopback port, a stand-in for a database whose clock is
 /// `behind` the machine's: every answer (204) carries that clock as its
-/// `Date`. Counts the POSTs it answers.
-async fn database_with_a_clock_behind(behind: Duration) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// `Date` (none with `None`). Counts the POSTs it answers.
+async fn database_with_a_clock_behind(
+    behind: Option<Duration>,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -1148,8 +1150,10 @@ async fn database_with_a_clock_behind(behind: Duration) -> (u16, std::sync::Arc<
                     if post {
                         posts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
-                    let date = httpdate::fmt_http_date(SystemTime::now() - behind);
-                    let answer = format!("HTTP/1.1 204 No Content\r\nDate: {date}\r\nContent-Length: 0\r\n\r\n");
+                    let date = behind.map_or(String::new(), |behind| {
+                        format!("Date: {}\r\n", httpdate::fmt_http_date(SystemTime::now() - behind))
+                    });
+                    let answer = format!("HTTP/1.1 204 No Content\r\n{date}Content-Length: 0\r\n\r\n");
                     if stream.get_mut().write_all(answer.as_bytes()).await.is_err() {
                         return;
                     }
@@ -1169,13 +1173,15 @@ async fn database_with_a_clock_behind(behind: Duration) -> (u16, std::sync::Arc<
 async fn the_sink_judges_readings_by_the_databases_clock() {
     let dir = scratch("rw-database-clock");
     let behind = Duration::from_secs(40 * 24 * 3600);
-    let (port, posts) = database_with_a_clock_behind(behind).await;
-    let env = [
-        ("GRPC_SERVER_SOCKET", ANY_PORT.to_owned()),
-        ("OUTPUT", "remote-write".to_owned()),
-        ("REMOTE_WRITE_URL", format!("http://127.0.0.1:{port}/api/v1/write")),
-    ];
-    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let (port, posts) = database_with_a_clock_behind(Some(behind)).await;
+    let env = |port: u16| {
+        [
+            ("GRPC_SERVER_SOCKET", ANY_PORT.to_owned()),
+            ("OUTPUT", "remote-write".to_owned()),
+            ("REMOTE_WRITE_URL", format!("http://127.0.0.1:{port}/api/v1/write")),
+        ]
+    };
+    let (sink, address) = Process::start_sink("sink", &env(port), &dir);
     let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
     let send = |items: Vec<SensorValue>, batch: u64| SensorValuesRequest {
         items,
@@ -1192,4 +1198,13 @@ async fn the_sink_judges_readings_by_the_databases_clock() {
     assert_eq!(posts.load(std::sync::atomic::Ordering::SeqCst), 1);
     drop(client);
     stop_sink(sink);
+
+    // Answers without a Date: the sink's clock is taken, and it says so.
+    let (port, _) = database_with_a_clock_behind(None).await;
+    let (sink, address) = Process::start_sink("sink-no-date", &env(port), &dir);
+    let mut client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    client.send_sensor_values(send(vec![reading("x", 3, SystemTime::now())], 3)).await.unwrap();
+    drop(client);
+    let (_, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert!(stderr.contains("carries no usable Date"), "{stderr}");
 }

@@ -212,6 +212,14 @@ impl Database {
         .await;
         match answer {
             Ok(Ok(date)) => {
+                if date.as_ref().and_then(|date| offset_ms(date, SystemTime::now())).is_none() {
+                    // HTTP servers must send one (VictoriaMetrics and
+                    // Prometheus do); a proxy may drop it.
+                    tracing::warn!(
+                        message = "The database's answer carries no usable Date: its clock is taken to be this machine's.",
+                        date = ?date
+                    );
+                }
                 self.note_clock(date.as_ref());
                 self.clock.known.store(true, Relaxed);
                 Ok(self.clock.offset_ms.load(Relaxed))
