@@ -8,13 +8,13 @@ mod common;
 use std::{
     collections::BTreeMap,
     io::Read,
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use common::{
-    Process, assert_complete_and_ordered, fast_retries, free_port, read_output, scratch, summary_fields, wait_for_port,
+    Process, Tmpfs, assert_complete_and_ordered, fast_retries, fill, free_port, read_output, scratch, summary_fields,
+    wait_for_port,
 };
 
 const SINK: &str = env!("CARGO_BIN_EXE_telemetry-sink");
@@ -116,41 +116,6 @@ fn assert_all_once(readings: &[(String, u64)], produced: u64) {
     sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
     let per_sensor = assert_complete_and_ordered(&sorted);
     assert_eq!(per_sensor.values().sum::<u64>(), produced);
-}
-
-/// A tmpfs of `size` mounted at a fresh folder, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// `None` (and a `skipped:` line) where mounting is not allowed; under
-    /// CI it must be.
-    fn mount(name: &str, size: &str) -> Option<Self> {
-        let dir = scratch(name).join("disk");
-        std::fs::create_dir_all(&dir).unwrap();
-        let mounted =
-            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&dir).status();
-        if mounted.is_ok_and(|status| status.success()) {
-            return Some(Self(dir));
-        }
-        assert!(std::env::var_os("CI").is_none(), "CI must be able to mount a tmpfs (run as root)");
-        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Fills what is left of the file system at `dir` with a file, and returns it.
-fn fill(dir: &Path) -> PathBuf {
-    let filler = dir.join("filler");
-    let mut file = std::fs::File::create(&filler).unwrap();
-    let block = vec![0u8; 4096];
-    while std::io::Write::write_all(&mut file, &block).is_ok() {}
-    filler
 }
 
 #[test]

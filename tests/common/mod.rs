@@ -435,3 +435,42 @@ impl<'a> Pki<'a> {
         (cert_path.display().to_string(), key_path.display().to_string())
     }
 }
+
+/// A tmpfs of `size` mounted at a fresh folder, unmounted when dropped.
+pub struct Tmpfs(pub std::path::PathBuf);
+
+#[allow(dead_code)]
+impl Tmpfs {
+    /// `None` (and a `skipped:` line) where mounting is not allowed; under
+    /// CI it must be.
+    pub fn mount(name: &str, size: &str) -> Option<Self> {
+        let dir = scratch(name).join("disk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status();
+        if mounted.is_ok_and(|status| status.success()) {
+            return Some(Self(dir));
+        }
+        assert!(std::env::var_os("CI").is_none(), "CI must be able to mount a tmpfs (run as root)");
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[allow(dead_code)]
+/// Fills what is left of the file system at `dir` with a file, and returns it.
+pub fn fill(dir: &Path) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    filler
+}

@@ -151,11 +151,17 @@ pub(crate) async fn replay<T: Transport>(
         };
         match delivered {
             Ok(()) => {
-                if let Err(error) = spool.spool.remove_async(lane, stored.batch_sequence).await {
-                    // Sent again after a restart; the sink recognises it.
-                    error!(message = "Cannot remove a delivered batch from the spool.", %error);
-                }
                 ledger.replay_acked(run, n);
+                // Never delivered twice in a run: the removal is tried again
+                // until it is done (a full disk frees up, the spool is opened
+                // again). Stopped first, the batch is sent again by the next
+                // run.
+                while let Err(error) = spool.spool.remove_async(lane, stored.batch_sequence).await {
+                    error!(message = "Cannot remove a delivered batch from the spool; trying again.", %error);
+                    if sleep_or_stop(pause, &stop).await {
+                        return;
+                    }
+                }
             }
             Err(SendError::Refused(status)) => {
                 let _ = spool.spool.remove_async(lane, stored.batch_sequence).await;

@@ -55,8 +55,13 @@ pub(crate) struct Stored {
 /// A durable FIFO of batches per lane, bounded in bytes.
 #[derive(Debug, Clone)]
 pub struct Spool {
-    /// The database.
-    db: Arc<Database>,
+    /// The database; `None` while it could not be opened again after a
+    /// failure.
+    db: Arc<Mutex<Option<Arc<Database>>>>,
+    /// Set by any failure: redb refuses every later operation after an I/O
+    /// error (a full disk), so the next operation opens the database again
+    /// (at its last commit) first.
+    failed: Arc<std::sync::atomic::AtomicBool>,
     /// Its file, for messages.
     path: PathBuf,
     /// SPOOL_MAX_BYTES.
@@ -106,21 +111,61 @@ impl Spool {
                 (db, Some(format!("{error}; moved to {}", aside.display())))
             }
         };
-        let spool = Self { db: Arc::new(db), path, max_bytes, bytes: Arc::default(), held: Arc::default() };
-        let total = spool.read(|table| {
+        let spool = Self {
+            db: Arc::new(Mutex::new(Some(Arc::new(db)))),
+            failed: Arc::default(),
+            path,
+            max_bytes,
+            bytes: Arc::default(),
+            held: Arc::default(),
+        };
+        spool.count_bytes()?;
+        Ok((spool, damage))
+    }
+
+    /// Counts the bytes of the stored records.
+    fn count_bytes(&self) -> Result<(), SpoolError> {
+        let total = self.read(|table| {
             let mut total = 0;
             for entry in table.iter()? {
                 total += entry?.1.value().len() as u64;
             }
             Ok(total)
         })?;
-        *spool.bytes.lock().unwrap_or_else(PoisonError::into_inner) = total;
-        Ok((spool, damage))
+        *self.bytes.lock().unwrap_or_else(PoisonError::into_inner) = total;
+        Ok(())
+    }
+
+    /// The database, opened again first if an operation failed since the
+    /// last opening.
+    fn database(&self) -> Result<Arc<Database>, SpoolError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut slot = self.db.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.failed.load(SeqCst) {
+            // redb allows one handle on a file: the old one goes first. One
+            // still in use by another operation is waited out by trying again
+            // at the next operation.
+            if let Some(old) = slot.take()
+                && let Err(shared) = Arc::try_unwrap(old)
+            {
+                *slot = Some(shared);
+                return Err(self.error("the spool is being opened again after a failure"));
+            }
+            let opened = Database::builder().set_cache_size(CACHE_BYTES).create(&self.path);
+            *slot = Some(Arc::new(opened.map_err(|e| self.error(e))?));
+            self.failed.store(false, SeqCst);
+            drop(slot);
+            // What a failed commit counted is not on disk.
+            self.count_bytes()?;
+            return self.database();
+        }
+        slot.clone().ok_or_else(|| self.error("the spool could not be opened again"))
     }
 
     /// The node identity kept in the spool, or `fresh` stored as it.
     pub fn node_id(&self, fresh: &str) -> Result<String, SpoolError> {
-        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let db = self.database()?;
+        let write = db.begin_write().map_err(|e| self.error(e))?;
         let id = {
             let mut meta = write.open_table(META).map_err(|e| self.error(e))?;
             let existing = meta.get("node_id").map_err(|e| self.error(e))?.map(|v| v.value().to_owned());
@@ -166,7 +211,8 @@ impl Spool {
         // Held through the commit: a replayer cannot pick a batch up while it
         // may be evicted.
         let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let db = self.database()?;
+        let write = db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
             let mut identities = write.open_table(IDENTITIES).map_err(|e| self.error(e))?;
@@ -204,7 +250,8 @@ impl Spool {
 
     /// The identity batch `batch` of `lane` was made under, if recorded.
     fn identity_of(&self, lane: u32, batch: u64) -> Result<Option<String>, SpoolError> {
-        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        let db = self.database()?;
+        let read = db.begin_read().map_err(|e| self.error(e))?;
         let identities = match read.open_table(IDENTITIES) {
             Ok(identities) => identities,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -216,7 +263,8 @@ impl Spool {
 
     /// Removes a delivered (or damaged) batch.
     pub fn remove(&self, lane: u32, batch_sequence: u64) -> Result<(), SpoolError> {
-        let write = self.db.begin_write().map_err(|e| self.error(e))?;
+        let db = self.database()?;
+        let write = db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
             write
@@ -274,15 +322,18 @@ impl Spool {
         &self,
         f: impl FnOnce(&redb::ReadOnlyTable<(u32, u64), &[u8]>) -> Result<T, redb::StorageError>,
     ) -> Result<T, SpoolError> {
-        let read = self.db.begin_read().map_err(|e| self.error(e))?;
+        // Held through the operation: the database is not opened again
+        // under it.
+        let db = self.database()?;
+        let read = db.begin_read().map_err(|e| self.error(e))?;
         match read.open_table(BATCHES) {
             Ok(table) => f(&table).map_err(|e| self.error(e)),
             Err(redb::TableError::TableDoesNotExist(_)) => {
                 drop(read);
-                let write = self.db.begin_write().map_err(|e| self.error(e))?;
+                let write = db.begin_write().map_err(|e| self.error(e))?;
                 write.open_table(BATCHES).map_err(|e| self.error(e))?;
                 write.commit().map_err(|e| self.error(e))?;
-                let read = self.db.begin_read().map_err(|e| self.error(e))?;
+                let read = db.begin_read().map_err(|e| self.error(e))?;
                 let table = read.open_table(BATCHES).map_err(|e| self.error(e))?;
                 f(&table).map_err(|e| self.error(e))
             }
@@ -290,7 +341,9 @@ impl Spool {
         }
     }
 
+    /// A failure: the next operation opens the database again first.
     fn error(&self, error: impl std::fmt::Display) -> SpoolError {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
         SpoolError { path: self.path.clone(), message: error.to_string() }
     }
 }
@@ -479,7 +532,7 @@ mod tests {
         spool.push(0, 50, &batch(0, 50, 2), "second").unwrap();
         spool.push(0, 102, &batch(0, 102, 2), "second").unwrap();
         // Written before identities were kept: none.
-        let write = spool.db.begin_write().unwrap();
+        let write = spool.database().unwrap().begin_write().unwrap();
         write.open_table(BATCHES).unwrap().insert((2, 7), batch_record(&batch(2, 7, 1)).as_slice()).unwrap();
         write.commit().unwrap();
         let drain = |lane| {
@@ -499,7 +552,7 @@ mod tests {
         for sequence in 1..=10 {
             small.push(0, sequence, &batch(0, sequence, 2), "n").unwrap();
         }
-        let read = small.db.begin_read().unwrap();
+        let read = small.database().unwrap().begin_read().unwrap();
         let kept = read.open_table(IDENTITIES).unwrap().len().unwrap();
         assert_eq!(kept, read.open_table(BATCHES).unwrap().len().unwrap());
         assert!(kept < 10);
@@ -531,7 +584,7 @@ mod tests {
         let dir = dir("damage");
         let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
         spool.push(0, 1, &batch(0, 1, 3), "n").unwrap();
-        let write = spool.db.begin_write().unwrap();
+        let write = spool.database().unwrap().begin_write().unwrap();
         write.open_table(BATCHES).unwrap().insert((0, 2), &b"\x01\x02\x03\x04garbage"[..]).unwrap();
         write.commit().unwrap();
         spool.push(0, 3, &batch(0, 3, 3), "n").unwrap();
