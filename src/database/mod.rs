@@ -212,15 +212,15 @@ impl Database {
         .await;
         match answer {
             Ok(Ok(date)) => {
-                if date.as_ref().and_then(|date| offset_ms(date, SystemTime::now())).is_none() {
+                match date.as_ref().and_then(|date| offset_ms(date, SystemTime::now())) {
+                    Some(offset) => self.clock.offset_ms.store(offset, Relaxed),
                     // HTTP servers must send one (VictoriaMetrics and
                     // Prometheus do); a proxy may drop it.
-                    tracing::warn!(
+                    None => tracing::warn!(
                         message = "The database's answer carries no usable Date: its clock is taken to be this machine's.",
                         date = ?date
-                    );
+                    ),
                 }
-                self.note_clock(date.as_ref());
                 self.clock.known.store(true, Relaxed);
                 Ok(self.clock.offset_ms.load(Relaxed))
             }

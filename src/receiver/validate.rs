@@ -141,8 +141,8 @@ impl SeriesRules {
     /// REMOTE_WRITE_URL); an error when the database cannot be reached.
     pub(crate) async fn read_clock(&self) -> Result<(), String> {
         match &self.database {
-            Some(database) if database.known_clock_offset().is_none() => database.clock_offset().await.map(drop),
-            _ => Ok(()),
+            Some(database) => database.clock_offset().await.map(drop),
+            None => Ok(()),
         }
     }
 

@@ -204,9 +204,7 @@ impl Spool {
         items: &[u8],
         node_id: &str,
     ) -> Result<Vec<(u64, u64)>, SpoolError> {
-        let mut encoded = Vec::with_capacity(items.len() + 4);
-        encoded.extend_from_slice(&crc32fast::hash(items).to_le_bytes());
-        encoded.extend_from_slice(items);
+        let encoded = record(items);
         let mut evicted = Vec::new();
         // Held through the commit: a replayer cannot pick a batch up while it
         // may be evicted.
@@ -384,6 +382,14 @@ fn oldest_key(
     Ok(oldest)
 }
 
+/// The stored record of `items`: their CRC32 (4 bytes, LE), then them.
+fn record(items: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(items.len() + 4);
+    record.extend_from_slice(&crc32fast::hash(items).to_le_bytes());
+    record.extend_from_slice(items);
+    record
+}
+
 /// The encoded readings of a stored record and how many there are, or
 /// `None` if it is damaged: its CRC does not match or it does not decode.
 fn decode(record: &[u8]) -> Option<(Bytes, usize)> {
@@ -417,13 +423,6 @@ mod tests {
         let mut items = Vec::new();
         encode_batch(&readings, &mut items);
         items.into()
-    }
-
-    /// A stored record of `items`: its CRC, then the items.
-    fn batch_record(items: &[u8]) -> Vec<u8> {
-        let mut record = crc32fast::hash(items).to_le_bytes().to_vec();
-        record.extend_from_slice(items);
-        record
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -533,7 +532,7 @@ mod tests {
         spool.push(0, 102, &batch(0, 102, 2), "second").unwrap();
         // Written before identities were kept: none.
         let write = spool.database().unwrap().begin_write().unwrap();
-        write.open_table(BATCHES).unwrap().insert((2, 7), batch_record(&batch(2, 7, 1)).as_slice()).unwrap();
+        write.open_table(BATCHES).unwrap().insert((2, 7), record(&batch(2, 7, 1)).as_slice()).unwrap();
         write.commit().unwrap();
         let drain = |lane| {
             let mut seen = Vec::new();
