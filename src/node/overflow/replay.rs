@@ -100,6 +100,10 @@ impl LaneSpool {
     }
 }
 
+/// How long the replayer waits before it tries again to remove a batch
+/// it delivered.
+const REMOVAL_PAUSE: Duration = Duration::from_secs(1);
+
 /// Delivers the spooled batches of `lane`, oldest first, until `stop`,
 /// each under the identity it was made with (`node_id` where the spool has
 /// none recorded).
@@ -152,13 +156,14 @@ pub(crate) async fn replay<T: Transport>(
         match delivered {
             Ok(()) => {
                 ledger.replay_acked(run, n);
-                // Never delivered twice in a run: the removal is tried again
-                // until it is done (a full disk frees up, the spool is opened
+                // Never delivered twice in a run: the removal is tried again,
+                // every second (the disk, not the sink, is in the way), until
+                // it is done (a full disk frees up, the spool is opened
                 // again). Stopped first, the batch is sent again by the next
                 // run.
                 while let Err(error) = spool.spool.remove_async(lane, stored.batch_sequence).await {
                     error!(message = "Cannot remove a delivered batch from the spool; trying again.", %error);
-                    if sleep_or_stop(pause, &stop).await {
+                    if sleep_or_stop(REMOVAL_PAUSE, &stop).await {
                         return;
                     }
                 }
