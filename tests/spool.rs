@@ -185,6 +185,8 @@ fn readings_waiting_for_the_request_rate_at_shutdown_go_to_the_spool() {
     };
     let mut env = spool_env("first");
     env.extend([("SENSOR_COUNT", "8".to_owned()), ("SENSOR_VALUE_RATE_PER_SECOND", "200".to_owned())]);
+    // Named as pods are, and back under another name.
+    env.push(("NODE_ID", "pod-a".to_owned()));
     let first = Process::start("node-1", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(5));
     let first = stop(first);
@@ -193,7 +195,9 @@ fn readings_waiting_for_the_request_rate_at_shutdown_go_to_the_spool() {
     assert_eq!(first["acked"] + first["in_spool"], first["produced"]);
 
     // The next start sends them, at the same rate.
-    let second = Process::start("node-2", NODE, &[], &spool_env("second"), &dir);
+    let mut env = spool_env("second");
+    env.push(("NODE_ID", "pod-b".to_owned()));
+    let second = Process::start("node-2", NODE, &[], &env, &dir);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let delivered = || of(&read_output(&dir.join("out/readings.jsonl")), "first-").len() as u64;
     while delivered() < first["produced"] && std::time::Instant::now() < deadline {
@@ -204,6 +208,9 @@ fn readings_waiting_for_the_request_rate_at_shutdown_go_to_the_spool() {
     let written = read_output(&dir.join("out/readings.jsonl"));
     let delivered = assert_complete_and_ordered(&of(&written, "first-"));
     assert_eq!(delivered.values().sum::<u64>(), first["produced"], "every reading of the first run, once");
+    // The spooled ones under the name they were made under.
+    assert_eq!(node_ids(&dir.join("out/readings.jsonl"), "first-"), ["pod-a"]);
+    assert_eq!(node_ids(&dir.join("out/readings.jsonl"), "second"), ["pod-b"]);
 }
 
 /// Whether the node's summary line in `dir` lists its drops by reason.
@@ -315,7 +322,19 @@ fn a_spool_filling_while_the_sink_is_down_keeps_the_node_memory_flat() {
 /// counting them).
 #[test]
 fn a_full_spool_disk_duplicates_nothing_and_keeps_the_books() {
-    let Some(disk) = common::Tmpfs::mount("spool-full-disk", "8m") else { return };
+    full_spool_disk("spool-full-disk", false);
+}
+
+#[test]
+fn a_full_spool_disk_with_the_default_settings() {
+    full_spool_disk("spool-full-disk-defaults", true);
+}
+
+/// The scenario of [`a_full_spool_disk_duplicates_nothing_and_keeps_the_books`],
+/// with a busy, quickly retrying node, or with everything but the spool as
+/// users get it (one sensor, 5 readings a second, one request a second).
+fn full_spool_disk(name: &str, defaults: bool) {
+    let Some(disk) = common::Tmpfs::mount(name, "8m") else { return };
     let dir = disk.0.parent().unwrap().to_owned();
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
@@ -323,6 +342,9 @@ fn a_full_spool_disk_duplicates_nothing_and_keeps_the_books() {
     let mut env = node_env(&socket, &name, Some(&disk.0));
     env.retain(|(key, _)| !["SENSOR_COUNT", "SENSOR_VALUE_RATE_PER_SECOND", "SHUTDOWN_TIMEOUT"].contains(key));
     env.extend([("SENSOR_COUNT", "2".into()), ("SENSOR_VALUE_RATE_PER_SECOND", "100".into())]);
+    if defaults {
+        env.retain(|(key, _)| ["GRPC_SERVER_SOCKET", "SENSOR_NAME", "OVERFLOW_POLICY", "SPOOL_DIR"].contains(key));
+    }
     env.push(("NODE_ID", "first".into()));
     let node = Process::start("node-1", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(3));
