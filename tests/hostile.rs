@@ -142,8 +142,9 @@ impl Drop for Peer {
 }
 
 /// Opens `streams` requests on one HTTP/2 connection to `port`, each
-/// declaring a message of almost 4 MiB and sending `send` bytes of it, and
-/// never finishing.
+/// declaring a message of 4 MiB - 100 bytes and sending the first `send`
+/// bytes of its body (the 5-byte gRPC prefix included), and never ending
+/// the stream: under 4 MiB - 95, the message is never whole.
 async fn stalled_requests(port: u16, streams: usize, send: usize) -> Peer {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
@@ -186,7 +187,8 @@ async fn stalled_requests_on_many_streams_hold_no_more_than_the_budget() {
     let mut peers = Vec::new();
     for _ in 0..4 {
         // The sink lets a connection open 128 requests at once.
-        peers.push(stalled_requests(port, 128, 4 << 20).await);
+        // Each sends 100 bytes less than its message needs: never whole.
+        peers.push(stalled_requests(port, 128, (4 << 20) - 200).await);
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let grown = peak_rss(sink.child.id()).saturating_sub(before);
