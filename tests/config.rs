@@ -73,6 +73,8 @@ fn every_bad_sink_value_names_its_variable() {
         ("RATE_PER_SECOND", "fast"),
         ("MAX_BYTES_IN_FLIGHT", "1000"),
         ("MAX_BYTES_IN_FLIGHT", "lots"),
+        ("MAX_CONNECTIONS", "0"),
+        ("MAX_CONNECTIONS", "many"),
         ("BUFFER_SIZE", "0"),
         ("BUFFER_FLUSH_INTERVAL", "later"),
         ("BUFFER_FLUSH_INTERVAL", "0s"),

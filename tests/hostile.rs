@@ -207,3 +207,160 @@ async fn stalled_requests_on_many_streams_hold_no_more_than_the_budget() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("did not arrive whole within 60 s"), "the stalled requests were let go: {stderr}");
 }
+
+/// Peers each holding a connection to `port` until dropped: with `mid_frame`
+/// a DATA frame of 256 KiB (the largest the sink takes) is sent but for its
+/// last byte, which the sink holds while it waits for the rest.
+struct Flood(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        for peer in &self.0 {
+            peer.abort();
+        }
+    }
+}
+
+async fn flood(port: u16, peers: usize, mid_frame: bool) -> Flood {
+    use tokio::io::AsyncWriteExt;
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // An empty SETTINGS frame.
+    bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if mid_frame {
+        let length: u32 = 256 * 1024;
+        bytes.extend_from_slice(&length.to_be_bytes()[1..]);
+        // DATA, no flags, stream 1.
+        bytes.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+        bytes.resize(bytes.len() + length as usize - 1, 0);
+    }
+    let bytes = prost::bytes::Bytes::from(bytes);
+    let mut held = Vec::new();
+    // One after another, as a client opening connections in a loop does:
+    // past the listen queue, a connection waits for its SYN to be retried.
+    for _ in 0..peers {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(2), connect).await else { break };
+        let bytes = bytes.clone();
+        held.push(tokio::spawn(async move {
+            let _ = tcp.write_all(&bytes).await;
+            std::future::pending::<()>().await;
+        }));
+    }
+    Flood(held)
+}
+
+/// The value of `metric` on the metrics page at `port`.
+fn metric(port: u16, metric: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut page = String::new();
+    http.read_to_string(&mut page).ok()?;
+    page.lines().find_map(|line| line.strip_prefix(metric)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits up to 30 s for `metric` at `port` to read `value`.
+async fn wait_for_metric(port: u16, name: &str, value: f64) {
+    for _ in 0..300 {
+        if metric(port, name) == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name} stayed at {:?}, not {value}", metric(port, name));
+}
+
+/// A request with one invalid reading, which the sink answers
+/// INVALID_ARGUMENT: answered, whatever else the sink is doing.
+async fn answered(port: u16) -> tonic::Code {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let transport = GrpcTransport::new(endpoint, Duration::from_secs(60));
+    let request = SensorValuesRequest { items: vec![SensorValue::default()], ..Default::default() };
+    transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await.unwrap_err().code()
+}
+
+/// Many more connections than MAX_CONNECTIONS, each stalled mid-frame: the
+/// sink serves MAX_CONNECTIONS of them and leaves the rest waiting, so what
+/// they make it hold stays bounded (before, 400 such connections took it
+/// from 12 MB to 122 MB, and nothing bounded their number). A node arriving
+/// meanwhile is served once the flood is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_and_hold_nothing() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = scratch("hostile-connections");
+    let env = [
+        ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
+        ("FILE_PATH", "out".into()),
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
+        ("MAX_CONNECTIONS", "32".into()),
+    ];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let metrics = sink.metrics_address().port();
+    let before = peak_rss(sink.child.id());
+    let peers = flood(address.port(), 300, true).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let grown = peak_rss(sink.child.id()).saturating_sub(before);
+    eprintln!("peak RSS grew by {} MiB under 300 connections stalled mid-frame", grown >> 20);
+    assert!(grown < 32 << 20, "the sink grew by {} MiB", grown >> 20);
+    assert_eq!(metric(metrics, "telemetry_sink_connections"), Some(32.0));
+    assert!(metric(metrics, "telemetry_sink_connections_waited_total").is_some_and(|waited| waited >= 1.0));
+
+    let node = tokio::spawn(answered(address.port()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(peers);
+    assert_eq!(node.await.unwrap(), tonic::Code::InvalidArgument, "answered once there was room");
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("MAX_CONNECTIONS connections are open; a new one waits"), "{stderr}");
+}
+
+/// With the default settings, under an open-file limit of 512 (1024 hard),
+/// as containers often start: the sink raises its limit to the hard one,
+/// keeps its connections under it, and a flood of 1,000 connections leaves
+/// it idle. Before, the 1,021st connection made every accept fail with
+/// EMFILE, which the accept loop retried at once: a core spent for as long
+/// as the flood stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let prlimit = "/usr/bin/prlimit";
+    assert!(std::path::Path::new(prlimit).exists(), "{prlimit} (util-linux) is needed");
+    let dir = scratch("hostile-connections-defaults");
+    let env = [
+        ("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()),
+        ("FILE_PATH", "out".into()),
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
+    ];
+    let sink_binary = env!("CARGO_BIN_EXE_telemetry-sink");
+    let sink = Process::start("sink", prlimit, &["--nofile=512:1024", sink_binary], &env, &dir);
+    let (address, metrics) = (sink.sink_address(), sink.metrics_address().port());
+    let peers = flood(address.port(), 1000, false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", sink.child.id())).unwrap();
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat(5), counted from the
+        // state (field 3) here.
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let (cpu, started) = (ticks(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let busy = (ticks() - cpu) as f64 / hz;
+    eprintln!("the sink used {busy:.2} s of CPU in {:?} of the flood", started.elapsed());
+    assert!(busy < 0.5, "the sink spun: {busy:.2} s of CPU in 3 s");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sink.child.id())).unwrap();
+    let files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+    assert_eq!(files.split_whitespace().nth(3), Some("1024"), "raised to the hard limit: {files}");
+    // 1024 open files less 128 kept for the rest.
+    wait_for_metric(metrics, "telemetry_sink_connections", 896.0).await;
+
+    let node = tokio::spawn(answered(address.port()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(peers);
+    assert_eq!(node.await.unwrap(), tonic::Code::InvalidArgument, "answered once there was room");
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("MAX_CONNECTIONS lowered to what the open-file limit leaves."), "{stderr}");
+}

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(config.log_level, config.log_format);
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -93,6 +94,7 @@ fn log_config(c: &SinkConfig) {
         buffer_size = c.buffer_size,
         buffer_flush_interval = %c.flush_interval,
         max_message_bytes = c.max_message_bytes,
+        max_connections = c.max_connections,
         max_items_per_request = c.max_items,
         grpc_compression = ?c.compression,
         sink_auth_token = %c.auth_token.as_ref().map_or("-".into(), ToString::to_string),
@@ -107,6 +109,21 @@ fn log_config(c: &SinkConfig) {
         remote_write_max_samples = c.remote_write_max_samples,
     );
     c.remote_write.log("Database settings (used with OUTPUT=remote-write).");
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs (the
+/// Go sink among them) do at start: the soft limit is often 1024, and
+/// MAX_CONNECTIONS would be lowered to fit under it.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given,
+    // which lives on this stack frame. A failure leaves the limit as it was.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// SIGHUP reopens the output file (after a log rotation renamed it).

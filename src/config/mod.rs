@@ -118,6 +118,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("MAX_MESSAGE_BYTES", "a whole number of bytes from 1024 to 1073741824"),
     ("MAX_ITEMS_PER_REQUEST", "a whole number from 1 to 10000000"),
     ("MAX_BYTES_IN_FLIGHT", "a whole number of bytes from 1048576 to 1099511627776"),
+    ("MAX_CONNECTIONS", "a whole number from 1 to 1000000"),
     ("OUTPUT", "file or remote-write"),
     ("DESTINATION", "sink or remote-write"),
     (

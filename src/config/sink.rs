@@ -58,6 +58,10 @@ pub struct SinkConfig {
     /// answered, over all connections (at least one largest request).
     #[envconfig(from = "MAX_BYTES_IN_FLIGHT", default = "67108864")]
     pub max_bytes_in_flight: usize,
+    /// Most connections open at once; past it a new connection waits in
+    /// the listen queue until one closes.
+    #[envconfig(from = "MAX_CONNECTIONS", default = "1024")]
+    pub max_connections: usize,
     /// Most readings accepted in one request.
     #[envconfig(from = "MAX_ITEMS_PER_REQUEST", default = "100000")]
     pub max_items: usize,
@@ -121,6 +125,7 @@ impl SinkConfig {
         ensure((1..=10_000_000).contains(&self.max_items), "MAX_ITEMS_PER_REQUEST", self.max_items)?;
         let in_flight = self.max_bytes_in_flight;
         ensure((1 << 20..=1 << 40).contains(&in_flight), "MAX_BYTES_IN_FLIGHT", in_flight)?;
+        ensure((1..=1_000_000).contains(&self.max_connections), "MAX_CONNECTIONS", self.max_connections)?;
         self.tls()?;
         self.remote_write.validate(self.output == OutputKind::RemoteWrite)?;
         let concurrency = self.remote_write_concurrency;

@@ -5,6 +5,7 @@
 
 mod budget;
 mod codec;
+mod connections;
 pub(crate) mod dedup;
 mod output_file;
 mod refusals;
@@ -186,6 +187,8 @@ pub async fn serve_with(
         stats.set_serving(false);
         health.set_not_serving::<route::SensorRoute>().await;
     };
+    let max_connections = connections::limit(config.max_connections);
+    let stats_of_connections = Arc::clone(&stats);
     let served = server
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
@@ -195,7 +198,10 @@ pub async fn serve_with(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            connections::limited(incoming(listener), max_connections, stats_of_connections),
+            shutdown,
+        )
         .await;
 
     // Every request has been answered: whatever was acknowledged is queued

@@ -96,6 +96,11 @@ pub struct SinkStats {
     write_errors: Counter,
     /// Seconds one write of the buffer to the file took.
     write_latency: Histogram,
+    /// Connections open.
+    connections: Gauge,
+    /// Connections that waited in the listen queue because MAX_CONNECTIONS
+    /// were open.
+    connections_waited: Counter,
     /// Whether the server is accepting requests; backs readiness.
     serving: AtomicBool,
     /// The remote-write output's counters.
@@ -171,6 +176,8 @@ impl Default for SinkStats {
             readings_written: Counter::default(),
             write_errors: Counter::default(),
             write_latency: Histogram::new(exponential_buckets(0.00005, 4.0, 10)),
+            connections: Gauge::default(),
+            connections_waited: Counter::default(),
             serving: AtomicBool::new(false),
             remote_write: RemoteWriteStats::default(),
         }
@@ -205,6 +212,9 @@ impl SinkStats {
         r.register_with_unit("received", "Encoded request bytes received", Unit::Bytes, self.bytes_received.clone());
         r.register("readings_written", "Readings written to the output file", self.readings_written.clone());
         r.register("write_errors", "Writes to the output that failed and were undone", self.write_errors.clone());
+        r.register("connections", "Connections open", self.connections.clone());
+        let waited = self.connections_waited.clone();
+        r.register("connections_waited", "Connections that waited because MAX_CONNECTIONS were open", waited);
         let latency = self.write_latency.clone();
         r.register_with_unit("write_latency", "Time one buffer write to the output took", Unit::Seconds, latency);
         self.remote_write.register(r);
@@ -240,7 +250,34 @@ impl SinkStats {
         self.throttled.inc();
     }
 
-    /// Whether the server is accepting requests.
+    /// A connection was accepted.
+    pub(crate) fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    /// A connection closed.
+    pub(crate) fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// Connections open now.
+    #[cfg(test)]
+    pub(crate) fn connections_open(&self) -> i64 {
+        self.connections.get()
+    }
+
+    /// Connections that had to wait for room under MAX_CONNECTIONS.
+    #[cfg(test)]
+    pub(crate) fn connections_waited(&self) -> u64 {
+        self.connections_waited.get()
+    }
+
+    /// A connection had to wait for one of MAX_CONNECTIONS to close.
+    pub(crate) fn connection_waited(&self) {
+        self.connections_waited.inc();
+    }
+
+    /// Whether the server takes requests.
     pub(crate) fn set_serving(&self, serving: bool) {
         self.serving.store(serving, Relaxed);
     }

@@ -1,0 +1,290 @@
+//! The connections the sink serves, at most MAX_CONNECTIONS open at once:
+//! past it, a new connection waits until one closes. Each connection can
+//! make the sink hold memory (a frame sent in part, the first frames of
+//! requests waiting for MAX_BYTES_IN_FLIGHT), so their number bounds what
+//! peers can make it hold. Kept below the process's open-file limit, it also
+//! keeps `accept` from failing for want of descriptors; tonic's accept loop
+//! would retry such a failure at once and spin a core, so any accept failure
+//! that is not one connection's own is waited out here, with backoff.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::{Stream, StreamExt};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tonic::transport::server::Connected;
+use tracing::warn;
+
+use super::stats::SinkStats;
+use crate::logging::Every;
+
+/// Pause after the first accept failure in a row; it doubles with each
+/// further one, up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+
+/// See [`FIRST_PAUSE`].
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+/// Open files kept for everything but connections (the output file, the
+/// metrics server, connections to the database, the runtime's own), or
+/// half the limit where that is smaller.
+const RESERVED_FILES: usize = 128;
+
+/// `wanted` (MAX_CONNECTIONS), lowered with a warning to what the process's
+/// open-file limit leaves after [`RESERVED_FILES`].
+pub(crate) fn limit(wanted: usize) -> usize {
+    let Some(files) = open_files_limit() else { return wanted };
+    let room = files.saturating_sub(RESERVED_FILES.min(files / 2)).max(1);
+    if room < wanted {
+        warn!(
+            message = "MAX_CONNECTIONS lowered to what the open-file limit leaves.",
+            max_connections = wanted,
+            lowered_to = room,
+            open_files_limit = files,
+        );
+    }
+    wanted.min(room)
+}
+
+/// The process's soft limit on open files, or `None` where it is unlimited
+/// or cannot be read.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// The connections `incoming` yields, at most `limit` of them open at once.
+/// Accept failures are waited out, never yielded.
+pub(crate) fn limited<S, IO>(
+    incoming: S,
+    limit: usize,
+    stats: Arc<SinkStats>,
+) -> impl Stream<Item = io::Result<Counted<IO>>>
+where
+    S: Stream<Item = io::Result<IO>> + Unpin,
+{
+    let gate = Gate {
+        incoming,
+        permits: Arc::new(Semaphore::new(limit)),
+        limit,
+        stats,
+        full: Every::new(Duration::from_secs(10)),
+        failed: Every::second(),
+        pause: FIRST_PAUSE,
+    };
+    futures::stream::unfold(gate, |mut gate| async move {
+        let connection = gate.next().await?;
+        Some((Ok(connection), gate))
+    })
+}
+
+/// The state of [`limited`].
+struct Gate<S> {
+    /// The accepted connections.
+    incoming: S,
+    /// One per connection that may be open.
+    permits: Arc<Semaphore>,
+    /// MAX_CONNECTIONS as applied, for the log.
+    limit: usize,
+    /// Where connections are counted.
+    stats: Arc<SinkStats>,
+    /// Log gate of "the limit is reached".
+    full: Every,
+    /// Log gate of accept failures.
+    failed: Every,
+    /// The pause before the next accept after a failure.
+    pause: Duration,
+}
+
+impl<S, IO> Gate<S>
+where
+    S: Stream<Item = io::Result<IO>> + Unpin,
+{
+    /// The next connection, once there is room for it; `None` when the
+    /// listener is gone.
+    async fn next(&mut self) -> Option<Counted<IO>> {
+        let io = loop {
+            match self.incoming.next().await? {
+                Ok(io) => break io,
+                Err(error) if one_connections(&error) => {}
+                Err(error) => self.wait_out(&error).await,
+            }
+        };
+        self.pause = FIRST_PAUSE;
+        let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.stats.connection_waited();
+                if let Some(suppressed) = self.full.ready() {
+                    warn!(
+                        message = "MAX_CONNECTIONS connections are open; a new one waits until one closes.",
+                        max_connections = self.limit,
+                        suppressed,
+                    );
+                }
+                Arc::clone(&self.permits).acquire_owned().await.ok()?
+            }
+        };
+        Some(Counted::new(io, permit, Arc::clone(&self.stats)))
+    }
+
+    /// Logs an accept failure and pauses, longer after each in a row: out
+    /// of descriptors or memory, accepting again at once fails again.
+    async fn wait_out(&mut self, error: &io::Error) {
+        if let Some(suppressed) = self.failed.ready() {
+            warn!(message = "Could not accept a connection; trying again.", %error, pause = ?self.pause, suppressed);
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
+/// Whether an accept failure concerns only the connection it would have
+/// been (the peer gave up first), so that the next accept may follow at
+/// once.
+fn one_connections(error: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(error.kind(), ConnectionAborted | ConnectionReset | BrokenPipe | Interrupted | WouldBlock | TimedOut)
+}
+
+/// An open connection, counted, holding its place under MAX_CONNECTIONS
+/// until it is dropped.
+#[derive(Debug)]
+pub(crate) struct Counted<IO> {
+    /// The connection.
+    io: IO,
+    /// Its place.
+    _permit: OwnedSemaphorePermit,
+    /// Where it is counted.
+    stats: Arc<SinkStats>,
+}
+
+impl<IO> Counted<IO> {
+    /// `io`, counted as open in `stats`.
+    fn new(io: IO, permit: OwnedSemaphorePermit, stats: Arc<SinkStats>) -> Self {
+        stats.connection_opened();
+        Self { io, _permit: permit, stats }
+    }
+}
+
+impl<IO> Drop for Counted<IO> {
+    fn drop(&mut self) {
+        self.stats.connection_closed();
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: Connected> Connected for Counted<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose accepting failed with `kind`.
+    fn failure(kind: io::ErrorKind) -> io::Result<u8> {
+        Err(io::Error::from(kind))
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_until_one_closes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stats = Arc::new(SinkStats::default());
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let mut connections = Box::pin(limited(incoming, 2, Arc::clone(&stats)));
+        let mut peers = Vec::new();
+        for _ in 0..3 {
+            peers.push(tokio::net::TcpStream::connect(address).await.unwrap());
+        }
+        let first = connections.next().await.unwrap().unwrap();
+        let _second = connections.next().await.unwrap().unwrap();
+        assert_eq!(stats.connections_open(), 2);
+        let third = tokio::time::timeout(Duration::from_millis(300), connections.next()).await;
+        assert!(third.is_err(), "a third connection was let in past the limit");
+        assert_eq!(stats.connections_waited(), 1);
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(30), connections.next()).await;
+        assert!(matches!(third, Ok(Some(Ok(_)))), "the third connection got the first one's place");
+        assert_eq!(stats.connections_open(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_accept_failure_is_waited_out_with_backoff_not_retried_at_once() {
+        use io::ErrorKind::{ConnectionAborted, Other};
+        let stats = Arc::new(SinkStats::default());
+        let accepted = [failure(Other), failure(Other), failure(ConnectionAborted), failure(Other), Ok(7)];
+        let mut connections = Box::pin(limited(futures::stream::iter(accepted), 4, stats));
+        let started = tokio::time::Instant::now();
+        let connection = connections.next().await.unwrap().unwrap();
+        assert_eq!(connection.io, 7);
+        // 5 + 10 + 20 ms after the three failures that are not one
+        // connection's own; none after the aborted one.
+        assert_eq!(started.elapsed(), Duration::from_millis(35));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pause_after_failures_in_a_row_stops_growing_at_a_second_and_restarts_after_a_success() {
+        let stats = Arc::new(SinkStats::default());
+        let mut accepted: Vec<io::Result<u8>> = (0..12).map(|_| failure(io::ErrorKind::Other)).collect();
+        accepted.extend([Ok(1), failure(io::ErrorKind::Other), Ok(2)]);
+        let mut connections = Box::pin(limited(futures::stream::iter(accepted), 4, stats));
+        let started = tokio::time::Instant::now();
+        let _one = connections.next().await.unwrap().unwrap();
+        // 5, 10, 20, …, 640 ms for the first eight, then 1 s for the last four.
+        assert_eq!(started.elapsed(), Duration::from_millis(1275 + 4000));
+        let started = tokio::time::Instant::now();
+        let _two = connections.next().await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), FIRST_PAUSE);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read() {
+        assert!(open_files_limit().is_some_and(|files| files > 0));
+    }
+}
