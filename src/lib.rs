@@ -27,7 +27,8 @@
 //!
 //! Around them: [`config`] (environment variables), [`node::ledger`] and
 //! [`receiver::stats`] (what happened to every reading, on each side),
-//! [`error`] and [`logging`]. The `telemetry-node` binary's `demo` and
+//! [`error`], [`logging`], and [`listen`] and [`connection`] (the
+//! sockets both binaries serve on). The `telemetry-node` binary's `demo` and
 //! `bench` commands are built on the public API alone.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@
 
 pub(crate) mod clock;
 pub mod config;
+pub mod connection;
 pub(crate) mod database;
 pub mod error;
 pub mod listen;

@@ -1,11 +1,27 @@
 //! Metrics and health over HTTP: `/metrics` (Prometheus text), `/healthz`
 //! (the process is alive) and `/readyz` (it is doing its job).
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::connection::Held;
+
+/// Connections served at once. Scrapers and probes use a few; a flood of
+/// connections waits instead of taking the open files the process's other
+/// listener needs (the sink keeps 128 for everything but its gRPC
+/// connections).
+const MOST_CONNECTIONS: usize = 32;
+
+/// A connection that sends nothing for this long is closed: a scraper that
+/// keeps its connection between scrapes opens another, while a socket
+/// opened and left gives its place back.
+const SILENCE: Duration = Duration::from_secs(10);
 
 /// What the endpoints read.
 struct Observed {
@@ -49,7 +65,34 @@ impl ObserveServer {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(observed);
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await
+        let listener = Limited { listener: self.listener, places: Arc::new(Semaphore::new(MOST_CONNECTIONS)) };
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    }
+}
+
+/// The listener, with at most [`MOST_CONNECTIONS`] connections open, each
+/// closed after [`SILENCE`].
+struct Limited {
+    /// The bound socket.
+    listener: TcpListener,
+    /// One per connection that may be open.
+    places: Arc<Semaphore>,
+}
+
+impl axum::serve::Listener for Limited {
+    type Io = Held<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        // The semaphore is never closed.
+        let Ok(place) = Arc::clone(&self.places).acquire_owned().await else { return std::future::pending().await };
+        // Failures (out of descriptors) are waited out by axum.
+        let (io, address) = axum::serve::Listener::accept(&mut self.listener).await;
+        (Held::new(io, place, SILENCE), address)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 

@@ -279,6 +279,20 @@ async fn answered(port: u16) -> tonic::Code {
     transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await.unwrap_err().code()
 }
 
+/// What the sink answers [`answered`]'s request, asked again while it is
+/// UNAVAILABLE (as a node retries), for up to `limit`.
+async fn answered_in_the_end(port: u16, limit: Duration) -> Option<tonic::Code> {
+    let tries = async {
+        loop {
+            match answered(port).await {
+                tonic::Code::Unavailable => tokio::time::sleep(Duration::from_millis(200)).await,
+                code => return code,
+            }
+        }
+    };
+    tokio::time::timeout(limit, tries).await.ok()
+}
+
 /// Many more connections than MAX_CONNECTIONS, each stalled mid-frame: the
 /// sink serves MAX_CONNECTIONS of them and leaves the rest waiting, so what
 /// they make it hold stays bounded (before, 400 such connections took it
@@ -314,14 +328,42 @@ async fn connections_past_max_connections_wait_and_hold_nothing() {
     assert!(stderr.contains("MAX_CONNECTIONS connections are open; a new one waits"), "{stderr}");
 }
 
+/// Sockets that connect and never say anything hold every place under
+/// MAX_CONNECTIONS, and give them back once they have been silent for a
+/// minute: a node waiting behind them is answered then. Before, they held
+/// the places for as long as they stayed open, and the node was never
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_give_their_places_back() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = scratch("hostile-silent");
+    let env =
+        [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into()), ("MAX_CONNECTIONS", "4".into())];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let peers = silent(address.port(), 4).await;
+    assert_eq!(peers.len(), 4);
+    let started = std::time::Instant::now();
+    let answer = answered_in_the_end(address.port(), Duration::from_secs(120)).await;
+    assert_eq!(answer, Some(tonic::Code::InvalidArgument), "answered while the silent sockets are still open");
+    let waited = started.elapsed();
+    eprintln!("a node was answered after {waited:?}");
+    assert!(waited >= Duration::from_secs(50), "the node did not wait for the silent sockets: {waited:?}");
+    drop(peers);
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+}
+
 /// With the default settings, under an open-file limit of 512 (1024 hard),
-/// as containers often start: the sink raises its limit to the hard one,
+/// as containers often start: the sink raises its limit to the hard one and
 /// keeps its connections under it, and a flood of 1,000 connections leaves
 /// it idle. Before, the 1,021st connection made every accept fail with
 /// EMFILE, which the accept loop retried at once: a core spent for as long
-/// as the flood stayed.
+/// as the flood stayed. The flood's connections say nothing after their
+/// HTTP/2 preface, so they give their places back within a minute, and a
+/// node is answered while the flood is still there; a flood of silent
+/// sockets on the metrics port takes no more than its own few places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle() {
+async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle_and_serving() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let prlimit = "/usr/bin/prlimit";
     assert!(std::path::Path::new(prlimit).exists(), "{prlimit} (util-linux) is needed");
@@ -334,10 +376,12 @@ async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle()
     let sink_binary = env!("CARGO_BIN_EXE_telemetry-sink");
     let sink = Process::start("sink", prlimit, &["--nofile=512:1024", sink_binary], &env, &dir);
     let (address, metrics) = (sink.sink_address(), sink.metrics_address().port());
-    let peers = flood(address.port(), 1000, false).await;
+    let pid = sink.child.id();
+
+    let grpc_flood = flood(address.port(), 1000, false).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ticks = || {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", sink.child.id())).unwrap();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
         let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
         // utime and stime: fields 14 and 15 of stat(5), counted from the
         // state (field 3) here.
@@ -350,17 +394,36 @@ async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle()
     let busy = (ticks() - cpu) as f64 / hz;
     eprintln!("the sink used {busy:.2} s of CPU in {:?} of the flood", started.elapsed());
     assert!(busy < 0.5, "the sink spun: {busy:.2} s of CPU in 3 s");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sink.child.id())).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let files = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
     assert_eq!(files.split_whitespace().nth(3), Some("1024"), "raised to the hard limit: {files}");
     // 1024 open files less 128 kept for the rest.
     wait_for_metric(metrics, "telemetry_sink_connections", 896.0).await;
 
-    let node = tokio::spawn(answered(address.port()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    drop(peers);
-    assert_eq!(node.await.unwrap(), tonic::Code::InvalidArgument, "answered once there was room");
+    let metrics_flood = silent(metrics, 200).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(open < 1000, "{open} files open: the metrics flood took the room kept for the rest");
+    let started = std::time::Instant::now();
+    let answer = answered_in_the_end(address.port(), Duration::from_secs(120)).await;
+    assert_eq!(answer, Some(tonic::Code::InvalidArgument), "answered while the flood is still there");
+    eprintln!("a node was answered after {:?}, the flood still there", started.elapsed());
+    let scraped = tokio::task::spawn_blocking(move || metric(metrics, "telemetry_sink_connections"));
+    let scraped = tokio::time::timeout(Duration::from_secs(60), scraped).await;
+    assert!(matches!(scraped, Ok(Ok(Some(_)))), "metrics answered while their flood is still there");
+    drop((grpc_flood, metrics_flood));
     let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("MAX_CONNECTIONS lowered to what the open-file limit leaves."), "{stderr}");
+}
+
+/// `peers` sockets connected to `port` that never send anything.
+async fn silent(port: u16, peers: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..peers {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        let Ok(Ok(tcp)) = tokio::time::timeout(Duration::from_secs(2), connect).await else { break };
+        held.push(tcp);
+    }
+    held
 }

@@ -23,8 +23,17 @@ use tokio::{
 use tonic::transport::server::Connected;
 use tracing::warn;
 
-use super::stats::SinkStats;
-use crate::logging::Every;
+use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, stats::SinkStats};
+use crate::{connection::Held, logging::Every};
+
+/// A connection whose peer sends nothing for this long is closed, and its
+/// place let go: a socket opened and left, or a TLS or HTTP/2 handshake
+/// begun and never finished, would otherwise hold it for good. Longer than
+/// a PING and its answer take: a live peer (every node) answers the PING
+/// the sink sends after [`KEEPALIVE_INTERVAL`] of quiet.
+const SILENCE: Duration = Duration::from_secs(60);
+
+const _: () = assert!(SILENCE.as_secs() > KEEPALIVE_INTERVAL.as_secs() + KEEPALIVE_TIMEOUT.as_secs() / 2);
 
 /// Pause after the first accept failure in a row; it doubles with each
 /// further one, up to [`LONGEST_PAUSE`].
@@ -157,22 +166,20 @@ fn one_connections(error: &io::Error) -> bool {
 }
 
 /// An open connection, counted, holding its place under MAX_CONNECTIONS
-/// until it is dropped.
+/// until it is dropped, and closed after [`SILENCE`].
 #[derive(Debug)]
 pub(crate) struct Counted<IO> {
-    /// The connection.
-    io: IO,
-    /// Its place.
-    _permit: OwnedSemaphorePermit,
+    /// The connection, in its place.
+    io: Held<IO>,
     /// Where it is counted.
     stats: Arc<SinkStats>,
 }
 
 impl<IO> Counted<IO> {
     /// `io`, counted as open in `stats`.
-    fn new(io: IO, permit: OwnedSemaphorePermit, stats: Arc<SinkStats>) -> Self {
+    fn new(io: IO, place: OwnedSemaphorePermit, stats: Arc<SinkStats>) -> Self {
         stats.connection_opened();
-        Self { io, _permit: permit, stats }
+        Self { io: Held::new(io, place, SILENCE), stats }
     }
 }
 
@@ -218,7 +225,7 @@ impl<IO: Connected> Connected for Counted<IO> {
     type ConnectInfo = IO::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        self.io.get_ref().connect_info()
     }
 }
 
@@ -262,7 +269,7 @@ mod tests {
         let mut connections = Box::pin(limited(futures::stream::iter(accepted), 4, stats));
         let started = tokio::time::Instant::now();
         let connection = connections.next().await.unwrap().unwrap();
-        assert_eq!(connection.io, 7);
+        assert_eq!(connection.io.get_ref(), &7);
         // 5 + 10 + 20 ms after the three failures that are not one
         // connection's own; none after the aborted one.
         assert_eq!(started.elapsed(), Duration::from_millis(35));

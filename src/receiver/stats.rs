@@ -214,7 +214,11 @@ impl SinkStats {
         r.register("write_errors", "Writes to the output that failed and were undone", self.write_errors.clone());
         r.register("connections", "Connections open", self.connections.clone());
         let waited = self.connections_waited.clone();
-        r.register("connections_waited", "Connections that waited because MAX_CONNECTIONS were open", waited);
+        r.register(
+            "connections_waited",
+            "Times a new connection had to wait because MAX_CONNECTIONS were open",
+            waited,
+        );
         let latency = self.write_latency.clone();
         r.register_with_unit("write_latency", "Time one buffer write to the output took", Unit::Seconds, latency);
         self.remote_write.register(r);

@@ -1,0 +1,175 @@
+//! A connection a server holds: its place under the server's limit on open
+//! connections, let go when it is dropped, and a deadline that closes it
+//! when its peer sends nothing for too long. A place held by a peer that
+//! never speaks (a socket opened and left, a handshake begun and not
+//! finished) would otherwise be held for good.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::OwnedSemaphorePermit,
+    time::{Instant, Sleep},
+};
+
+/// `io`, holding `place` until dropped, closed once nothing has been read
+/// from it for `idle`: a read that finds nothing then fails with
+/// `TimedOut`, and the server drops the connection.
+#[derive(Debug)]
+pub struct Held<IO> {
+    /// The connection.
+    io: IO,
+    /// Its place under the server's limit.
+    _place: OwnedSemaphorePermit,
+    /// The longest the peer may send nothing.
+    idle: Duration,
+    /// When something was last read.
+    last_read: Instant,
+    /// Fires `idle` after `last_read`, or earlier (then it is moved on):
+    /// resetting a timer on every read would cost more than reading the
+    /// clock.
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl<IO> Held<IO> {
+    /// `io` in `place`, closed after `idle` without anything to read.
+    pub fn new(io: IO, place: OwnedSemaphorePermit, idle: Duration) -> Self {
+        let now = Instant::now();
+        Self { io, _place: place, idle, last_read: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
+    }
+
+    /// The connection itself.
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// `Ready` once the peer has sent nothing for `idle`.
+    fn poll_silent(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            std::task::ready!(self.deadline.as_mut().poll(cx));
+            let due = self.last_read + self.idle;
+            if due <= Instant::now() {
+                return Poll::Ready(());
+            }
+            self.deadline.as_mut().reset(due);
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.last_read = Instant::now();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match this.poll_silent(cx) {
+                Poll::Ready(()) => {
+                    let message = format!("the peer sent nothing for {:?}", this.idle);
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Held<IO> {
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        sync::Semaphore,
+    };
+
+    use super::*;
+
+    fn place() -> OwnedSemaphorePermit {
+        Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_sends_nothing_is_cut_off_after_the_idle_time() {
+        let (ours, _peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(60));
+        let started = Instant::now();
+        let error = held.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_read_gives_the_peer_the_whole_idle_time_again() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(60));
+        let started = Instant::now();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            peer.write_all(b"x").await.unwrap();
+            assert_eq!(held.read(&mut [0; 8]).await.unwrap(), 1);
+        }
+        let error = held.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(250 + 60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_peer_reads_as_the_end_not_as_silence() {
+        let (ours, peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(60));
+        drop(peer);
+        assert_eq!(held.read(&mut [0; 8]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_place_is_let_go_with_the_connection() {
+        let places = Arc::new(Semaphore::new(1));
+        let held = Held::new((), Arc::clone(&places).try_acquire_owned().unwrap(), Duration::from_secs(1));
+        assert_eq!(places.available_permits(), 0);
+        drop(held);
+        assert_eq!(places.available_permits(), 1);
+    }
+}
