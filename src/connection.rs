@@ -18,8 +18,9 @@ use tokio::{
 };
 
 /// `io`, holding `place` until dropped, closed once nothing has been read
-/// from it for `idle`: a read that finds nothing then fails with
-/// `TimedOut`, and the server drops the connection.
+/// from it for `idle`, or once it is older than its lifetime, if it has
+/// one: a read that finds nothing then fails with `TimedOut`, and the
+/// server drops the connection.
 #[derive(Debug)]
 pub struct Held<IO> {
     /// The connection.
@@ -30,6 +31,8 @@ pub struct Held<IO> {
     idle: Duration,
     /// When something was last read.
     last_read: Instant,
+    /// When the connection is closed at the latest, talking or not.
+    end: Option<Instant>,
     /// Fires `idle` after `last_read`, or earlier (then it is moved on):
     /// resetting a timer on every read would cost more than reading the
     /// clock.
@@ -40,7 +43,20 @@ impl<IO> Held<IO> {
     /// `io` in `place`, closed after `idle` without anything to read.
     pub fn new(io: IO, place: OwnedSemaphorePermit, idle: Duration) -> Self {
         let now = Instant::now();
-        Self { io, _place: place, idle, last_read: now, deadline: Box::pin(tokio::time::sleep_until(now + idle)) }
+        let deadline = Box::pin(tokio::time::sleep_until(now + idle));
+        Self { io, _place: place, idle, last_read: now, end: None, deadline }
+    }
+
+    /// Closes the connection once it is `lifetime` old, even while its peer
+    /// talks (a byte at a time, never finishing a request), the next time
+    /// the server waits to read from it.
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        let end = self.last_read + lifetime;
+        self.end = Some(end);
+        if end < self.deadline.deadline() {
+            self.deadline.as_mut().reset(end);
+        }
+        self
     }
 
     /// The connection itself.
@@ -48,11 +64,13 @@ impl<IO> Held<IO> {
         &self.io
     }
 
-    /// `Ready` once the peer has sent nothing for `idle`.
+    /// `Ready` once the peer has sent nothing for `idle`, or the lifetime
+    /// is over.
     fn poll_silent(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             std::task::ready!(self.deadline.as_mut().poll(cx));
-            let due = self.last_read + self.idle;
+            let silent = self.last_read + self.idle;
+            let due = self.end.map_or(silent, |end| end.min(silent));
             if due <= Instant::now() {
                 return Poll::Ready(());
             }
@@ -72,7 +90,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
             }
             Poll::Pending => match this.poll_silent(cx) {
                 Poll::Ready(()) => {
-                    let message = format!("the peer sent nothing for {:?}", this.idle);
+                    let message = format!("the peer sent nothing for {:?}, or the connection is too old", this.idle);
                     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
                 }
                 Poll::Pending => Poll::Pending,
@@ -154,6 +172,30 @@ mod tests {
         let error = held.read(&mut [0; 8]).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(250 + 60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_talks_a_byte_at_a_time_is_cut_off_at_the_lifetime() {
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(10)).with_lifetime(Duration::from_secs(30));
+        let started = Instant::now();
+        let talker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if peer.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let error = loop {
+            match held.read(&mut [0; 8]).await {
+                Ok(_) => {}
+                Err(error) => break error,
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        talker.abort();
     }
 
     #[tokio::test(start_paused = true)]

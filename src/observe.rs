@@ -14,14 +14,20 @@ use crate::connection::Held;
 
 /// Connections served at once. Scrapers and probes use a few; a flood of
 /// connections waits instead of taking the open files the process's other
-/// listener needs (the sink keeps 128 for everything but its gRPC
-/// connections).
-const MOST_CONNECTIONS: usize = 32;
+/// listener needs (the sink keeps 384 for everything but its gRPC
+/// connections). As many as this can be held by a flood, each for up to
+/// [`LIFETIME`]; the more places, the sooner a probe gets one.
+pub const MOST_CONNECTIONS: usize = 256;
 
 /// A connection that sends nothing for this long is closed: a scraper that
 /// keeps its connection between scrapes opens another, while a socket
 /// opened and left gives its place back.
 const SILENCE: Duration = Duration::from_secs(10);
+
+/// A connection older than this is closed once the server waits to read
+/// from it: a peer sending a request a byte at a time, never finishing it,
+/// gives its place back too.
+const LIFETIME: Duration = Duration::from_secs(30);
 
 /// What the endpoints read.
 struct Observed {
@@ -88,7 +94,7 @@ impl axum::serve::Listener for Limited {
         let Ok(place) = Arc::clone(&self.places).acquire_owned().await else { return std::future::pending().await };
         // Failures (out of descriptors) are waited out by axum.
         let (io, address) = axum::serve::Listener::accept(&mut self.listener).await;
-        (Held::new(io, place, SILENCE), address)
+        (Held::new(io, place, SILENCE).with_lifetime(LIFETIME), address)
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {

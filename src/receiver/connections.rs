@@ -43,9 +43,9 @@ const FIRST_PAUSE: Duration = Duration::from_millis(5);
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Open files kept for everything but connections (the output file, the
-/// metrics server, connections to the database, the runtime's own), or
-/// half the limit where that is smaller.
-const RESERVED_FILES: usize = 128;
+/// metrics server's connections, connections to the database, the
+/// runtime's own), or half the limit where that is smaller.
+const RESERVED_FILES: usize = crate::observe::MOST_CONNECTIONS + 128;
 
 /// `wanted` (MAX_CONNECTIONS), lowered with a warning to what the process's
 /// open-file limit leaves after [`RESERVED_FILES`].
