@@ -17,16 +17,18 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-/// `io`, holding `place` until dropped, closed once nothing has been read
+/// `io`, holding `place` (what keeps its place under the server's limit,
+/// and whatever else is let go with the connection) until dropped, closed
+/// once nothing has been read
 /// from it for `idle`, or once it is older than its lifetime, if it has
 /// one: a read that finds nothing then fails with `TimedOut`, and the
 /// server drops the connection.
 #[derive(Debug)]
-pub struct Held<IO> {
+pub struct Held<IO, P = OwnedSemaphorePermit> {
     /// The connection.
     io: IO,
     /// Its place under the server's limit.
-    _place: OwnedSemaphorePermit,
+    _place: P,
     /// The longest the peer may send nothing.
     idle: Duration,
     /// When something was last read.
@@ -39,9 +41,9 @@ pub struct Held<IO> {
     deadline: Pin<Box<Sleep>>,
 }
 
-impl<IO> Held<IO> {
+impl<IO, P> Held<IO, P> {
     /// `io` in `place`, closed after `idle` without anything to read.
-    pub fn new(io: IO, place: OwnedSemaphorePermit, idle: Duration) -> Self {
+    pub fn new(io: IO, place: P, idle: Duration) -> Self {
         let now = Instant::now();
         let deadline = Box::pin(tokio::time::sleep_until(now + idle));
         Self { io, _place: place, idle, last_read: now, end: None, deadline }
@@ -79,7 +81,7 @@ impl<IO> Held<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
+impl<IO: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<IO, P> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -100,7 +102,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Held<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
+impl<IO: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<IO, P> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
@@ -126,7 +128,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Held<IO> {
     }
 }
 
-impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected for Held<IO> {
+impl<IO: tonic::transport::server::Connected, P> tonic::transport::server::Connected for Held<IO, P> {
     type ConnectInfo = IO::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {

@@ -7,20 +7,10 @@
 //! would retry such a failure at once and spin a core, so any accept failure
 //! that is not one connection's own is waited out here, with backoff.
 
-use std::{
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{io, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::{OwnedSemaphorePermit, Semaphore},
-};
-use tonic::transport::server::Connected;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, stats::SinkStats};
@@ -143,7 +133,7 @@ where
                 Arc::clone(&self.permits).acquire_owned().await.ok()?
             }
         };
-        Some(Counted::new(io, permit, Arc::clone(&self.stats)))
+        Some(Held::new(io, Place::new(permit, Arc::clone(&self.stats)), SILENCE))
     }
 
     /// Logs an accept failure and pauses, longer after each in a row: out
@@ -165,67 +155,30 @@ fn one_connections(error: &io::Error) -> bool {
     matches!(error.kind(), ConnectionAborted | ConnectionReset | BrokenPipe | Interrupted | WouldBlock | TimedOut)
 }
 
-/// An open connection, counted, holding its place under MAX_CONNECTIONS
-/// until it is dropped, and closed after [`SILENCE`].
+/// An open connection, holding its place under MAX_CONNECTIONS until it is
+/// dropped, counted as open meanwhile, and closed after [`SILENCE`].
+pub(crate) type Counted<IO> = Held<IO, Place>;
+
+/// A connection's place under MAX_CONNECTIONS, counted as open while held.
 #[derive(Debug)]
-pub(crate) struct Counted<IO> {
-    /// The connection, in its place.
-    io: Held<IO>,
+pub(crate) struct Place {
+    /// The place itself.
+    _permit: OwnedSemaphorePermit,
     /// Where it is counted.
     stats: Arc<SinkStats>,
 }
 
-impl<IO> Counted<IO> {
-    /// `io`, counted as open in `stats`.
-    fn new(io: IO, place: OwnedSemaphorePermit, stats: Arc<SinkStats>) -> Self {
+impl Place {
+    /// `permit`, counted as an open connection in `stats`.
+    fn new(permit: OwnedSemaphorePermit, stats: Arc<SinkStats>) -> Self {
         stats.connection_opened();
-        Self { io: Held::new(io, place, SILENCE), stats }
+        Self { _permit: permit, stats }
     }
 }
 
-impl<IO> Drop for Counted<IO> {
+impl Drop for Place {
     fn drop(&mut self) {
         self.stats.connection_closed();
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.get_ref().connect_info()
     }
 }
 
@@ -269,7 +222,7 @@ mod tests {
         let mut connections = Box::pin(limited(futures::stream::iter(accepted), 4, stats));
         let started = tokio::time::Instant::now();
         let connection = connections.next().await.unwrap().unwrap();
-        assert_eq!(connection.io.get_ref(), &7);
+        assert_eq!(connection.get_ref(), &7);
         // 5 + 10 + 20 ms after the three failures that are not one
         // connection's own; none after the aborted one.
         assert_eq!(started.elapsed(), Duration::from_millis(35));

@@ -98,8 +98,8 @@ pub struct SinkStats {
     write_latency: Histogram,
     /// Connections open.
     connections: Gauge,
-    /// Connections that waited in the listen queue because MAX_CONNECTIONS
-    /// were open.
+    /// Times a new connection had to wait because MAX_CONNECTIONS were
+    /// open.
     connections_waited: Counter,
     /// Whether the server is accepting requests; backs readiness.
     serving: AtomicBool,
