@@ -195,12 +195,9 @@ async fn stalled_requests_on_many_streams_hold_no_more_than_the_budget() {
     eprintln!("peak RSS grew by {} MiB under 4 × 128 stalled requests", grown >> 20);
     assert!(grown < 160 << 20, "the sink grew by {} MiB", grown >> 20);
 
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let transport = GrpcTransport::new(endpoint, Duration::from_secs(90));
-    let request = SensorValuesRequest { items: vec![SensorValue::default()], ..Default::default() };
     let started = std::time::Instant::now();
-    let answer = transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await;
-    assert_eq!(answer.unwrap_err().code(), tonic::Code::InvalidArgument, "answered, not stuck");
+    let answer = answered(port, Duration::from_secs(90)).await;
+    assert_eq!(answer, tonic::Code::InvalidArgument, "answered, not stuck");
     eprintln!("a request got through after {:?}", started.elapsed());
     drop(peers);
     let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
@@ -270,11 +267,12 @@ async fn wait_for_metric(port: u16, name: &str, value: f64) {
     panic!("{name} stayed at {:?}, not {value}", metric(port, name));
 }
 
-/// A request with one invalid reading, which the sink answers
-/// INVALID_ARGUMENT: answered, whatever else the sink is doing.
-async fn answered(port: u16) -> tonic::Code {
+/// What the sink answers a request with one invalid reading, sent with
+/// `deadline`: INVALID_ARGUMENT once it is answered, whatever else the sink
+/// is doing.
+async fn answered(port: u16, deadline: Duration) -> tonic::Code {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let transport = GrpcTransport::new(endpoint, Duration::from_secs(60));
+    let transport = GrpcTransport::new(endpoint, deadline);
     let request = SensorValuesRequest { items: vec![SensorValue::default()], ..Default::default() };
     transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await.unwrap_err().code()
 }
@@ -285,7 +283,7 @@ async fn answered(port: u16) -> tonic::Code {
 async fn answered_in_the_end(port: u16, limit: Duration) -> Option<tonic::Code> {
     let tries = async {
         loop {
-            match answered(port).await {
+            match answered(port, Duration::from_secs(60)).await {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
@@ -322,7 +320,7 @@ async fn connections_past_max_connections_wait_and_hold_nothing() {
     assert_eq!(metric(metrics, "telemetry_sink_connections"), Some(32.0));
     assert!(metric(metrics, "telemetry_sink_connections_waited_total").is_some_and(|waited| waited >= 1.0));
 
-    let node = tokio::spawn(answered(address.port()));
+    let node = tokio::spawn(answered(address.port(), Duration::from_secs(60)));
     tokio::time::sleep(Duration::from_secs(1)).await;
     drop(peers);
     assert_eq!(node.await.unwrap(), tonic::Code::InvalidArgument, "answered once there was room");
