@@ -205,8 +205,8 @@ async fn stalled_requests_on_many_streams_hold_no_more_than_the_budget() {
     assert!(stderr.contains("did not arrive whole within 60 s"), "the stalled requests were let go: {stderr}");
 }
 
-/// Peers each holding a connection to `port` until dropped: with `mid_frame`
-/// a DATA frame of 256 KiB (the largest the sink takes) is sent but for its
+/// Peers each holding a connection to `port` until dropped, each having
+/// sent a DATA frame of 256 KiB (the largest the sink takes) but for its
 /// last byte, which the sink holds while it waits for the rest.
 struct Flood(Vec<tokio::task::JoinHandle<()>>);
 
@@ -218,18 +218,16 @@ impl Drop for Flood {
     }
 }
 
-async fn flood(port: u16, peers: usize, mid_frame: bool) -> Flood {
+async fn flood(port: u16, peers: usize) -> Flood {
     use tokio::io::AsyncWriteExt;
     let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     // An empty SETTINGS frame.
     bytes.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    if mid_frame {
-        let length: u32 = 256 * 1024;
-        bytes.extend_from_slice(&length.to_be_bytes()[1..]);
-        // DATA, no flags, stream 1.
-        bytes.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
-        bytes.resize(bytes.len() + length as usize - 1, 0);
-    }
+    let length: u32 = 256 * 1024;
+    bytes.extend_from_slice(&length.to_be_bytes()[1..]);
+    // DATA, no flags, stream 1.
+    bytes.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+    bytes.resize(bytes.len() + length as usize - 1, 0);
     let bytes = prost::bytes::Bytes::from(bytes);
     let mut held = Vec::new();
     // One after another, as a client opening connections in a loop does:
@@ -312,7 +310,7 @@ async fn connections_past_max_connections_wait_and_hold_nothing() {
     let (sink, address) = Process::start_sink("sink", &env, &dir);
     let metrics = sink.metrics_address().port();
     let before = peak_rss(sink.child.id());
-    let peers = flood(address.port(), 300, true).await;
+    let peers = flood(address.port(), 300).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let grown = peak_rss(sink.child.id()).saturating_sub(before);
     eprintln!("peak RSS grew by {} MiB under 300 connections stalled mid-frame", grown >> 20);
@@ -359,9 +357,9 @@ async fn silent_sockets_give_their_places_back() {
 /// keeps its connections under it, and a flood of 1,000 connections leaves
 /// it idle. Before, the 1,021st connection made every accept fail with
 /// EMFILE, which the accept loop retried at once: a core spent for as long
-/// as the flood stayed. The flood's connections say nothing after their
-/// HTTP/2 preface, so they give their places back within a minute, and a
-/// node is answered while the flood is still there; a flood of silent
+/// as the flood stayed. The flood's connections never say anything, so they
+/// give their places back after a minute of silence, and a node is answered
+/// while the flood is still there; a flood of silent
 /// sockets on the metrics port takes no more than its own places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle_and_serving() {
@@ -379,7 +377,7 @@ async fn a_flood_of_connections_with_the_default_settings_leaves_the_sink_idle_a
     let (address, metrics) = (sink.sink_address(), sink.metrics_address().port());
     let pid = sink.child.id();
 
-    let grpc_flood = flood(address.port(), 1000, false).await;
+    let grpc_flood = silent(address.port(), 1000).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ticks = || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
