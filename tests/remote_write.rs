@@ -1208,3 +1208,96 @@ async fn the_sink_judges_readings_by_the_databases_clock() {
     let (_, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert!(stderr.contains("carries no usable Date"), "{stderr}");
 }
+
+/// Connections to the sink at `1` from `0`, another address of this host
+/// (127.0.0.2 is as much loopback as 127.0.0.1): a node on another host, as
+/// the sink sees it.
+#[derive(Clone)]
+struct From(std::net::IpAddr, std::net::SocketAddr);
+
+impl tonic::codegen::Service<http::Uri> for From {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let Self(source, sink) = *self;
+        Box::pin(async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((source, 0).into())?;
+            Ok(hyper_util::rt::TokioIo::new(socket.connect(sink).await?))
+        })
+    }
+}
+
+/// Two senders without a node identity (Go nodes) on two hosts, with the
+/// same sensor names and reading times, over plain TCP or TLS: each gets
+/// series of its own, under its IP address as the node label, and nothing
+/// is refused or lost. (With one series for both, Prometheus refused the
+/// second host's request, and VictoriaMetrics kept one value of each
+/// millisecond and answered OK.)
+async fn unnamed_senders_on_two_hosts(kind: Kind, name: &str, tls: bool) {
+    let dir = scratch(name);
+    let Some(database) = Database::start(kind, &dir) else { return };
+    let mut env = sink_env(ANY_PORT, &database);
+    let pki = Pki::new(&dir, "ca");
+    let mut client_tls = None;
+    if tls {
+        let (cert, key) = pki.issue("sink", "localhost");
+        env.extend([("TLS_CERT", cert), ("TLS_KEY", key)]);
+        let ca = tonic::transport::Certificate::from_pem(std::fs::read(dir.join("ca.pem")).unwrap());
+        client_tls = Some(tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost"));
+    }
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(60);
+    let start = SystemTime::UNIX_EPOCH + Duration::from_millis(ago.as_millis() as u64);
+    let base = ago.as_millis() as i64;
+    let hosts = ["127.0.0.1", "127.0.0.2"];
+    for (n, host) in hosts.iter().enumerate() {
+        let scheme = if tls { "https" } else { "http" };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}")).unwrap();
+        if let Some(settings) = &client_tls {
+            endpoint = endpoint.tls_config(settings.clone()).unwrap();
+        }
+        let channel = endpoint.connect_with_connector(From(host.parse().unwrap(), address)).await.unwrap();
+        let mut client = SensorServiceClient::new(channel);
+        for batch in 0..2u64 {
+            let items = (0..3)
+                .map(|k| {
+                    let ms = batch * 3 + k;
+                    reading("temp", (n as i64 + 1) * 100 + ms as i64, start + Duration::from_millis(ms))
+                })
+                .collect();
+            let request = SensorValuesRequest { items, ..Default::default() };
+            let answer = client.send_sensor_values(request).await;
+            assert!(answer.is_ok(), "{host}, batch {batch}: {answer:?}");
+        }
+    }
+    let stdout = stop_sink(sink);
+    assert!(stdout.contains("rejected=0"), "{stdout}");
+    let series = database.samples();
+    assert_eq!(series.len(), 2, "{series:?}");
+    for (n, host) in hosts.iter().enumerate() {
+        let expected: Vec<(i64, f64)> = (0..6).map(|ms| (base + ms, ((n as i64 + 1) * 100 + ms) as f64)).collect();
+        assert_eq!(series[&(host.to_string(), "temp".to_owned())], expected, "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_without_an_identity_on_two_hosts_get_series_of_their_own_in_prometheus() {
+    unnamed_senders_on_two_hosts(Kind::Prometheus, "rw-unnamed-prometheus", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_without_an_identity_on_two_hosts_get_series_of_their_own_in_victoria_metrics() {
+    unnamed_senders_on_two_hosts(Kind::VictoriaMetrics, "rw-unnamed-vm", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_without_an_identity_over_tls_get_series_of_their_own() {
+    unnamed_senders_on_two_hosts(Kind::Prometheus, "rw-unnamed-tls", true).await;
+}

@@ -57,12 +57,13 @@ impl RemoteWriteTransport {
         let mut bytes = Vec::with_capacity(request.encoded_len());
         request.write_to(&mut bytes);
         let window = self.rules.window_offset(clock_offset_ms);
-        if let Some(series) = transcode(&bytes, &self.rules.metric, window) {
+        // The node always sends its identity: no other node label.
+        if let Some(series) = transcode(&bytes, &self.rules.metric, window, "") {
             return Ok(series.bytes);
         }
         let decoded = SensorValuesRequest::decode(bytes.as_slice())
             .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
-        validate::to_series(&decoded, &self.rules.metric, window).map_err(Status::from)
+        validate::to_series(&decoded, &self.rules.metric, window, "").map_err(Status::from)
     }
 }
 

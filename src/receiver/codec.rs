@@ -47,14 +47,23 @@ pub(crate) struct RequestCodec {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
+    /// The node label of a request without a node identity
+    /// (`validate::unnamed_label`).
+    unnamed: Arc<str>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
 }
 
 impl RequestCodec {
-    /// A codec that refuses more than `max_items` readings in one request.
-    pub(crate) fn new(max_items: usize, series: Option<SeriesRules>, refusals: Arc<Refusals>) -> Self {
-        Self { max_items, series, refusals }
+    /// A codec that refuses more than `max_items` readings in one request
+    /// and labels a request without a node identity `unnamed`.
+    pub(crate) fn new(
+        max_items: usize,
+        series: Option<SeriesRules>,
+        unnamed: Arc<str>,
+        refusals: Arc<Refusals>,
+    ) -> Self {
+        Self { max_items, series, unnamed, refusals }
     }
 }
 
@@ -72,6 +81,7 @@ impl Codec for RequestCodec {
         RequestDecoder {
             max_items: self.max_items,
             series: self.series.clone(),
+            unnamed: Arc::clone(&self.unnamed),
             refusals: Arc::clone(&self.refusals),
             decoded: PhantomData,
         }
@@ -85,6 +95,8 @@ pub(crate) struct RequestDecoder {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
+    /// The node label of a request without a node identity.
+    unnamed: Arc<str>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
     /// What it decodes.
@@ -109,7 +121,8 @@ impl Decoder for RequestDecoder {
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
         let fast = |rules: &SeriesRules| {
-            transcode(bytes, &rules.metric, rules.window()).map(|series| Incoming::Series { series, bytes: length })
+            transcode(bytes, &rules.metric, rules.window(), &self.unnamed)
+                .map(|series| Incoming::Series { series, bytes: length })
         };
         let checked = match size_up(bytes, self.max_items) {
             Ok(()) => match self.series.as_ref().and_then(fast) {

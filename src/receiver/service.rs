@@ -114,8 +114,10 @@ impl ReceiverService {
         bool::from(given.ct_eq(expected))
     }
 
-    /// Accepts `request` or says why not; nothing of a refused request is queued.
-    async fn accept(&self, request: &SensorValuesRequest) -> Result<(), ReceiveError> {
+    /// Accepts `request` or says why not; nothing of a refused request is
+    /// queued. A database gets the node label `unnamed` for a request
+    /// without a node identity.
+    async fn accept(&self, request: &SensorValuesRequest, unnamed: &str) -> Result<(), ReceiveError> {
         let bytes = request.encoded_len();
         self.stats.received(bytes);
         let items = request.items.len();
@@ -125,10 +127,13 @@ impl ReceiverService {
         // The file takes every request in turn; a database, one node's at a time.
         let (lines, sender) = match &self.render {
             Render::Lines => (validate::to_json_lines(request)?, 0),
-            Render::Series(rules) => (
-                validate::to_series(request, &rules.metric, rules.window())?,
-                validate::sender(request.node_id.as_bytes()),
-            ),
+            Render::Series(rules) => {
+                let node = validate::node_label(&request.node_id, unnamed);
+                (
+                    validate::to_series(request, &rules.metric, rules.window(), unnamed)?,
+                    validate::sender(node.as_bytes()),
+                )
+            }
         };
         // Held until the batch is written, so a retry of it waits here and
         // then finds it written.
@@ -239,8 +244,9 @@ impl ReceiverService {
         let answer = if !self.token_matches(given) {
             Err(ReceiveError::Unauthenticated)
         } else {
+            let unnamed = validate::unnamed_label(request.remote_addr());
             match request.into_inner() {
-                Incoming::Message(request) => self.accept(&request).await,
+                Incoming::Message(request) => self.accept(&request, &unnamed).await,
                 Incoming::Series { series, bytes } => self.accept_series(series, bytes).await,
             }
         };

@@ -29,8 +29,9 @@ pub(crate) struct Series {
 /// The series of the request `bytes`, metric `metric`, or `None` when the
 /// request is not in the common shape or is refused (a reading outside
 /// `window`, two values of a sensor in one millisecond): then decode it and
-/// use `validate::to_series`, which says why.
-pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Option<Series> {
+/// use `validate::to_series`, which says why. A request without a node
+/// identity gets the node label `unnamed` (none if empty).
+pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, unnamed: &str) -> Option<Series> {
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
@@ -53,9 +54,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window) -> Optio
     if node_id.len() > MAX_LABEL_BYTES {
         return None;
     }
-    let sender = super::validate::sender(node_id);
-    let node_id = std::str::from_utf8(node_id).ok()?;
-    Some(Series { bytes: grouped.encode(metric, node_id)?, readings: grouped.readings, sender })
+    let node = super::validate::node_label(std::str::from_utf8(node_id).ok()?, unnamed);
+    let sender = super::validate::sender(node.as_bytes());
+    Some(Series { bytes: grouped.encode(metric, node)?, readings: grouped.readings, sender })
 }
 
 /// One sensor's series while a request is read.
@@ -432,13 +433,14 @@ mod tests {
 
     /// What the decoder and `to_series` make of `bytes`, if they accept it.
     fn slow(bytes: &[u8], metric: &str) -> Option<Series> {
-        slow_within(bytes, metric, Window::any())
+        slow_within(bytes, metric, Window::any(), "")
     }
 
-    fn slow_within(bytes: &[u8], metric: &str, window: Window) -> Option<Series> {
+    fn slow_within(bytes: &[u8], metric: &str, window: Window, unnamed: &str) -> Option<Series> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
-        let series = to_series(&request, metric, window).ok()?;
-        let sender = crate::receiver::validate::sender(request.node_id.as_bytes());
+        let series = to_series(&request, metric, window, unnamed).ok()?;
+        let node = crate::receiver::validate::node_label(&request.node_id, unnamed);
+        let sender = crate::receiver::validate::sender(node.as_bytes());
         Some(Series { bytes: series, readings: request.items.len(), sender })
     }
 
@@ -515,7 +517,7 @@ mod tests {
         #[test]
         fn valid_requests_are_always_taken_fast_and_alike(request in any_valid_request()) {
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "sensor_value", Window::any());
+            let fast = transcode(&bytes, "sensor_value", Window::any(), "");
             prop_assert!(fast.is_some());
             prop_assert_eq!(fast, slow(&bytes, "sensor_value"));
         }
@@ -529,16 +531,19 @@ mod tests {
         ) {
             let window = Window::around(now, Duration::from_millis(age), Duration::from_millis(ahead));
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "m", window);
-            let slow = slow_within(&bytes, "m", window);
+            let fast = transcode(&bytes, "m", window, "");
+            let slow = slow_within(&bytes, "m", window, "");
             prop_assert_eq!(fast, slow);
         }
 
         #[test]
-        fn gives_what_decoding_and_to_series_give(request in any_request()) {
+        fn gives_what_decoding_and_to_series_give(
+            request in any_request(),
+            unnamed in prop_oneof![Just(""), Just("10.0.0.7"), Just("::1")],
+        ) {
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "sensor_value", Window::any());
-            let slow = slow(&bytes, "sensor_value");
+            let fast = transcode(&bytes, "sensor_value", Window::any(), unnamed);
+            let slow = slow_within(&bytes, "sensor_value", Window::any(), unnamed);
             prop_assert!(fast.is_none() || fast == slow, "fast {fast:?} slow {slow:?}");
             // The common shape, every reading valid: always taken fast.
             if slow.is_some() {
@@ -560,7 +565,7 @@ mod tests {
                 }
             }
             bytes.extend(extra);
-            let fast = transcode(&bytes, "m", Window::any());
+            let fast = transcode(&bytes, "m", Window::any(), "");
             prop_assert!(fast.is_none() || fast == slow(&bytes, "m"));
         }
     }
@@ -580,7 +585,7 @@ mod tests {
         // A second node_id, and a second measurement inside the item: the
         // last string wins; the decoder merges measurements, so it judges.
         bytes.extend([0x12, 1, b'm']);
-        let fast = transcode(&bytes, "x", Window::any()).unwrap();
+        let fast = transcode(&bytes, "x", Window::any(), "").unwrap();
         assert_eq!(Some(fast), slow(&bytes, "x"));
     }
 }

@@ -97,12 +97,33 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
 /// write holding it twice, may keep only some of their samples and answer
 /// OK (Prometheus drops what is out of order when it commits). The lane does
 /// not count: this node keeps a sensor to one lane, but a client need not.
-/// Requests without a node identity (the Go node) are one sender.
-pub(crate) fn sender(node_id: &[u8]) -> u64 {
+/// `node` is the node label: for a request without a node identity (the Go
+/// node), its address ([`unnamed_label`]).
+pub(crate) fn sender(node: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
-    node_id.hash(&mut hasher);
+    node.hash(&mut hasher);
     hasher.finish()
+}
+
+/// The node label of a request without a node identity (the Go node): the
+/// IP address it came from (an IPv4 address as such, also when it reached
+/// an IPv6 socket), or empty (no label) if unknown. Nodes on different
+/// hosts then write different series, as nodes with a `NODE_ID` do,
+/// instead of one series they would clash in.
+pub(crate) fn unnamed_label(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map(|address| address.ip().to_canonical().to_string()).unwrap_or_default()
+}
+
+/// The node label of a request: its `node_id`, else `unnamed`.
+pub(crate) fn node_label<'a>(node_id: &'a str, unnamed: &'a str) -> &'a str {
+    if node_id.is_empty() { unnamed } else { node_id }
+}
+
+/// The address a request came from, over plain TCP or TLS (tonic gives
+/// the TCP connection's information over TLS too).
+pub(crate) fn peer_of(extensions: &tonic::codegen::http::Extensions) -> Option<std::net::SocketAddr> {
+    extensions.get::<tonic::transport::server::TcpConnectInfo>().and_then(|info| info.remote_addr())
 }
 
 /// How readings become remote-write samples: under which metric, and
@@ -218,7 +239,8 @@ fn label_fits(value: &str, what: impl FnOnce() -> String) -> Result<(), ReceiveE
 /// requests, concatenated, are one request).
 ///
 /// One series per sensor of the sending node: `metric{node="…",
-/// sensor="…"}`, the time in milliseconds and the value as a float (exact
+/// sensor="…"}`, the node its `node_id`, or `unnamed` for a request without
+/// one (no node label if that is empty too), the time in milliseconds and the value as a float (exact
 /// up to 2^53). A series' samples go in time order, whatever order the
 /// request held them in (Prometheus drops, and answers OK all the same, a
 /// sample older than one before it in the same request). A series holds one
@@ -226,7 +248,12 @@ fn label_fits(value: &str, what: impl FnOnce() -> String) -> Result<(), ReceiveE
 /// are stored once when their values are the same, and refuse the request
 /// when they differ (one of them could not be stored). A reading outside
 /// `window` refuses the request too.
-pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str, window: Window) -> Result<Vec<u8>, ReceiveError> {
+pub(crate) fn to_series(
+    request: &SensorValuesRequest,
+    metric: &str,
+    window: Window,
+    unnamed: &str,
+) -> Result<Vec<u8>, ReceiveError> {
     // Each sensor's readings: time in ms, value, position in the request.
     type Readings = Vec<(i64, f64, usize)>;
     let mut series: Vec<(&str, Readings)> = Vec::new();
@@ -261,8 +288,9 @@ pub(crate) fn to_series(request: &SensorValuesRequest, metric: &str, window: Win
             last_index = index;
         }
         let mut labels = vec![Label { name: "__name__".into(), value: metric.into() }];
-        if !request.node_id.is_empty() {
-            labels.push(Label { name: "node".into(), value: request.node_id.clone() });
+        let node = node_label(&request.node_id, unnamed);
+        if !node.is_empty() {
+            labels.push(Label { name: "node".into(), value: node.into() });
         }
         labels.push(Label { name: "sensor".into(), value: sensor.into() });
         prost::encoding::message::encode(1, &TimeSeries { labels, samples }, &mut out);
@@ -294,7 +322,7 @@ mod tests {
             node_id: "n1".into(),
             ..Default::default()
         };
-        let bytes = to_series(&request, "sensor_value", Window::any()).unwrap();
+        let bytes = to_series(&request, "sensor_value", Window::any(), "").unwrap();
         let decoded = WriteRequest::decode(bytes.as_slice()).unwrap();
         let labels: Vec<Vec<(String, String)>> = decoded
             .timeseries
@@ -312,20 +340,41 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_without_an_identity_is_labelled_with_its_ip_address() {
+        let label = |address: &str| unnamed_label(Some(address.parse().unwrap()));
+        assert_eq!(label("10.0.0.7:40000"), "10.0.0.7");
+        // An IPv4 sender that reached an IPv6 socket is still the IPv4 host.
+        assert_eq!(label("[::ffff:10.0.0.7]:40000"), "10.0.0.7");
+        assert_eq!(label("[2001:db8::1]:40000"), "2001:db8::1");
+        assert_eq!(unnamed_label(None), "");
+        assert_eq!(node_label("n1", "10.0.0.7"), "n1");
+        assert_eq!(node_label("", "10.0.0.7"), "10.0.0.7");
+    }
+
+    #[test]
     fn two_readings_of_a_sensor_in_one_millisecond_are_stored_once_or_refused() {
         // The same value twice: the database holds exactly that sample.
         let request =
             SensorValuesRequest { items: vec![item("a", Some(9), 1), item("a", Some(9), 1)], ..Default::default() };
-        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any()).unwrap().as_slice()).unwrap();
+        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any(), "").unwrap().as_slice()).unwrap();
         assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
-        // Without a node identity there is no node label.
+        // Without a node identity there is no node label, unless the sink
+        // knows where the request came from.
         assert_eq!(decoded.timeseries[0].labels.len(), 2);
+        let decoded =
+            WriteRequest::decode(to_series(&request, "m", Window::any(), "10.0.0.7").unwrap().as_slice()).unwrap();
+        assert_eq!(decoded.timeseries[0].labels[1], Label { name: "node".into(), value: "10.0.0.7".into() });
+        // A node identity wins over the address.
+        let named = SensorValuesRequest { node_id: "n1".into(), ..request.clone() };
+        let decoded =
+            WriteRequest::decode(to_series(&named, "m", Window::any(), "10.0.0.7").unwrap().as_slice()).unwrap();
+        assert_eq!(decoded.timeseries[0].labels[1], Label { name: "node".into(), value: "n1".into() });
         // Two values: one could not be stored, so the request is refused.
         let request = SensorValuesRequest {
             items: vec![item("b", Some(2), 1), item("a", Some(1), 1), item("a", Some(9), 1)],
             ..Default::default()
         };
-        let error = to_series(&request, "m", Window::any()).unwrap_err();
+        let error = to_series(&request, "m", Window::any(), "").unwrap_err();
         assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1000 });
         assert!(error.to_string().contains("one sample per millisecond"), "{error}");
     }
@@ -338,12 +387,12 @@ mod tests {
             item
         };
         let request = SensorValuesRequest { items: vec![at(9, 9), at(8, 8), at(5, 5), at(9, 9)], ..Default::default() };
-        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any()).unwrap().as_slice()).unwrap();
+        let decoded = WriteRequest::decode(to_series(&request, "m", Window::any(), "").unwrap().as_slice()).unwrap();
         let times: Vec<i64> = decoded.timeseries[0].samples.iter().map(|s| s.timestamp).collect();
         assert_eq!(times, vec![1005, 1008, 1009]);
         // The same millisecond with another value, not next to it.
         let request = SensorValuesRequest { items: vec![at(1, 5), at(2, 6), at(3, 5)], ..Default::default() };
-        let error = to_series(&request, "m", Window::any()).unwrap_err();
+        let error = to_series(&request, "m", Window::any(), "").unwrap_err();
         assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1005 });
     }
 
@@ -354,13 +403,13 @@ mod tests {
             node_id: "n".repeat(node),
             ..Default::default()
         };
-        assert!(to_series(&named(MAX_LABEL_BYTES, MAX_LABEL_BYTES), "m", Window::any()).is_ok());
-        let error = to_series(&named(MAX_LABEL_BYTES + 1, 1), "m", Window::any()).unwrap_err();
+        assert!(to_series(&named(MAX_LABEL_BYTES, MAX_LABEL_BYTES), "m", Window::any(), "").is_ok());
+        let error = to_series(&named(MAX_LABEL_BYTES + 1, 1), "m", Window::any(), "").unwrap_err();
         assert_eq!(
             error.to_string(),
             "item 1: sensor_name is 2049 bytes, longer than a label value in the database may be (2048 bytes)"
         );
-        let error = to_series(&named(1, 17_000), "m", Window::any()).unwrap_err();
+        let error = to_series(&named(1, 17_000), "m", Window::any(), "").unwrap_err();
         assert!(error.to_string().starts_with("node_id is 17000 bytes"), "{error}");
         assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
         // The file takes any length.
@@ -371,15 +420,15 @@ mod tests {
     fn a_reading_outside_the_window_refuses_the_request() {
         let window = Window::around(1_000_000, Duration::from_secs(60), Duration::from_secs(10));
         let at = |seconds: i64| SensorValuesRequest { items: vec![item("a", Some(1), seconds)], ..Default::default() };
-        assert!(to_series(&at(1000), "m", window).is_ok());
-        assert!(to_series(&at(940), "m", window).is_ok());
-        assert!(to_series(&at(1010), "m", window).is_ok());
-        let old = to_series(&at(900), "m", window).unwrap_err();
+        assert!(to_series(&at(1000), "m", window, "").is_ok());
+        assert!(to_series(&at(940), "m", window, "").is_ok());
+        assert!(to_series(&at(1010), "m", window, "").is_ok());
+        let old = to_series(&at(900), "m", window, "").unwrap_err();
         assert_eq!(
             old.to_string(),
             "item 0: created_at is 1m 40s before the database's clock, older than REMOTE_WRITE_MAX_AGE (1m)"
         );
-        let ahead = to_series(&at(1011), "m", window).unwrap_err().to_string();
+        let ahead = to_series(&at(1011), "m", window, "").unwrap_err().to_string();
         assert!(
             ahead.contains("11s after the database's clock") && ahead.contains("REMOTE_WRITE_MAX_AHEAD (10s)"),
             "{ahead}"
