@@ -429,3 +429,46 @@ async fn silent(port: u16, peers: usize) -> Vec<tokio::net::TcpStream> {
     }
     held
 }
+
+/// SIGTERM while peers never finish, with the default settings: 8 sockets
+/// that never send a byte and a request stalled mid-message. The sink
+/// closes them once its drain limit (20 s) is up, syncs, exits 0, and what
+/// it acknowledged before is in its file. Before, it waited until its 60 s
+/// limits closed them (54 s measured), past Kubernetes' 30 s grace period,
+/// so it was killed before it could sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_peers_that_never_finish_stops_within_the_drain_limit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = scratch("hostile-drain");
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let port = address.port();
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let transport = GrpcTransport::new(endpoint, Duration::from_secs(10));
+    let reading = SensorValue {
+        sensor_name: "kept".into(),
+        measurement: Some(telemetry_node::proto::sensor_value::Measurement {
+            sensor_value: Some(7),
+            created_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 }),
+        }),
+        sequence: 1,
+    };
+    let request = SensorValuesRequest { items: vec![reading], ..Default::default() };
+    transport.send_payload(prost::bytes::Bytes::from(request.encode_to_vec())).await.unwrap();
+    let silent = silent(port, 8).await;
+    assert_eq!(silent.len(), 8);
+    let stalled = stalled_requests(port, 1, 1000).await;
+    // The stalled request is under way before the sink is told to stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || sink.terminate(Duration::from_secs(90))).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("the sink stopped {took:?} after SIGTERM");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(took < Duration::from_secs(25), "the sink took {took:?} to stop");
+    assert!(format!("{stdout}{stderr}").contains("drain limit"), "{stdout}{stderr}");
+    let file = std::fs::read_to_string(dir.join("out/readings.jsonl")).unwrap();
+    assert_eq!(file.lines().filter(|line| line.contains("\"sensor_name\":\"kept\"")).count(), 1, "{file}");
+    drop((silent, stalled));
+}

@@ -74,6 +74,14 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// See [`KEEPALIVE_INTERVAL`].
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Longest the sink waits, once told to stop, for its connections to
+/// finish their requests and close; those still open then are closed. A
+/// request cut off that way was not acknowledged, so its node sends it
+/// again. Below Kubernetes' default grace period of 30 s, so that a peer
+/// that sends nothing or stalls mid-request (closed only after 60 s) cannot
+/// get the sink killed before its output is synced.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+
 /// Serves `listener` until `shutdown` resolves, then finishes the requests
 /// under way and writes out everything it acknowledged before returning.
 pub async fn serve(
@@ -182,14 +190,16 @@ pub async fn serve_with(
         tls = config.tls_cert.is_some(),
     );
     stats.set_serving(true);
+    let stopping = CancellationToken::new();
     let shutdown = async {
         shutdown.await;
+        stopping.cancel();
         stats.set_serving(false);
         health.set_not_serving::<route::SensorRoute>().await;
     };
     let max_connections = connections::limit(config.max_connections);
     let stats_of_connections = Arc::clone(&stats);
-    let served = server
+    let serving = server
         .initial_stream_window_size(WINDOW_BYTES)
         .initial_connection_window_size(WINDOW_BYTES)
         .max_frame_size(Some(MAX_FRAME_BYTES))
@@ -201,8 +211,22 @@ pub async fn serve_with(
         .serve_with_incoming_shutdown(
             connections::limited(incoming(listener), max_connections, stats_of_connections),
             shutdown,
-        )
-        .await;
+        );
+    let drained = async {
+        stopping.cancelled().await;
+        tokio::time::sleep(DRAIN_LIMIT).await;
+    };
+    let served = tokio::select! {
+        served = serving => served,
+        () = drained => {
+            // The connections still open end with the process.
+            warn!(
+                message = "Connections still open after the drain limit are closed; their nodes send again what was not acknowledged.",
+                limit_s = DRAIN_LIMIT.as_secs(),
+            );
+            Ok(())
+        }
+    };
 
     // Every request has been answered: whatever was acknowledged is queued
     // for the writer, which drains the queue before it returns.
