@@ -167,8 +167,14 @@ impl Database {
             assert_eq!(self.get("/internal/force_flush").map(|(status, _)| status), Some(200));
         }
         let mut series: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
+        // A sender without a node identity is labelled with its address.
         let key = |metric: &serde_json::Value| {
-            (metric["node"].as_str().unwrap_or("").to_owned(), metric["sensor"].as_str().unwrap().to_owned())
+            let owner = match (metric["node"].as_str(), metric["address"].as_str()) {
+                (Some(node), _) => node.to_owned(),
+                (None, Some(address)) => format!("address {address}"),
+                (None, None) => String::new(),
+            };
+            (owner, metric["sensor"].as_str().unwrap().to_owned())
         };
         match self.kind {
             Kind::VictoriaMetrics => {
@@ -1235,11 +1241,13 @@ impl tonic::codegen::Service<http::Uri> for From {
 }
 
 /// Two senders without a node identity (Go nodes) on two hosts, with the
-/// same sensor names and reading times, over plain TCP or TLS: each gets
-/// series of its own, under its IP address as the node label, and nothing
-/// is refused or lost. (With one series for both, Prometheus refused the
-/// second host's request, and VictoriaMetrics kept one value of each
-/// millisecond and answered OK.)
+/// same sensor names and reading times, over plain TCP or TLS, and a node
+/// whose `NODE_ID` is the second host's address: each gets series of its
+/// own, the first two under their IP addresses as `address` label, and
+/// nothing is refused or lost. (With one series for the two hosts,
+/// Prometheus refused the second host's requests, and VictoriaMetrics kept
+/// one value of each millisecond and answered OK; with the address as
+/// `node` label, so did the node named as the address.)
 async fn unnamed_senders_on_two_hosts(kind: Kind, name: &str, tls: bool) {
     let dir = scratch(name);
     let Some(database) = Database::start(kind, &dir) else { return };
@@ -1256,8 +1264,13 @@ async fn unnamed_senders_on_two_hosts(kind: Kind, name: &str, tls: bool) {
     let ago = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap() - Duration::from_secs(60);
     let start = SystemTime::UNIX_EPOCH + Duration::from_millis(ago.as_millis() as u64);
     let base = ago.as_millis() as i64;
-    let hosts = ["127.0.0.1", "127.0.0.2"];
-    for (n, host) in hosts.iter().enumerate() {
+    // (source address, node_id, the series it must land in)
+    let senders = [
+        ("127.0.0.1", "", "address 127.0.0.1"),
+        ("127.0.0.2", "", "address 127.0.0.2"),
+        ("127.0.0.1", "127.0.0.2", "127.0.0.2"),
+    ];
+    for (n, (host, node_id, _)) in senders.iter().enumerate() {
         let scheme = if tls { "https" } else { "http" };
         let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}")).unwrap();
         if let Some(settings) = &client_tls {
@@ -1272,18 +1285,18 @@ async fn unnamed_senders_on_two_hosts(kind: Kind, name: &str, tls: bool) {
                     reading("temp", (n as i64 + 1) * 100 + ms as i64, start + Duration::from_millis(ms))
                 })
                 .collect();
-            let request = SensorValuesRequest { items, ..Default::default() };
+            let request = SensorValuesRequest { items, node_id: node_id.to_string(), lane: 0, batch_sequence: batch };
             let answer = client.send_sensor_values(request).await;
-            assert!(answer.is_ok(), "{host}, batch {batch}: {answer:?}");
+            assert!(answer.is_ok(), "{host} {node_id:?}, batch {batch}: {answer:?}");
         }
     }
     let stdout = stop_sink(sink);
     assert!(stdout.contains("rejected=0"), "{stdout}");
     let series = database.samples();
-    assert_eq!(series.len(), 2, "{series:?}");
-    for (n, host) in hosts.iter().enumerate() {
+    assert_eq!(series.len(), senders.len(), "{series:?}");
+    for (n, (_, _, owner)) in senders.iter().enumerate() {
         let expected: Vec<(i64, f64)> = (0..6).map(|ms| (base + ms, ((n as i64 + 1) * 100 + ms) as f64)).collect();
-        assert_eq!(series[&(host.to_string(), "temp".to_owned())], expected, "{host}");
+        assert_eq!(series[&(owner.to_string(), "temp".to_owned())], expected, "{owner}");
     }
 }
 

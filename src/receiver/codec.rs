@@ -47,23 +47,23 @@ pub(crate) struct RequestCodec {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
-    /// The node label of a request without a node identity
-    /// (`validate::unnamed_label`).
-    unnamed: Arc<str>,
+    /// The address requests come from (`validate::address_of`), their
+    /// label when they have no node identity.
+    address: Arc<str>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
 }
 
 impl RequestCodec {
-    /// A codec that refuses more than `max_items` readings in one request
-    /// and labels a request without a node identity `unnamed`.
+    /// A codec that refuses more than `max_items` readings in one request,
+    /// for requests from `address`.
     pub(crate) fn new(
         max_items: usize,
         series: Option<SeriesRules>,
-        unnamed: Arc<str>,
+        address: Arc<str>,
         refusals: Arc<Refusals>,
     ) -> Self {
-        Self { max_items, series, unnamed, refusals }
+        Self { max_items, series, address, refusals }
     }
 }
 
@@ -81,7 +81,7 @@ impl Codec for RequestCodec {
         RequestDecoder {
             max_items: self.max_items,
             series: self.series.clone(),
-            unnamed: Arc::clone(&self.unnamed),
+            address: Arc::clone(&self.address),
             refusals: Arc::clone(&self.refusals),
             decoded: PhantomData,
         }
@@ -95,8 +95,8 @@ pub(crate) struct RequestDecoder {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
-    /// The node label of a request without a node identity.
-    unnamed: Arc<str>,
+    /// The address the request comes from.
+    address: Arc<str>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
     /// What it decodes.
@@ -121,7 +121,7 @@ impl Decoder for RequestDecoder {
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
         let fast = |rules: &SeriesRules| {
-            transcode(bytes, &rules.metric, rules.window(), &self.unnamed)
+            transcode(bytes, &rules.metric, rules.window(), &self.address)
                 .map(|series| Incoming::Series { series, bytes: length })
         };
         let checked = match size_up(bytes, self.max_items) {

@@ -115,9 +115,9 @@ impl ReceiverService {
     }
 
     /// Accepts `request` or says why not; nothing of a refused request is
-    /// queued. A database gets the node label `unnamed` for a request
-    /// without a node identity.
-    async fn accept(&self, request: &SensorValuesRequest, unnamed: &str) -> Result<(), ReceiveError> {
+    /// queued. A request without a node identity is labelled in a database
+    /// with `address`, the address it came from.
+    async fn accept(&self, request: &SensorValuesRequest, address: &str) -> Result<(), ReceiveError> {
         let bytes = request.encoded_len();
         self.stats.received(bytes);
         let items = request.items.len();
@@ -128,11 +128,8 @@ impl ReceiverService {
         let (lines, sender) = match &self.render {
             Render::Lines => (validate::to_json_lines(request)?, 0),
             Render::Series(rules) => {
-                let node = validate::node_label(&request.node_id, unnamed);
-                (
-                    validate::to_series(request, &rules.metric, rules.window(), unnamed)?,
-                    validate::sender(node.as_bytes()),
-                )
+                let owner = validate::owner(&request.node_id, address);
+                (validate::to_series(request, &rules.metric, rules.window(), address)?, validate::sender(owner))
             }
         };
         // Held until the batch is written, so a retry of it waits here and
@@ -244,9 +241,9 @@ impl ReceiverService {
         let answer = if !self.token_matches(given) {
             Err(ReceiveError::Unauthenticated)
         } else {
-            let unnamed = validate::unnamed_label(request.remote_addr());
+            let address = validate::address_of(request.remote_addr());
             match request.into_inner() {
-                Incoming::Message(request) => self.accept(&request, &unnamed).await,
+                Incoming::Message(request) => self.accept(&request, &address).await,
                 Incoming::Series { series, bytes } => self.accept_series(series, bytes).await,
             }
         };

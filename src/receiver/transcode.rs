@@ -30,8 +30,8 @@ pub(crate) struct Series {
 /// request is not in the common shape or is refused (a reading outside
 /// `window`, two values of a sensor in one millisecond): then decode it and
 /// use `validate::to_series`, which says why. A request without a node
-/// identity gets the node label `unnamed` (none if empty).
-pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, unnamed: &str) -> Option<Series> {
+/// identity is labelled with `address` (`validate::owner`).
+pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Series> {
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
@@ -54,9 +54,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, unnamed:
     if node_id.len() > MAX_LABEL_BYTES {
         return None;
     }
-    let node = super::validate::node_label(std::str::from_utf8(node_id).ok()?, unnamed);
-    let sender = super::validate::sender(node.as_bytes());
-    Some(Series { bytes: grouped.encode(metric, node)?, readings: grouped.readings, sender })
+    let owner = super::validate::owner(std::str::from_utf8(node_id).ok()?, address);
+    let sender = super::validate::sender(owner);
+    Some(Series { bytes: grouped.encode(metric, owner)?, readings: grouped.readings, sender })
 }
 
 /// One sensor's series while a request is read.
@@ -134,10 +134,10 @@ impl<'a> Grouped<'a> {
     /// The series, encoded as the `timeseries` entries of a `WriteRequest`,
     /// each series' samples in time order; `None` if a sensor has two
     /// values in one millisecond.
-    fn encode(&self, metric: &str, node_id: &str) -> Option<Vec<u8>> {
-        let mut out =
-            Vec::with_capacity(self.samples.len() * 20 + self.series.len() * (metric.len() + node_id.len() + 64));
-        let common = common_labels(metric, node_id);
+    fn encode(&self, metric: &str, owner: Option<(&str, &str)>) -> Option<Vec<u8>> {
+        let owner_len = owner.map_or(0, |(name, value)| name.len() + value.len());
+        let mut out = Vec::with_capacity(self.samples.len() * 20 + self.series.len() * (metric.len() + owner_len + 64));
+        let common = common_labels(metric, owner);
         // Each series' samples, one series after another.
         let mut starts = Vec::with_capacity(self.series.len());
         let mut start = 0;
@@ -338,12 +338,13 @@ fn varint(bytes: &mut &[u8]) -> Option<u64> {
 }
 
 /// The labels every series of a request begins with, encoded:
-/// `__name__`, then `node` unless empty, as prost encodes them.
-fn common_labels(metric: &str, node: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(metric.len() + node.len() + 24);
+/// `__name__`, then the `owner` label (`node` or `address`) if any, as
+/// prost encodes them.
+fn common_labels(metric: &str, owner: Option<(&str, &str)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(metric.len() + 64);
     put_label(&mut out, "__name__", metric);
-    if !node.is_empty() {
-        put_label(&mut out, "node", node);
+    if let Some((name, value)) = owner {
+        put_label(&mut out, name, value);
     }
     out
 }
@@ -436,11 +437,10 @@ mod tests {
         slow_within(bytes, metric, Window::any(), "")
     }
 
-    fn slow_within(bytes: &[u8], metric: &str, window: Window, unnamed: &str) -> Option<Series> {
+    fn slow_within(bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Series> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
-        let series = to_series(&request, metric, window, unnamed).ok()?;
-        let node = crate::receiver::validate::node_label(&request.node_id, unnamed);
-        let sender = crate::receiver::validate::sender(node.as_bytes());
+        let series = to_series(&request, metric, window, address).ok()?;
+        let sender = crate::receiver::validate::sender(crate::receiver::validate::owner(&request.node_id, address));
         Some(Series { bytes: series, readings: request.items.len(), sender })
     }
 
@@ -539,11 +539,11 @@ mod tests {
         #[test]
         fn gives_what_decoding_and_to_series_give(
             request in any_request(),
-            unnamed in prop_oneof![Just(""), Just("10.0.0.7"), Just("::1")],
+            address in prop_oneof![Just(""), Just("10.0.0.7"), Just("::1")],
         ) {
             let bytes = request.encode_to_vec();
-            let fast = transcode(&bytes, "sensor_value", Window::any(), unnamed);
-            let slow = slow_within(&bytes, "sensor_value", Window::any(), unnamed);
+            let fast = transcode(&bytes, "sensor_value", Window::any(), address);
+            let slow = slow_within(&bytes, "sensor_value", Window::any(), address);
             prop_assert!(fast.is_none() || fast == slow, "fast {fast:?} slow {slow:?}");
             // The common shape, every reading valid: always taken fast.
             if slow.is_some() {

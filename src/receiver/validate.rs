@@ -90,34 +90,37 @@ fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveE
     Ok((value, created_at))
 }
 
-/// Whose series a request holds, as a number: its node (the series' node
-/// label). Two nodes' series never meet, so their requests can be written
-/// to a database together; one node's requests are written one after
-/// another: a database that takes two writes of one series at once, or one
-/// write holding it twice, may keep only some of their samples and answer
-/// OK (Prometheus drops what is out of order when it commits). The lane does
+/// Whose series a request holds, as a number: its [`owner`] label. Two
+/// nodes' series never meet, so their requests can be written to a
+/// database together; one node's requests are written one after another: a
+/// database that takes two writes of one series at once, or one write
+/// holding it twice, may keep only some of their samples and answer OK
+/// (Prometheus drops what is out of order when it commits). The lane does
 /// not count: this node keeps a sensor to one lane, but a client need not.
-/// `node` is the node label: for a request without a node identity (the Go
-/// node), its address ([`unnamed_label`]).
-pub(crate) fn sender(node: &[u8]) -> u64 {
+pub(crate) fn sender(owner: Option<(&str, &str)>) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
-    node.hash(&mut hasher);
+    owner.hash(&mut hasher);
     hasher.finish()
 }
 
-/// The node label of a request without a node identity (the Go node): the
+/// How a request without a node identity (the Go node) is told apart: the
 /// IP address it came from (an IPv4 address as such, also when it reached
-/// an IPv6 socket), or empty (no label) if unknown. Nodes on different
-/// hosts then write different series, as nodes with a `NODE_ID` do,
-/// instead of one series they would clash in.
-pub(crate) fn unnamed_label(peer: Option<std::net::SocketAddr>) -> String {
+/// an IPv6 socket), or empty if unknown.
+pub(crate) fn address_of(peer: Option<std::net::SocketAddr>) -> String {
     peer.map(|address| address.ip().to_canonical().to_string()).unwrap_or_default()
 }
 
-/// The node label of a request: its `node_id`, else `unnamed`.
-pub(crate) fn node_label<'a>(node_id: &'a str, unnamed: &'a str) -> &'a str {
-    if node_id.is_empty() { unnamed } else { node_id }
+/// The label that tells a request's series from other senders': `node`,
+/// its `node_id`; for a request without one, `address`, the IP address it
+/// came from (a label no node can take, so that a `NODE_ID` that happens to
+/// be an address never shares its series); none if neither is known.
+pub(crate) fn owner<'a>(node_id: &'a str, address: &'a str) -> Option<(&'static str, &'a str)> {
+    match (node_id, address) {
+        ("", "") => None,
+        ("", address) => Some(("address", address)),
+        (node_id, _) => Some(("node", node_id)),
+    }
 }
 
 /// The address a request came from, over plain TCP or TLS (tonic gives
@@ -239,8 +242,9 @@ fn label_fits(value: &str, what: impl FnOnce() -> String) -> Result<(), ReceiveE
 /// requests, concatenated, are one request).
 ///
 /// One series per sensor of the sending node: `metric{node="…",
-/// sensor="…"}`, the node its `node_id`, or `unnamed` for a request without
-/// one (no node label if that is empty too), the time in milliseconds and the value as a float (exact
+/// sensor="…"}`, the node its `node_id`; for a request without one,
+/// `metric{address="…", sensor="…"}` with `address` (neither label if that
+/// is empty too, see [`owner`]), the time in milliseconds and the value as a float (exact
 /// up to 2^53). A series' samples go in time order, whatever order the
 /// request held them in (Prometheus drops, and answers OK all the same, a
 /// sample older than one before it in the same request). A series holds one
@@ -252,7 +256,7 @@ pub(crate) fn to_series(
     request: &SensorValuesRequest,
     metric: &str,
     window: Window,
-    unnamed: &str,
+    address: &str,
 ) -> Result<Vec<u8>, ReceiveError> {
     // Each sensor's readings: time in ms, value, position in the request.
     type Readings = Vec<(i64, f64, usize)>;
@@ -288,9 +292,8 @@ pub(crate) fn to_series(
             last_index = index;
         }
         let mut labels = vec![Label { name: "__name__".into(), value: metric.into() }];
-        let node = node_label(&request.node_id, unnamed);
-        if !node.is_empty() {
-            labels.push(Label { name: "node".into(), value: node.into() });
+        if let Some((name, value)) = owner(&request.node_id, address) {
+            labels.push(Label { name: name.into(), value: value.into() });
         }
         labels.push(Label { name: "sensor".into(), value: sensor.into() });
         prost::encoding::message::encode(1, &TimeSeries { labels, samples }, &mut out);
@@ -341,14 +344,17 @@ mod tests {
 
     #[test]
     fn a_sender_without_an_identity_is_labelled_with_its_ip_address() {
-        let label = |address: &str| unnamed_label(Some(address.parse().unwrap()));
-        assert_eq!(label("10.0.0.7:40000"), "10.0.0.7");
+        let address = |peer: &str| address_of(Some(peer.parse().unwrap()));
+        assert_eq!(address("10.0.0.7:40000"), "10.0.0.7");
         // An IPv4 sender that reached an IPv6 socket is still the IPv4 host.
-        assert_eq!(label("[::ffff:10.0.0.7]:40000"), "10.0.0.7");
-        assert_eq!(label("[2001:db8::1]:40000"), "2001:db8::1");
-        assert_eq!(unnamed_label(None), "");
-        assert_eq!(node_label("n1", "10.0.0.7"), "n1");
-        assert_eq!(node_label("", "10.0.0.7"), "10.0.0.7");
+        assert_eq!(address("[::ffff:10.0.0.7]:40000"), "10.0.0.7");
+        assert_eq!(address("[2001:db8::1]:40000"), "2001:db8::1");
+        assert_eq!(address_of(None), "");
+        assert_eq!(owner("n1", "10.0.0.7"), Some(("node", "n1")));
+        assert_eq!(owner("", "10.0.0.7"), Some(("address", "10.0.0.7")));
+        assert_eq!(owner("", ""), None);
+        // A node named as an address is not the sender at that address.
+        assert_ne!(sender(owner("10.0.0.7", "")), sender(owner("", "10.0.0.7")));
     }
 
     #[test]
@@ -358,12 +364,12 @@ mod tests {
             SensorValuesRequest { items: vec![item("a", Some(9), 1), item("a", Some(9), 1)], ..Default::default() };
         let decoded = WriteRequest::decode(to_series(&request, "m", Window::any(), "").unwrap().as_slice()).unwrap();
         assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
-        // Without a node identity there is no node label, unless the sink
-        // knows where the request came from.
+        // Without a node identity there is no node label; the address it
+        // came from is its label, when the sink knows it.
         assert_eq!(decoded.timeseries[0].labels.len(), 2);
         let decoded =
             WriteRequest::decode(to_series(&request, "m", Window::any(), "10.0.0.7").unwrap().as_slice()).unwrap();
-        assert_eq!(decoded.timeseries[0].labels[1], Label { name: "node".into(), value: "10.0.0.7".into() });
+        assert_eq!(decoded.timeseries[0].labels[1], Label { name: "address".into(), value: "10.0.0.7".into() });
         // A node identity wins over the address.
         let named = SensorValuesRequest { node_id: "n1".into(), ..request.clone() };
         let decoded =
