@@ -1314,3 +1314,117 @@ async fn senders_without_an_identity_on_two_hosts_get_series_of_their_own_in_vic
 async fn senders_without_an_identity_over_tls_get_series_of_their_own() {
     unnamed_senders_on_two_hosts(Kind::Prometheus, "rw-unnamed-tls", true).await;
 }
+
+/// A slow way to `upstream`: an HTTP/1.1 proxy on a loopback port that
+/// holds each POST for `delay` before passing it on, one connection per
+/// request (it asks `upstream` to close, and so closes too). Runs until the
+/// test ends.
+fn slow_proxy(upstream: u16, delay: Duration) -> u16 {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut reader = std::io::BufReader::new(client.try_clone()?);
+                let mut head = Vec::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line)? == 0 {
+                        return Ok(());
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(value) = lower.strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        head.extend_from_slice(b"Connection: close\r\n\r\n");
+                        break;
+                    }
+                    if !lower.starts_with("connection:") {
+                        head.extend_from_slice(line.as_bytes());
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body)?;
+                if head.starts_with(b"POST") {
+                    std::thread::sleep(delay);
+                }
+                let mut server = std::net::TcpStream::connect(("127.0.0.1", upstream))?;
+                server.write_all(&head)?;
+                server.write_all(&body)?;
+                let mut answer = Vec::new();
+                server.read_to_end(&mut answer)?;
+                (&client).write_all(&answer)
+            });
+        }
+    });
+    port
+}
+
+/// A database that takes each write slowly (3 s, under the default 4 s
+/// REMOTE_WRITE_TIMEOUT) while 4 senders keep 16 requests each waiting for
+/// it, then SIGTERM, with the default settings: the sink exits 0 within
+/// Kubernetes' 30 s grace period (20 s for its connections, 5 s for the
+/// database), and every request it answered OK is in the database. Before,
+/// it sent everything still queued, a write at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_stopped_while_a_slow_database_has_requests_queued_stops_in_time() {
+    use std::sync::{Arc, Mutex};
+    let dir = scratch("rw-slow-stop");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let proxy = slow_proxy(database.port, Duration::from_secs(3));
+    let env = [
+        ("GRPC_SERVER_SOCKET", ANY_PORT.to_owned()),
+        ("OUTPUT", "remote-write".into()),
+        ("REMOTE_WRITE_URL", format!("http://127.0.0.1:{proxy}/api/v1/write")),
+    ];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let base = SystemTime::now() - Duration::from_secs(60);
+    // (node, sensor, time, value) of each request answered OK.
+    type Acked = Vec<(String, String, i64, f64)>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let client = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let mut load = Vec::new();
+    for sender in 0..4 {
+        for sensor in 0..16 {
+            let (mut client, acked) = (client.clone(), Arc::clone(&acked));
+            load.push(tokio::spawn(async move {
+                for n in 0u64.. {
+                    let at = base + Duration::from_millis(n);
+                    let request = SensorValuesRequest {
+                        items: vec![reading(&format!("x{sensor}"), n as i64, at)],
+                        node_id: format!("s{sender}"),
+                        lane: sensor,
+                        batch_sequence: n,
+                    };
+                    if client.send_sensor_values(request).await.is_ok() {
+                        let ms = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+                        acked.lock().unwrap().push((format!("s{sender}"), format!("x{sensor}"), ms, n as f64));
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let started = Instant::now();
+    let (code, _, stderr) =
+        tokio::task::spawn_blocking(move || sink.terminate(Duration::from_secs(120))).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("the sink stopped {took:?} after SIGTERM");
+    for one in load {
+        one.abort();
+    }
+    assert_eq!(code, 0, "{stderr}");
+    assert!(took < Duration::from_secs(28), "the sink took {took:?} to stop");
+    let stored = database.samples();
+    let acked = acked.lock().unwrap().clone();
+    assert!(!acked.is_empty());
+    for (node, sensor, ms, value) in &acked {
+        let series = stored.get(&(node.clone(), sensor.clone()));
+        let kept = series.is_some_and(|samples| samples.contains(&(*ms, *value)));
+        assert!(kept, "{node} {sensor} {ms} acknowledged, not stored");
+    }
+    eprintln!("{} requests acknowledged, all stored", acked.len());
+}

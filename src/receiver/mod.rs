@@ -82,6 +82,12 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// get the sink killed before its output is synced.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 
+/// Longest a database is then given to take what is still queued for it:
+/// the requests of nodes that gave up waiting (their nodes send them again),
+/// which a slow database could otherwise take a request at a time, each up
+/// to REMOTE_WRITE_TIMEOUT. With [`DRAIN_LIMIT`], within 30 s.
+pub const DATABASE_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 /// Serves `listener` until `shutdown` resolves, then finishes the requests
 /// under way and writes out everything it acknowledged before returning.
 pub async fn serve(
@@ -221,7 +227,7 @@ pub async fn serve_with(
         () = drained => {
             // The connections still open end with the process.
             warn!(
-                message = "Connections still open after the drain limit are closed; their nodes send again what was not acknowledged.",
+                message = "Stopped waiting for connections still open at the drain limit; their nodes send again what was not acknowledged.",
                 limit_s = DRAIN_LIMIT.as_secs(),
             );
             Ok(())
@@ -231,8 +237,24 @@ pub async fn serve_with(
     // Every request has been answered: whatever was acknowledged is queued
     // for the writer, which drains the queue before it returns.
     stop_writer.cancel();
-    if let Some(writing) = writing {
-        let written = writing.await.map_err(|error| ServeError::Writer(error.to_string()))?;
+    if let Some(mut writing) = writing {
+        let written = if remote_write {
+            match tokio::time::timeout(DATABASE_DRAIN_LIMIT, &mut writing).await {
+                Ok(written) => written,
+                Err(_) => {
+                    // What is still queued or under way is not acknowledged.
+                    writing.abort();
+                    warn!(
+                        message = "Stopped waiting for the database at the drain limit; the nodes send again what it did not take.",
+                        limit_s = DATABASE_DRAIN_LIMIT.as_secs(),
+                    );
+                    Ok(Ok(()))
+                }
+            }
+        } else {
+            writing.await
+        };
+        let written = written.map_err(|error| ServeError::Writer(error.to_string()))?;
         written.map_err(|source| ServeError::Output { path, source })?;
     }
     served?;
