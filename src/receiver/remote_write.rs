@@ -35,7 +35,9 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Most requests taken off the queue to wait for a slot or for their
-/// sender's write under way.
+/// sender's write under way, beyond which a sender with one waiting already
+/// is pushed back: a sender with none waiting always gets in line, so that
+/// a few busy senders cannot keep the others queued behind them.
 const MOST_WAITING: usize = 64;
 
 /// Most of those from one sender: more are pushed back at once, so that
@@ -104,7 +106,7 @@ impl RemoteWriter {
         let (mut open, mut stopping) = (true, false);
         loop {
             // Take what is queued, so that it can go out together.
-            while open && waiting.len() < MOST_WAITING {
+            while open {
                 match queue.try_recv() {
                     Ok(chunk) => admit(&mut waiting, chunk),
                     Err(mpsc::error::TryRecvError::Empty) => break,
@@ -115,9 +117,8 @@ impl RemoteWriter {
             if !open && waiting.is_empty() {
                 break;
             }
-            let room = waiting.len() < MOST_WAITING;
             tokio::select! {
-                chunk = queue.recv(), if open && room => match chunk {
+                chunk = queue.recv(), if open => match chunk {
                     Some(chunk) => admit(&mut waiting, chunk),
                     None => open = false,
                 },
@@ -261,13 +262,20 @@ impl RemoteWriter {
 }
 
 /// Puts `chunk` among the `waiting`, or pushes it back at once when its
-/// sender has [`MOST_WAITING_PER_SENDER`] waiting already.
-/// (The service counts it as throttled.)
+/// sender has [`MOST_WAITING_PER_SENDER`] waiting already, or has any
+/// waiting while [`MOST_WAITING`] are. (The service counts it as
+/// throttled.) So the waiting hold at most [`MOST_WAITING`] requests and
+/// one more of each other sender, and a sender with none waiting always
+/// gets in line.
 fn admit(waiting: &mut VecDeque<Chunk>, chunk: Chunk) {
-    if waiting.iter().filter(|other| other.sender == chunk.sender).count() < MOST_WAITING_PER_SENDER {
+    let same = waiting.iter().filter(|other| other.sender == chunk.sender).count();
+    let message = if same >= MOST_WAITING_PER_SENDER {
+        format!("{MOST_WAITING_PER_SENDER} requests of this node are already waiting for the database")
+    } else if same > 0 && waiting.len() >= MOST_WAITING {
+        format!("{MOST_WAITING} requests are already waiting for the database, one of them this node's")
+    } else {
         return waiting.push_back(chunk);
-    }
-    let message = format!("{MOST_WAITING_PER_SENDER} requests of this node are already waiting for the database");
+    };
     answer(vec![chunk], &Err(OutputError::Busy { retry_after: FIRST_PAUSE, message: message.into() }));
 }
 
@@ -296,5 +304,52 @@ impl Drop for Release {
 fn answer(chunks: Vec<Chunk>, outcome: &Result<(), OutputError>) {
     for chunk in chunks {
         let _ = chunk.written.send(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+
+    /// A request of `sender` and where its answer comes.
+    fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::writer::Written>) {
+        let (written, answer) = oneshot::channel();
+        (Chunk { lines: Vec::new(), readings: 1, sender, written }, answer)
+    }
+
+    #[test]
+    fn a_sender_with_nothing_waiting_gets_in_line_while_others_fill_it() {
+        let mut waiting = VecDeque::new();
+        let mut answers = Vec::new();
+        // Eight senders fill the line, 8 requests each.
+        for n in 0..MOST_WAITING as u64 {
+            let (chunk, answer) = chunk(n % 8);
+            admit(&mut waiting, chunk);
+            answers.push(answer);
+        }
+        assert_eq!(waiting.len(), MOST_WAITING);
+        // One more of theirs is pushed back at once...
+        let (more, mut pushed_back) = chunk(0);
+        admit(&mut waiting, more);
+        assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
+        // ...while a sender with nothing waiting gets in, once.
+        let (first, mut waits) = chunk(99);
+        admit(&mut waiting, first);
+        assert_eq!(waiting.len(), MOST_WAITING + 1);
+        assert!(waits.try_recv().is_err(), "not answered: it waits");
+        let (second, mut pushed_back) = chunk(99);
+        admit(&mut waiting, second);
+        assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
+        // With room in line, a sender may have up to 16 waiting.
+        let mut waiting = VecDeque::new();
+        for _ in 0..MOST_WAITING_PER_SENDER {
+            admit(&mut waiting, chunk(5).0);
+        }
+        let (over, mut pushed_back) = chunk(5);
+        admit(&mut waiting, over);
+        assert_eq!(waiting.len(), MOST_WAITING_PER_SENDER);
+        assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
     }
 }
