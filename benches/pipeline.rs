@@ -26,8 +26,16 @@ fn pipeline(c: &mut Criterion) {
         let stop = stop_sink.clone();
         tokio::spawn(async move {
             let stats = Arc::new(SinkStats::default());
-            receiver::serve_with(&config, listener, stats, stop.cancelled_owned(), Output::Discard, Arc::default())
-                .await
+            receiver::serve_with(
+                &config,
+                listener,
+                stats,
+                stop.cancelled_owned(),
+                std::future::pending(),
+                Output::Discard,
+                Arc::default(),
+            )
+            .await
         });
         address
     });

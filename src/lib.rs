@@ -45,6 +45,7 @@ pub mod node;
 pub mod observe;
 pub mod reading;
 pub mod receiver;
+pub mod signals;
 pub(crate) mod wire;
 
 /// Code generated from `proto/sensor/v1/sensor.proto`.

@@ -472,3 +472,46 @@ async fn sigterm_with_peers_that_never_finish_stops_within_the_drain_limit() {
     assert_eq!(file.lines().filter(|line| line.contains("\"sensor_name\":\"kept\"")).count(), 1, "{file}");
     drop((silent, stalled));
 }
+
+/// A second SIGTERM while the sink waits for peers that never finish ends
+/// the wait at once: it syncs and exits 0 (the first alone waits out its
+/// 20 s drain limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let dir = scratch("hostile-hurry");
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let (sink, address) = Process::start_sink("sink", &env, &dir);
+    let silent = silent(address.port(), 8).await;
+    assert_eq!(silent.len(), 8);
+    let started = std::time::Instant::now();
+    sink.signal(libc::SIGTERM);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || sink.terminate(Duration::from_secs(60))).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("the sink stopped {took:?} after the first SIGTERM");
+    assert_eq!(code, 0, "{stderr}");
+    assert!(took < Duration::from_secs(10), "the sink took {took:?} to stop");
+    assert!(stdout.starts_with("summary:") || stdout.contains("\nsummary:"), "{stdout}");
+    drop(silent);
+}
+
+/// SIGTERM while the sink is still starting (reading back the end of a
+/// 64 MiB output file): it stops cleanly once it serves, exit 0 with its
+/// summary, where it used to be killed by the signal (status 143).
+#[test]
+fn a_sigterm_during_start_up_stops_the_sink_cleanly() {
+    let dir = scratch("hostile-early-stop");
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let line = "{\"sensor_name\":\"s\",\"value\":1,\"created_at\":\"2026-01-01T00:00:00.000000000Z\",\"sequence\":1,\
+                \"node_id\":\"n\",\"lane\":0,\"batch\":1,\"batch_end\":true}\n";
+    std::fs::write(dir.join("out/readings.jsonl"), line.repeat((64 << 20) / line.len())).unwrap();
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let sink = Process::start("sink", env!("CARGO_BIN_EXE_telemetry-sink"), &[], &env, &dir);
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, stdout, stderr) = sink.terminate(Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("summary:"), "{stdout}");
+}

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: SinkConfig) -> ExitCode {
+    // Before anything slow (reading back the output file): a stop signal
+    // then stops the sink cleanly once it serves.
+    let (stop, hurry) = telemetry_node::signals::stop_signals();
     log_config(&config);
     let address = config.server_socket.trim();
     let listener = match telemetry_node::listen::bind(address).await {
@@ -67,7 +70,7 @@ async fn run(config: SinkConfig) -> ExitCode {
         eprintln!("telemetry-sink: cannot install signal handlers: {error}");
         return ExitCode::FAILURE;
     }
-    let served = receiver::serve_with(&config, listener, stats, terminated(), receiver::Output::File, reopen).await;
+    let served = receiver::serve_with(&config, listener, stats, stop, hurry, receiver::Output::File, reopen).await;
     stop_metrics.cancel();
     match served {
         Ok(summary) => {
@@ -144,13 +147,4 @@ fn handle_file_signals(reopen: Arc<Notify>) -> std::io::Result<()> {
         }
     });
     Ok(())
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn terminated() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
-    }
 }

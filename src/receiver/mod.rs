@@ -96,7 +96,7 @@ pub async fn serve(
     stats: Arc<SinkStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<SinkSummary, ServeError> {
-    serve_with(config, listener, stats, shutdown, Output::File, Arc::default()).await
+    serve_with(config, listener, stats, shutdown, std::future::pending(), Output::File, Arc::default()).await
 }
 
 /// What the sink does with accepted readings.
@@ -109,17 +109,29 @@ pub enum Output {
     Discard,
 }
 
-/// [`serve`], with the choice of what happens to accepted readings, and a
+/// [`serve`], with the choice of what happens to accepted readings, a
 /// notification on which the output file is reopened at its path (the
-/// binary gives SIGHUP, for log rotation).
+/// binary gives SIGHUP, for log rotation), and `hurry`, which ends the
+/// waiting of a shutdown under way (the connections' [`DRAIN_LIMIT`], the
+/// database's [`DATABASE_DRAIN_LIMIT`]) at once: the binary gives a second
+/// stop signal. The file output is synced all the same.
 pub async fn serve_with(
     config: &SinkConfig,
     listener: TcpListener,
     stats: Arc<SinkStats>,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()> + Send + 'static,
     output: Output,
     reopen: Arc<Notify>,
 ) -> Result<SinkSummary, ServeError> {
+    let hurried = CancellationToken::new();
+    let _hurrying = {
+        let hurried = hurried.clone();
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            hurry.await;
+            hurried.cancel();
+        }))
+    };
     let path = config.output_file();
     let stop_writer = CancellationToken::new();
     let dedup = Arc::new(dedup::Deduplicator::new(DEDUP_LANES));
@@ -220,14 +232,17 @@ pub async fn serve_with(
         );
     let drained = async {
         stopping.cancelled().await;
-        tokio::time::sleep(DRAIN_LIMIT).await;
+        tokio::select! {
+            () = tokio::time::sleep(DRAIN_LIMIT) => {}
+            () = hurried.cancelled() => {}
+        }
     };
     let served = tokio::select! {
         served = serving => served,
         () = drained => {
             // The connections still open end with the process.
             warn!(
-                message = "Stopped waiting for connections still open at the drain limit; their nodes send again what was not acknowledged.",
+                message = "Stopped waiting for connections still open at the drain limit (or a second stop signal); their nodes send again what was not acknowledged.",
                 limit_s = DRAIN_LIMIT.as_secs(),
             );
             Ok(())
@@ -239,13 +254,19 @@ pub async fn serve_with(
     stop_writer.cancel();
     if let Some(mut writing) = writing {
         let written = if remote_write {
-            match tokio::time::timeout(DATABASE_DRAIN_LIMIT, &mut writing).await {
-                Ok(written) => written,
-                Err(_) => {
+            let limit = async {
+                tokio::select! {
+                    () = tokio::time::sleep(DATABASE_DRAIN_LIMIT) => {}
+                    () = hurried.cancelled() => {}
+                }
+            };
+            match tokio::select! { written = &mut writing => Some(written), () = limit => None } {
+                Some(written) => written,
+                None => {
                     // What is still queued or under way is not acknowledged.
                     writing.abort();
                     warn!(
-                        message = "Stopped waiting for the database at the drain limit; the nodes send again what it did not take.",
+                        message = "Stopped waiting for the database at the drain limit (or a second stop signal); the nodes send again what it did not take.",
                         limit_s = DATABASE_DRAIN_LIMIT.as_secs(),
                     );
                     Ok(Ok(()))

@@ -72,7 +72,16 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, CommandError> {
         let stop = stop_sink.clone();
         let stats = Arc::new(SinkStats::default());
         async move {
-            receiver::serve_with(&sink_config, listener, stats, stop.cancelled_owned(), output, Arc::default()).await
+            receiver::serve_with(
+                &sink_config,
+                listener,
+                stats,
+                stop.cancelled_owned(),
+                std::future::pending(),
+                output,
+                Arc::default(),
+            )
+            .await
         }
     });
 

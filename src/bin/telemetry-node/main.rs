@@ -1,8 +1,6 @@
 //! `telemetry-node`: runs the node configured by the environment, or the demo.
 
-use std::{future::Future, process::ExitCode, sync::Arc, time::Duration};
-
-use tokio::signal::unix::{SignalKind, signal};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
@@ -93,6 +91,9 @@ enum Chosen {
 }
 
 async fn run_node(config: NodeConfig) -> ExitCode {
+    // Before anything slow (opening the spool): a stop signal then stops
+    // the node cleanly.
+    let (first, second) = telemetry_node::signals::stop_signals();
     log_config(&config);
     let needed = config.requests_needed();
     if needed > config.request_rate * 1.05 {
@@ -137,7 +138,6 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let (first, second) = stop_signals();
     let summary = match transport {
         Chosen::Sink(sink) => node::run_with(&config, sink, health, stats, first, second).await,
         Chosen::Database(database) => node::run_with(&config, database, health, stats, first, second).await,
@@ -346,38 +346,6 @@ fn log_config(c: &NodeConfig) {
             tls_client_key = %path(&c.tls_client_key),
         );
     }
-}
-
-/// The first and the second SIGINT or SIGTERM: the first starts a clean
-/// shutdown, the second cuts its drain short.
-fn stop_signals() -> (impl Future<Output = ()>, impl Future<Output = ()>) {
-    let (count, counted) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(async move {
-        let mut term = signal(SignalKind::terminate()).ok();
-        let mut interrupt = signal(SignalKind::interrupt()).ok();
-        loop {
-            tokio::select! {
-                Some(()) = next(&mut term) => {}
-                Some(()) = next(&mut interrupt) => {}
-                else => std::future::pending::<()>().await,
-            }
-            count.send_modify(|n| *n += 1);
-        }
-    });
-    let nth = move |n: u32| {
-        let mut counted = counted.clone();
-        async move {
-            if counted.wait_for(|seen| *seen >= n).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    (nth(1), nth(2))
-}
-
-/// The next delivery of a signal, if it could be listened for.
-async fn next(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    signal.as_mut()?.recv().await
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
