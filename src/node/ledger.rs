@@ -186,6 +186,9 @@ pub struct Ledger {
     send_rate: Gauge<f64, AtomicU64>,
     /// Acked count and time at the previous scrape, for `send_rate`.
     rate_base: Mutex<(Instant, u64)>,
+    /// When the sources were told to stop: ticks due after it are not
+    /// missed, however late a source is dropped.
+    sources_stopped: std::sync::OnceLock<tokio::time::Instant>,
 }
 
 impl Default for Ledger {
@@ -216,6 +219,7 @@ impl Default for Ledger {
             send_latency: Histogram::new(exponential_buckets(0.0005, 4.0, 10)),
             send_rate: Gauge::default(),
             rate_base: Mutex::new((Instant::now(), 0)),
+            sources_stopped: std::sync::OnceLock::new(),
         }
     }
 }
@@ -230,6 +234,18 @@ impl Ledger {
     /// `n` readings a source could not take on time (never produced).
     pub(crate) fn missed(&self, n: u64) {
         self.missed.inc_by(n);
+    }
+
+    /// The sources are told to stop now.
+    pub(crate) fn stop_sources(&self) {
+        let _ = self.sources_stopped.set(tokio::time::Instant::now());
+    }
+
+    /// Until when a source dropped now was due to take readings: now, or
+    /// the moment the sources were told to stop.
+    pub(crate) fn sources_due_until(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        self.sources_stopped.get().map_or(now, |stopped| now.min(*stopped))
     }
 
     /// One reading `source` could not take, for `reason` (never produced).

@@ -200,6 +200,7 @@ impl<T: Transport> Run<'_, T> {
         let deadline = async {
             shutdown.await;
             info!(message = "Stopping sources and flushing.", produced = ledger.snapshot().produced);
+            ledger.stop_sources();
             stop_sources.cancel();
             self.context.draining.cancel();
             tokio::select! {

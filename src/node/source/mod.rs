@@ -144,12 +144,13 @@ pub(crate) fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) 
             state.interval.tick().await;
             state.count_skipped();
             let created_at = state.stamps.next();
+            // Counted as taken once begun (a stop mid-read, see `Drop`).
+            let sequence = state.round;
+            state.round += 1;
             let round = state.probe.read().await;
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
             state.ledger.source_read(P::KIND, now.as_secs_f64());
             state.report(round.failures);
-            let sequence = state.round;
-            state.round += 1;
             if round.values.is_empty() {
                 continue;
             }
@@ -186,6 +187,26 @@ struct Polled<P> {
     skipped: u64,
     /// Readings the last round that gave any gave.
     last_count: u64,
+}
+
+/// When the sources stop while the pipeline still pushes back, no later
+/// round counts the ticks skipped meanwhile: they are counted here, as
+/// [`Polled::count_skipped`] counts them, those due a period or more before
+/// the stop (one due later would have been read on time), however long
+/// after it the source is dropped.
+impl<P> Drop for Polled<P> {
+    fn drop(&mut self) {
+        let Some(first) = self.first else { return };
+        let period = self.interval.period().as_nanos().max(1);
+        let until = self.ledger.sources_due_until();
+        let past = u64::try_from(until.saturating_duration_since(first).as_nanos() / period).unwrap_or(u64::MAX);
+        // Ticks 0..past were due a period ago or more; rounds 0..self.round
+        // took theirs (the last may still be reading).
+        let skipped = past.saturating_sub(self.round);
+        if skipped > self.skipped {
+            self.ledger.missed((skipped - self.skipped).saturating_mul(self.last_count));
+        }
+    }
 }
 
 /// Failure subjects a source keeps a log gate for.

@@ -149,6 +149,25 @@ impl Stream for Sensors {
     }
 }
 
+/// When the sources stop while the pipeline still pushes back, no later
+/// tick counts the ticks skipped meanwhile: they are counted here, those
+/// due a period or more before the stop (one due later would have been
+/// taken on time), however long after it the sensors are dropped.
+impl Drop for Sensors {
+    fn drop(&mut self) {
+        if self.sensors.is_empty() {
+            return;
+        }
+        let period = self.interval.period().as_nanos();
+        let until = self.ledger.sources_due_until();
+        let k = (until.saturating_duration_since(self.start).as_nanos() / period) as u64;
+        let due = self.due_before(k);
+        if due > self.due_taken {
+            self.ledger.missed(due - self.due_taken);
+        }
+    }
+}
+
 /// The readings of one tick, made as they are iterated: a tick of thousands
 /// of readings costs no buffer of its own.
 #[derive(Debug)]
@@ -302,6 +321,25 @@ mod tests {
         // polled; the one at 1000 ms was taken late, the other 9 missed.
         assert_eq!(sensors.ledger.snapshot().produced, 3);
         assert_eq!(sensors.ledger.snapshot().missed, 9);
+    }
+
+    /// Sensors held back by the pipeline until the stop: no later tick
+    /// counts the ticks skipped, so they are counted when the sensors are
+    /// dropped (before, the summary said missed=0 for them).
+    #[tokio::test(start_paused = true)]
+    async fn ticks_held_back_until_the_stop_are_counted_as_missed() {
+        let ledger = Arc::new(Ledger::default());
+        let mut sensors = Sensors::new(vec!["held"], 10.0, Arc::clone(&ledger));
+        sensors.next().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1050)).await;
+        ledger.stop_sources();
+        // The lane drains for a while before it drops its sensors.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(sensors);
+        // Ticks at 100 ms ... 900 ms were due a period or more before the
+        // stop and never taken; the one at 1000 ms was still on time, and
+        // those after the stop were not due.
+        assert_eq!((ledger.snapshot().produced, ledger.snapshot().missed), (1, 9));
     }
 
     #[tokio::test(start_paused = true)]

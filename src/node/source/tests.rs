@@ -197,6 +197,39 @@ async fn ticks_skipped_while_a_read_runs_long_are_counted_as_missed() {
     assert!((26..=30).contains(&accounted), "{rounds} rounds, {summary}");
 }
 
+/// A source held back by the pipeline until the stop: no later round
+/// counts the ticks it skipped, so they are counted when it is dropped
+/// (before, the summary said missed=0 for them).
+#[tokio::test(start_paused = true)]
+async fn ticks_held_back_until_the_stop_are_counted_as_missed() {
+    let ledger = Arc::new(Ledger::default());
+    let probe = Counting { sensors: names("held-", 2), delay: Duration::ZERO, rounds: 0 };
+    let mut source = polled(probe, Duration::from_millis(100), Arc::clone(&ledger));
+    assert!(source.next().await.is_some());
+    tokio::time::sleep(Duration::from_millis(1050)).await;
+    ledger.stop_sources();
+    // The lane drains for a while before it drops its sources.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(source);
+    // Ticks at 100 ms ... 900 ms were due a period or more before the stop
+    // and never read: 9 rounds of 2 readings. The one at 1000 ms was still
+    // on time, and those after the stop were not due.
+    let summary = ledger.snapshot();
+    assert_eq!((summary.produced, summary.missed), (2, 18), "{summary}");
+    // A source stopped mid-read counts the round under way as read.
+    let ledger = Arc::new(Ledger::default());
+    let slow = Counting { sensors: names("long-", 2), delay: Duration::from_millis(350), rounds: 0 };
+    let mut source = polled(slow, Duration::from_millis(100), Arc::clone(&ledger));
+    assert!(source.next().await.is_some());
+    // Round 1 begins at 350 ms (ticks at 100 and 200 ms skipped) and is cut
+    // at 500 ms: ticks 300 and 400 ms were due meanwhile, the one at 300 ms
+    // being the round's own.
+    let _ = tokio::time::timeout(Duration::from_millis(150), source.next()).await;
+    drop(source);
+    let summary = ledger.snapshot();
+    assert_eq!((summary.produced, summary.missed), (2, 6), "{summary}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failing_read_counts_as_failed_not_as_missed() {
     // Two good rounds, then nothing but failures.
