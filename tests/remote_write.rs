@@ -1479,3 +1479,81 @@ async fn busy_nodes_do_not_hold_up_another_node_behind_a_slow_database() {
     assert_stored(&database, &acked);
     assert_eq!(database.samples()[&("other".to_owned(), "v".to_owned())].len(), 1);
 }
+
+/// Whole requests of 1000 readings, each from a node of its own, given up
+/// on 150 ms after they are sent (their streams reset, as a node's
+/// RPC_TIMEOUT does), 32 at a time for 30 s, while the database takes 3 s a
+/// write, with the default settings: the sink's memory stays bounded, and a
+/// node is answered afterwards. (Before, the requests given up on stayed
+/// queued for the database without counting against MAX_BYTES_IN_FLIGHT,
+/// and the line had no bound on samples: a hostile pass saw the sink grow
+/// by about 4 MB/s, to 138 MB after 30 s and 256 MB after 60 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_up_on_behind_a_slow_database_hold_bounded_memory() {
+    use prost::Message;
+    let dir = scratch("rw-given-up");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let (sink, address) = sink_before_a_slow_database(&dir, &database);
+    let at = SystemTime::now() - Duration::from_secs(60);
+    let mut warm = SensorServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let request =
+        SensorValuesRequest { items: vec![reading("w", 1, at)], node_id: "warm".into(), ..Default::default() };
+    warm.send_sensor_values(request).await.unwrap();
+    let before = peak_rss(sink.child.id());
+    let flood = async {
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let ends = Instant::now() + Duration::from_secs(30);
+        let mut sent = 0u64;
+        while Instant::now() < ends {
+            let mut streams = Vec::new();
+            for _ in 0..32 {
+                let items =
+                    (0..1000).map(|k| reading(&format!("x{k}"), k, at + Duration::from_millis(k as u64))).collect();
+                let message = SensorValuesRequest { items, node_id: format!("given-up-{sent}"), ..Default::default() }
+                    .encode_to_vec();
+                let mut body = vec![0u8];
+                body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                body.extend_from_slice(&message);
+                let request = http::Request::post(format!("http://{address}/sensor.v1.SensorService/SendSensorValues"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())
+                    .unwrap();
+                let Ok(mut ready) = client.clone().ready().await else { break };
+                let Ok((answer, mut stream)) = ready.send_request(request, false) else { break };
+                let _ = stream.send_data(body.into(), true);
+                streams.push((answer, stream));
+                sent += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            for (_answer, mut stream) in streams {
+                stream.send_reset(h2::Reason::CANCEL);
+            }
+        }
+        connection.abort();
+        sent
+    };
+    let sent = flood.await;
+    let grew = peak_rss(sink.child.id()).saturating_sub(before);
+    eprintln!("{sent} requests given up on; the sink grew by {} MiB", grew >> 20);
+    let request =
+        SensorValuesRequest { items: vec![reading("a", 1, at)], node_id: "after".into(), ..Default::default() };
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match warm.send_sensor_values(request.clone()).await {
+                Ok(_) => return,
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    })
+    .await;
+    stop_sink(sink);
+    assert!(sent > 1000, "only {sent} requests sent");
+    assert!(answered.is_ok(), "a node was not answered within 60 s of the flood");
+    assert!(grew < 80 << 20, "the sink grew by {} MiB", grew >> 20);
+}

@@ -30,8 +30,27 @@ pub(crate) struct Budget {
 }
 
 /// A request's share of the budget, once it has one: held until the request
-/// is answered, whether or not its body is still read.
+/// is answered, whether or not its body is still read, and until its
+/// readings are written (see [`Hold`]).
 pub(crate) type Share = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
+
+/// A request's share, in its extensions for the service: the task that
+/// writes its readings holds it until they are written, also when the
+/// request is gone (its stream reset, its deadline passed), so that
+/// readings waiting for the output count against the budget as long as
+/// they are held.
+#[derive(Debug, Clone)]
+pub(crate) struct Hold {
+    /// Kept, not read: the share is given back when the last holder drops.
+    _share: Share,
+}
+
+impl Hold {
+    /// A hold on `share`.
+    pub(crate) fn new(share: Share) -> Self {
+        Self { _share: share }
+    }
+}
 
 /// Bytes of the gRPC prefix of a message: a compression flag and a length.
 const PREFIX: usize = 5;

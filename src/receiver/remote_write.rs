@@ -44,6 +44,10 @@ const MOST_WAITING: usize = 64;
 /// one node with many requests queued cannot hold up every other node.
 const MOST_WAITING_PER_SENDER: usize = 16;
 
+/// Most requests waiting at all, one per sender beyond [`MOST_WAITING`]:
+/// the line is read through for each write.
+const MOST_WAITING_AT_ALL: usize = 1024;
+
 /// Sends what the sink accepts to a database.
 #[derive(Debug)]
 pub(crate) struct RemoteWriter {
@@ -108,7 +112,7 @@ impl RemoteWriter {
             // Take what is queued, so that it can go out together.
             while open {
                 match queue.try_recv() {
-                    Ok(chunk) => admit(&mut waiting, chunk),
+                    Ok(chunk) => admit(&mut waiting, chunk, writer.most_samples_waiting()),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
@@ -119,7 +123,7 @@ impl RemoteWriter {
             }
             tokio::select! {
                 chunk = queue.recv(), if open => match chunk {
-                    Some(chunk) => admit(&mut waiting, chunk),
+                    Some(chunk) => admit(&mut waiting, chunk, writer.most_samples_waiting()),
                     None => open = false,
                 },
                 () = writer.finished.notified() => {}
@@ -187,6 +191,14 @@ impl RemoteWriter {
             return;
         }
         answer(chunks, &outcome);
+    }
+
+    /// Most samples let wait for the database: one write's worth per slot,
+    /// so that what waits goes out with the next writes. More would only
+    /// wait longer than the nodes do (their RPC_TIMEOUT): a node is better
+    /// told at once to come back, and its retry and spool hold the data.
+    fn most_samples_waiting(&self) -> usize {
+        self.max_samples.saturating_mul(self.concurrency as usize)
     }
 
     /// How long the nodes must still wait, while the database is failing.
@@ -261,18 +273,22 @@ impl RemoteWriter {
     }
 }
 
-/// Puts `chunk` among the `waiting`, or pushes it back at once when its
-/// sender has [`MOST_WAITING_PER_SENDER`] waiting already, or has any
-/// waiting while [`MOST_WAITING`] are. (The service counts it as
-/// throttled.) So the waiting hold at most [`MOST_WAITING`] requests and
-/// one more of each other sender, and a sender with none waiting always
-/// gets in line.
-fn admit(waiting: &mut VecDeque<Chunk>, chunk: Chunk) {
+/// Puts `chunk` among the `waiting`, or pushes it back at once (the
+/// service counts it as throttled) when its sender has
+/// [`MOST_WAITING_PER_SENDER`] waiting already, when `most_samples` are
+/// waiting, or when [`MOST_WAITING`] requests are and its sender has one of
+/// them (or [`MOST_WAITING_AT_ALL`] are). So a sender with none waiting
+/// gets in line whenever the database is not behind, however busy other
+/// senders keep it.
+fn admit(waiting: &mut VecDeque<Chunk>, chunk: Chunk, most_samples: usize) {
     let same = waiting.iter().filter(|other| other.sender == chunk.sender).count();
+    let samples: usize = waiting.iter().map(|other| other.readings).sum();
     let message = if same >= MOST_WAITING_PER_SENDER {
         format!("{MOST_WAITING_PER_SENDER} requests of this node are already waiting for the database")
-    } else if same > 0 && waiting.len() >= MOST_WAITING {
-        format!("{MOST_WAITING} requests are already waiting for the database, one of them this node's")
+    } else if samples >= most_samples {
+        format!("the database is behind: {samples} samples are already waiting for it")
+    } else if waiting.len() >= MOST_WAITING_AT_ALL || (same > 0 && waiting.len() >= MOST_WAITING) {
+        format!("{} requests are already waiting for the database, one of them this node's", waiting.len())
     } else {
         return waiting.push_back(chunk);
     };
@@ -326,30 +342,55 @@ mod tests {
         // Eight senders fill the line, 8 requests each.
         for n in 0..MOST_WAITING as u64 {
             let (chunk, answer) = chunk(n % 8);
-            admit(&mut waiting, chunk);
+            admit(&mut waiting, chunk, usize::MAX);
             answers.push(answer);
         }
         assert_eq!(waiting.len(), MOST_WAITING);
         // One more of theirs is pushed back at once...
         let (more, mut pushed_back) = chunk(0);
-        admit(&mut waiting, more);
+        admit(&mut waiting, more, usize::MAX);
         assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
         // ...while a sender with nothing waiting gets in, once.
         let (first, mut waits) = chunk(99);
-        admit(&mut waiting, first);
+        admit(&mut waiting, first, usize::MAX);
         assert_eq!(waiting.len(), MOST_WAITING + 1);
         assert!(waits.try_recv().is_err(), "not answered: it waits");
         let (second, mut pushed_back) = chunk(99);
-        admit(&mut waiting, second);
+        admit(&mut waiting, second, usize::MAX);
         assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
         // With room in line, a sender may have up to 16 waiting.
         let mut waiting = VecDeque::new();
         for _ in 0..MOST_WAITING_PER_SENDER {
-            admit(&mut waiting, chunk(5).0);
+            admit(&mut waiting, chunk(5).0, usize::MAX);
         }
         let (over, mut pushed_back) = chunk(5);
-        admit(&mut waiting, over);
+        admit(&mut waiting, over, usize::MAX);
         assert_eq!(waiting.len(), MOST_WAITING_PER_SENDER);
         assert!(matches!(pushed_back.try_recv(), Ok(Err(OutputError::Busy { .. }))));
+    }
+
+    #[test]
+    fn no_more_waits_than_the_next_writes_take() {
+        let mut waiting = VecDeque::new();
+        // Senders with nothing waiting, each with 1000 samples, while
+        // 4 writes of 10,000 may go out: 40 of them wait, then no more.
+        let mut answers = Vec::new();
+        for sender in 0..50 {
+            let (mut chunk, answer) = chunk(sender);
+            chunk.readings = 1000;
+            admit(&mut waiting, chunk, 40_000);
+            answers.push(answer);
+        }
+        assert_eq!(waiting.len(), 40);
+        for mut answer in answers.drain(40..) {
+            let Ok(Err(OutputError::Busy { message, .. })) = answer.try_recv() else { panic!("not pushed back") };
+            assert!(message.contains("the database is behind"), "{message}");
+        }
+        // However many senders there are, the line holds at most 1024.
+        let mut waiting = VecDeque::new();
+        for sender in 0..2000 {
+            admit(&mut waiting, chunk(sender).0, usize::MAX);
+        }
+        assert_eq!(waiting.len(), MOST_WAITING_AT_ALL);
     }
 }

@@ -23,7 +23,7 @@ use tonic::{
 
 use super::stats::RejectReason;
 use super::{
-    budget::{Budget, Share},
+    budget::{Budget, Hold, Share},
     codec::{Incoming, RequestCodec},
     refusals::Refusals,
     service::ReceiverService,
@@ -88,7 +88,8 @@ impl SensorRoute {
         }
         // Held until the request is answered.
         let share = Share::default();
-        let request = request.map(|body| self.budget.meter(Box::pin(body), Arc::clone(&share)));
+        let mut request = request.map(|body| self.budget.meter(Box::pin(body), Arc::clone(&share)));
+        request.extensions_mut().insert(Hold::new(Arc::clone(&share)));
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
         let address = validate::address_of(validate::peer_of(request.extensions())).into();

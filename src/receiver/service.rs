@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use super::{
+    budget::Hold,
     codec::Incoming,
     dedup::Deduplicator,
     refusals::Refusals,
@@ -116,8 +117,14 @@ impl ReceiverService {
 
     /// Accepts `request` or says why not; nothing of a refused request is
     /// queued. A request without a node identity is labelled in a database
-    /// with `address`, the address it came from.
-    async fn accept(&self, request: &SensorValuesRequest, address: &str) -> Result<(), ReceiveError> {
+    /// with `address`, the address it came from. `hold`, the request's
+    /// share of the budget, is held until its readings are written.
+    async fn accept(
+        &self,
+        request: &SensorValuesRequest,
+        address: &str,
+        hold: Option<Hold>,
+    ) -> Result<(), ReceiveError> {
         let bytes = request.encoded_len();
         self.stats.received(bytes);
         let items = request.items.len();
@@ -154,6 +161,7 @@ impl ReceiverService {
         let output = self.output.clone();
         let batch = request.batch_sequence;
         let write = tokio::spawn(async move {
+            let _hold = hold;
             if let Some(output) = output {
                 write_out(output, lines, items, sender).await?;
             }
@@ -170,13 +178,16 @@ impl ReceiverService {
     /// Accepts a request the codec already made into remote-write series:
     /// every reading valid, nothing to de-duplicate (remote-write keeps no
     /// memory between requests).
-    async fn accept_series(&self, series: Series, bytes: usize) -> Result<(), ReceiveError> {
+    async fn accept_series(&self, series: Series, bytes: usize, hold: Option<Hold>) -> Result<(), ReceiveError> {
         self.stats.received(bytes);
         self.charge(bytes)?;
         let output = self.output.clone().ok_or(ReceiveError::WriterStopped)?;
         let Series { bytes: lines, readings, sender } = series;
         // In a task of its own, as in `accept`: once queued, it is written.
-        let write = tokio::spawn(write_out(output, lines, readings, sender));
+        let write = tokio::spawn(async move {
+            let _hold = hold;
+            write_out(output, lines, readings, sender).await
+        });
         write.await.map_err(|_| ReceiveError::WriterStopped)??;
         self.stats.accepted(readings);
         Ok(())
@@ -242,9 +253,10 @@ impl ReceiverService {
             Err(ReceiveError::Unauthenticated)
         } else {
             let address = validate::address_of(request.remote_addr());
+            let hold = request.extensions().get::<Hold>().cloned();
             match request.into_inner() {
-                Incoming::Message(request) => self.accept(&request, &address).await,
-                Incoming::Series { series, bytes } => self.accept_series(series, bytes).await,
+                Incoming::Message(request) => self.accept(&request, &address, hold).await,
+                Incoming::Series { series, bytes } => self.accept_series(series, bytes, hold).await,
             }
         };
         match answer {
