@@ -28,8 +28,11 @@ use crate::{
 };
 
 /// Shortest and longest pause asked of the nodes while the database fails.
+/// The sink tries the database again only once a pause is over, so the
+/// longest pause is also the longest the nodes wait after the database is
+/// back: 5 s, as Prometheus' own remote-write backoff at most.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
-const LONGEST_PAUSE: Duration = Duration::from_secs(10);
+const LONGEST_PAUSE: Duration = Duration::from_secs(5);
 
 /// Longest `Retry-After` honoured.
 const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(60);
