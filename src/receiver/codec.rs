@@ -2,7 +2,7 @@
 //! that no request costs more memory than its readings could need, and
 //! refuses undecodable bytes as the client's fault (INVALID_ARGUMENT).
 
-use std::{marker::PhantomData, sync::Arc};
+use std::{marker::PhantomData, net::SocketAddr, sync::Arc};
 
 use prost::{Message, bytes::Buf};
 use tonic::{
@@ -15,7 +15,7 @@ use super::{
     refusals::Refusals,
     stats::RejectReason,
     transcode::{Series, transcode},
-    validate::SeriesRules,
+    validate::{SeriesRules, address_of},
 };
 use crate::proto::{SensorValuesRequest, SensorValuesResponse};
 
@@ -47,23 +47,23 @@ pub(crate) struct RequestCodec {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
-    /// The address requests come from (`validate::address_of`), their
-    /// label when they have no node identity.
-    address: Arc<str>,
+    /// Where requests come from: their label when they have no node
+    /// identity (`validate::address_of`).
+    peer: Option<SocketAddr>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
 }
 
 impl RequestCodec {
     /// A codec that refuses more than `max_items` readings in one request,
-    /// for requests from `address`.
+    /// for requests from `peer`.
     pub(crate) fn new(
         max_items: usize,
         series: Option<SeriesRules>,
-        address: Arc<str>,
+        peer: Option<SocketAddr>,
         refusals: Arc<Refusals>,
     ) -> Self {
-        Self { max_items, series, address, refusals }
+        Self { max_items, series, peer, refusals }
     }
 }
 
@@ -81,7 +81,7 @@ impl Codec for RequestCodec {
         RequestDecoder {
             max_items: self.max_items,
             series: self.series.clone(),
-            address: Arc::clone(&self.address),
+            peer: self.peer,
             refusals: Arc::clone(&self.refusals),
             decoded: PhantomData,
         }
@@ -95,8 +95,8 @@ pub(crate) struct RequestDecoder {
     max_items: usize,
     /// How requests become remote-write series, when they do.
     series: Option<SeriesRules>,
-    /// The address the request comes from.
-    address: Arc<str>,
+    /// Where the request comes from.
+    peer: Option<SocketAddr>,
     /// Where a refused request is counted and logged.
     refusals: Arc<Refusals>,
     /// What it decodes.
@@ -121,7 +121,7 @@ impl Decoder for RequestDecoder {
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
         let fast = |rules: &SeriesRules| {
-            transcode(bytes, &rules.metric, rules.window(), &self.address)
+            transcode(bytes, &rules.metric, rules.window(), &address_of(self.peer))
                 .map(|series| Incoming::Series { series, bytes: length })
         };
         let checked = match size_up(bytes, self.max_items) {

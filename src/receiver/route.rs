@@ -92,8 +92,8 @@ impl SensorRoute {
         request.extensions_mut().insert(Hold::new(Arc::clone(&share)));
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
-        let address = validate::address_of(validate::peer_of(request.extensions())).into();
-        let codec = RequestCodec::new(self.max_items, self.service.series_rules(), address, Arc::clone(&self.refusals));
+        let peer = validate::peer_of(request.extensions());
+        let codec = RequestCodec::new(self.max_items, self.service.series_rules(), peer, Arc::clone(&self.refusals));
         let mut grpc = Grpc::new(codec).max_decoding_message_size(self.max_bytes);
         if self.accept_gzip {
             grpc = grpc.accept_compressed(CompressionEncoding::Gzip);

@@ -2,7 +2,7 @@
 //! rate-limits each request, and answers OK only once its readings are
 //! written.
 
-use std::{num::NonZeroU32, sync::Arc};
+use std::{net::SocketAddr, num::NonZeroU32, sync::Arc};
 
 use governor::clock::Clock;
 use governor::{Quota, RateLimiter};
@@ -117,12 +117,13 @@ impl ReceiverService {
 
     /// Accepts `request` or says why not; nothing of a refused request is
     /// queued. A request without a node identity is labelled in a database
-    /// with `address`, the address it came from. `hold`, the request's
-    /// share of the budget, is held until its readings are written.
+    /// with the address of `peer`, where it came from. `hold`, the
+    /// request's share of the budget, is held until its readings are
+    /// written.
     async fn accept(
         &self,
         request: &SensorValuesRequest,
-        address: &str,
+        peer: Option<SocketAddr>,
         hold: Option<Hold>,
     ) -> Result<(), ReceiveError> {
         let bytes = request.encoded_len();
@@ -135,8 +136,9 @@ impl ReceiverService {
         let (lines, sender) = match &self.render {
             Render::Lines => (validate::to_json_lines(request)?, 0),
             Render::Series(rules) => {
-                let owner = validate::owner(&request.node_id, address);
-                (validate::to_series(request, &rules.metric, rules.window(), address)?, validate::sender(owner))
+                let address = validate::address_of(peer);
+                let owner = validate::owner(&request.node_id, &address);
+                (validate::to_series(request, &rules.metric, rules.window(), &address)?, validate::sender(owner))
             }
         };
         // Held until the batch is written, so a retry of it waits here and
@@ -252,10 +254,9 @@ impl ReceiverService {
         let answer = if !self.token_matches(given) {
             Err(ReceiveError::Unauthenticated)
         } else {
-            let address = validate::address_of(request.remote_addr());
-            let hold = request.extensions().get::<Hold>().cloned();
+            let (peer, hold) = (request.remote_addr(), request.extensions().get::<Hold>().cloned());
             match request.into_inner() {
-                Incoming::Message(request) => self.accept(&request, &address, hold).await,
+                Incoming::Message(request) => self.accept(&request, peer, hold).await,
                 Incoming::Series { series, bytes } => self.accept_series(series, bytes, hold).await,
             }
         };
