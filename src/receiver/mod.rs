@@ -230,12 +230,19 @@ pub async fn serve_with(
             connections::limited(incoming(listener), max_connections, stats_of_connections),
             shutdown,
         );
+    // Waits `limit`, or less if a second stop signal comes.
+    let at_most = |limit| {
+        let sleep = tokio::time::sleep(limit);
+        async {
+            tokio::select! {
+                () = sleep => {}
+                () = hurried.cancelled() => {}
+            }
+        }
+    };
     let drained = async {
         stopping.cancelled().await;
-        tokio::select! {
-            () = tokio::time::sleep(DRAIN_LIMIT) => {}
-            () = hurried.cancelled() => {}
-        }
+        at_most(DRAIN_LIMIT).await;
     };
     let served = tokio::select! {
         served = serving => served,
@@ -249,17 +256,13 @@ pub async fn serve_with(
         }
     };
 
-    // Every request has been answered: whatever was acknowledged is queued
-    // for the writer, which drains the queue before it returns.
+    // Every request has been answered, or the drain limit is over:
+    // whatever was acknowledged is queued for the writer, which drains the
+    // queue before it returns.
     stop_writer.cancel();
     if let Some(mut writing) = writing {
         let written = if remote_write {
-            let limit = async {
-                tokio::select! {
-                    () = tokio::time::sleep(DATABASE_DRAIN_LIMIT) => {}
-                    () = hurried.cancelled() => {}
-                }
-            };
+            let limit = at_most(DATABASE_DRAIN_LIMIT);
             match tokio::select! { written = &mut writing => Some(written), () = limit => None } {
                 Some(written) => written,
                 None => {
