@@ -166,7 +166,8 @@ async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool) -> Exi
         config.host_interval.map_or(String::new(), |every| format!(" and the host every {every}")),
         humantime::format_duration(duration)
     );
-    match demo::run(config, duration, terminated()).await {
+    let (stop, _) = telemetry_node::signals::stop_signals();
+    match demo::run(config, duration, stop).await {
         Ok(report) => {
             eprintln!("demo: sink wrote {} readings to {}", report.sink.readings_written, report.output.display());
             println!("summary: {}", report.node);
@@ -345,15 +346,6 @@ fn log_config(c: &NodeConfig) {
             tls_client_cert = %path(&c.tls_client_cert),
             tls_client_key = %path(&c.tls_client_key),
         );
-    }
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn terminated() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async { match term.as_mut() { Some(term) => { term.recv().await; } None => std::future::pending().await } } => {}
     }
 }
 
