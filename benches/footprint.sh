@@ -8,8 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=${1:-20}
 TOTAL=${2:-100000}
-cargo build --release --quiet --bins
-BIN=target/release
+cargo build --profile dist --quiet --bins
+BIN=target/dist
 WORK=$(mktemp -d)
 PORT=$((20000 + RANDOM % 20000))
 TICKS=$(getconf CLK_TCK)

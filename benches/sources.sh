@@ -9,8 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-600}
-cargo build --release --quiet --bins
-BIN=target/release
+cargo build --profile dist --quiet --bins
+BIN=target/dist
 WORK=$(mktemp -d)
 PORT=$((20000 + RANDOM % 20000))
 TICKS=$(getconf CLK_TCK)
