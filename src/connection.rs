@@ -51,7 +51,10 @@ impl<IO, P> Held<IO, P> {
 
     /// Closes the connection once it is `lifetime` old, even while its peer
     /// talks (a byte at a time, never finishing a request), the next time
-    /// the server waits to read from it.
+    /// the server waits to read from it or to write to it. A write that
+    /// waits (a peer that sends requests and never reads the answers: the
+    /// server then reads no more) also ends after `idle` without anything
+    /// read.
     pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
         let end = self.last_read + lifetime;
         self.end = Some(end);
@@ -90,13 +93,30 @@ impl<IO: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<IO, P> {
                 this.last_read = Instant::now();
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match this.poll_silent(cx) {
-                Poll::Ready(()) => {
-                    let message = format!("the peer sent nothing for {:?}, or the connection is too old", this.idle);
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => this.poll_timed_out(cx),
+            other => other,
+        }
+    }
+}
+
+impl<IO, P> Held<IO, P> {
+    /// What a read or write that waits gives: `TimedOut` once the peer has
+    /// sent nothing for `idle` or the lifetime is over, else `Pending`.
+    fn poll_timed_out<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.poll_silent(cx) {
+            Poll::Ready(()) => {
+                let message = format!("the peer sent nothing for {:?}, or the connection is too old", self.idle);
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, message)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// `polled`, a write's result: one that waits times out as a read does,
+    /// on a connection with a lifetime (see [`Held::with_lifetime`]).
+    fn writing<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending if self.end.is_some() => self.poll_timed_out(cx),
             other => other,
         }
     }
@@ -104,7 +124,9 @@ impl<IO: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<IO, P> {
 
 impl<IO: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<IO, P> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.writing(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -112,7 +134,9 @@ impl<IO: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<IO, P> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.writing(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -120,7 +144,9 @@ impl<IO: AsyncWrite + Unpin, P: Unpin> AsyncWrite for Held<IO, P> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.writing(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -198,6 +224,25 @@ mod tests {
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_secs(30));
         talker.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_reads_is_cut_off_while_the_server_writes() {
+        // A peer that sent its requests and reads no answer: the server
+        // only writes, and the write waits for good.
+        let (ours, mut peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(10)).with_lifetime(Duration::from_secs(30));
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(held.read(&mut [0; 64]).await.unwrap() > 0);
+        let started = Instant::now();
+        let error = held.write_all(&[b'x'; 1024]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // Without a lifetime (the gRPC side), writes are left alone.
+        let (ours, _peer) = tokio::io::duplex(64);
+        let mut held = Held::new(ours, place(), Duration::from_secs(10));
+        let waited = tokio::time::timeout(Duration::from_secs(60), held.write_all(&[b'x'; 1024])).await;
+        assert!(waited.is_err(), "a write without a lifetime is not timed");
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,11 +4,14 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
+use hyper::server::conn::http1;
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::connection::Held;
 
@@ -16,8 +19,18 @@ use crate::connection::Held;
 /// connections waits instead of taking the open files the process's other
 /// listener needs (the sink keeps 384 for everything but its gRPC
 /// connections). As many as this can be held by a flood, each for up to
-/// [`LIFETIME`]; the more places, the sooner a probe gets one.
+/// [`LIFETIME`]; the more places, the sooner a probe gets one. Fewer where
+/// the open-file limit is low: at most a quarter of it ([`places`]).
 pub const MOST_CONNECTIONS: usize = 256;
+
+/// The most a request's head (request line and headers) may take; a
+/// larger one is answered 431. Bounds what a connection makes the server
+/// hold to a few pages: the endpoints take no body and few headers.
+const MOST_REQUEST_BYTES: usize = 16 * 1024;
+
+/// Pause after an accept failure (out of descriptors): the connections
+/// open finish or time out meanwhile.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A connection that sends nothing for this long is closed: a scraper that
 /// keeps its connection between scrapes opens another, while a socket
@@ -71,35 +84,58 @@ impl ObserveServer {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(observed);
-        let listener = Limited { listener: self.listener, places: Arc::new(Semaphore::new(MOST_CONNECTIONS)) };
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        let places = Arc::new(Semaphore::new(places(crate::receiver::open_files_limit())));
+        // Ends the connections still open when the server stops.
+        let stop = CancellationToken::new();
+        let _stop_connections = stop.clone().drop_guard();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                accepted = accept(&self.listener, &places) => accepted,
+            };
+            let (stream, place) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(message = "Metrics endpoint: accept failed; pausing.", %error);
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
+                    continue;
+                }
+            };
+            let io = TokioIo::new(Held::new(stream, place, SILENCE).with_lifetime(LIFETIME));
+            // HTTP/1.1 only: an HTTP/2 connection could hold many answers
+            // unread, with no bound on what they take.
+            let connection = http1::Builder::new()
+                .max_buf_size(MOST_REQUEST_BYTES)
+                .serve_connection(io, TowerToHyperService::new(app.clone()));
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
     }
 }
 
-/// The listener, with at most [`MOST_CONNECTIONS`] connections open, each
-/// closed after [`SILENCE`].
-struct Limited {
-    /// The bound socket.
-    listener: TcpListener,
-    /// One per connection that may be open.
-    places: Arc<Semaphore>,
+/// The next connection, once a place is free for it.
+async fn accept(
+    listener: &TcpListener,
+    places: &Arc<Semaphore>,
+) -> std::io::Result<(tokio::net::TcpStream, OwnedSemaphorePermit)> {
+    // The semaphore is never closed.
+    let Ok(place) = Arc::clone(places).acquire_owned().await else { return std::future::pending().await };
+    let (stream, _) = listener.accept().await?;
+    Ok((stream, place))
 }
 
-impl axum::serve::Listener for Limited {
-    type Io = Held<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed.
-        let Ok(place) = Arc::clone(&self.places).acquire_owned().await else { return std::future::pending().await };
-        // Failures (out of descriptors) are waited out by axum.
-        let (io, address) = axum::serve::Listener::accept(&mut self.listener).await;
-        (Held::new(io, place, SILENCE).with_lifetime(LIFETIME), address)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
+/// Connections served at once under an open-file limit of `files`:
+/// [`MOST_CONNECTIONS`], or a quarter of the limit where that is fewer, so
+/// that a flood of connections here leaves the process the files its work
+/// needs (the gRPC connection, the spool, a command's pipes).
+fn places(files: Option<usize>) -> usize {
+    files.map_or(MOST_CONNECTIONS, |files| MOST_CONNECTIONS.min(files / 4)).max(1)
 }
 
 /// Starts serving on `address` in the background, until `stop` is cancelled.
@@ -135,4 +171,18 @@ async fn metrics(State(observed): State<Arc<Observed>>) -> impl IntoResponse {
 
 async fn readyz(State(observed): State<Arc<Observed>>) -> impl IntoResponse {
     if (observed.ready)() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_low_open_file_limit_leaves_most_files_to_the_rest() {
+        assert_eq!(places(None), MOST_CONNECTIONS);
+        assert_eq!(places(Some(1 << 20)), MOST_CONNECTIONS);
+        assert_eq!(places(Some(1024)), MOST_CONNECTIONS);
+        assert_eq!(places(Some(256)), 64);
+        assert_eq!(places(Some(2)), 1);
+    }
 }

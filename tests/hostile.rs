@@ -515,3 +515,101 @@ fn a_sigterm_during_start_up_stops_the_sink_cleanly() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("summary:"), "{stdout}");
 }
+
+/// The node's metrics port with the default settings, under an open-file
+/// limit of 256 (soft and hard): 256 connections that each send 600
+/// pipelined scrapes and never read the answers. Before, each held its
+/// place for good (the server reads no more while an answer waits to be
+/// written, and only reads were timed): probes went unanswered for as long
+/// as the sockets stayed, and the node's 256 descriptors were all taken, so
+/// it could not reconnect to a restarted sink. Now a connection whose
+/// answers are not read ends 10 s after its last read, at most 64 are
+/// served at once under this limit, and the node delivers throughout. An
+/// HTTP/2 connection there gets no HTTP/2 (served, its unread streams took
+/// a node from 8 to 500 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_never_read_on_the_node_metrics_port_give_their_places_back() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let prlimit = "/usr/bin/prlimit";
+    assert!(std::path::Path::new(prlimit).exists(), "{prlimit} (util-linux) is needed");
+    let dir = scratch("hostile-metrics-unread");
+    let sink_env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".into()), ("FILE_PATH", "out".into())];
+    let (sink, address) = Process::start_sink("sink", &sink_env, &dir);
+    let node_env = [
+        ("GRPC_SERVER_SOCKET", address.to_string()),
+        ("METRICS_ADDR", "127.0.0.1:0".into()),
+        ("NODE_ID", "unread".into()),
+    ];
+    let node_binary = env!("CARGO_BIN_EXE_telemetry-node");
+    let node = Process::start("node", prlimit, &["--nofile=256:256", node_binary], &node_env, &dir);
+    let metrics = node.metrics_address().port();
+    let pid = node.child.id();
+
+    let unread = unread_scrapes(metrics, 256, 600).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    assert!(open < 128, "{open} files open: the metrics port took the files the node needs");
+    let started = std::time::Instant::now();
+    let probe = tokio::task::spawn_blocking(move || status(metrics, b"GET /healthz HTTP/1.1\r\nHost: n\r\n\r\n"));
+    let answer = tokio::time::timeout(Duration::from_secs(120), probe).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(&answer, Ok(Ok(Some(line))) if line.starts_with("HTTP/1.1 200")),
+        "probe: {answer:?} after {waited:?}, the unread scrapes still there"
+    );
+    eprintln!("a probe was answered after {waited:?}, the unread scrapes still there");
+    drop(unread);
+
+    let h2 =
+        tokio::task::spawn_blocking(move || status(metrics, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0"));
+    let h2 = tokio::time::timeout(Duration::from_secs(30), h2).await;
+    assert!(
+        matches!(&h2, Ok(Ok(None))) || matches!(&h2, Ok(Ok(Some(line))) if line.starts_with("HTTP/1.1 ")),
+        "an HTTP/2 preface got {h2:?}"
+    );
+
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = common::summary_fields(&stdout);
+    assert!(summary["produced"] > 0, "{stdout}");
+    assert_eq!(summary["acked"], summary["produced"], "{stdout}");
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let lines = std::fs::read_to_string(dir.join("out/readings.jsonl")).unwrap();
+    let stored = lines.lines().filter(|line| line.contains("\"unread\"")).count() as u64;
+    assert_eq!(stored, summary["acked"], "lines of the node in the sink's file");
+}
+
+/// `peers` connections to `port`, each with a small receive buffer, each
+/// sending `scrapes` pipelined `GET /metrics` and never reading an answer;
+/// held until dropped.
+async fn unread_scrapes(port: u16, peers: usize, scrapes: usize) -> Flood {
+    use tokio::io::AsyncWriteExt;
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: n\r\n\r\n".repeat(scrapes);
+    let mut held = Vec::new();
+    for _ in 0..peers {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let connect = socket.connect(([127, 0, 0, 1], port).into());
+        let Ok(Ok(mut tcp)) = tokio::time::timeout(Duration::from_secs(2), connect).await else { break };
+        let requests = requests.clone();
+        held.push(tokio::spawn(async move {
+            let _ = tcp.write_all(&requests).await;
+            std::future::pending::<()>().await;
+        }));
+    }
+    Flood(held)
+}
+
+/// The status line the server at `port` answers `request` with, `None` if
+/// it closes the connection without one; waits up to 120 s.
+fn status(port: u16, request: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut http = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    http.write_all(request).ok()?;
+    let mut answer = [0; 256];
+    let read = http.read(&mut answer).ok()?;
+    let text = String::from_utf8_lossy(&answer[..read]);
+    (read > 0).then(|| text.lines().next().unwrap_or_default().to_string())
+}

@@ -55,7 +55,7 @@ pub(crate) fn limit(wanted: usize) -> usize {
 
 /// The process's soft limit on open files, or `None` where it is unlimited
 /// or cannot be read.
-fn open_files_limit() -> Option<usize> {
+pub(crate) fn open_files_limit() -> Option<usize> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
     line.split_whitespace().next()?.parse().ok()
