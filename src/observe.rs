@@ -89,6 +89,7 @@ impl ObserveServer {
         let stop = CancellationToken::new();
         let _stop_connections = stop.clone().drop_guard();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut failed = crate::logging::Every::second();
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -97,7 +98,9 @@ impl ObserveServer {
             let (stream, place) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(message = "Metrics endpoint: accept failed; pausing.", %error);
+                    if let Some(suppressed) = failed.ready() {
+                        tracing::warn!(message = "Metrics endpoint: accept failed; pausing.", %error, suppressed);
+                    }
                     tokio::time::sleep(ACCEPT_PAUSE).await;
                     continue;
                 }
