@@ -2,7 +2,8 @@
 //! connections, let go when it is dropped, and a deadline that closes it
 //! when its peer sends nothing for too long. A place held by a peer that
 //! never speaks (a socket opened and left, a handshake begun and not
-//! finished) would otherwise be held for good.
+//! finished) would otherwise be held for good. Also what both servers'
+//! accept loops share: the open-file limit and waiting out accept failures.
 
 use std::{
     io,
@@ -16,6 +17,76 @@ use tokio::{
     sync::OwnedSemaphorePermit,
     time::{Instant, Sleep},
 };
+use tracing::warn;
+
+use crate::logging::Every;
+
+/// Pause after the first accept failure in a row; it doubles with each
+/// further one, up to [`LONGEST_PAUSE`].
+pub(crate) const FIRST_PAUSE: Duration = Duration::from_millis(5);
+
+/// See [`FIRST_PAUSE`].
+const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+/// The process's soft limit on open files, or `None` where it is unlimited
+/// or cannot be read.
+pub(crate) fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// A listener's accept failures in a row: out of descriptors or memory,
+/// accepting again at once fails again (and an accept loop retrying at once
+/// spins a core), so each is waited out, longer after each in a row.
+#[derive(Debug)]
+pub(crate) struct AcceptFailures {
+    /// The listener, for the log.
+    listener: &'static str,
+    /// Log gate of the failures.
+    logged: Every,
+    /// The pause after the next failure.
+    pause: Duration,
+}
+
+impl AcceptFailures {
+    /// No failures yet, of the listener named `listener`.
+    pub(crate) fn new(listener: &'static str) -> Self {
+        Self { listener, logged: Every::second(), pause: FIRST_PAUSE }
+    }
+
+    /// A connection was accepted: the next failure pauses [`FIRST_PAUSE`].
+    pub(crate) fn succeeded(&mut self) {
+        self.pause = FIRST_PAUSE;
+    }
+
+    /// Waits out `error`: at once if it concerns only the connection it
+    /// would have been, else logs it (at most once a second) and pauses.
+    pub(crate) async fn wait_out(&mut self, error: &io::Error) {
+        if one_connections(error) {
+            return;
+        }
+        if let Some(suppressed) = self.logged.ready() {
+            warn!(
+                message = "Could not accept a connection; trying again.",
+                listener = self.listener,
+                %error,
+                pause = ?self.pause,
+                suppressed,
+            );
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
+    }
+}
+
+/// Whether an accept failure concerns only the connection it would have
+/// been (the peer gave up first), so that the next accept may follow at
+/// once.
+fn one_connections(error: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(error.kind(), ConnectionAborted | ConnectionReset | BrokenPipe | Interrupted | WouldBlock | TimedOut)
+}
 
 /// `io`, holding `place` (what keeps its place under the server's limit,
 /// and whatever else is let go with the connection) until dropped, closed
@@ -82,24 +153,7 @@ impl<IO, P> Held<IO, P> {
             self.deadline.as_mut().reset(due);
         }
     }
-}
 
-impl<IO: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<IO, P> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.last_read = Instant::now();
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => this.poll_timed_out(cx),
-            other => other,
-        }
-    }
-}
-
-impl<IO, P> Held<IO, P> {
     /// What a read or write that waits gives: `TimedOut` once the peer has
     /// sent nothing for `idle` or the lifetime is over, else `Pending`.
     fn poll_timed_out<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
@@ -117,6 +171,21 @@ impl<IO, P> Held<IO, P> {
     fn writing<T>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match polled {
             Poll::Pending if self.end.is_some() => self.poll_timed_out(cx),
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin, P: Unpin> AsyncRead for Held<IO, P> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.last_read = Instant::now();
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => this.poll_timed_out(cx),
             other => other,
         }
     }
@@ -251,6 +320,11 @@ mod tests {
         let mut held = Held::new(ours, place(), Duration::from_secs(60));
         drop(peer);
         assert_eq!(held.read(&mut [0; 8]).await.unwrap(), 0);
+    }
+
+    #[test]
+    fn the_open_file_limit_is_read() {
+        assert!(open_files_limit().is_some_and(|files| files > 0));
     }
 
     #[tokio::test]

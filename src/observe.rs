@@ -13,7 +13,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Held;
+use crate::connection::{AcceptFailures, Held, open_files_limit};
 
 /// Connections served at once. Scrapers and probes use a few; a flood of
 /// connections waits instead of taking the open files the process's other
@@ -27,10 +27,6 @@ pub const MOST_CONNECTIONS: usize = 256;
 /// larger one is answered 431. Bounds what a connection makes the server
 /// hold to a few pages: the endpoints take no body and few headers.
 const MOST_REQUEST_BYTES: usize = 16 * 1024;
-
-/// Pause after an accept failure (out of descriptors): the connections
-/// open finish or time out meanwhile.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// A connection that sends nothing for this long is closed: a scraper that
 /// keeps its connection between scrapes opens another, while a socket
@@ -84,12 +80,12 @@ impl ObserveServer {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(observed);
-        let places = Arc::new(Semaphore::new(places(crate::receiver::open_files_limit())));
+        let places = Arc::new(Semaphore::new(places(open_files_limit())));
         // Ends the connections still open when the server stops.
         let stop = CancellationToken::new();
         let _stop_connections = stop.clone().drop_guard();
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut failed = crate::logging::Every::second();
+        let mut failures = AcceptFailures::new("metrics");
         loop {
             let accepted = tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -98,13 +94,13 @@ impl ObserveServer {
             let (stream, place) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    if let Some(suppressed) = failed.ready() {
-                        tracing::warn!(message = "Metrics endpoint: accept failed; pausing.", %error, suppressed);
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = failures.wait_out(&error) => continue,
                     }
-                    tokio::time::sleep(ACCEPT_PAUSE).await;
-                    continue;
                 }
             };
+            failures.succeeded();
             let io = TokioIo::new(Held::new(stream, place, SILENCE).with_lifetime(LIFETIME));
             // HTTP/1.1 only: an HTTP/2 connection could hold many answers
             // unread, with no bound on what they take.

@@ -14,7 +14,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
 use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, stats::SinkStats};
-use crate::{connection::Held, logging::Every};
+use crate::{
+    connection::{AcceptFailures, Held, open_files_limit},
+    logging::Every,
+};
 
 /// A connection whose peer sends nothing for this long is closed, and its
 /// place let go: a socket opened and left, or a TLS or HTTP/2 handshake
@@ -24,13 +27,6 @@ use crate::{connection::Held, logging::Every};
 const SILENCE: Duration = Duration::from_secs(60);
 
 const _: () = assert!(SILENCE.as_secs() > KEEPALIVE_INTERVAL.as_secs() + KEEPALIVE_TIMEOUT.as_secs() / 2);
-
-/// Pause after the first accept failure in a row; it doubles with each
-/// further one, up to [`LONGEST_PAUSE`].
-const FIRST_PAUSE: Duration = Duration::from_millis(5);
-
-/// See [`FIRST_PAUSE`].
-const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Open files kept for everything but connections (the output file, the
 /// metrics server's connections, connections to the database, the
@@ -53,14 +49,6 @@ pub(crate) fn limit(wanted: usize) -> usize {
     wanted.min(room)
 }
 
-/// The process's soft limit on open files, or `None` where it is unlimited
-/// or cannot be read.
-pub(crate) fn open_files_limit() -> Option<usize> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find_map(|line| line.strip_prefix("Max open files"))?;
-    line.split_whitespace().next()?.parse().ok()
-}
-
 /// The connections `incoming` yields, at most `limit` of them open at once.
 /// Accept failures are waited out, never yielded.
 pub(crate) fn limited<S, IO>(
@@ -77,8 +65,7 @@ where
         limit,
         stats,
         full: Every::new(Duration::from_secs(10)),
-        failed: Every::second(),
-        pause: FIRST_PAUSE,
+        failures: AcceptFailures::new("gRPC"),
     };
     futures::stream::unfold(gate, |mut gate| async move {
         let connection = gate.next().await?;
@@ -98,10 +85,8 @@ struct Gate<S> {
     stats: Arc<SinkStats>,
     /// Log gate of "the limit is reached".
     full: Every,
-    /// Log gate of accept failures.
-    failed: Every,
-    /// The pause before the next accept after a failure.
-    pause: Duration,
+    /// Accept failures in a row.
+    failures: AcceptFailures,
 }
 
 impl<S, IO> Gate<S>
@@ -114,11 +99,10 @@ where
         let io = loop {
             match self.incoming.next().await? {
                 Ok(io) => break io,
-                Err(error) if one_connections(&error) => {}
-                Err(error) => self.wait_out(&error).await,
+                Err(error) => self.failures.wait_out(&error).await,
             }
         };
-        self.pause = FIRST_PAUSE;
+        self.failures.succeeded();
         let permit = match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -135,24 +119,6 @@ where
         };
         Some(Held::new(io, Place::new(permit, Arc::clone(&self.stats)), SILENCE))
     }
-
-    /// Logs an accept failure and pauses, longer after each in a row: out
-    /// of descriptors or memory, accepting again at once fails again.
-    async fn wait_out(&mut self, error: &io::Error) {
-        if let Some(suppressed) = self.failed.ready() {
-            warn!(message = "Could not accept a connection; trying again.", %error, pause = ?self.pause, suppressed);
-        }
-        tokio::time::sleep(self.pause).await;
-        self.pause = (self.pause * 2).min(LONGEST_PAUSE);
-    }
-}
-
-/// Whether an accept failure concerns only the connection it would have
-/// been (the peer gave up first), so that the next accept may follow at
-/// once.
-fn one_connections(error: &io::Error) -> bool {
-    use io::ErrorKind::*;
-    matches!(error.kind(), ConnectionAborted | ConnectionReset | BrokenPipe | Interrupted | WouldBlock | TimedOut)
 }
 
 /// An open connection, holding its place under MAX_CONNECTIONS until it is
@@ -185,6 +151,7 @@ impl Drop for Place {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::FIRST_PAUSE;
 
     /// A connection whose accepting failed with `kind`.
     fn failure(kind: io::ErrorKind) -> io::Result<u8> {
@@ -241,10 +208,5 @@ mod tests {
         let started = tokio::time::Instant::now();
         let _two = connections.next().await.unwrap().unwrap();
         assert_eq!(started.elapsed(), FIRST_PAUSE);
-    }
-
-    #[test]
-    fn the_open_file_limit_is_read() {
-        assert!(open_files_limit().is_some_and(|files| files > 0));
     }
 }

@@ -34,8 +34,6 @@ use crate::{
 pub use service::ReceiverService;
 pub use stats::{SinkStats, SinkSummary};
 
-pub(crate) use connections::open_files_limit;
-
 /// Chunks of output that may wait for the writer before requests are
 /// slowed down: bounds the sink's memory.
 const WRITER_QUEUE: usize = 64;
