@@ -112,8 +112,12 @@ fn fractional_rates_and_go_style_addresses_are_accepted() {
 fn retries_can_be_unlimited() {
     let node = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "inf".into())])).unwrap();
     assert_eq!(RetryPolicy::from(&node).max_retries, None);
-    let node = NodeConfig::from_vars(&vars(&[])).unwrap();
+    let node = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "10".into())])).unwrap();
     assert_eq!(RetryPolicy::from(&node).max_retries, Some(10));
+    // The default: a batch is retried for as long as it takes; the overflow
+    // queue bounds what the node holds meanwhile.
+    let node = NodeConfig::from_vars(&vars(&[])).unwrap();
+    assert_eq!(RetryPolicy::from(&node).max_retries, None);
     let error = NodeConfig::from_vars(&vars(&[("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "-1".into())])).unwrap_err();
     assert!(error.to_string().contains("or inf for no limit"), "{error}");
 }
@@ -416,18 +420,16 @@ fn the_requests_the_sources_need_are_estimated_for_the_rate_warning() {
         let pairs: Vec<(&str, String)> = pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
         NodeConfig::from_vars(&vars(&pairs)).unwrap().requests_needed()
     };
-    // The defaults: one lane, one batch a second, at the default rate of 1.
-    assert_eq!(needed(&[]), 1.0);
-    // Four sensors make four lanes, each sending a batch a second.
-    assert_eq!(needed(&[("SENSOR_COUNT", "4")]), 4.0);
-    // A slow sensor sends each reading alone.
-    assert_eq!(needed(&[("SENSOR_VALUE_RATE_PER_SECOND", "0.1")]), 0.1);
-    // Full batches: 100,000 readings/s in batches of 1000.
+    // The defaults: 5 readings a second in batches of up to 1000.
+    assert_eq!(needed(&[]), 0.005);
+    // Four sensors make four lanes that take tokens in turn.
+    assert_eq!(needed(&[("SENSOR_COUNT", "4")]), 0.02);
+    // 100,000 readings/s fill 100 batches of 1000 a second.
     assert_eq!(needed(&[("SENSOR_VALUE_RATE_PER_SECOND", "100000")]), 100.0);
-    // The host shares the simulated sensor's lane and batches.
-    assert_eq!(needed(&[("HOST_INTERVAL", "1s")]), 1.0);
-    // Alone, a source read every 10 s sends a batch every 10 s.
-    assert_eq!(needed(&[("SENSOR_COUNT", "0"), ("EXEC_COMMAND", "true")]), 0.1);
+    // The busiest lane sets the pace: 5 sensors in 4 lanes, one lane has two.
+    assert_eq!(needed(&[("SENSOR_COUNT", "5"), ("SENSOR_VALUE_RATE_PER_SECOND", "1000")]), 8.0);
+    // A source read every 10 s counts as a reading every 10 s.
+    assert_eq!(needed(&[("SENSOR_COUNT", "0"), ("EXEC_COMMAND", "true"), ("BATCH_SIZE", "1")]), 0.1);
 }
 
 #[test]

@@ -139,3 +139,92 @@ async fn oversized_requests_are_refused_and_nothing_is_written() {
     assert!(transport.send(request()).await.is_ok());
     assert_eq!(stop(token, handle).await.readings_written, 1);
 }
+
+/// Every variable the configuration reads into its secret type, found in
+/// the configuration's source: a secret added later is covered too.
+fn secret_variables() -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config");
+    let mut secrets = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let mut variable = None;
+        for line in text.lines() {
+            if let Some((_, rest)) = line.split_once("envconfig(from = \"") {
+                variable = rest.split('"').next().map(str::to_owned);
+            } else if line.trim_start().starts_with("pub ") && line.contains(':') {
+                if line.contains("Secret>") || line.ends_with(": Secret,") {
+                    secrets.extend(variable.take());
+                }
+                variable = None;
+            }
+        }
+    }
+    secrets.sort();
+    secrets.dedup();
+    secrets
+}
+
+#[test]
+fn the_exec_command_gets_no_secret_of_the_node_only_what_exec_env_names() {
+    let secrets = secret_variables();
+    assert!(secrets.len() >= 3 && secrets.contains(&"REMOTE_WRITE_PASSWORD".to_owned()), "{secrets:?}");
+    // One node per secret: some exclude each other (a bearer token and a
+    // password).
+    for secret in &secrets {
+        let environment = exec_environment(secret);
+        assert!(
+            !environment.contains("marker-"),
+            "{secret} or an unnamed variable reached the command:\n{environment}"
+        );
+        assert!(
+            environment.contains("ASKED_FOR=passed") && environment.contains("HOME=/nonexistent-home"),
+            "{environment}"
+        );
+        // Besides what the shell sets itself (PWD, SHLVL, _), nothing else.
+        let names = environment.lines().filter_map(|line| line.split_once('=')).map(|(name, _)| name);
+        for name in names {
+            assert!(
+                ["PATH", "HOME", "ASKED_FOR", "PWD", "SHLVL", "_", "OLDPWD"].contains(&name),
+                "{name} reached the command"
+            );
+        }
+    }
+}
+
+/// What an exec command of a node with `secret` (and an unnamed variable)
+/// set saw of its environment.
+fn exec_environment(secret: &str) -> String {
+    let dir = scratch(&format!("exec-secrets-{secret}"));
+    let seen = dir.join("environment");
+    let mut env: Vec<(&str, String)> = vec![(secret, format!("marker-{secret}"))];
+    if secret == "REMOTE_WRITE_PASSWORD" {
+        // Its partner, which is not a secret.
+        env.push(("REMOTE_WRITE_USERNAME", "marker-user".to_owned()));
+    }
+    env.extend([
+        ("SENSOR_COUNT", "0".to_owned()),
+        ("EXEC_SHELL", "true".to_owned()),
+        ("EXEC_COMMAND", format!("env > {}.part && mv {0}.part {0}; echo done 1", seen.display())),
+        ("EXEC_INTERVAL", "100ms".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "1s".to_owned()),
+        ("EXEC_ENV", "ASKED_FOR".to_owned()),
+        ("ASKED_FOR", "passed".to_owned()),
+        ("NOT_ASKED_FOR", "marker-unasked".to_owned()),
+        ("PATH", std::env::var("PATH").unwrap_or_default()),
+        ("HOME", "/nonexistent-home".to_owned()),
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{}", common::free_port())),
+    ]);
+    let node = common::Process::start("node", env!("CARGO_BIN_EXE_telemetry-node"), &[], &env, &dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !seen.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never ran: {:?}",
+            std::fs::read_to_string(dir.join("node.err"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, stderr) = node.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::read_to_string(&seen).unwrap()
+}

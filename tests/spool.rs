@@ -184,7 +184,14 @@ fn readings_waiting_for_the_request_rate_at_shutdown_go_to_the_spool() {
         ]
     };
     let mut env = spool_env("first");
-    env.extend([("SENSOR_COUNT", "8".to_owned()), ("SENSOR_VALUE_RATE_PER_SECOND", "200".to_owned())]);
+    // More than the rate carries, and a stop too short for the replayer to
+    // send what the lanes spool at the stop.
+    env.extend([
+        ("SENSOR_COUNT", "8".to_owned()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "200".to_owned()),
+        ("REQUEST_RATE_PER_SECOND", "0.2".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "1s".to_owned()),
+    ]);
     // Named as pods are, and back under another name.
     env.push(("NODE_ID", "pod-a".to_owned()));
     let first = Process::start("node-1", NODE, &[], &env, &dir);
@@ -388,4 +395,51 @@ fn full_spool_disk(name: &str, defaults: bool) {
     }
     assert_eq!(delivered(), expected, "every reading of the first run not counted as dropped: {first:?}");
     drop(disk);
+}
+
+/// The shipped Kubernetes base settings (one sensor, one request a second,
+/// the spool), a sink down for the node's first 10 s: the backlog leaves in
+/// requests of up to BATCH_SIZE once the sink is back, within the retry
+/// probe's wait and a few requests, not a few readings a request.
+#[test]
+fn a_backlog_drains_within_seconds_of_the_sinks_return_with_the_shipped_settings() {
+    let dir = scratch("spool-backlog");
+    let [port, metrics] = free_ports::<2>();
+    let socket = format!("127.0.0.1:{port}");
+    let node_env = [
+        ("GRPC_SERVER_SOCKET", socket.clone()),
+        ("NODE_ID", "backlog".to_owned()),
+        ("SENSOR_COUNT", "1".into()),
+        ("REQUEST_RATE_PER_SECOND", "1".into()),
+        ("OVERFLOW_POLICY", "spool".into()),
+        ("SPOOL_DIR", dir.join("spool").display().to_string()),
+        ("METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+    ];
+    let node = Process::start("node", NODE, &[], &node_env, &dir);
+    wait_for_port(metrics, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(10));
+    let backlog = metric(metrics, "telemetry_node_readings_in_spool");
+    assert!(backlog >= 40, "10 s at 5 readings/s were spooled: {backlog}");
+    let (sink, _) = start_sink(&dir, &socket, "sink");
+    let back = std::time::Instant::now();
+    // The probe waits at most the backoff reached after 10 s of failures
+    // (1 + 2 + 4 s, then at most 8 s, jittered below it); then the backlog
+    // is one or two requests.
+    while metric(metrics, "telemetry_node_readings_in_spool") > 10 {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "the backlog still holds {}",
+            metric(metrics, "telemetry_node_readings_in_spool")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let drained = back.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    let summary = stop(node);
+    stop(sink);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary["produced"]);
+    assert_eq!((summary["acked"], summary["dropped"], summary["in_spool"]), (summary["produced"], 0, 0), "{summary:?}");
+    eprintln!("backlog of {backlog} drained {drained:?} after the sink came back");
 }

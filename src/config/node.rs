@@ -53,6 +53,10 @@ pub struct NodeConfig {
     /// Longest one run of EXEC_COMMAND may take before it is killed.
     #[envconfig(from = "EXEC_TIMEOUT", default = "5s")]
     pub exec_timeout: humantime::Duration,
+    /// Variables of the node's environment EXEC_COMMAND gets besides PATH,
+    /// HOME and LANG, comma-separated; it gets no other.
+    #[envconfig(from = "EXEC_ENV")]
+    pub exec_env: Option<String>,
     /// Requests per second the node sends at most, over all sensors.
     #[envconfig(from = "REQUEST_RATE_PER_SECOND", default = "1")]
     pub request_rate: f64,
@@ -62,8 +66,9 @@ pub struct NodeConfig {
     /// Address of the telemetry sink, `host:port`.
     #[envconfig(from = "GRPC_SERVER_SOCKET", default = "localhost:8000")]
     pub server_socket: String,
-    /// Retries of a failed send before its readings are dropped.
-    #[envconfig(from = "GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", default = "10")]
+    /// Retries of a failed send before its readings are dropped (`inf`: as
+    /// long as it takes; the overflow queue then bounds what is held).
+    #[envconfig(from = "GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", default = "inf")]
     pub max_retries: Retries,
     /// First wait before a retry; later waits grow by the multiplier.
     #[envconfig(from = "GRPC_CLIENT_RETRY_SEND_INTERVAL", default = "1s")]
@@ -76,7 +81,7 @@ pub struct NodeConfig {
     #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_INTERVAL", default = "30s")]
     pub retry_max_interval: humantime::Duration,
     /// Most time spent waiting to retry one batch (0s: no limit).
-    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_ELAPSED", default = "5m")]
+    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_ELAPSED", default = "0s")]
     pub retry_max_elapsed: humantime::Duration,
     /// `full`: each wait is drawn between 0 and the backoff; `none`: exact.
     #[envconfig(from = "GRPC_CLIENT_RETRY_JITTER", default = "full")]
@@ -93,8 +98,10 @@ pub struct NodeConfig {
     /// many lanes, each sending one request at a time.
     #[envconfig(from = "MAX_IN_FLIGHT", default = "4")]
     pub max_in_flight: usize,
-    /// What happens when the sender cannot keep up.
-    #[envconfig(from = "OVERFLOW_POLICY", default = "block")]
+    /// What happens when the sender cannot keep up: by default readings
+    /// wait in a queue of QUEUE_CAPACITY per lane, which drops its oldest
+    /// when full (an outage is ridden out, memory stays bounded).
+    #[envconfig(from = "OVERFLOW_POLICY", default = "drop-oldest")]
     pub overflow: Overflow,
     /// Readings a lane may queue under a drop policy.
     #[envconfig(from = "QUEUE_CAPACITY", default = "10000")]
@@ -258,6 +265,8 @@ impl NodeConfig {
         every("FILE_INTERVAL", self.file_interval)?;
         every("EXEC_INTERVAL", self.exec_interval)?;
         every("EXEC_TIMEOUT", self.exec_timeout)?;
+        let names_ok = self.exec_env().iter().all(|name| variable_name(name));
+        ensure(names_ok, "EXEC_ENV", self.exec_env.as_deref().unwrap_or_default())?;
         let files = self.file_sensors()?;
         if let Some(argv) = self.exec_argv() {
             let program = argv.first().map_or("", String::as_str);
@@ -268,16 +277,16 @@ impl NodeConfig {
         self.owned_names(&files).map(drop)
     }
 
-    /// About how many requests a second the sources need at least: each
-    /// lane sends a batch when it is full or `BATCH_TIMEOUT` after its first
-    /// reading, so a lane taking r readings a second sends
-    /// min(r, max(r / BATCH_SIZE, 1 / BATCH_TIMEOUT)) requests a second. A
-    /// polled source counts as one reading per interval (its lane's batches
-    /// carry all it reads).
+    /// About how many requests a second the sources need at least. A lane
+    /// lets a batch out when it has a token, and its batch grows, up to
+    /// BATCH_SIZE, while it waits; lanes take tokens in turn. So the rate
+    /// suffices while the busiest lane's readings fill no more than one
+    /// batch per turn: the sources need lanes × (busiest lane's readings a
+    /// second) / BATCH_SIZE requests a second. A polled source counts as one
+    /// reading per interval (the number it reads is known only once read).
     pub fn requests_needed(&self) -> f64 {
-        let timeout = Duration::from(self.batch_timeout).as_secs_f64();
-        // Lane i holds every lane_count-th simulated sensor from the i-th.
         let count = self.lane_count();
+        // Lane i holds every lane_count-th simulated sensor from the i-th.
         let sensors_in = |lane: usize| (self.sensor_count + count - 1 - lane) / count;
         let mut lanes: Vec<f64> = (0..count).map(|lane| sensors_in(lane) as f64 * self.sensor_rate).collect();
         let files = self.file_sensors.as_deref().is_some_and(|spec| spec.split(',').any(|e| !e.trim().is_empty()));
@@ -289,7 +298,8 @@ impl NodeConfig {
         for (i, interval) in polled.into_iter().flatten().enumerate() {
             lanes[i % count] += 1.0 / interval.as_secs_f64();
         }
-        lanes.iter().map(|&r| r.min((r / self.batch_size as f64).max(1.0 / timeout))).sum()
+        let busiest = lanes.iter().copied().fold(0.0, f64::max);
+        count as f64 * busiest / self.batch_size as f64
     }
 
     /// The file source's sensors (none when FILE_SENSORS is unset or empty).
@@ -300,6 +310,12 @@ impl NodeConfig {
             value: spec.to_owned(),
             reason: error.to_string(),
         })
+    }
+
+    /// The names EXEC_ENV lists.
+    pub(crate) fn exec_env(&self) -> Vec<String> {
+        let names = self.exec_env.as_deref().unwrap_or_default().split(',');
+        names.map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect()
     }
 
     /// EXEC_COMMAND as a program and its arguments, if set.
@@ -430,6 +446,14 @@ pub struct ClientTls {
     pub server_name: String,
     /// The node's own certificate chain and key, for a sink that asks.
     pub identity: Option<(String, String)>,
+}
+
+/// Whether `name` is a variable name a shell would take: a letter or `_`,
+/// then letters, digits and `_`.
+fn variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Whether `dir` is, or can be made, a folder this process can write a file in.

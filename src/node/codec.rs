@@ -58,6 +58,46 @@ impl Outgoing {
     }
 }
 
+impl Outgoing {
+    /// The request's readings as two requests of about half each, numbered
+    /// `first` and `second`: for a sink that can never take the whole (its
+    /// byte rate is smaller). `None` for a single reading, or items that do
+    /// not parse as the node encoded them.
+    pub(crate) fn halves(&self, first: u64, second: u64) -> Option<(Self, Self)> {
+        let ends = item_ends(&self.items)?;
+        if ends.len() < 2 {
+            return None;
+        }
+        let middle = ends.len() / 2;
+        let cut = ends[middle - 1];
+        let half = |items: Bytes, readings: usize, batch_sequence: u64| Self {
+            items,
+            readings,
+            node_id: Arc::clone(&self.node_id),
+            lane: self.lane,
+            batch_sequence,
+        };
+        Some((half(self.items.slice(..cut), middle, first), half(self.items.slice(cut..), ends.len() - middle, second)))
+    }
+}
+
+/// Where each item of `items` (field 1, length-delimited, repeated) ends.
+fn item_ends(items: &[u8]) -> Option<Vec<usize>> {
+    let mut ends = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let (&key, after_key) = rest.split_first()?;
+        if key != 0x0a {
+            return None;
+        }
+        let mut after_length = after_key;
+        let length = usize::try_from(prost::encoding::decode_varint(&mut after_length).ok()?).ok()?;
+        rest = after_length.get(length..)?;
+        ends.push(items.len() - rest.len());
+    }
+    Some(ends)
+}
+
 impl Payload for Outgoing {
     fn write_to(&self, buf: &mut impl BufMut) {
         buf.put_slice(&self.items);
@@ -175,5 +215,22 @@ mod tests {
         expected.lane = 2;
         expected.batch_sequence = 99;
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn halves_hold_the_readings_in_order_under_their_own_numbers() {
+        let readings: Vec<Reading> = (0..5)
+            .map(|i| Reading { sensor: "s", sequence: i, value: i as i64, created_at: SystemTime::now() })
+            .collect();
+        let whole = Outgoing::new(&readings, Arc::from("n1"), 2, 99);
+        let (first, second) = whole.halves(100, 101).expect("five readings split");
+        let decode = |part: &Outgoing| {
+            let request = SensorValuesRequest::decode(part.items.clone()).unwrap();
+            assert_eq!(request.items.len(), part.readings);
+            request.items.iter().map(|item| item.sequence).collect::<Vec<_>>()
+        };
+        assert_eq!((decode(&first), first.batch_sequence), (vec![0, 1], 100));
+        assert_eq!((decode(&second), second.batch_sequence), (vec![2, 3, 4], 101));
+        assert!(Outgoing::new(&readings[..1], Arc::from("n1"), 2, 1).halves(2, 3).is_none());
     }
 }

@@ -75,14 +75,24 @@ fn reached_nobody(status: &Status) -> bool {
     is_retryable(status.code()) && pushback(status).is_none()
 }
 
-/// Sends `request`, repeating retryable failures as the policy allows.
-pub(crate) async fn deliver<T: Transport>(context: &SendContext<T>, request: Outgoing) -> Result<(), SendError> {
+/// Sends `request`, repeating retryable failures as the policy allows; the
+/// first attempt goes on a token already taken if `token`.
+pub(crate) async fn deliver<T: Transport>(
+    context: &SendContext<T>,
+    request: Outgoing,
+    mut token: bool,
+) -> Result<(), SendError> {
     let policy = &context.retry;
     let mut backoff = policy.backoff();
     let (mut attempts, mut failures, mut waited) = (0, 0, Duration::ZERO);
     loop {
         attempts += 1;
-        let status = match context.attempt(request.clone()).await {
+        let answer = if std::mem::take(&mut token) {
+            context.attempt_now(request.clone()).await
+        } else {
+            context.attempt(request.clone()).await
+        };
+        let status = match answer {
             Ok(()) => return Ok(()),
             Err(status) if !is_retryable(status.code()) => return Err(SendError::Refused(status)),
             Err(status) => status,

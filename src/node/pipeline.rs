@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::{SinkExt, Stream, StreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -135,7 +135,8 @@ impl<T: Transport> Run<'_, T> {
         lane_ids.sort_unstable();
         lane_ids.dedup();
         for lane in lane_ids {
-            let lane_spool = LaneSpool::new(spool.clone(), self.first_batch);
+            let (size, bytes) = (self.config.batch_size, self.config.max_message_bytes);
+            let lane_spool = LaneSpool::new(spool.clone(), self.first_batch, size, bytes);
             let (context, node_id, stop) = (self.context.clone(), Arc::clone(&self.node_id), replayers.stop.clone());
             replayers.tasks.spawn(replay::replay(context, lane_spool.clone(), lane, node_id, stop));
             replayers.spools.push((lane, lane_spool));
@@ -179,8 +180,8 @@ impl<T: Transport> Run<'_, T> {
             Overflow::DropNewest => Drop::Newest,
         };
         let ledger = Arc::clone(&self.context.ledger);
-        queue::decouple(readings, self.config.queue_capacity, drop, ledger)
-            .map(|reading| Readings::One(std::iter::once(reading)))
+        queue::decouple(readings, self.config.queue_capacity, self.config.batch_size, drop, ledger)
+            .map(|taken| Readings::Queued(taken.into_iter()))
             .boxed()
     }
 
@@ -275,9 +276,15 @@ fn open_spool(config: &NodeConfig) -> Result<Option<Spool>, SpoolError> {
     Ok(Some(spool))
 }
 
-/// One lane: batches `readings` (a tick's worth at a time), and sends the
-/// batches, each attempt paced by the throttle, until `readings` ends and
-/// the last batch is delivered.
+/// One lane, the card's chain: its sources' `readings` batched, each
+/// batch let out by the throttle (a token, and the sender done with the
+/// batch before), and sent by the retrying sender, until `readings` ends
+/// and the last batch is delivered.
+///
+/// The batcher and the sender run side by side: while one batch is in
+/// flight or waits for a token, the next keeps growing (up to BATCH_SIZE),
+/// so the sensors are held back only when a full batch has nowhere to go.
+/// A lane holds at most one batch in flight and one growing.
 async fn run_lane<T: Transport>(
     readings: BoxStream<'static, Readings>,
     settings: LaneSettings,
@@ -285,31 +292,20 @@ async fn run_lane<T: Transport>(
     identity: LaneIdentity,
     spool: Option<LaneSpool>,
 ) {
-    let batches = batch::batches(readings, settings.batch_size, settings.batch_timeout);
-    // One batch waits ready behind the one in flight, so the next batch is
-    // gathered while the sink answers instead of after.
-    let sender = sender::batch_sender(context.clone(), identity, spool).buffer(1);
-    let ahead = if context.throttle.is_limited() { BATCHES_AHEAD } else { 0 };
-    forward_ahead(batches, sender, ahead).await;
+    let gate = sender::turn_and_token(context.clone(), spool.clone());
+    let batches = batch::gated_batches(readings, settings.batch_size, settings.batch_timeout, gate);
+    let sender = sender::batch_sender(context, identity, spool);
+    side_by_side(batches, sender).await;
 }
 
-/// Forwards `items` into `sink`, letting up to `ahead` finished items wait
-/// for the sink while the next are gathered.
-///
-/// With a rate limit, finished batches wait for a token: without this slack
-/// the sensors would be held back (and miss ticks) whenever the lanes queue
-/// at the token bucket, even with the rate to spare. Without a limit
-/// (`ahead` 0) nothing waits there, and the hand-over would only cost time.
-async fn forward_ahead<I: Send>(
+/// Forwards `items` into `sink`, polling `items` while `sink` works on the
+/// one before. What may be handed over at once is up to the items (the
+/// lane's gate hands over one batch only when the sender is free).
+async fn side_by_side<I: Send>(
     items: impl Stream<Item = I>,
     sink: impl futures::Sink<I, Error = std::convert::Infallible>,
-    ahead: usize,
 ) {
-    if ahead == 0 {
-        let Ok(()) = items.map(Ok).forward(sink).await;
-        return;
-    }
-    let (ready, waiting) = tokio::sync::mpsc::channel(ahead);
+    let (ready, waiting) = tokio::sync::mpsc::channel(1);
     let gathering = async move {
         let mut items = std::pin::pin!(items);
         while let Some(item) = items.next().await {
@@ -322,9 +318,6 @@ async fn forward_ahead<I: Send>(
     let sending = tokio_stream::wrappers::ReceiverStream::new(waiting).map(Ok).forward(sink);
     let ((), Ok(())) = futures::join!(gathering, sending);
 }
-
-/// Finished batches a lane may hold while they wait for a token.
-const BATCHES_AHEAD: usize = 2;
 
 /// Waits for every lane to finish.
 async fn join_all(lanes: &mut JoinSet<()>) {

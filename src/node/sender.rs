@@ -4,10 +4,12 @@
 
 use std::{convert::Infallible, sync::Arc};
 
-use futures::{Sink, sink};
+use futures::{FutureExt, Sink, future::BoxFuture, sink};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{error, warn};
 
 use super::{
+    batch::WhenReady,
     codec::{Outgoing, Payload},
     delivery::{SendContext, deliver},
     ledger::DropReason,
@@ -34,6 +36,45 @@ pub(crate) struct LaneIdentity {
     pub max_bytes: usize,
 }
 
+/// What a batch takes from its lane's gate to the sender.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    /// The lane's sender is this batch's until the ticket is dropped, so
+    /// that the next batch grows meanwhile instead of waiting in line.
+    _turn: Option<OwnedSemaphorePermit>,
+    /// Whether a token of the request rate was taken for the first attempt.
+    token: bool,
+}
+
+/// The gate of a lane's batcher: open once the lane's sender is done with
+/// the batch before and a token of the request rate is taken for this one.
+/// No token is taken for a batch that will go to the spool (the lane has
+/// batches waiting there), nor once shutdown has begun and none is free
+/// (with a spool: the batch is spooled rather than held).
+pub(crate) fn turn_and_token<T: Transport>(
+    context: SendContext<T>,
+    spool: Option<LaneSpool>,
+) -> WhenReady<impl FnMut() -> BoxFuture<'static, Ticket>, BoxFuture<'static, Ticket>> {
+    let turns = Arc::new(Semaphore::new(1));
+    WhenReady::new(move || {
+        let (turns, context, spool) = (Arc::clone(&turns), context.clone(), spool.clone());
+        async move {
+            // The semaphore is never closed: a turn always comes.
+            let turn = turns.acquire_owned().await.ok();
+            let token = match &spool {
+                Some(spool) if spool.has_waiting() => false,
+                Some(_) => context.token_unless_draining().await,
+                None => {
+                    context.throttle.acquire().await;
+                    true
+                }
+            };
+            Ticket { _turn: turn, token }
+        }
+        .boxed()
+    })
+}
+
 /// A sink that sends every batch it is given, one at a time, in order,
 /// each under the next batch number of `lane`.
 ///
@@ -43,16 +84,28 @@ pub(crate) fn batch_sender<T: Transport>(
     context: SendContext<T>,
     lane: LaneIdentity,
     spool: Option<LaneSpool>,
-) -> impl Sink<Batch, Error = Infallible> {
+) -> impl Sink<(Batch, Ticket), Error = Infallible> {
     let state = (Arc::new(context), lane, spool);
-    sink::unfold(state, |(context, mut lane, spool), batch: Batch| async move {
+    sink::unfold(state, |(context, mut lane, spool), (batch, ticket): (Batch, Ticket)| async move {
         let mut requests = Vec::with_capacity(1);
         fitting(&batch, &mut lane, &mut requests);
         // Encoded, the readings are not needed while the sink answers.
         drop(batch);
-        for request in requests {
-            send(&context, spool.as_ref(), request).await;
+        let mut token = ticket.token;
+        let mut requests = std::collections::VecDeque::from(requests);
+        let mut halved = false;
+        while let Some(request) = requests.pop_front() {
+            let refused = send(&context, spool.as_ref(), request, std::mem::take(&mut token), halved).await;
+            // A sink whose byte rate can never take the whole request gets
+            // it in halves, as often as it takes.
+            if let Some((first, second)) = refused.and_then(|r| r.halves(lane.first_batch, lane.first_batch + 1)) {
+                lane.first_batch += 2;
+                requests.push_front(second);
+                requests.push_front(first);
+                halved = true;
+            }
         }
+        drop(ticket);
         Ok((context, lane, spool))
     })
 }
@@ -72,23 +125,39 @@ fn fitting(batch: &[Reading], lane: &mut LaneIdentity, requests: &mut Vec<Outgoi
     fitting(second, lane, requests);
 }
 
-/// Sends one request (or spools it), and counts its readings as acked or
-/// dropped once that is known.
-async fn send<T: Transport>(context: &SendContext<T>, spool: Option<&LaneSpool>, request: Outgoing) {
+/// Sends one request (or spools it), its first attempt on a token already
+/// taken if `token`, and counts its readings as acked or dropped once that
+/// is known. A request of several readings that the sink refused as larger
+/// than it can ever take is handed back, uncounted, to be sent in halves
+/// (`halved`: this is such a half, whose readings were counted as sent).
+async fn send<T: Transport>(
+    context: &SendContext<T>,
+    spool: Option<&LaneSpool>,
+    request: Outgoing,
+    token: bool,
+    halved: bool,
+) -> Option<Outgoing> {
     let readings = request.readings;
     let ledger = &context.ledger;
-    ledger.sending(readings);
+    if !halved {
+        ledger.sending(readings);
+    }
     let started = tokio::time::Instant::now();
+    let kept = (readings > 1).then(|| request.clone());
     let outcome = match spool {
-        Some(spool) => match send_or_spill(context, spool, request).await {
-            Some(outcome) => outcome,
-            None => return,
-        },
-        None => deliver(context, request).await,
+        Some(spool) => send_or_spill(context, spool, request, token).await?,
+        None => deliver(context, request, token).await,
     };
     ledger.answered(started.elapsed());
     match outcome {
         Ok(()) => ledger.acked(readings),
+        Err(SendError::Refused(status)) if too_large_for_the_sink(&status) && kept.is_some() => {
+            warn!(
+                message = "The sink refused a request as too large for its byte rate; sending it in halves.",
+                readings
+            );
+            return kept;
+        }
         Err(error) => {
             let reason = match &error {
                 SendError::Refused(status) => {
@@ -103,10 +172,17 @@ async fn send<T: Transport>(context: &SendContext<T>, spool: Option<&LaneSpool>,
             error!(message = "Dropped batch.", reason = reason.name(), %error, readings);
         }
     }
+    None
 }
 
-/// With a spool: sends `request` once if nothing of its lane waits in the
-/// spool; if something does, or the sink cannot take it now, spools it for
+/// Whether the sink refused a request because it is larger than the sink
+/// takes in a second (RATE_PER_SECOND): it would never take it whole.
+fn too_large_for_the_sink(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.message().contains("larger than RATE_PER_SECOND")
+}
+
+/// With a spool: sends `request` once (on the token already taken if
+/// `token`) if nothing of its lane waits in the spool; if something does, or the sink cannot take it now, spools it for
 /// the replayer. Once shutdown has begun, a request that would wait for the
 /// request rate is spooled at once too: what the rate lets out before the
 /// deadline the replayer sends, and the rest stays on disk rather than being
@@ -116,8 +192,11 @@ async fn send_or_spill<T: Transport>(
     context: &SendContext<T>,
     spool: &LaneSpool,
     request: Outgoing,
+    token: bool,
 ) -> Option<Result<(), SendError>> {
-    if !spool.has_waiting() && context.token_unless_draining().await {
+    let mut sent = false;
+    if !spool.has_waiting() && (token || context.token_unless_draining().await) {
+        sent = true;
         match context.attempt_now(request.clone()).await {
             Ok(()) => return Some(Ok(())),
             Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
@@ -130,7 +209,7 @@ async fn send_or_spill<T: Transport>(
             }
         }
     }
-    if spool.spill(context, &request).await { None } else { Some(deliver(context, request).await) }
+    if spool.spill(context, &request, sent).await { None } else { Some(deliver(context, request, false).await) }
 }
 
 #[cfg(test)]

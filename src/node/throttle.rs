@@ -64,11 +64,6 @@ impl Throttle {
         Self { paused_until: Arc::default(), bucket, clock, line: Arc::default() }
     }
 
-    /// Whether requests are limited at all.
-    pub(crate) fn is_limited(&self) -> bool {
-        self.bucket.is_some()
-    }
-
     /// Holds every request back for `wait` from now, or longer if already
     /// paused longer.
     pub(crate) fn pause(&self, wait: Duration) {

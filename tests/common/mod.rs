@@ -3,6 +3,8 @@
 //! are always stopped.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod database;
+
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,

@@ -96,11 +96,22 @@ async fn run_node(config: NodeConfig) -> ExitCode {
     let (first, second) = telemetry_node::signals::stop_signals();
     log_config(&config);
     let needed = config.requests_needed();
-    if needed > config.request_rate * 1.05 {
+    if needed > config.request_rate {
         tracing::warn!(
-            message = "The sources need more requests a second than REQUEST_RATE_PER_SECOND allows: readings will wait, sensors will miss ticks, and a stop may drop what is held. Raise REQUEST_RATE_PER_SECOND or BATCH_TIMEOUT, or lower MAX_IN_FLIGHT.",
-            needed = format!("{needed:.2}"),
+            message = "The sources make more readings than full batches at REQUEST_RATE_PER_SECOND can carry: the overflow policy will act (OVERFLOW_POLICY) and a stop may not deliver all that is held. Raise REQUEST_RATE_PER_SECOND or BATCH_SIZE.",
+            over_capacity = format!("{:.2}x", needed / config.request_rate),
+            requests_needed = format!("{needed:.2}"),
             request_rate_per_second = config.request_rate,
+        );
+    }
+    // A stop sends each lane's growing batch: one request per lane.
+    let stop_needs = config.max_in_flight.min(config.sensor_count.max(1)) as f64 / config.request_rate;
+    let shutdown = Duration::from(config.shutdown_timeout).as_secs_f64();
+    if stop_needs > shutdown {
+        tracing::warn!(
+            message = "A stop needs one request per lane, more than SHUTDOWN_TIMEOUT allows at REQUEST_RATE_PER_SECOND: what is held at a stop may be dropped. Raise SHUTDOWN_TIMEOUT or REQUEST_RATE_PER_SECOND, or lower MAX_IN_FLIGHT.",
+            stop_needs = format!("{stop_needs:.1}s"),
+            shutdown_timeout = %config.shutdown_timeout,
         );
     }
     if config.sensor_count > 0 && config.sensor_rate > 1000.0 {

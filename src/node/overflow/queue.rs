@@ -44,24 +44,29 @@ struct Queue {
 }
 
 /// Runs `ticks` in a task of its own, so the sensors never wait for the
-/// sender, and yields their readings through a queue of `capacity`
-/// readings that drops as `drop` says when full.
+/// sender, and yields their readings, as many as are queued at a time (up
+/// to `most_per_take`, a batch's worth: what the batcher holds beside its
+/// batch), through a queue of `capacity` readings that drops as `drop`
+/// says when full.
 pub(crate) fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
     ticks: impl Stream<Item = T> + Send + 'static,
     capacity: usize,
+    most_per_take: usize,
     drop: Drop,
     ledger: Arc<Ledger>,
-) -> impl Stream<Item = Reading> {
+) -> impl Stream<Item = Vec<Reading>> {
     let queue = Arc::new(Queue { state: Mutex::default(), arrived: Notify::new() });
     let producer = tokio::spawn(produce(ticks, Arc::clone(&queue), capacity, drop, ledger));
     let guard = AbortOnDrop(producer);
-    futures::stream::unfold((queue, guard), |(queue, guard)| async move {
+    futures::stream::unfold((queue, guard), move |(queue, guard)| async move {
         loop {
             let notified = queue.arrived.notified();
             {
                 let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(reading) = state.readings.pop_front() {
-                    return Some((reading, (Arc::clone(&queue), guard)));
+                if !state.readings.is_empty() {
+                    let take = state.readings.len().min(most_per_take.max(1));
+                    let taken: Vec<Reading> = state.readings.drain(..take).collect();
+                    return Some((taken, (Arc::clone(&queue), guard)));
                 }
                 if state.closed {
                     return None;
@@ -154,7 +159,11 @@ mod tests {
         let ledger = Arc::new(Ledger::default());
         // 10 readings into a queue of 4 before anyone reads.
         let ticks = stream::iter([tick(0, 10)]);
-        let out: Vec<u64> = decouple(ticks, 4, drop, Arc::clone(&ledger)).map(|r| r.sequence).collect().await;
+        let out: Vec<u64> = decouple(ticks, 4, 3, drop, Arc::clone(&ledger))
+            .flat_map(futures::stream::iter)
+            .map(|r| r.sequence)
+            .collect()
+            .await;
         (out, ledger.snapshot().dropped)
     }
 

@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-use super::spool::Spool;
+use super::spool::{Most, Spool};
 use crate::node::{
     codec::Outgoing,
     delivery::{SendContext, deliver},
@@ -24,6 +24,8 @@ pub(crate) struct LaneSpool {
     pub wake: Arc<Notify>,
     /// The first batch number of this run: older ones are an earlier run's.
     pub first_of_run: u64,
+    /// How much one replayed request may carry.
+    pub most: Most,
     /// What is known, in memory, of whether the lane has batches waiting.
     pub waiting: Arc<std::sync::Mutex<Waiting>>,
 }
@@ -43,9 +45,13 @@ pub(crate) struct Waiting {
 
 impl LaneSpool {
     /// The lane's view of `spool`, in a run whose batch numbers start at
-    /// `first_of_run`.
-    pub(crate) fn new(spool: Spool, first_of_run: u64) -> Self {
-        Self { spool, wake: Arc::default(), first_of_run, waiting: Arc::default() }
+    /// `first_of_run`, replaying requests of up to `batch_size` readings
+    /// and `max_bytes` bytes.
+    pub(crate) fn new(spool: Spool, first_of_run: u64, batch_size: usize, max_bytes: usize) -> Self {
+        // Room for the request's identity: three fields and NODE_ID (at
+        // most 128 bytes).
+        let most = Most { readings: batch_size, bytes: max_bytes.saturating_sub(256), run_starts: first_of_run };
+        Self { spool, wake: Arc::default(), first_of_run, most, waiting: Arc::default() }
     }
 
     /// Whether the lane has batches waiting in the spool: then new batches
@@ -72,14 +78,16 @@ impl LaneSpool {
         self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).empty_after = Some(spilled);
     }
 
-    /// Stores `request` for the replayer. Returns `false` if the spool
-    /// failed, and the caller must deliver the batch itself.
-    pub(crate) async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing) -> bool {
+    /// Stores `request` for the replayer; `sent` if it was tried once
+    /// already (the sink may hold it: it is then replayed alone, under its
+    /// number). Returns `false` if the spool failed, and the caller must
+    /// deliver the batch itself.
+    pub(crate) async fn spill<T>(&self, context: &SendContext<T>, request: &Outgoing, sent: bool) -> bool {
         let ledger = &context.ledger;
         let readings = request.readings;
         let pushed = self
             .spool
-            .push_async(request.lane, request.batch_sequence, request.items.clone(), Arc::clone(&request.node_id))
+            .push_async(request.lane, request.batch_sequence, request.items.clone(), Arc::clone(&request.node_id), sent)
             .await;
         match pushed {
             Ok(evicted) => {
@@ -106,7 +114,9 @@ const REMOVAL_PAUSE: Duration = Duration::from_secs(1);
 
 /// Delivers the spooled batches of `lane`, oldest first, until `stop`,
 /// each under the identity it was made with (`node_id` where the spool has
-/// none recorded).
+/// none recorded). Batches spooled a few readings at a time leave in
+/// requests of up to BATCH_SIZE readings ([`Spool::next_request`]), so a
+/// backlog drains at the request rate's full capacity.
 /// A batch leaves the spool only once the sink took it, or refused it for
 /// good; a damaged one is skipped and counted.
 pub(crate) async fn replay<T: Transport>(
@@ -122,7 +132,7 @@ pub(crate) async fn replay<T: Transport>(
         let spilled = spool.spilled();
         // Kept from eviction while it is delivered: an evicted batch is
         // counted as dropped, and must not then be delivered too.
-        let (stored, _held) = match spool.spool.oldest_held_async(lane).await {
+        let (stored, _held) = match spool.spool.next_request_async(lane, spool.most).await {
             Ok(Some(found)) => found,
             Ok(None) => {
                 spool.found_empty(spilled);
@@ -150,7 +160,7 @@ pub(crate) async fn replay<T: Transport>(
         let node_id = stored.node_id.map_or_else(|| Arc::clone(&node_id), Arc::from);
         let request = Outgoing { items, readings: n, node_id, lane, batch_sequence: stored.batch_sequence };
         let delivered = tokio::select! {
-            delivered = deliver(&context, request) => delivered,
+            delivered = deliver(&context, request, false) => delivered,
             () = stop.cancelled() => return,
         };
         match delivered {
@@ -207,7 +217,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (spool, _) = Spool::open(&dir, 1 << 20).unwrap();
-        let lane = LaneSpool::new(spool, 1);
+        let lane = LaneSpool::new(spool, 1, 1000, 1 << 20);
         assert!(lane.has_waiting(), "unknown until the replayer has looked");
         lane.found_empty(lane.spilled());
         assert!(!lane.has_waiting());

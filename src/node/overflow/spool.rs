@@ -29,6 +29,25 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// this table existed has none.)
 const IDENTITIES: TableDefinition<(u32, u64), &str> = TableDefinition::new("identities");
 
+/// Stored batches that have been sent (or tried) as they are: (lane, batch
+/// number) → nothing. The sink may hold such a batch already, and knows it
+/// again only by its number, so it is replayed alone, never merged into
+/// another.
+const SENT: TableDefinition<(u32, u64), ()> = TableDefinition::new("sent");
+
+/// How much one replayed request may carry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Most {
+    /// Readings: BATCH_SIZE.
+    pub readings: usize,
+    /// Encoded bytes of readings: MAX_MESSAGE_BYTES, less room for the
+    /// request's identity.
+    pub bytes: usize,
+    /// The first batch number of this run: a merge never spans it, so
+    /// each request is an earlier run's or this run's, as counted.
+    pub run_starts: u64,
+}
+
 /// Why the spool failed.
 #[derive(Debug, thiserror::Error)]
 #[error("spool {}: {message}", .path.display())]
@@ -184,12 +203,117 @@ impl Spool {
     /// The oldest batch of `lane`, kept from eviction until the returned
     /// hold is dropped: its replayer is about to deliver it. Read while no
     /// push is evicting, so the batch returned is one that is stored.
+    #[cfg(test)]
     pub(crate) fn oldest_held(&self, lane: u32) -> Result<Option<(Stored, Hold)>, SpoolError> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(stored) = self.oldest(lane)? else { return Ok(None) };
         let key = (lane, stored.batch_sequence);
         held.insert(key);
         Ok(Some((stored, Hold { held: Arc::clone(&self.held), key })))
+    }
+
+    /// What `lane` replays next, kept from eviction until the returned hold
+    /// is dropped: its oldest batch, merged with the batches after it that
+    /// were never sent (made under the same identity, undamaged) while the
+    /// whole fits in `most`. The merged batches are stored as one, under
+    /// the number of the last, and that batch is marked as sent before it
+    /// is returned: if the node stops before it is acknowledged, the next
+    /// run sends exactly it again, and the sink knows it by its number.
+    pub(crate) fn next_request(&self, lane: u32, most: Most) -> Result<Option<(Stored, Hold)>, SpoolError> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(first) = self.oldest(lane)? else { return Ok(None) };
+        let mut merged = vec![first];
+        if !self.is_sent(lane, merged[0].batch_sequence)? {
+            self.gather(lane, most, &mut merged)?;
+            self.store_merged(lane, &merged)?;
+        }
+        let mut stored = merged.pop().unwrap_or_else(|| unreachable!("one batch at least"));
+        if !merged.is_empty() {
+            stored.items = Some(concatenated(&merged, &stored));
+        }
+        let key = (lane, stored.batch_sequence);
+        held.insert(key);
+        Ok(Some((stored, Hold { held: Arc::clone(&self.held), key })))
+    }
+
+    /// Adds to `merged` (which holds the lane's oldest batch) the batches
+    /// after it that may travel with it in one request.
+    fn gather(&self, lane: u32, most: Most, merged: &mut Vec<Stored>) -> Result<(), SpoolError> {
+        let Some((first_items, first_n)) = &merged[0].items else { return Ok(()) };
+        let (mut readings, mut bytes) = (*first_n, first_items.len());
+        let after = merged[0].batch_sequence.saturating_add(1);
+        let candidates = self.read(|table| {
+            let mut found = Vec::new();
+            for entry in table.range((lane, after)..=(lane, u64::MAX))? {
+                let (key, value) = entry?;
+                let Some((items, n)) = decode(value.value()) else { break };
+                let sequence = key.value().1;
+                if (after <= most.run_starts) != (sequence < most.run_starts) {
+                    break;
+                }
+                if readings + n > most.readings || bytes + items.len() > most.bytes {
+                    break;
+                }
+                (readings, bytes) = (readings + n, bytes + items.len());
+                found.push(Stored { batch_sequence: sequence, items: Some((items, n)), node_id: None });
+            }
+            Ok(found)
+        })?;
+        for mut candidate in candidates {
+            if self.is_sent(lane, candidate.batch_sequence)? {
+                break;
+            }
+            candidate.node_id = self.identity_of(lane, candidate.batch_sequence)?;
+            if candidate.node_id != merged[0].node_id {
+                break;
+            }
+            merged.push(candidate);
+        }
+        Ok(())
+    }
+
+    /// Stores `merged` as one batch under the last one's number, marked as
+    /// sent, in one commit.
+    fn store_merged(&self, lane: u32, merged: &[Stored]) -> Result<(), SpoolError> {
+        let last = merged.last().unwrap_or_else(|| unreachable!("one batch at least"));
+        let db = self.database()?;
+        let write = db.begin_write().map_err(|e| self.error(e))?;
+        {
+            let mut marks = write.open_table(SENT).map_err(|e| self.error(e))?;
+            marks.insert((lane, last.batch_sequence), ()).map_err(|e| self.error(e))?;
+            if merged.len() > 1 {
+                let (head, tail) = merged.split_at(merged.len() - 1);
+                let items = concatenated(head, &tail[0]).0;
+                let encoded = record(&items);
+                let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
+                let mut identities = write.open_table(IDENTITIES).map_err(|e| self.error(e))?;
+                let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+                for batch in head {
+                    identities.remove((lane, batch.batch_sequence)).map_err(|e| self.error(e))?;
+                    if let Some(old) = table.remove((lane, batch.batch_sequence)).map_err(|e| self.error(e))? {
+                        *bytes = bytes.saturating_sub(old.value().len() as u64);
+                    }
+                }
+                if let Some(old) =
+                    table.insert((lane, last.batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?
+                {
+                    *bytes = bytes.saturating_sub(old.value().len() as u64);
+                }
+                *bytes += encoded.len() as u64;
+            }
+        }
+        write.commit().map_err(|e| self.error(e))
+    }
+
+    /// Whether batch `batch` of `lane` is marked as sent.
+    fn is_sent(&self, lane: u32, batch: u64) -> Result<bool, SpoolError> {
+        let db = self.database()?;
+        let read = db.begin_read().map_err(|e| self.error(e))?;
+        match read.open_table(SENT) {
+            Ok(marks) => Ok(marks.get((lane, batch)).map_err(|e| self.error(e))?.is_some()),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+            Err(error) => Err(self.error(error)),
+        }
     }
 
     /// Stores a batch's encoded readings durably. When the spool would
@@ -204,6 +328,19 @@ impl Spool {
         items: &[u8],
         node_id: &str,
     ) -> Result<Vec<(u64, u64)>, SpoolError> {
+        self.push_marked(lane, batch_sequence, items, node_id, false)
+    }
+
+    /// [`Spool::push`], marking the batch as already sent once if `sent`
+    /// (an attempt whose outcome is unknown): it is then replayed alone.
+    pub(crate) fn push_marked(
+        &self,
+        lane: u32,
+        batch_sequence: u64,
+        items: &[u8],
+        node_id: &str,
+        sent: bool,
+    ) -> Result<Vec<(u64, u64)>, SpoolError> {
         let encoded = record(items);
         let mut evicted = Vec::new();
         // Held through the commit: a replayer cannot pick a batch up while it
@@ -214,11 +351,13 @@ impl Spool {
         {
             let mut table = write.open_table(BATCHES).map_err(|e| self.error(e))?;
             let mut identities = write.open_table(IDENTITIES).map_err(|e| self.error(e))?;
+            let mut marks = write.open_table(SENT).map_err(|e| self.error(e))?;
             let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
             while *bytes + encoded.len() as u64 > self.max_bytes && !table.is_empty().map_err(|e| self.error(e))? {
                 let oldest = oldest_key(&table, &held).map_err(|e| self.error(e))?;
                 let Some(key) = oldest else { break };
                 identities.remove(key).map_err(|e| self.error(e))?;
+                marks.remove(key).map_err(|e| self.error(e))?;
                 if let Some(old) = table.remove(key).map_err(|e| self.error(e))? {
                     *bytes -= old.value().len() as u64;
                     evicted.push((key.1, decode(old.value()).map_or(0, |(_, n)| n as u64)));
@@ -226,6 +365,9 @@ impl Spool {
             }
             table.insert((lane, batch_sequence), encoded.as_slice()).map_err(|e| self.error(e))?;
             identities.insert((lane, batch_sequence), node_id).map_err(|e| self.error(e))?;
+            if sent {
+                marks.insert((lane, batch_sequence), ()).map_err(|e| self.error(e))?;
+            }
             *bytes += encoded.len() as u64;
         }
         write.commit().map_err(|e| self.error(e))?;
@@ -270,6 +412,11 @@ impl Spool {
                 .map_err(|e| self.error(e))?
                 .remove((lane, batch_sequence))
                 .map_err(|e| self.error(e))?;
+            write
+                .open_table(SENT)
+                .map_err(|e| self.error(e))?
+                .remove((lane, batch_sequence))
+                .map_err(|e| self.error(e))?;
             if let Some(old) = table.remove((lane, batch_sequence)).map_err(|e| self.error(e))? {
                 let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
                 *bytes = bytes.saturating_sub(old.value().len() as u64);
@@ -299,15 +446,16 @@ impl Spool {
         batch_sequence: u64,
         items: Bytes,
         node_id: std::sync::Arc<str>,
+        sent: bool,
     ) -> Result<Vec<(u64, u64)>, SpoolError> {
         let spool = self.clone();
-        blocking(move || spool.push(lane, batch_sequence, &items, &node_id)).await
+        blocking(move || spool.push_marked(lane, batch_sequence, &items, &node_id, sent)).await
     }
 
-    /// [`Spool::oldest_held`] off the async threads.
-    pub(crate) async fn oldest_held_async(&self, lane: u32) -> Result<Option<(Stored, Hold)>, SpoolError> {
+    /// [`Spool::next_request`] off the async threads.
+    pub(crate) async fn next_request_async(&self, lane: u32, most: Most) -> Result<Option<(Stored, Hold)>, SpoolError> {
         let spool = self.clone();
-        blocking(move || spool.oldest_held(lane)).await
+        blocking(move || spool.next_request(lane, most)).await
     }
 
     /// [`Spool::remove`] off the async threads.
@@ -380,6 +528,20 @@ fn oldest_key(
         lane = next;
     }
     Ok(oldest)
+}
+
+/// The readings of `head` and then of `last`, as one batch's: encoded
+/// repeated fields concatenate.
+fn concatenated(head: &[Stored], last: &Stored) -> (Bytes, usize) {
+    let mut items = Vec::new();
+    let mut readings = 0;
+    for batch in head.iter().chain(std::iter::once(last)) {
+        if let Some((part, n)) = &batch.items {
+            items.extend_from_slice(part);
+            readings += n;
+        }
+    }
+    (items.into(), readings)
 }
 
 /// The stored record of `items`: their CRC32 (4 bytes, LE), then them.
@@ -600,5 +762,82 @@ mod tests {
         assert_eq!(spool.lanes().unwrap(), Vec::<u32>::new());
         drop(spool);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The sequences of the readings a replayed request carries.
+    fn sequences(stored: &Stored) -> Vec<u64> {
+        let (items, n) = stored.items.clone().expect("undamaged");
+        let request = SensorValuesRequest::decode(items).unwrap();
+        assert_eq!(request.items.len(), n);
+        request.items.iter().map(|item| item.sequence).collect()
+    }
+
+    const MOST: Most = Most { readings: 30, bytes: 1 << 20, run_starts: 0 };
+
+    #[test]
+    fn a_backlog_leaves_in_requests_of_up_to_the_batch_size_in_order() {
+        let dir = dir("coalesce");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        for sequence in 1..=25 {
+            spool.push(0, sequence, &batch(0, sequence, 4), "n").unwrap();
+        }
+        let mut replayed = Vec::new();
+        let mut requests = Vec::new();
+        while let Some((stored, _hold)) = spool.next_request(0, MOST).unwrap() {
+            requests.push((stored.batch_sequence, sequences(&stored).len()));
+            replayed.extend(sequences(&stored));
+            spool.remove(0, stored.batch_sequence).unwrap();
+        }
+        // 7 batches of 4 fit in 30 readings: numbered by the last of them.
+        assert_eq!(requests, vec![(7, 28), (14, 28), (21, 28), (25, 16)]);
+        let all: Vec<u64> = (1..=25).flat_map(|b| (0..4).map(move |i| b * 100 + i)).collect();
+        assert_eq!(replayed, all);
+        assert_eq!(*spool.bytes.lock().unwrap(), 0, "the merged records are counted out");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_batch_sent_once_is_replayed_alone_under_its_number_even_after_a_crash() {
+        let dir = dir("sent-alone");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        // Tried once by the lane, then spooled: the sink may hold it.
+        spool.push_marked(0, 1, &batch(0, 1, 4), "n", true).unwrap();
+        for sequence in 2..=4 {
+            spool.push(0, sequence, &batch(0, sequence, 4), "n").unwrap();
+        }
+        let (first, hold) = spool.next_request(0, MOST).unwrap().unwrap();
+        assert_eq!((first.batch_sequence, sequences(&first).len()), (1, 4));
+        drop(hold);
+        spool.remove(0, 1).unwrap();
+        let (merged, hold) = spool.next_request(0, MOST).unwrap().unwrap();
+        assert_eq!((merged.batch_sequence, sequences(&merged).len()), (4, 12));
+        drop(hold);
+        // The node dies before the sink's answer; more is spooled, and the
+        // next run opens the spool: the merged batch goes again as it was.
+        drop(spool);
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        spool.push(0, 5, &batch(0, 5, 4), "n").unwrap();
+        let (again, _hold) = spool.next_request(0, MOST).unwrap().unwrap();
+        assert_eq!((again.batch_sequence, sequences(&again)), (merged.batch_sequence, sequences(&merged)));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_merge_keeps_to_one_identity_and_one_run() {
+        let dir = dir("merge-bounds");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        spool.push(0, 1, &batch(0, 1, 2), "a").unwrap();
+        spool.push(0, 2, &batch(0, 2, 2), "a").unwrap();
+        spool.push(0, 3, &batch(0, 3, 2), "b").unwrap();
+        spool.push(0, 10, &batch(0, 10, 2), "b").unwrap();
+        let most = Most { run_starts: 10, ..MOST };
+        let mut requests = Vec::new();
+        while let Some((stored, _hold)) = spool.next_request(0, most).unwrap() {
+            requests.push((stored.batch_sequence, stored.node_id.clone(), sequences(&stored).len()));
+            spool.remove(0, stored.batch_sequence).unwrap();
+        }
+        let named = |id: &str| Some(id.to_owned());
+        assert_eq!(requests, vec![(2, named("a"), 4), (3, named("b"), 2), (10, named("b"), 2)]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

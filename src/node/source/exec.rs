@@ -4,7 +4,9 @@
 //! The command runs without a shell unless asked (`EXEC_SHELL=true` runs
 //! `/bin/sh -c EXEC_COMMAND`), in a process group of its own, with no
 //! input, for at most `EXEC_TIMEOUT`; then it and everything it started are
-//! killed. Its output is taken whole or not at all: a command that fails,
+//! killed. It gets only PATH, HOME, LANG and the variables `EXEC_ENV` names
+//! from the node's environment, so no secret of the node's (the sink's
+//! token, the database's password) reaches it unless named. Its output is taken whole or not at all: a command that fails,
 //! runs out of time or prints more than [`MOST_OUTPUT`] bytes gives no
 //! readings that tick, and a line that is not `name value` is skipped. Each
 //! is counted and logged; none holds up the other sources.
@@ -25,6 +27,9 @@ pub(crate) const MOST_OUTPUT: usize = 1 << 20;
 /// must not grow the node without bound.
 pub(crate) const MOST_SENSORS: usize = 10_000;
 
+/// The variables every command gets from the node's environment.
+const PASSED: [&str; 3] = ["PATH", "HOME", "LANG"];
+
 /// Bytes of the command's standard error kept for the log.
 const STDERR_KEPT: usize = 512;
 
@@ -35,6 +40,8 @@ pub(crate) struct Exec {
     argv: Vec<String>,
     /// Longest a run may take.
     timeout: Duration,
+    /// Variables it gets besides [`PASSED`] (EXEC_ENV).
+    pass: Vec<String>,
     /// Names other sources own, which the command may not report.
     owned: Owned,
     /// Every name the command has reported, kept once each.
@@ -42,9 +49,10 @@ pub(crate) struct Exec {
 }
 
 impl Exec {
-    /// Runs `argv` (at least a program) for at most `timeout` a tick.
-    pub(crate) fn new(argv: Vec<String>, timeout: Duration, owned: Owned) -> Self {
-        Self { argv, timeout, owned, known: HashSet::new() }
+    /// Runs `argv` (at least a program) for at most `timeout` a tick, with
+    /// the variables [`PASSED`] and `pass` name.
+    pub(crate) fn new(argv: Vec<String>, timeout: Duration, pass: Vec<String>, owned: Owned) -> Self {
+        Self { argv, timeout, pass, owned, known: HashSet::new() }
     }
 
     /// The readings of one run's `output`.
@@ -96,23 +104,31 @@ impl Probe for Exec {
     const KIND: &'static str = "exec";
 
     async fn read(&mut self) -> Round {
-        match run(&self.argv, self.timeout).await {
+        match run(&self.argv, self.timeout, &self.pass).await {
             Ok(output) => self.parse(&output),
             Err(failure) => Round { values: Vec::new(), failures: vec![failure] },
         }
     }
 }
 
-/// Runs `argv` and returns what it printed, if it exited 0 within `timeout`
-/// having printed at most [`MOST_OUTPUT`] bytes. Its process group is
+/// Runs `argv` with the variables [`PASSED`] and `pass` name, and returns
+/// what it printed, if it exited 0 within `timeout` having printed at most
+/// [`MOST_OUTPUT`] bytes. Its process group is
 /// killed when the run ends, however it ends (the node stopping mid-run
 /// included), so nothing it started outlives it.
-async fn run(argv: &[String], timeout: Duration) -> Result<Vec<u8>, Failure> {
+async fn run(argv: &[String], timeout: Duration, pass: &[String]) -> Result<Vec<u8>, Failure> {
     let (program, args) = argv.split_first().ok_or_else(|| Failure::new("failed", "no command"))?;
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    // The node's environment holds its secrets: none is the command's
+    // business unless named.
+    command.env_clear();
+    for name in PASSED.iter().copied().chain(pass.iter().map(String::as_str)) {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    let mut child = command
         .args(args)
-        // The node's own secret is not the command's business.
-        .env_remove("SINK_AUTH_TOKEN")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -217,7 +233,7 @@ mod tests {
     }
 
     fn exec(script: &str, timeout: Duration) -> Exec {
-        Exec::new(shell(script), timeout, Owned::default())
+        Exec::new(shell(script), timeout, Vec::new(), Owned::default())
     }
 
     #[tokio::test]
@@ -232,7 +248,7 @@ mod tests {
     async fn bad_lines_are_skipped_and_counted_the_rest_kept() {
         let script = "printf 'a 1\\nb\\nc 1.5\\nd 1 2\\na 3\\nsensor 4\\n\\377 5\\ne 6\\n'";
         let owned = Owned::new(Some(("sensor".into(), 1)), HashSet::new(), false);
-        let mut probe = Exec::new(shell(script), Duration::from_secs(5), owned);
+        let mut probe = Exec::new(shell(script), Duration::from_secs(5), Vec::new(), owned);
         let round = probe.read().await;
         assert_eq!(round.values, [("a", 1), ("e", 6)]);
         let reasons: Vec<&str> = round.failures.iter().map(|f| f.reason).collect();
@@ -245,7 +261,8 @@ mod tests {
         assert!(round.values.is_empty());
         assert_eq!(round.failures[0].reason, "failed");
         assert!(round.failures[0].detail.contains("oops"), "{}", round.failures[0].detail);
-        let mut missing = Exec::new(vec!["/no/such/program".into()], Duration::from_secs(5), Owned::default());
+        let mut missing =
+            Exec::new(vec!["/no/such/program".into()], Duration::from_secs(5), Vec::new(), Owned::default());
         let round = missing.read().await;
         assert_eq!(round.failures[0].reason, "failed");
     }

@@ -44,8 +44,8 @@ pub(crate) enum Readings {
     Simulated(simulated::Tick),
     /// A tick of a polled source.
     Polled(std::vec::IntoIter<Reading>),
-    /// One reading out of a drop-policy queue.
-    One(std::iter::Once<Reading>),
+    /// What a drop-policy queue held when the batcher took from it.
+    Queued(std::vec::IntoIter<Reading>),
 }
 
 impl Iterator for Readings {
@@ -55,7 +55,7 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.next(),
             Self::Polled(readings) => readings.next(),
-            Self::One(reading) => reading.next(),
+            Self::Queued(readings) => readings.next(),
         }
     }
 
@@ -63,7 +63,7 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.size_hint(),
             Self::Polled(readings) => readings.size_hint(),
-            Self::One(reading) => reading.size_hint(),
+            Self::Queued(readings) => readings.size_hint(),
         }
     }
 }
@@ -138,10 +138,13 @@ pub(crate) fn polled<P: Probe>(probe: P, period: Duration, ledger: Arc<Ledger>) 
         first: None,
         skipped: 0,
         last_count: 0,
+        waiting: false,
     };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
+            state.waiting = true;
             state.interval.tick().await;
+            state.waiting = false;
             state.count_skipped();
             let created_at = state.stamps.next();
             // Counted as taken once begun (a stop mid-read, see `Drop`).
@@ -187,16 +190,20 @@ struct Polled<P> {
     skipped: u64,
     /// Readings the last round that gave any gave.
     last_count: u64,
+    /// Whether the source is waiting for its timer: it is being polled, so a
+    /// tick due since is the timer's, not held back.
+    waiting: bool,
 }
 
 /// When the sources stop while the pipeline still pushes back, no later
 /// round counts the ticks skipped meanwhile: they are counted here, as
 /// [`Polled::count_skipped`] counts them, those due a period or more before
 /// the stop (one due later would have been read on time), however long
-/// after it the source is dropped.
+/// after it the source is dropped; none if it was waiting for its timer
+/// (a tick that fell due as it stopped is not a miss).
 impl<P> Drop for Polled<P> {
     fn drop(&mut self) {
-        let Some(first) = self.first else { return };
+        let Some(first) = self.first.filter(|_| !self.waiting) else { return };
         let period = self.interval.period().as_nanos().max(1);
         let until = self.ledger.sources_due_until();
         let past = u64::try_from(until.saturating_duration_since(first).as_nanos() / period).unwrap_or(u64::MAX);
@@ -306,7 +313,7 @@ pub(crate) fn for_lanes(config: &NodeConfig, ledger: &Arc<Ledger>) -> Result<Vec
         polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(ledger)));
     }
     if let Some(argv) = config.exec_argv() {
-        let exec = exec::Exec::new(argv, config.exec_timeout.into(), owned);
+        let exec = exec::Exec::new(argv, config.exec_timeout.into(), config.exec_env(), owned);
         polled_sources.push(polled(exec, config.exec_interval.into(), Arc::clone(ledger)));
     }
     let count = lanes.len();
