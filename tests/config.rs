@@ -508,3 +508,16 @@ fn a_sensor_name_is_held_to_what_a_database_label_keeps_whole() {
     assert!(error.contains("SENSOR_NAME") && error.len() < 1000, "{} bytes: {}", error.len(), &error[..200]);
     assert!(node(String::new(), "1").is_err());
 }
+
+#[test]
+fn a_node_id_or_sensor_name_with_a_newline_or_space_is_refused_naming_the_variable() {
+    let forged = "x\n2026-12-07T00:00:00Z ERROR telemetry_node: FORGED";
+    for (variable, value) in
+        [("NODE_ID", forged), ("SENSOR_NAME", forged), ("NODE_ID", "a b"), ("SENSOR_NAME", "tab\there")]
+    {
+        let error = NodeConfig::from_vars(&vars(&[(variable, value.into())])).unwrap_err().to_string();
+        assert!(error.contains(variable), "{variable}: {error}");
+        assert!(!error.contains('\n'), "the message is one line: {error}");
+    }
+    assert!(NodeConfig::from_vars(&vars(&[("NODE_ID", "pod-7.example".into())])).is_ok());
+}

@@ -77,12 +77,15 @@ fn a_throttling_sink_uses_up_no_retries_with_the_default_settings() {
     let dir = scratch("pushback-defaults");
     // 3000 request bytes a second: far less than the node would send.
     let (sink, socket) = start_sink(&dir, "sink", "127.0.0.1:0", &[("RATE_PER_SECOND", "3000".into())]);
-    // The default retry settings; only the load is raised.
+    // The default retry settings but for the attempts: none at all, so a
+    // pushback taken for a failure would drop its batch at once. Only the
+    // load is raised.
     let env = [
         ("GRPC_SERVER_SOCKET", socket),
         ("SENSOR_COUNT", "4".into()),
         ("SENSOR_VALUE_RATE_PER_SECOND", "40".into()),
         ("REQUEST_RATE_PER_SECOND", "inf".into()),
+        ("GRPC_CLIENT_MAX_RETRY_ATTEMPTS_NUMBER", "0".into()),
     ];
     let node = Process::start("node", NODE, &[], &env, &dir);
     std::thread::sleep(Duration::from_secs(6));
@@ -92,6 +95,7 @@ fn a_throttling_sink_uses_up_no_retries_with_the_default_settings() {
 
     let summary = summary_fields(&stdout);
     assert!(summary["pushbacks"] > 20, "the sink pushed back: {stdout} / {sink_out}");
+    assert_eq!(summary["retries"], 0, "a pushback is no failed attempt: {stdout}");
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
     let written = read_output(&dir.join("out/readings.jsonl"));
     assert_eq!(assert_complete_and_ordered(&written).values().sum::<u64>(), summary["produced"]);

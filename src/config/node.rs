@@ -205,7 +205,10 @@ impl NodeConfig {
         // VictoriaMetrics), which would merge sensors into one series.
         let suffix = if self.sensor_count > 1 { self.sensor_count.to_string().len() + 1 } else { 0 };
         let fits = !self.sensor_name.is_empty() && self.sensor_name.len() + suffix <= MAX_SENSOR_NAME_BYTES;
-        ensure(fits, "SENSOR_NAME", &self.sensor_name)?;
+        ensure(fits, "SENSOR_NAME", self.sensor_name.escape_debug())?;
+        // The rules every other source's names keep: a newline would forge
+        // a line in the text log and reach the database verbatim.
+        name_rules("SENSOR_NAME", &self.sensor_name)?;
         self.validate_sources()?;
         let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
@@ -224,7 +227,8 @@ impl NodeConfig {
         let budget_ok = self.retry_budget.is_finite() && (1.0..=1_000_000.0).contains(&self.retry_budget);
         ensure(budget_ok, "GRPC_CLIENT_RETRY_BUDGET", self.retry_budget)?;
         if let Some(id) = &self.node_id {
-            ensure(!id.is_empty() && id.len() <= 128, "NODE_ID", id)?;
+            ensure(!id.is_empty() && id.len() <= 128, "NODE_ID", id.escape_debug())?;
+            name_rules("NODE_ID", id)?;
         }
         self.remote_write.validate(self.destination == Destination::RemoteWrite)?;
         ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
@@ -446,6 +450,16 @@ pub struct ClientTls {
     pub server_name: String,
     /// The node's own certificate chain and key, for a sink that asks.
     pub identity: Option<(String, String)>,
+}
+
+/// `name` (from `variable`) kept to the rules of sensor names: no
+/// whitespace, no control character.
+fn name_rules(variable: &'static str, name: &str) -> Result<(), ConfigError> {
+    crate::reading::check_sensor_name(name).map_err(|reason| ConfigError::Unusable {
+        variable,
+        value: name.escape_debug().to_string(),
+        reason: format!("the name {reason}"),
+    })
 }
 
 /// Whether `name` is a variable name a shell would take: a letter or `_`,

@@ -41,13 +41,6 @@ pub(crate) struct SendContext<T> {
 }
 
 impl<T: Transport> SendContext<T> {
-    /// One attempt: waits for a token, sends, and tells the others what
-    /// the sink did.
-    pub(crate) async fn attempt(&self, request: Outgoing) -> Result<(), Status> {
-        self.throttle.acquire().await;
-        self.attempt_now(request).await
-    }
-
     /// A token, unless shutdown has begun and none is free: `false` then,
     /// and no token is taken.
     pub(crate) async fn token_unless_draining(&self) -> bool {
@@ -58,7 +51,8 @@ impl<T: Transport> SendContext<T> {
         }
     }
 
-    /// One attempt, its token already taken.
+    /// One attempt, its token already taken: sends, and tells the others
+    /// what the sink did.
     pub(crate) async fn attempt_now(&self, request: Outgoing) -> Result<(), Status> {
         let answer = self.transport.send(request).await;
         match &answer {
@@ -76,23 +70,26 @@ fn reached_nobody(status: &Status) -> bool {
 }
 
 /// Sends `request`, repeating retryable failures as the policy allows; the
-/// first attempt goes on a token already taken if `token`.
+/// first attempt goes on a token already taken if `token`, and counts its
+/// readings as sent if `count` (they had not gone on the wire before).
 pub(crate) async fn deliver<T: Transport>(
     context: &SendContext<T>,
     request: Outgoing,
     mut token: bool,
+    count: bool,
 ) -> Result<(), SendError> {
     let policy = &context.retry;
     let mut backoff = policy.backoff();
     let (mut attempts, mut failures, mut waited) = (0, 0, Duration::ZERO);
     loop {
         attempts += 1;
-        let answer = if std::mem::take(&mut token) {
-            context.attempt_now(request.clone()).await
-        } else {
-            context.attempt(request.clone()).await
-        };
-        let status = match answer {
+        if !std::mem::take(&mut token) {
+            context.throttle.acquire().await;
+        }
+        if attempts == 1 && count {
+            context.ledger.sending(request.readings);
+        }
+        let status = match context.attempt_now(request.clone()).await {
             Ok(()) => return Ok(()),
             Err(status) if !is_retryable(status.code()) => return Err(SendError::Refused(status)),
             Err(status) => status,
@@ -120,7 +117,9 @@ pub(crate) async fn deliver<T: Transport>(
         if !draining && policy.max_elapsed.is_some_and(|most| waited > most) {
             return Err(SendError::Exhausted { attempts, last: status });
         }
-        context.ledger.retried(status.code());
+        if asked.is_none() {
+            context.ledger.retried(status.code());
+        }
         warn!(
             message = "Failed to send batch, retrying.",
             code = code_name(status.code()),

@@ -461,8 +461,8 @@ impl Ledger {
             "When each host, file or exec source last finished a read (a stuck read stops it)",
             self.last_read.clone(),
         );
-        r.register("readings_sent", "Readings handed to the transport at least once", self.sent.clone());
-        r.register("batches_sent", "Batches handed to the transport at least once", self.batches_sent.clone());
+        r.register("readings_sent", "Readings of this run that went on the wire at least once", self.sent.clone());
+        r.register("batches_sent", "Requests of this run's readings sent at least once", self.batches_sent.clone());
         r.register("batches_acked", "Batches the sink acknowledged", self.batches_acked.clone());
         let earlier_acked = self.earlier_acked.clone();
         r.register("earlier_run_readings_acked", "Readings of earlier runs replayed and acknowledged", earlier_acked);
@@ -470,7 +470,7 @@ impl Ledger {
         r.register("earlier_run_readings_dropped", "Readings of earlier runs given up, by reason", earlier_dropped);
         r.register(
             "retries",
-            "Repeated attempts, by the code that failed the previous one",
+            "Attempts repeated after a failure (not a pushback), by the code that failed the previous one",
             self.retries_by_code.clone(),
         );
         r.register("batches_refused", "Batches the sink refused for good, by code", self.refused_by_code.clone());

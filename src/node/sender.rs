@@ -139,14 +139,13 @@ async fn send<T: Transport>(
 ) -> Option<Outgoing> {
     let readings = request.readings;
     let ledger = &context.ledger;
-    if !halved {
-        ledger.sending(readings);
-    }
     let started = tokio::time::Instant::now();
     let kept = (readings > 1).then(|| request.clone());
+    // A half's readings went on the wire with the whole.
+    let count = !halved;
     let outcome = match spool {
-        Some(spool) => send_or_spill(context, spool, request, token).await?,
-        None => deliver(context, request, token).await,
+        Some(spool) => send_or_spill(context, spool, request, token, count).await?,
+        None => deliver(context, request, token, count).await,
     };
     ledger.answered(started.elapsed());
     match outcome {
@@ -193,10 +192,14 @@ async fn send_or_spill<T: Transport>(
     spool: &LaneSpool,
     request: Outgoing,
     token: bool,
+    count: bool,
 ) -> Option<Result<(), SendError>> {
     let mut sent = false;
     if !spool.has_waiting() && (token || context.token_unless_draining().await) {
         sent = true;
+        if count {
+            context.ledger.sending(request.readings);
+        }
         match context.attempt_now(request.clone()).await {
             Ok(()) => return Some(Ok(())),
             Err(status) if !is_retryable(status.code()) => return Some(Err(SendError::Refused(status))),
@@ -209,7 +212,11 @@ async fn send_or_spill<T: Transport>(
             }
         }
     }
-    if spool.spill(context, &request, sent).await { None } else { Some(deliver(context, request, false).await) }
+    if spool.spill(context, &request, sent).await {
+        None
+    } else {
+        Some(deliver(context, request, false, count && !sent).await)
+    }
 }
 
 #[cfg(test)]

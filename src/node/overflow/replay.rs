@@ -160,7 +160,7 @@ pub(crate) async fn replay<T: Transport>(
         let node_id = stored.node_id.map_or_else(|| Arc::clone(&node_id), Arc::from);
         let request = Outgoing { items, readings: n, node_id, lane, batch_sequence: stored.batch_sequence };
         let delivered = tokio::select! {
-            delivered = deliver(&context, request, false) => delivered,
+            delivered = deliver(&context, request, false, run == Run::This && !stored.sent_before) => delivered,
             () = stop.cancelled() => return,
         };
         match delivered {

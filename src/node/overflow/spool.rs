@@ -69,6 +69,9 @@ pub(crate) struct Stored {
     /// The identity it was made under, where the spool recorded it (a
     /// spool written before runs were recorded has none).
     pub(crate) node_id: Option<String>,
+    /// Whether it had been sent (or tried) before it was read: its readings
+    /// went on the wire already.
+    pub(crate) sent_before: bool,
 }
 
 /// A durable FIFO of batches per lane, bounded in bytes.
@@ -222,12 +225,14 @@ impl Spool {
     pub(crate) fn next_request(&self, lane: u32, most: Most) -> Result<Option<(Stored, Hold)>, SpoolError> {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(first) = self.oldest(lane)? else { return Ok(None) };
+        let sent_before = self.is_sent(lane, first.batch_sequence)?;
         let mut merged = vec![first];
-        if !self.is_sent(lane, merged[0].batch_sequence)? {
+        if !sent_before {
             self.gather(lane, most, &mut merged)?;
             self.store_merged(lane, &merged)?;
         }
         let mut stored = merged.pop().unwrap_or_else(|| unreachable!("one batch at least"));
+        stored.sent_before = sent_before;
         if !merged.is_empty() {
             stored.items = Some(concatenated(&merged, &stored));
         }
@@ -255,7 +260,12 @@ impl Spool {
                     break;
                 }
                 (readings, bytes) = (readings + n, bytes + items.len());
-                found.push(Stored { batch_sequence: sequence, items: Some((items, n)), node_id: None });
+                found.push(Stored {
+                    batch_sequence: sequence,
+                    items: Some((items, n)),
+                    node_id: None,
+                    sent_before: false,
+                });
             }
             Ok(found)
         })?;
@@ -380,7 +390,7 @@ impl Spool {
             let mut range = table.range((lane, 0)..=(lane, u64::MAX))?;
             Ok(range.next().transpose()?.map(|(key, value)| {
                 let (_, batch_sequence) = key.value();
-                Stored { batch_sequence, items: decode(value.value()), node_id: None }
+                Stored { batch_sequence, items: decode(value.value()), node_id: None, sent_before: false }
             }))
         })?;
         let Some(mut stored) = stored else { return Ok(None) };

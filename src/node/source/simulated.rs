@@ -79,6 +79,8 @@ pub struct Sensors {
     /// Whether the last poll found no tick due: the sensors were being
     /// polled, so a tick due since is the timer's, not held back.
     waiting: bool,
+    /// Whether they were polled yet: the first tick is due then.
+    started: bool,
 }
 
 impl Sensors {
@@ -100,6 +102,7 @@ impl Sensors {
             ledger,
             stamps: Stamps::default(),
             waiting: false,
+            started: false,
         }
     }
 
@@ -152,6 +155,13 @@ impl Stream for Sensors {
         if self.sensors.is_empty() {
             return Poll::Ready(None);
         }
+        if !self.started {
+            // The turn starts when the sensors are first asked for readings,
+            // not when they were made: the node's start-up is no lateness.
+            self.started = true;
+            self.start = Instant::now();
+            self.interval.reset_immediately();
+        }
         loop {
             let Poll::Ready(at) = self.interval.poll_tick(cx) else {
                 self.waiting = true;
@@ -174,7 +184,7 @@ impl Stream for Sensors {
 /// due as they stopped (the timer late, the stop first) is not a miss.
 impl Drop for Sensors {
     fn drop(&mut self) {
-        if self.sensors.is_empty() || self.waiting {
+        if self.sensors.is_empty() || self.waiting || !self.started {
             return;
         }
         let period = self.interval.period().as_nanos();

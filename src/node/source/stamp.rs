@@ -32,6 +32,22 @@ const MOST_CREPT: u64 = 60_000;
 /// A set-back at least this long is logged.
 const LOGGED: u64 = 1_000;
 
+/// When a set-back was last logged, by any source's stamps: every lane sees
+/// the same step of the clock, and it is logged once.
+static LAST_LOGGED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+/// Whether no other source logged a set-back within the last second: this
+/// one is the first to see the step.
+fn first_to_see_the_step() -> bool {
+    let mut last = LAST_LOGGED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = std::time::Instant::now();
+    if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Tick times of one source: the system's clock, each in a later
 /// millisecond than the one before.
 #[derive(Debug, Default)]
@@ -59,7 +75,7 @@ impl Stamps {
         self.set_back = self.set_back.saturating_add(back);
         let ahead = self.last.and_then(|last| last.checked_sub(millis));
         let creep = ahead.is_some_and(|ahead| self.set_back <= MOST_CREPT && ahead < MOST_AHEAD + self.set_back);
-        if back >= LOGGED {
+        if back >= LOGGED && first_to_see_the_step() {
             if creep {
                 warn!(
                     message = "The system clock was set back; readings are stamped a millisecond apart after the last until it catches up.",
@@ -89,6 +105,14 @@ impl Stamps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_of_the_clock_is_logged_by_the_first_lane_to_see_it_only() {
+        // Three lanes seeing one step (another test's may have just been
+        // logged: then none of them logs).
+        let logged = [first_to_see_the_step(), first_to_see_the_step(), first_to_see_the_step()];
+        assert!(logged.iter().filter(|&&logged| logged).count() <= 1, "{logged:?}");
+    }
 
     fn at(millis: u64, micros: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(millis) + Duration::from_micros(micros)
