@@ -1,4 +1,7 @@
-//! The stop signals both binaries obey: SIGINT (Ctrl-C) and SIGTERM.
+//! The stop signals both binaries obey: SIGINT (Ctrl-C) and SIGTERM, and
+//! for the node SIGHUP too (a closed terminal or SSH session), which would
+//! otherwise kill it without a flush or a summary. The sink keeps SIGHUP
+//! for reopening its output.
 
 use std::future::Future;
 
@@ -10,15 +13,21 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 /// output file or a spool), so that a signal during start-up stops the
 /// program cleanly once it runs, instead of killing it. A signal that
 /// cannot be listened for is never seen (the default action applies).
-pub fn stop_signals() -> (impl Future<Output = ()> + Send + 'static, impl Future<Output = ()> + Send + 'static) {
+///
+/// With `hangup`, SIGHUP counts as a stop signal too.
+pub fn stop_signals(
+    hangup: bool,
+) -> (impl Future<Output = ()> + Send + 'static, impl Future<Output = ()> + Send + 'static) {
     let mut term = signal(SignalKind::terminate()).ok();
     let mut interrupt = signal(SignalKind::interrupt()).ok();
+    let mut hang_up = if hangup { signal(SignalKind::hangup()).ok() } else { None };
     let (count, counted) = tokio::sync::watch::channel(0u32);
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 Some(()) = next(&mut term) => {}
                 Some(()) = next(&mut interrupt) => {}
+                Some(()) = next(&mut hang_up) => {}
                 else => std::future::pending::<()>().await,
             }
             count.send_modify(|n| *n += 1);

@@ -43,7 +43,7 @@ fn main() -> ExitCode {
 async fn run(config: SinkConfig) -> ExitCode {
     // Before anything slow (reading back the output file): a stop signal
     // then stops the sink cleanly once it serves.
-    let (stop, hurry) = telemetry_node::signals::stop_signals();
+    let (stop, hurry) = telemetry_node::signals::stop_signals(false);
     log_config(&config);
     let address = config.server_socket.trim();
     let listener = match telemetry_node::listen::bind(address).await {

@@ -180,9 +180,7 @@ impl<T: Transport> Run<'_, T> {
             Overflow::DropNewest => Drop::Newest,
         };
         let ledger = Arc::clone(&self.context.ledger);
-        queue::decouple(readings, self.config.queue_capacity, self.config.batch_size, drop, ledger)
-            .map(|taken| Readings::Queued(taken.into_iter()))
-            .boxed()
+        queue::decouple(readings, self.config.queue_capacity, drop, ledger).boxed()
     }
 
     /// Waits for `shutdown`, stops the sources, and lets the lanes and the

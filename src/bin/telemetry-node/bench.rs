@@ -173,8 +173,8 @@ async fn pipeline(address: &str, options: &BenchOptions) -> f64 {
 }
 
 /// The node's default settings, sending to `address`, with the rate limit
-/// off and sensors faster than the wire: [`SENSORS_TOTAL_RATE`] readings
-/// per second between them.
+/// off and sensors faster than the wire, [`SENSORS_TOTAL_RATE`] readings
+/// per second between them, held back by it (`block`).
 fn node_config(address: &str, options: &BenchOptions) -> NodeConfig {
     let sensor_rate = SENSORS_TOTAL_RATE / options.sensors.max(1) as f64;
     let vars = HashMap::from([
@@ -185,6 +185,9 @@ fn node_config(address: &str, options: &BenchOptions) -> NodeConfig {
         ("BATCH_SIZE".to_owned(), options.batch_size.to_string()),
         ("BATCH_TIMEOUT".to_owned(), "100ms".to_owned()),
         ("MAX_IN_FLIGHT".to_owned(), options.in_flight.to_string()),
+        // The sensors outrun the wire on purpose: held back by it, as
+        // before the default became a queue that would drop the excess.
+        ("OVERFLOW_POLICY".to_owned(), "block".to_owned()),
     ]);
     NodeConfig::from_vars(&vars).expect("the bench's own settings are valid")
 }

@@ -93,7 +93,7 @@ enum Chosen {
 async fn run_node(config: NodeConfig) -> ExitCode {
     // Before anything slow (opening the spool): a stop signal then stops
     // the node cleanly.
-    let (first, second) = telemetry_node::signals::stop_signals();
+    let (first, second) = telemetry_node::signals::stop_signals(true);
     log_config(&config);
     let needed = config.requests_needed();
     if needed > config.request_rate {
@@ -177,7 +177,7 @@ async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool) -> Exi
         config.host_interval.map_or(String::new(), |every| format!(" and the host every {every}")),
         humantime::format_duration(duration)
     );
-    let (stop, _) = telemetry_node::signals::stop_signals();
+    let (stop, _) = telemetry_node::signals::stop_signals(true);
     match demo::run(config, duration, stop).await {
         Ok(report) => {
             eprintln!("demo: sink wrote {} readings to {}", report.sink.readings_written, report.output.display());

@@ -12,9 +12,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
 use tracing::error;
 
-use crate::{
-    node::ledger::{DropReason, Ledger},
-    reading::Reading,
+use crate::node::{
+    ledger::{DropReason, Ledger},
+    source::Readings,
 };
 
 /// What a full queue gives up.
@@ -29,8 +29,12 @@ pub(crate) enum Drop {
 /// The queue and its end-of-input mark.
 #[derive(Debug, Default)]
 struct State {
-    /// Readings waiting for the batcher, oldest first.
-    readings: VecDeque<Reading>,
+    /// Ticks waiting for the batcher, oldest first, kept as the sources made
+    /// them (a simulated tick makes its readings only as the batcher copies
+    /// them into its batch).
+    runs: VecDeque<Readings>,
+    /// Readings in `runs`.
+    len: usize,
     /// Whether the sensors have stopped.
     closed: bool,
 }
@@ -44,29 +48,25 @@ struct Queue {
 }
 
 /// Runs `ticks` in a task of its own, so the sensors never wait for the
-/// sender, and yields their readings, as many as are queued at a time (up
-/// to `most_per_take`, a batch's worth: what the batcher holds beside its
-/// batch), through a queue of `capacity` readings that drops as `drop`
-/// says when full.
-pub(crate) fn decouple<T: IntoIterator<Item = Reading> + Send + 'static>(
-    ticks: impl Stream<Item = T> + Send + 'static,
+/// sender, and yields them through a queue of `capacity` readings that
+/// drops as `drop` says when full.
+pub(crate) fn decouple(
+    ticks: impl Stream<Item = Readings> + Send + 'static,
     capacity: usize,
-    most_per_take: usize,
     drop: Drop,
     ledger: Arc<Ledger>,
-) -> impl Stream<Item = Vec<Reading>> {
+) -> impl Stream<Item = Readings> {
     let queue = Arc::new(Queue { state: Mutex::default(), arrived: Notify::new() });
     let producer = tokio::spawn(produce(ticks, Arc::clone(&queue), capacity, drop, ledger));
     let guard = AbortOnDrop(producer);
-    futures::stream::unfold((queue, guard), move |(queue, guard)| async move {
+    futures::stream::unfold((queue, guard), |(queue, guard)| async move {
         loop {
             let notified = queue.arrived.notified();
             {
                 let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
-                if !state.readings.is_empty() {
-                    let take = state.readings.len().min(most_per_take.max(1));
-                    let taken: Vec<Reading> = state.readings.drain(..take).collect();
-                    return Some((taken, (Arc::clone(&queue), guard)));
+                if let Some(run) = state.runs.pop_front() {
+                    state.len -= run.len();
+                    return Some((run, (Arc::clone(&queue), guard)));
                 }
                 if state.closed {
                     return None;
@@ -87,8 +87,8 @@ impl std::ops::Drop for AbortOnDrop {
 }
 
 /// Moves each tick's readings into the queue, dropping as told.
-async fn produce<T: IntoIterator<Item = Reading>>(
-    ticks: impl Stream<Item = T>,
+async fn produce(
+    ticks: impl Stream<Item = Readings>,
     queue: Arc<Queue>,
     capacity: usize,
     drop: Drop,
@@ -102,21 +102,10 @@ async fn produce<T: IntoIterator<Item = Reading>>(
     let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
     let mut ticks = std::pin::pin!(ticks);
     while let Some(tick) = ticks.next().await {
-        let mut dropped = 0u64;
-        {
+        let dropped = {
             let mut state = queue.state.lock().unwrap_or_else(PoisonError::into_inner);
-            for reading in tick {
-                if state.readings.len() < capacity {
-                    state.readings.push_back(reading);
-                } else if drop == Drop::Oldest {
-                    state.readings.pop_front();
-                    state.readings.push_back(reading);
-                    dropped += 1;
-                } else {
-                    dropped += 1;
-                }
-            }
-        }
+            state.take(tick, capacity, drop)
+        } as u64;
         queue.arrived.notify_one();
         if dropped > 0 {
             ledger.dropped(reason, dropped);
@@ -136,6 +125,49 @@ async fn produce<T: IntoIterator<Item = Reading>>(
     queue.arrived.notify_one();
 }
 
+impl State {
+    /// Queues `tick`, making room as `drop` says; returns how many readings
+    /// were dropped.
+    fn take(&mut self, mut tick: Readings, capacity: usize, drop: Drop) -> usize {
+        let arriving = tick.len();
+        let over = (self.len + arriving).saturating_sub(capacity);
+        let dropped = match drop {
+            Drop::Newest => {
+                tick.truncate(arriving - over.min(arriving));
+                over.min(arriving)
+            }
+            Drop::Oldest => {
+                // The queue's oldest first; a tick larger than the queue
+                // gives up its own first readings too.
+                let from_queue = over.min(self.len);
+                self.drop_oldest(from_queue);
+                tick.pass_over(over - from_queue);
+                over
+            }
+        };
+        let kept = tick.len();
+        if kept > 0 {
+            self.len += kept;
+            self.runs.push_back(tick);
+        }
+        dropped
+    }
+
+    /// Drops the `n` oldest queued readings.
+    fn drop_oldest(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.runs.front_mut() else { return };
+            let here = front.len().min(n);
+            front.pass_over(here);
+            if front.len() == 0 {
+                self.runs.pop_front();
+            }
+            self.len -= here;
+            n -= here;
+        }
+    }
+}
+
 /// Logs readings dropped by a full queue, with their reason.
 fn report(reason: DropReason, dropped: u64, capacity: usize) {
     error!(message = "Queue full, dropped readings.", reason = reason.name(), dropped, capacity);
@@ -148,18 +180,20 @@ mod tests {
     use futures::stream;
 
     use super::*;
+    use crate::reading::Reading;
 
-    fn tick(from: u64, to: u64) -> Vec<Reading> {
-        (from..to)
+    fn tick(from: u64, to: u64) -> Readings {
+        let readings: Vec<Reading> = (from..to)
             .map(|sequence| Reading { sensor: "s", sequence, value: 0, created_at: SystemTime::UNIX_EPOCH })
-            .collect()
+            .collect();
+        Readings::Polled(readings.into_iter())
     }
 
     async fn run(drop: Drop) -> (Vec<u64>, u64) {
         let ledger = Arc::new(Ledger::default());
         // 10 readings into a queue of 4 before anyone reads.
         let ticks = stream::iter([tick(0, 10)]);
-        let out: Vec<u64> = decouple(ticks, 4, 3, drop, Arc::clone(&ledger))
+        let out: Vec<u64> = decouple(ticks, 4, drop, Arc::clone(&ledger))
             .flat_map(futures::stream::iter)
             .map(|r| r.sequence)
             .collect()

@@ -115,7 +115,8 @@ const CACHE_BYTES: usize = 4 << 20;
 
 impl Spool {
     /// Opens (or creates) the spool in `dir`. A database redb cannot open is
-    /// moved aside as `spool.redb.damaged` and a new one started.
+    /// moved aside as `spool.redb.damaged` and a new one started; one that
+    /// another process has open, or that cannot be read, is an error.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Self, Option<String>), SpoolError> {
         let path = dir.join("spool.redb");
         let fail = |message: String| SpoolError { path: path.clone(), message };
@@ -126,8 +127,26 @@ impl Spool {
         let create = |path: &Path| Database::builder().set_cache_size(CACHE_BYTES).create(path);
         let (db, damage) = match create(&path) {
             Ok(db) => (db, None),
+            // Not damage: another node (or this one, twice) has it open, or
+            // the file cannot be read. Moving a live spool aside would lose
+            // its batches without a count.
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(fail("in use by another process: each node needs a SPOOL_DIR of its own".into()));
+            }
+            // (A file that is not a database at all is reported as invalid
+            // data: that is damage.)
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(error)))
+                if error.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                return Err(fail(error.to_string()));
+            }
             Err(error) => {
-                let aside = dir.join("spool.redb.damaged");
+                // An earlier damaged file is kept too.
+                let mut aside = dir.join("spool.redb.damaged");
+                if aside.exists() {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    aside = dir.join(format!("spool.redb.damaged-{}", now.as_secs()));
+                }
                 std::fs::rename(&path, &aside).map_err(|e| fail(e.to_string()))?;
                 let db = create(&path).map_err(|e| fail(e.to_string()))?;
                 (db, Some(format!("{error}; moved to {}", aside.display())))
@@ -433,6 +452,17 @@ impl Spool {
             }
         }
         write.commit().map_err(|e| self.error(e))
+    }
+
+    /// How many readings the stored batches hold (damaged ones count none).
+    pub fn readings(&self) -> Result<u64, SpoolError> {
+        self.read(|table| {
+            let mut total = 0;
+            for entry in table.iter()? {
+                total += decode(entry?.1.value()).map_or(0, |(_, n)| n as u64);
+            }
+            Ok(total)
+        })
     }
 
     /// Lanes with stored batches.
@@ -783,6 +813,18 @@ mod tests {
     }
 
     const MOST: Most = Most { readings: 30, bytes: 1 << 20, run_starts: 0 };
+
+    #[test]
+    fn a_spool_in_use_is_refused_not_moved_aside() {
+        let dir = dir("in-use");
+        let (spool, _) = Spool::open(&dir, u64::MAX).unwrap();
+        spool.push(0, 1, &batch(0, 1, 3), "n").unwrap();
+        let error = Spool::open(&dir, u64::MAX).map(|_| ()).unwrap_err().to_string();
+        assert!(error.contains("in use by another process"), "{error}");
+        assert!(!dir.join("spool.redb.damaged").exists());
+        assert_eq!(spool.readings().unwrap(), 3, "the first opener's batches are where they were");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_backlog_leaves_in_requests_of_up_to_the_batch_size_in_order() {

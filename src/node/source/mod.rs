@@ -44,8 +44,6 @@ pub(crate) enum Readings {
     Simulated(simulated::Tick),
     /// A tick of a polled source.
     Polled(std::vec::IntoIter<Reading>),
-    /// What a drop-policy queue held when the batcher took from it.
-    Queued(std::vec::IntoIter<Reading>),
 }
 
 impl Iterator for Readings {
@@ -55,7 +53,6 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.next(),
             Self::Polled(readings) => readings.next(),
-            Self::Queued(readings) => readings.next(),
         }
     }
 
@@ -63,12 +60,37 @@ impl Iterator for Readings {
         match self {
             Self::Simulated(tick) => tick.size_hint(),
             Self::Polled(readings) => readings.size_hint(),
-            Self::Queued(readings) => readings.size_hint(),
         }
     }
 }
 
 impl ExactSizeIterator for Readings {}
+
+impl Readings {
+    /// Keeps only the next `n` readings.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        match self {
+            Self::Simulated(tick) => tick.truncate(n as u64),
+            Self::Polled(readings) => {
+                let kept: Vec<Reading> = readings.take(n).collect();
+                *readings = kept.into_iter();
+            }
+        }
+    }
+
+    /// Passes over the next `n` readings (a simulated tick without making
+    /// them).
+    pub(crate) fn pass_over(&mut self, n: usize) {
+        match self {
+            Self::Simulated(tick) => tick.pass_over(n as u64),
+            Self::Polled(readings) => {
+                if let Some(last) = n.checked_sub(1) {
+                    readings.nth(last);
+                }
+            }
+        }
+    }
+}
 
 /// One source, ready to be merged with others.
 pub(crate) type Source = Pin<Box<dyn Stream<Item = Readings> + Send>>;

@@ -213,6 +213,23 @@ pub struct Tick {
     left: u64,
 }
 
+impl Tick {
+    /// Keeps only the next `n` readings.
+    pub(crate) fn truncate(&mut self, n: u64) {
+        self.left = self.left.min(n);
+    }
+
+    /// Passes over the next `n` readings without making them.
+    pub(crate) fn pass_over(&mut self, n: u64) {
+        let n = n.min(self.left);
+        let sensors = self.sensors.len().max(1) as u64;
+        let position = self.turn as u64 + n;
+        self.turn = (position % sensors) as usize;
+        self.sequence += position / sensors;
+        self.left -= n;
+    }
+}
+
 impl Iterator for Tick {
     type Item = Reading;
 
