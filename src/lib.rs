@@ -8,14 +8,16 @@
 //! - [`node::source`]: sources of [`reading::Reading`]s (simulated sensors,
 //!   the host, files, a command), each a `Stream` on its own interval timer,
 //!   merged per lane.
-//! - [`node::batch`]: readings grouped into batches by size and by time.
-//! - [`node::throttle`]: batches released no faster than the request rate
+//! - [`node::batch`]: readings grouped into batches by size and by time; a
+//!   due batch leaves when its gate opens, and grows while it is shut.
+//! - [`node::throttle`]: the gate's token: requests no faster than the rate
 //!   (a `governor` token bucket on tokio's clock, see [`clock`]).
 //! - [`node::sender`]: a `futures::Sink` that delivers each batch through a
 //!   [`node::transport`], retrying what is worth retrying.
 //! - [`node::pipeline`]: composes the stages and drives shutdown.
 //! - [`node::overflow`]: beside the chain, where what the sink cannot take
-//!   yet waits (a drop-policy queue, or the durable spool and its replayer).
+//!   yet waits (the drop-policy queue, the default, or the durable spool and
+//!   its replayer).
 //!
 //! And through the sink:
 //!
