@@ -304,44 +304,63 @@ async fn a_throttling_sink_is_obeyed_with_bounded_memory_and_nothing_lost() {
     assert!(*most_held.lock().unwrap() <= bound, "held {} readings", most_held.lock().unwrap());
 }
 
-#[test]
-fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing() {
-    let dir = scratch("sink-kill");
+/// What a sink outage did: the node's summary, its standard output, and
+/// the readings the sink wrote.
+struct Outage {
+    summary: std::collections::HashMap<String, u64>,
+    stdout: String,
+    written: Vec<(String, u64)>,
+}
+
+/// Runs a node made by `node_env` (given the sink's socket) against a sink
+/// that is SIGKILLed after `up`, started again on the same port after
+/// `down`, and kept for `after` before both stop.
+fn sink_killed(
+    name: &str,
+    node_env: impl FnOnce(String) -> Vec<(&'static str, String)>,
+    up: Duration,
+    down: Duration,
+    after: Duration,
+) -> Outage {
+    let dir = scratch(name);
     let port = free_port();
     let socket = format!("127.0.0.1:{port}");
     let sink_env = [("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into())];
     let sink_binary = env!("CARGO_BIN_EXE_telemetry-sink");
     let sink = Process::start("sink-1", sink_binary, &[], &sink_env, &dir);
     wait_for_port(port, Duration::from_secs(20));
-    let node = Process::start(
-        "node",
-        env!("CARGO_BIN_EXE_telemetry-node"),
-        &[],
-        &patient_env(
+    let node = Process::start("node", env!("CARGO_BIN_EXE_telemetry-node"), &[], &node_env(socket), &dir);
+    std::thread::sleep(up);
+    sink.signal(libc::SIGKILL);
+    let _ = sink.wait(Duration::from_secs(10));
+    std::thread::sleep(down);
+    let sink = Process::start("sink-2", sink_binary, &[], &sink_env, &dir);
+    wait_for_port(port, Duration::from_secs(20));
+    std::thread::sleep(after);
+
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    let written = read_output(&dir.join("out/readings.jsonl"));
+    Outage { summary, stdout, written }
+}
+
+#[test]
+fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing() {
+    let node_env = |socket| {
+        patient_env(
             socket,
             &[
                 ("NODE_ID", "node-under-test".into()),
                 ("GRPC_CLIENT_RETRY_SEND_INTERVAL", "50ms".into()),
                 ("GRPC_CLIENT_RETRY_MAX_INTERVAL", "500ms".into()),
             ],
-        ),
-        &dir,
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    sink.signal(libc::SIGKILL);
-    let _ = sink.wait(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(5));
-    let sink = Process::start("sink-2", sink_binary, &[], &sink_env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_secs(3));
-
-    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
-    assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
-    assert_eq!(code, 0, "{stderr}");
-
-    let summary = summary_fields(&stdout);
-    let written = read_output(&dir.join("out/readings.jsonl"));
+        )
+    };
+    let seconds = Duration::from_secs;
+    let Outage { summary, stdout, written } = sink_killed("sink-kill", node_env, seconds(2), seconds(5), seconds(3));
     let per_sensor = assert_complete_and_ordered(&written);
     assert_eq!(per_sensor.values().sum::<u64>(), summary["produced"], "{stdout}");
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");
@@ -354,34 +373,15 @@ fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing()
 /// nothing dropped, every reading in the sink once.
 #[test]
 fn a_twenty_second_outage_leaves_no_hole_with_the_default_settings() {
-    let dir = scratch("outage-defaults");
-    let port = free_port();
-    let socket = format!("127.0.0.1:{port}");
-    let sink_env = [("GRPC_SERVER_SOCKET", socket.clone()), ("FILE_PATH", "out".into())];
-    let sink_binary = env!("CARGO_BIN_EXE_telemetry-sink");
-    let sink = Process::start("sink-1", sink_binary, &[], &sink_env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
-    let node_env = [("GRPC_SERVER_SOCKET", socket), ("SENSOR_COUNT", "4".into())];
-    let node = Process::start("node", env!("CARGO_BIN_EXE_telemetry-node"), &[], &node_env, &dir);
-    std::thread::sleep(Duration::from_secs(5));
-    sink.signal(libc::SIGKILL);
-    let _ = sink.wait(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_secs(20));
-    let sink = Process::start("sink-2", sink_binary, &[], &sink_env, &dir);
-    wait_for_port(port, Duration::from_secs(20));
+    let node_env = |socket| vec![("GRPC_SERVER_SOCKET", socket), ("SENSOR_COUNT", "4".into())];
     // After 20 s of failures the next probe is at most 16 s away (the
     // backoff 1, 2, 4, 8, 16 s, jittered below it); then the queued
     // readings leave in a request per lane.
-    std::thread::sleep(Duration::from_secs(24));
-
-    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
-    assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
-    assert_eq!(code, 0, "{stderr}");
-    let summary = summary_fields(&stdout);
+    let seconds = Duration::from_secs;
+    let Outage { summary, stdout, written } =
+        sink_killed("outage-defaults", node_env, seconds(5), seconds(20), seconds(24));
     assert_eq!((summary["missed"], summary["dropped"]), (0, 0), "{stdout}");
     assert!(summary["retries"] > 0, "the outage was felt: {stdout}");
-    let written = read_output(&dir.join("out/readings.jsonl"));
     let per_sensor = assert_complete_and_ordered(&written);
     assert_eq!(per_sensor.values().sum::<u64>(), summary["produced"], "{stdout}");
     assert_eq!(summary["acked"], summary["produced"], "{stdout}");
