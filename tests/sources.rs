@@ -230,3 +230,79 @@ fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
     assert_eq!(lines.len() as u64, summary["produced"]);
     assert!(lines.iter().all(|(name, _, _)| name == "sensor"), "the hanging run gave nothing: {lines:?}");
 }
+
+/// The processes whose parent is `pid`: (pid, state, command line).
+fn children_of(pid: u32) -> Vec<(u32, char, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) S ppid …": the name may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(") ") else { continue };
+        let mut fields = rest.split(' ');
+        let state = fields.next().and_then(|state| state.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|ppid| ppid.parse::<u32>().ok()) == Some(pid) {
+            let command = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((child, state, command.replace('\0', " ")));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_node_running_as_pid_1_leaves_no_zombie_and_no_process_of_its_command_with_the_default_settings() {
+    // As the shipped image runs it: PID 1 of its own PID namespace, no init.
+    let dir = scratch("pid-1");
+    let runs = dir.join("runs");
+    // A process that stays in the command's group (killed at the run's end,
+    // then re-parented to PID 1) and one that leaves it (setsid), each run.
+    let command = format!(
+        "sleep 300 >/dev/null 2>&1 & setsid sleep 301 >/dev/null 2>&1 & echo run >> {}; echo runs 1",
+        runs.display()
+    );
+    let env = [
+        ("EXEC_SHELL", "true".to_owned()),
+        ("EXEC_COMMAND", command),
+        ("PATH", std::env::var("PATH").unwrap_or_default()),
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{}", common::free_port())),
+    ];
+    let node_binary = env!("CARGO_BIN_EXE_telemetry-node");
+    let args = ["--pid", "--fork", "--mount-proc", "--kill-child", node_binary];
+    let namespace = Process::start("unshare", "unshare", &args, &env, &dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let node = loop {
+        match children_of(namespace.child.id()).first() {
+            Some((pid, _, _)) => break *pid,
+            None if std::time::Instant::now() > deadline => {
+                let (_, _, stderr) = namespace.wait(Duration::from_secs(5));
+                if std::env::var_os("CI").is_none() && stderr.contains("unshare failed") {
+                    eprintln!("skipped: cannot make a PID namespace here (needs root): {stderr}");
+                    return;
+                }
+                panic!("the node did not start in a PID namespace: {stderr}");
+            }
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    // The default EXEC_INTERVAL is 10 s: the second run comes after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&runs).unwrap_or_default().lines().count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the command did not run twice");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Each run leaves two processes behind; give the node a moment to deal
+    // with the second run's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut left = children_of(node);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = children_of(node);
+    }
+    assert_eq!(left, Vec::new(), "left behind by the node as PID 1");
+    let (code, _, stderr) = {
+        // SAFETY: kill(2) on the node this test started, found by its PID.
+        assert_eq!(unsafe { libc::kill(node as i32, libc::SIGTERM) }, 0);
+        namespace.wait(Duration::from_secs(20))
+    };
+    assert_eq!(code, 0, "{stderr}");
+}

@@ -323,7 +323,7 @@ impl NodeConfig {
     }
 
     /// EXEC_COMMAND as a program and its arguments, if set.
-    pub(crate) fn exec_argv(&self) -> Option<Vec<String>> {
+    pub fn exec_argv(&self) -> Option<Vec<String>> {
         let command = self.exec_command.as_deref().filter(|command| !command.trim().is_empty())?;
         Some(argv(command, self.exec_shell))
     }

@@ -94,6 +94,11 @@ async fn run_node(config: NodeConfig) -> ExitCode {
     // Before anything slow (opening the spool): a stop signal then stops
     // the node cleanly.
     let (first, second) = telemetry_node::signals::stop_signals(true);
+    if config.exec_argv().is_some() {
+        // The command's orphans come to the node (PID 1 in a container):
+        // reaped, never left as zombies.
+        telemetry_node::node::source::adopt_orphans();
+    }
     log_config(&config);
     let needed = config.requests_needed();
     if needed > config.request_rate {

@@ -15,7 +15,7 @@ use std::{collections::HashSet, process::Stdio, time::Duration};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{Failure, Probe, Round};
+use super::{Failure, Probe, Round, children};
 use crate::config::Owned;
 use crate::reading::{check_sensor_name, sensor_name};
 
@@ -115,7 +115,8 @@ impl Probe for Exec {
 /// what it printed, if it exited 0 within `timeout` having printed at most
 /// [`MOST_OUTPUT`] bytes. Its process group is
 /// killed when the run ends, however it ends (the node stopping mid-run
-/// included), so nothing it started outlives it.
+/// included), so nothing it started outlives it (see [`children`] for what
+/// leaves the group).
 async fn run(argv: &[String], timeout: Duration, pass: &[String]) -> Result<Vec<u8>, Failure> {
     let (program, args) = argv.split_first().ok_or_else(|| Failure::new("failed", "no command"))?;
     let mut command = tokio::process::Command::new(program);
@@ -127,16 +128,9 @@ async fn run(argv: &[String], timeout: Duration, pass: &[String]) -> Result<Vec<
             command.env(name, value);
         }
     }
-    let mut child = command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (mut child, _run) = children::spawn(command.process_group(0).kill_on_drop(true))
         .map_err(|error| Failure::new("failed", format!("{program}: {error}")))?;
-    let _group = Group(child.id());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     // Read beside stdout, so that a command filling its stderr pipe is not
     // held up; it ends when the pipe closes (at the latest, the group's end).
@@ -159,15 +153,6 @@ async fn run(argv: &[String], timeout: Duration, pass: &[String]) -> Result<Vec<
     finished.unwrap_or_else(|_| {
         Err(Failure::new("timeout", format!("{program}: still running after {}", humantime::format_duration(timeout))))
     })
-}
-
-/// A command's process group, killed when this is dropped.
-struct Group(Option<u32>);
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        kill_group(self.0);
-    }
 }
 
 /// What [`read_capped`] does once a pipe has given more than it keeps.
@@ -205,17 +190,6 @@ async fn read_capped(
         }
     }
     if over { Err(kept) } else { Ok(kept) }
-}
-
-/// Kills the process group `group` (the command and whatever it started),
-/// so that nothing of a run outlives it.
-fn kill_group(group: Option<u32>) {
-    #[cfg(target_os = "linux")]
-    if let Some(pid) = group.and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = group;
 }
 
 /// `bytes` for a log line: at most 120 characters, escaped.

@@ -10,6 +10,7 @@
 //! Host, file and exec are [`Probe`]s: something read once a tick, off the
 //! runtime's worker threads. [`polled`] turns a probe into a source.
 
+mod children;
 pub(crate) mod exec;
 pub(crate) mod file;
 #[cfg(target_os = "linux")]
@@ -25,6 +26,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+pub use children::adopt_orphans;
 use futures::{Stream, StreamExt, stream::SelectAll};
 pub(crate) use stamp::Stamps;
 use tokio::time::MissedTickBehavior;
