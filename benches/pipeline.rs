@@ -41,8 +41,8 @@ fn pipeline(c: &mut Criterion) {
     });
     let vars: HashMap<String, String> = [
         ("GRPC_SERVER_SOCKET", address.to_string()),
-        ("SENSOR_COUNT", "16".into()),
-        ("SENSOR_VALUE_RATE_PER_SECOND", "1000000".into()),
+        ("SENSOR_COUNT", "16000".into()),
+        ("SENSOR_VALUE_RATE_PER_SECOND", "1000".into()),
         ("REQUEST_RATE_PER_SECOND", "inf".into()),
         ("BATCH_TIMEOUT", "100ms".into()),
     ]

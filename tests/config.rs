@@ -194,6 +194,24 @@ fn binaries_exit_2_with_one_line_naming_the_variable() {
 }
 
 #[test]
+fn a_sensor_faster_than_one_reading_a_millisecond_exits_2_and_says_to_use_more_sensors() {
+    let dir = scratch("too-fast");
+    let node = env!("CARGO_BIN_EXE_telemetry-node");
+    assert!(NodeConfig::from_vars(&vars(&[("SENSOR_VALUE_RATE_PER_SECOND", "1000".into())])).is_ok());
+    for rate in ["1000.5", "2000", "1000000000"] {
+        let (code, stderr) = run_binary(node, &[("SENSOR_VALUE_RATE_PER_SECOND", rate.into())], &dir);
+        assert_eq!(code, 2, "{rate}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("SENSOR_VALUE_RATE_PER_SECOND=")
+                && stderr.contains("one sample per sensor and millisecond"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("more sensors (SENSOR_COUNT)"), "{stderr}");
+    }
+}
+
+#[test]
 fn a_dot_env_file_is_read_and_the_environment_wins_over_it() {
     let dir = scratch("dot-env");
     std::fs::write(dir.join(".env"), "BATCH_SIZE=zero\nREQUEST_BURST=0\n").unwrap();
@@ -425,7 +443,7 @@ fn the_requests_the_sources_need_are_estimated_for_the_rate_warning() {
     // Four sensors make four lanes that take tokens in turn.
     assert_eq!(needed(&[("SENSOR_COUNT", "4")]), 0.02);
     // 100,000 readings/s fill 100 batches of 1000 a second.
-    assert_eq!(needed(&[("SENSOR_VALUE_RATE_PER_SECOND", "100000")]), 100.0);
+    assert_eq!(needed(&[("SENSOR_COUNT", "100"), ("SENSOR_VALUE_RATE_PER_SECOND", "1000")]), 100.0);
     // The busiest lane sets the pace: 5 sensors in 4 lanes, one lane has two.
     assert_eq!(needed(&[("SENSOR_COUNT", "5"), ("SENSOR_VALUE_RATE_PER_SECOND", "1000")]), 8.0);
     // A source read every 10 s counts as a reading every 10 s.

@@ -14,7 +14,8 @@ use std::collections::HashMap;
 
 pub(crate) use node::tokenable;
 pub use node::{
-    ClientTls, Destination, Jitter, LogFormat, MAX_REQUEST_RATE, NodeConfig, Overflow, RequestRate, Retries,
+    ClientTls, Destination, Jitter, LogFormat, MAX_REQUEST_RATE, MAX_SENSOR_RATE, NodeConfig, Overflow, RequestRate,
+    Retries,
 };
 pub use remote_write::RemoteWriteConfig;
 pub use sink::{OutputKind, ServerTls, SinkConfig};
@@ -68,7 +69,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("EXEC_SHELL", "true or false"),
     (
         "SENSOR_VALUE_RATE_PER_SECOND",
-        "a number of readings per second from 0.000001 to 1000000000 (fractions allowed, e.g. 0.5)",
+        "a number of readings per second from 0.000001 to 1000 (fractions allowed, e.g. 0.5)",
     ),
     (
         "REQUEST_RATE_PER_SECOND",

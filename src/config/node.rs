@@ -212,6 +212,15 @@ impl NodeConfig {
         self.validate_sources()?;
         let rate_ok = (MIN_RATE..=1e9).contains(&self.sensor_rate);
         ensure(rate_ok, "SENSOR_VALUE_RATE_PER_SECOND", self.sensor_rate)?;
+        if self.sensor_rate > MAX_SENSOR_RATE {
+            return Err(ConfigError::Unusable {
+                variable: "SENSOR_VALUE_RATE_PER_SECOND",
+                value: self.sensor_rate.to_string(),
+                reason: format!(
+                    "a sensor gives at most {MAX_SENSOR_RATE} readings a second: a time-series database holds one sample per sensor and millisecond, so faster readings would be refused; use more sensors (SENSOR_COUNT) for more readings"
+                ),
+            });
+        }
         let request_rate_ok =
             (MIN_RATE..=MAX_REQUEST_RATE).contains(&self.request_rate) || self.request_rate == f64::INFINITY;
         ensure(request_rate_ok, "REQUEST_RATE_PER_SECOND", self.request_rate)?;
@@ -498,6 +507,10 @@ pub struct RequestRate {
 /// Lowest sensor or request rate: one a million seconds (11.6 days).
 /// Slower rates would wait longer than a timer can.
 const MIN_RATE: f64 = 1e-6;
+
+/// Most readings a second of one sensor: one a millisecond, the most a
+/// time-series database holds of one series.
+pub const MAX_SENSOR_RATE: f64 = 1000.0;
 
 /// A number of retries, or `inf` for no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

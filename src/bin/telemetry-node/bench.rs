@@ -29,6 +29,10 @@ const ROUNDS: u32 = 5;
 /// the wire would leave the last ticks too much to deliver in time.
 const SENSORS_TOTAL_RATE: f64 = 16_000_000.0;
 
+/// Fewest sensors that make [`SENSORS_TOTAL_RATE`] at no more than a
+/// reading a millisecond each.
+pub const FEWEST_SENSORS: usize = (SENSORS_TOTAL_RATE / telemetry_node::config::MAX_SENSOR_RATE) as usize;
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {

@@ -25,7 +25,7 @@ usage: telemetry-node [run]                  run the node, configured by environ
                                              --host adds the host source and shows its readings
        telemetry-node bench [--duration D] [--batch-size N] [--sensors N] [--in-flight N] [--writer on|off]
                                              measure readings/s: bare client vs the node's pipeline
-                                             (defaults: 10s, 1000, 16, 4, off)
+                                             (defaults: 10s, 1000, 16000, 4, off)
        telemetry-node help                   show this text";
 
 /// What the command line asks for.
@@ -117,12 +117,6 @@ async fn run_node(config: NodeConfig) -> ExitCode {
             message = "A stop needs one request per lane, more than SHUTDOWN_TIMEOUT allows at REQUEST_RATE_PER_SECOND: what is held at a stop may be dropped. Raise SHUTDOWN_TIMEOUT or REQUEST_RATE_PER_SECOND, or lower MAX_IN_FLIGHT.",
             stop_needs = format!("{stop_needs:.1}s"),
             shutdown_timeout = %config.shutdown_timeout,
-        );
-    }
-    if config.sensor_count > 0 && config.sensor_rate > 1000.0 {
-        tracing::warn!(
-            message = "Sensors faster than 1000 readings a second give some readings in the same millisecond as the one before: a time-series database holds one sample per millisecond, and a sink with OUTPUT=remote-write refuses such requests (the file output keeps them).",
-            sensor_value_rate_per_second = config.sensor_rate,
         );
     }
     // Only the destination's own settings are built (and can fail).
@@ -219,7 +213,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
             let mut bench = BenchOptions {
                 duration: Duration::from_secs(10),
                 batch_size: 1000,
-                sensors: 16,
+                sensors: 16_000,
                 in_flight: 4,
                 writer: false,
             };
@@ -227,7 +221,15 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
                 match option.as_str() {
                     "--duration" => bench.duration = parse_duration(&value)?,
                     "--batch-size" => bench.batch_size = parse_count(&option, &value, 1_000_000)?,
-                    "--sensors" => bench.sensors = parse_count(&option, &value, 1_000_000)?,
+                    "--sensors" => {
+                        bench.sensors = parse_count(&option, &value, 1_000_000)?;
+                        if bench.sensors < bench::FEWEST_SENSORS {
+                            return Err(format!(
+                                "--sensors {value}: at least {} (the bench's load comes from sensors at 1000 readings a second each)",
+                                bench::FEWEST_SENSORS
+                            ));
+                        }
+                    }
                     "--in-flight" => bench.in_flight = parse_count(&option, &value, 256)?,
                     "--writer" => {
                         bench.writer = match value.as_str() {

@@ -3,22 +3,21 @@
 //! A time-series database holds one sample per series and millisecond, so
 //! two readings of one sensor in the same millisecond cannot both be stored
 //! (a remote-write sink refuses such a request). A sensor gives at most one
-//! reading a tick, and a tick comes at most once a millisecond on average,
-//! but a late tick can fire in the same millisecond as the next one. Each
-//! tick is therefore stamped at least one millisecond after the tick before
-//! it: also when the system's clock is set back (an NTP step), within
-//! [`MOST_CREPT`], so that a reading never takes a millisecond of its sensor
-//! that an earlier reading may already hold in the database (VictoriaMetrics
-//! keeps one sample of a millisecond and answers OK for both).
+//! reading a tick, and a tick comes at most once a millisecond on average
+//! (SENSOR_VALUE_RATE_PER_SECOND is at most 1000; the timers skip missed
+//! ticks rather than bunch them), but a late tick can fire in the same
+//! millisecond as the next one. Each tick is therefore stamped at least one
+//! millisecond after the tick before it, however fast ticks come (at one a
+//! millisecond on average, a stamp runs ahead of the clock by no more than
+//! the ticks that came early): also when the system's clock is set back (an
+//! NTP step), within [`MOST_CREPT`], so that a reading never takes a
+//! millisecond of its sensor that an earlier reading may already hold in the
+//! database (VictoriaMetrics keeps one sample of a millisecond and answers
+//! OK for both).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
-
-/// Furthest ticks that come faster than the clock (a late timer firing in
-/// the millisecond of the next) are stamped ahead of it: a source at up to
-/// a reading a millisecond on average stays within a millisecond or two.
-const MOST_AHEAD: u64 = 10;
 
 /// Furthest a set-back of the clock is made up for: a clock set back by up
 /// to this is crept up to (each tick a millisecond after the last until the
@@ -57,7 +56,7 @@ pub(crate) struct Stamps {
     /// What the clock read at the last tick, in milliseconds.
     clock: Option<u64>,
     /// How far the clock was set back since the stamps were last at the
-    /// clock: how far ahead of it they may run, beyond [`MOST_AHEAD`].
+    /// clock.
     set_back: u64,
 }
 
@@ -73,8 +72,9 @@ impl Stamps {
         let back = self.clock.map_or(0, |clock| clock.saturating_sub(millis));
         self.clock = Some(millis);
         self.set_back = self.set_back.saturating_add(back);
-        let ahead = self.last.and_then(|last| last.checked_sub(millis));
-        let creep = ahead.is_some_and(|ahead| self.set_back <= MOST_CREPT && ahead < MOST_AHEAD + self.set_back);
+        // At or behind the last stamp: ticks faster than the clock, or the
+        // clock set back (crept up to unless set back too far).
+        let creep = self.last.is_some_and(|last| last >= millis) && self.set_back <= MOST_CREPT;
         if back >= LOGGED && first_to_see_the_step() {
             if creep {
                 warn!(
@@ -157,24 +157,49 @@ mod tests {
         assert_eq!(stamps.at(at(40_000, 8)), at(40_001, 0));
     }
 
-    #[test]
-    fn ticks_faster_than_the_clock_run_ahead_of_it_at_most_a_little() {
-        let mut stamps = Stamps::default();
-        let now = at(5000, 0);
-        for k in 0..=MOST_AHEAD {
-            assert_eq!(stamps.at(now), at(5000 + k, 0));
-        }
-        // More ticks in that millisecond than MOST_AHEAD: the clock, unmoved
-        // and never set back, is followed.
-        assert_eq!(stamps.at(now), now);
+    fn millis(time: SystemTime) -> u64 {
+        time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap()
     }
 
     #[test]
     fn ticks_faster_than_the_clock_all_get_their_own_millisecond() {
         let mut stamps = Stamps::default();
         let now = at(5000, 0);
-        let millis: Vec<u64> =
-            (0..10).map(|_| stamps.at(now).duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap()).collect();
-        assert_eq!(millis, (5000..5000 + MOST_AHEAD).collect::<Vec<_>>());
+        let stamped: Vec<u64> = (0..100).map(|_| millis(stamps.at(now))).collect();
+        assert_eq!(stamped, (5000..5100).collect::<Vec<_>>());
+        // The clock catching up is taken as it is again.
+        assert_eq!(stamps.at(at(5100, 7)), at(5100, 7));
+    }
+
+    proptest::proptest! {
+        /// Whatever the clock does short of a set-back of more than
+        /// MOST_CREPT (which is followed, and logged): ticks early or late,
+        /// bunched in one millisecond, the clock stepped back: every stamp
+        /// falls in a later millisecond than the one before.
+        #[test]
+        fn every_stamp_falls_in_a_later_millisecond_than_the_one_before(
+            steps in proptest::collection::vec((0u8..10, 0u64..5_000, 0u64..1_000), 1..400),
+        ) {
+            let mut stamps = Stamps::default();
+            let (mut clock, mut last, mut set_back) = (1_000_000_000u64, None, 0);
+            for (kind, step, micros) in steps {
+                clock = match kind {
+                    // Set back, by at most MOST_CREPT in all.
+                    0 if set_back + step * 12 <= MOST_CREPT => {
+                        set_back += step * 12;
+                        clock - step * 12
+                    }
+                    0 => clock,
+                    // The same millisecond again, or a little later.
+                    1..=5 => clock + step % 2,
+                    _ => clock + step,
+                };
+                let stamp = millis(stamps.at(at(clock, micros)));
+                if let Some(last) = last {
+                    proptest::prop_assert!(stamp > last, "{stamp} after {last}");
+                }
+                last = Some(stamp);
+            }
+        }
     }
 }

@@ -97,6 +97,49 @@ proptest! {
         })?;
     }
 
+    /// A time-series database holds one sample per sensor and millisecond:
+    /// no source stamps two readings of one sensor in the same one, at any
+    /// rate the configuration allows (1000 a second at most), whatever the
+    /// timers and the pipeline do (paused time runs the ticks of seconds
+    /// within real microseconds: the stamps outrun the clock and must still
+    /// differ).
+    #[test]
+    fn no_source_stamps_two_readings_of_a_sensor_in_one_millisecond(
+        sensors in 1usize..40,
+        rate in 0.5f64..=crate::config::MAX_SENSOR_RATE,
+        periods in proptest::collection::vec((1u64..50, 0u64..80), 0..3),
+        pauses in proptest::collection::vec(0u64..5, 1..50),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        runtime.block_on(async {
+            let ledger = Arc::new(Ledger::default());
+            let simulated = simulated::Sensors::new(names("sim-", sensors), rate, Arc::clone(&ledger));
+            let mut sources: Vec<Source> = vec![Box::pin(simulated.map(Readings::Simulated))];
+            for (i, (period, delay)) in periods.iter().enumerate() {
+                let probe =
+                    Counting { sensors: names(&format!("p{i}-"), 3), delay: Duration::from_millis(*delay), rounds: 0 };
+                sources.push(polled(probe, Duration::from_millis(*period), Arc::clone(&ledger)));
+            }
+            let mut merged = merge(sources);
+            let mut last: std::collections::HashMap<&str, u128> = std::collections::HashMap::new();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut k = 0;
+            while Instant::now() < deadline {
+                let Some(readings) = merged.next().await else { break };
+                for reading in readings {
+                    let millis = reading.created_at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+                    if let Some(before) = last.insert(reading.sensor, millis) {
+                        prop_assert!(millis > before, "{} stamped {millis} after {before}", reading.sensor);
+                    }
+                }
+                // The pipeline pushing back, now and then.
+                tokio::time::sleep(Duration::from_millis(pauses[k % pauses.len()])).await;
+                k += 1;
+            }
+            Ok(())
+        })?;
+    }
+
     #[test]
     fn a_stalled_or_slow_source_does_not_delay_the_others(
         period_ms in 10u64..300,
