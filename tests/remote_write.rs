@@ -95,6 +95,11 @@ fn every_reading_once(kind: Kind, name: &str, extra: &[(&'static str, &str)], le
     assert!(summary["produced"] > least, "{summary:?}");
     assert!(!log.contains("Refused a request."), "{log}");
     assert_each_reading_once(&database, summary["produced"]);
+    // The sink read the database's clock with a write of no samples, which
+    // the database takes without a word (a GET of the write endpoint was
+    // logged by VictoriaMetrics as a corrupt snappy body at every start).
+    let logged = database.log();
+    assert!(!logged.contains("snappy") && !logged.contains("cannot"), "{logged}");
 }
 
 #[test]
@@ -1289,4 +1294,37 @@ async fn requests_given_up_on_behind_a_slow_database_hold_bounded_memory() {
     assert!(sent > 1000, "only {sent} requests sent");
     assert!(answered.is_ok(), "a node was not answered within 60 s of the flood");
     assert!(grew < 80 << 20, "the sink grew by {} MiB", grew >> 20);
+}
+
+/// A remote-write URL the database answers 400 to every request, the empty
+/// one that reads its clock included (VictoriaMetrics with a malformed
+/// `extra_label`; the same for another of its APIs), is the sink's own
+/// setting gone wrong: the sink keeps its nodes' data (they retry), says so,
+/// and is not ready; nothing is dropped as refused.
+#[test]
+fn a_database_that_refuses_every_request_from_the_start_is_a_setting_not_bad_data() {
+    let dir = scratch("never-took");
+    let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
+    let mut env = sink_env(ANY_PORT, &database);
+    env.retain(|(variable, _)| *variable != "REMOTE_WRITE_URL");
+    env.push(("REMOTE_WRITE_URL", format!("{}?extra_label=bad", database.url())));
+    env.push(("METRICS_ADDR", "127.0.0.1:0".into()));
+    let (sink, socket) = Process::start_sink("sink", &env, &dir);
+    let metrics = sink.metrics_address();
+    let node = Process::start("node", NODE, &[], &default_node(&socket.to_string(), "node-a"), &dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while common::database::http_get(metrics.port(), "/readyz").map(|(status, _)| status) != Some(503) {
+        assert!(std::time::Instant::now() < deadline, "the sink stayed ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
+    assert_eq!(code, 0, "{stderr}");
+    let summary = summary_fields(&stdout);
+    assert!(summary["produced"] > 0 && summary["acked"] == 0, "{stdout}");
+    assert!(!stdout.contains("refused:"), "nothing is dropped as refused: {stdout}");
+    let (_, _, log) = sink.terminate(Duration::from_secs(30));
+    assert!(log.contains("check that REMOTE_WRITE_URL is its remote-write endpoint"), "{log}");
+    // The nodes are told to come back (UNAVAILABLE), not that their data
+    // is bad (INVALID_ARGUMENT, which they would drop).
+    assert!(log.contains("UNAVAILABLE") && !log.contains("INVALID_ARGUMENT"), "{log}");
 }

@@ -59,7 +59,7 @@ async fn run(config: SinkConfig) -> ExitCode {
         let mut registry = Registry::default();
         stats.register(&mut registry);
         let checked = Arc::clone(&stats);
-        let ready = move || checked.is_serving();
+        let ready = move || checked.is_ready();
         if let Err(error) = observe::spawn(address, registry, || {}, ready, stop_metrics.clone()).await {
             eprintln!("telemetry-sink: cannot serve metrics on METRICS_ADDR={address:?}: {error}");
             return ExitCode::FAILURE;

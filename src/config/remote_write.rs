@@ -198,18 +198,23 @@ fn port_fits(uri: &hyper::Uri) -> bool {
     }
 }
 
-/// Whether `path` is an endpoint of another protocol that answers OK to a
-/// remote-write request and stores nothing of it: InfluxDB's line protocol
-/// (`/write`, `/influx/write`, `/api/v2/write`) or an import API
-/// (`/api/v1/import…`), as VictoriaMetrics serves them beside
-/// `/api/v1/write`.
+/// Whether `path` is an endpoint of another protocol, as VictoriaMetrics
+/// and Prometheus serve them beside `/api/v1/write`: one that answers OK to
+/// a remote-write request and stores nothing of it (InfluxDB's line
+/// protocol `/write`, `/influx/write`, `/api/v2/write`; an import API
+/// `/api/v1/import…`), or one that refuses every remote-write request
+/// (DataDog's `/datadog/api/v1/series`, OpenTSDB's `/api/put`, New Relic,
+/// OpenTelemetry, Loki's push, and the query and read APIs).
 /// The path is read as a server reads it: percent-decoded (`/%77rite` is
 /// `/write`), and in any case.
 fn other_protocol(path: &str) -> bool {
     let path = percent_decoded(path).to_ascii_lowercase();
     let segments: Vec<&str> = path.split('/').filter(|segment| !segment.is_empty()).collect();
-    let influx = segments.last() == Some(&"write") && segments.iter().rev().nth(1) != Some(&"v1");
-    influx || segments.contains(&"import")
+    let last = segments.last().copied().unwrap_or("");
+    let influx = last == "write" && segments.iter().rev().nth(1) != Some(&"v1");
+    let others = ["import", "datadog", "opentsdb", "newrelic", "opentelemetry", "otlp", "loki", "graphite"];
+    let reads = ["series", "put", "query", "query_range", "export", "federate", "read", "labels", "values", "metrics"];
+    influx || segments.iter().any(|segment| others.contains(segment)) || reads.contains(&last)
 }
 
 /// `path` with each `%XX` decoded (bytes that are not UTF-8 are replaced).
@@ -254,6 +259,24 @@ mod tests {
             "/api/v1/%69mport",
             "/influx/%57RITE",
             "/WRITE",
+            "/datadog/api/v1/series",
+            "/datadog/api/v2/series",
+            "/api/v1/series",
+            "/api/put",
+            "/opentsdb/api/put",
+            "/newrelic/infra/v2/metrics/events/bulk",
+            "/opentelemetry/v1/metrics",
+            "/opentelemetry/api/v1/push",
+            "/api/v1/otlp/v1/metrics",
+            "/loki/api/v1/push",
+            "/api/v1/query",
+            "/api/v1/query_range",
+            "/api/v1/export",
+            "/federate",
+            "/api/v1/read",
+            "/api/v1/labels",
+            "/api/v1/label/x/values",
+            "/metrics",
         ] {
             assert!(other_protocol(path), "{path}");
         }

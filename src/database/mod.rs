@@ -45,6 +45,10 @@ pub(crate) struct Database {
     agent: &'static str,
     /// The database's clock, as its answers' `Date` headers tell it.
     clock: Arc<Clock>,
+    /// Whether the database has ever taken a request (the empty one that
+    /// reads its clock included): until it has, a 400 to every request says
+    /// the URL is another API's, not that the data is bad.
+    took_one: Arc<AtomicBool>,
 }
 
 /// The database's clock less this one's, in milliseconds, once an answer
@@ -77,11 +81,13 @@ pub(crate) enum Answer {
         /// What happened, for logs.
         message: String,
     },
-    /// 401, 403, 404: this side's settings are wrong (URL, credentials);
-    /// the data is fine and should be kept.
+    /// 401, 403, 404, or any 4xx but 429 before the database has taken a
+    /// request: this side's settings are wrong (URL, credentials); the data
+    /// is fine and should be kept.
     Misconfigured(String),
-    /// Any other 4xx: it refused the samples (an out-of-order sample, a
-    /// bad label), with its message.
+    /// Any other 4xx, from a database that has taken a request before (the
+    /// empty one that reads its clock, at least): it refused the samples (an
+    /// out-of-order sample, a bad label), with its message.
     Refused(String),
 }
 
@@ -99,7 +105,9 @@ impl Database {
         let connector = Connector::new(connector, roots.as_deref(), identity).ok()?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         let clock = Arc::default();
-        Some(Self { client, url, authorization: authorization(config), timeout: config.timeout.into(), agent, clock })
+        let took_one = Arc::default();
+        let authorization = authorization(config);
+        Some(Self { client, url, authorization, timeout: config.timeout.into(), agent, clock, took_one })
     }
 
     /// POSTs `body`, the encoded `timeseries` of a `WriteRequest`,
@@ -134,7 +142,10 @@ impl Database {
         .await;
         let elapsed = started.elapsed();
         let answer = match answer {
-            Ok(Ok((status, _, _))) if status.is_success() => Answer::Took,
+            Ok(Ok((status, _, _))) if status.is_success() => {
+                self.took_one.store(true, Relaxed);
+                Answer::Took
+            }
             Ok(Ok((status, retry_after, body))) => {
                 let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_BYTES)]).trim().to_owned();
                 let message = format!("the database answered {status}: {text}");
@@ -150,6 +161,14 @@ impl Database {
                         if text.contains("unsupported path") || text.contains("HTTP request to an HTTPS server") =>
                     {
                         Answer::Misconfigured(format!("{message} (check REMOTE_WRITE_URL)"))
+                    }
+                    // A database that has taken nothing, not even the empty
+                    // request that reads its clock, is not refusing this data:
+                    // REMOTE_WRITE_URL is another of its APIs.
+                    status if status.is_client_error() && !self.took_one.load(Relaxed) => {
+                        Answer::Misconfigured(format!(
+                            "{message} (it has taken no request yet, not even an empty one: check that REMOTE_WRITE_URL is its remote-write endpoint)"
+                        ))
                     }
                     _ => Answer::Refused(message),
                 }
@@ -171,9 +190,9 @@ impl Database {
 
 impl Database {
     /// The database's clock less this one's, in milliseconds: from its
-    /// last answer, or, before the first, from the answer to a GET of
-    /// REMOTE_WRITE_URL (0 when the answer has no `Date`); an error when the
-    /// database cannot be reached.
+    /// last answer, or, before the first, from the answer to an empty write
+    /// (0 when the answer has no `Date`); an error when the database cannot
+    /// be reached.
     pub(crate) async fn clock_offset(&self) -> Result<i64, String> {
         if let Some(offset) = self.known_clock_offset() {
             return Ok(offset);
@@ -195,37 +214,28 @@ impl Database {
         probed
     }
 
-    /// Reads the database's clock from the answer to a GET of
-    /// REMOTE_WRITE_URL.
+    /// Reads the database's clock from the answer to a write of no
+    /// samples: a valid request every remote-write receiver takes (a GET
+    /// of the write endpoint would be a broken write, logged as one), which
+    /// also tells whether REMOTE_WRITE_URL takes writes at all.
     async fn probe_clock(&self) -> Result<i64, String> {
-        let mut request = Request::get(self.url.clone()).header(header::USER_AGENT, self.agent);
-        if let Some(authorization) = &self.authorization {
-            request = request.header(header::AUTHORIZATION, authorization.clone());
-        }
-        let request = request.body(Full::new(Bytes::new())).map_err(|error| error.to_string())?;
-        let answer = tokio::time::timeout(self.timeout, async {
-            let response = self.client.request(request).await?;
-            let date = response.headers().get(header::DATE).cloned();
-            let _ = response.into_body().collect().await;
-            Ok::<_, hyper_util::client::legacy::Error>(date)
-        })
-        .await;
-        match answer {
-            Ok(Ok(date)) => {
-                match date.as_ref().and_then(|date| offset_ms(date, SystemTime::now())) {
-                    Some(offset) => self.clock.offset_ms.store(offset, Relaxed),
-                    // HTTP servers must send one (VictoriaMetrics and
-                    // Prometheus do); a proxy may drop it.
-                    None => tracing::warn!(
-                        message = "The database's answer carries no usable Date: its clock is taken to be this machine's.",
-                        date = ?date
-                    ),
+        match self.post(&[]).await {
+            (Answer::Busy { class: "error", message, .. }, _) => Err(message),
+            (answer, _) => {
+                if let Answer::Misconfigured(message) | Answer::Refused(message) = &answer {
+                    tracing::error!(message = "The database refused a write of no samples: its settings are wrong.", answer = %message);
                 }
-                self.clock.known.store(true, Relaxed);
+                if self.known_clock_offset().is_none() {
+                    // HTTP servers must send a Date (VictoriaMetrics and
+                    // Prometheus do); a proxy may drop it.
+                    tracing::warn!(
+                        message =
+                            "The database's answer carries no usable Date: its clock is taken to be this machine's."
+                    );
+                    self.clock.known.store(true, Relaxed);
+                }
                 Ok(self.clock.offset_ms.load(Relaxed))
             }
-            Ok(Err(error)) => Err(format!("cannot reach the database to read its clock: {}", chain(&error))),
-            Err(_) => Err(format!("the database did not answer within REMOTE_WRITE_TIMEOUT ({:?})", self.timeout)),
         }
     }
 
@@ -321,6 +331,75 @@ mod tests {
         assert_eq!(date("Sun, 07 Dec 2025 14:53:20 GMT"), Some(3 * 86_400_000 - 500));
         assert_eq!(date("Thu, 04 Dec 2025 14:43:20 GMT"), Some(-600_000 - 500));
         assert_eq!(date("not a date"), None);
+    }
+
+    /// A server on loopback that answers each request with the next of
+    /// `statuses` (the last one again when they run out); it returns the
+    /// bodies it was sent through `bodies`.
+    async fn answering(statuses: Vec<u16>, bodies: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut answered = 0;
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                // One request per connection: read its head and its body.
+                let mut request = Vec::new();
+                let mut buffer = [0; 4096];
+                while let Ok(n) = stream.read(&mut buffer).await {
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    let Some(end) = text.find("\r\n\r\n") else { continue };
+                    let length = text.split("content-length:").nth(1).and_then(|rest| rest.split("\r\n").next());
+                    let length: usize = length.and_then(|length| length.trim().parse().ok()).unwrap_or(0);
+                    if n == 0 || request.len() >= end + 4 + length {
+                        let _ = bodies.send(request[end + 4..].to_vec());
+                        break;
+                    }
+                }
+                let status = statuses[answered.min(statuses.len() - 1)];
+                answered += 1;
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nDate: Thu, 04 Dec 2025 14:53:20 GMT\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbad"
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{address}/api/v1/write")
+    }
+
+    fn at(url: &str) -> Database {
+        let vars = std::collections::HashMap::from([("REMOTE_WRITE_URL".to_owned(), url.to_owned())]);
+        let config: RemoteWriteConfig = envconfig::Envconfig::init_from_hashmap(&vars).unwrap();
+        Database::new(&config, "test").unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_clock_is_read_with_a_write_of_no_samples_not_a_broken_one() {
+        let (sent, mut bodies) = tokio::sync::mpsc::unbounded_channel();
+        let database = at(&answering(vec![204], sent).await);
+        assert!(database.clock_offset().await.is_ok());
+        // Snappy's encoding of nothing: an empty WriteRequest, which every
+        // receiver takes.
+        let body = bodies.recv().await.unwrap();
+        assert_eq!(snap::raw::Decoder::new().decompress_vec(&body).unwrap(), Vec::<u8>::new());
+        assert_eq!(body, vec![0]);
+    }
+
+    #[tokio::test]
+    async fn a_400_from_a_database_that_took_nothing_is_its_settings_not_the_data() {
+        let (sent, _bodies) = tokio::sync::mpsc::unbounded_channel();
+        // Another API at that URL: 400 to everything, the empty write too.
+        let database = at(&answering(vec![400], sent.clone()).await);
+        assert!(database.clock_offset().await.is_ok());
+        assert!(matches!(database.post(b"x").await.0, Answer::Misconfigured(_)));
+        assert!(matches!(database.post(b"x").await.0, Answer::Misconfigured(_)));
+        // The remote-write endpoint: it took the empty write, so a 400 after
+        // is about the data.
+        let database = at(&answering(vec![204, 400], sent).await);
+        assert!(database.clock_offset().await.is_ok());
+        assert!(matches!(database.post(b"x").await.0, Answer::Refused(_)));
     }
 
     #[test]

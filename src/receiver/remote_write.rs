@@ -223,6 +223,7 @@ impl RemoteWriter {
             Answer::Took => {
                 self.stats.database_answered("2xx", elapsed);
                 self.stats.database_took(readings);
+                self.stats.set_misconfigured(false);
                 *self.pause.lock().unwrap_or_else(PoisonError::into_inner) = (0, None);
                 debug!(message = "The database took the samples.", readings, requests = chunks.len());
                 Ok(())
@@ -235,6 +236,7 @@ impl RemoteWriter {
                 // The sink's own settings are wrong, not the node's data: the
                 // nodes keep it and retry until an operator mends the sink.
                 self.stats.database_answered("4xx", elapsed);
+                self.stats.set_misconfigured(true);
                 self.log_failure(&message);
                 Err(OutputError::Failed(message.into()))
             }

@@ -103,6 +103,9 @@ pub struct SinkStats {
     connections_waited: Counter,
     /// Whether the server is accepting requests; backs readiness.
     serving: AtomicBool,
+    /// Whether the output's last answer said the sink's own settings are
+    /// wrong (a database URL or credentials): not ready until mended.
+    misconfigured: AtomicBool,
     /// The remote-write output's counters.
     remote_write: RemoteWriteStats,
 }
@@ -179,6 +182,7 @@ impl Default for SinkStats {
             connections: Gauge::default(),
             connections_waited: Counter::default(),
             serving: AtomicBool::new(false),
+            misconfigured: AtomicBool::new(false),
             remote_write: RemoteWriteStats::default(),
         }
     }
@@ -286,9 +290,16 @@ impl SinkStats {
         self.serving.store(serving, Relaxed);
     }
 
-    /// Whether the server is accepting requests: backs readiness.
-    pub fn is_serving(&self) -> bool {
-        self.serving.load(Relaxed)
+    /// Whether the server is accepting requests and its output is not
+    /// known to be misconfigured: backs readiness.
+    pub fn is_ready(&self) -> bool {
+        self.serving.load(Relaxed) && !self.misconfigured.load(Relaxed)
+    }
+
+    /// Whether the output's settings were last found wrong (`true`) or
+    /// working (`false`).
+    pub(crate) fn set_misconfigured(&self, misconfigured: bool) {
+        self.misconfigured.store(misconfigured, Relaxed);
     }
 }
 

@@ -151,6 +151,14 @@ impl Database {
         }
     }
 
+    /// What the database has logged so far (at warning level and up).
+    pub fn log(&self) -> String {
+        let name = self.kind.binary();
+        let read =
+            |suffix: &str| std::fs::read_to_string(self.dir.join(format!("{name}.{suffix}"))).unwrap_or_default();
+        read("out") + &read("err")
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}/api/v1/write", self.port)
