@@ -317,6 +317,12 @@ impl NodeConfig {
 
     /// The file source's sensors (none when FILE_SENSORS is unset or empty).
     pub fn file_sensors(&self) -> Result<Vec<FileSensor>, ConfigError> {
+        self.file_sensors_and_skipped().map(|(sensors, _)| sensors)
+    }
+
+    /// The file source's sensors, and the paths its globs matched that are
+    /// not UTF-8 (left out: no sensor name can hold them).
+    pub(crate) fn file_sensors_and_skipped(&self) -> Result<(Vec<FileSensor>, Vec<std::path::PathBuf>), ConfigError> {
         let spec = self.file_sensors.as_deref().unwrap_or_default();
         parse_file_sensors(spec).map_err(|error| ConfigError::Unusable {
             variable: "FILE_SENSORS",

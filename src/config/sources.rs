@@ -3,10 +3,7 @@
 //! Read and checked here, at start, so that a bad setting exits 2 naming
 //! its variable; the sources in `node::source` run on what this yields.
 
-use std::{
-    collections::HashSet,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashSet, path::PathBuf};
 
 use crate::reading::{check_sensor_name, sensor_name};
 
@@ -37,6 +34,13 @@ pub(crate) enum SpecError {
     /// A glob matches no file.
     #[error("glob {0:?} matches no file")]
     NoMatch(String),
+    /// A glob matches only paths that are not UTF-8, which cannot name a
+    /// sensor.
+    #[error("glob {0:?} matches only paths that are not UTF-8, which cannot name a sensor: {1}")]
+    NotUtf8(String, String),
+    /// An entry names a directory, not a file.
+    #[error("{0:?} is a directory: name the files to read, e.g. {0}/*")]
+    Directory(String),
     /// A glob descends any depth (`**`): it would follow /sys's and /proc's
     /// endless links.
     #[error("glob {0:?}: ** is not supported; write each level, e.g. /sys/class/hwmon/*/temp*_input")]
@@ -52,9 +56,12 @@ pub(crate) enum SpecError {
     Duplicate(String),
 }
 
-/// The sensors `spec` (the value of `FILE_SENSORS`) names, globs expanded.
-pub(crate) fn parse_file_sensors(spec: &str) -> Result<Vec<FileSensor>, SpecError> {
+/// The sensors `spec` (the value of `FILE_SENSORS`) names, globs expanded,
+/// and the paths a glob matched that are not UTF-8 (left out: no sensor
+/// name can hold them).
+pub(crate) fn parse_file_sensors(spec: &str) -> Result<(Vec<FileSensor>, Vec<PathBuf>), SpecError> {
     let mut sensors: Vec<FileSensor> = Vec::new();
+    let mut skipped = Vec::new();
     let mut names = std::collections::HashSet::new();
     for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
         let (prefix, pattern) = match entry.split_once('=') {
@@ -68,12 +75,17 @@ pub(crate) fn parse_file_sensors(spec: &str) -> Result<Vec<FileSensor>, SpecErro
             if pattern.contains("**") {
                 return Err(SpecError::Recursive(pattern.to_owned()));
             }
-            expand(prefix, pattern, MOST_FILES - sensors.len())?
+            let (found, not_utf8) = expand(prefix, pattern, MOST_FILES - sensors.len())?;
+            skipped.extend(not_utf8);
+            found
         } else {
             let name = prefix.ok_or_else(|| SpecError::Unnamed(entry.to_owned()))?;
             vec![(name.to_owned(), PathBuf::from(pattern))]
         };
         for (name, path) in found {
+            if path.is_dir() {
+                return Err(SpecError::Directory(path.display().to_string()));
+            }
             check_sensor_name(&name).map_err(|why| SpecError::Name(name.clone(), why))?;
             if !names.insert(name.clone()) {
                 return Err(SpecError::Duplicate(name));
@@ -84,7 +96,7 @@ pub(crate) fn parse_file_sensors(spec: &str) -> Result<Vec<FileSensor>, SpecErro
             sensors.push(FileSensor { name: sensor_name(&name), path });
         }
     }
-    Ok(sensors)
+    Ok((sensors, skipped))
 }
 
 /// Whether `pattern` holds a wildcard.
@@ -92,27 +104,63 @@ fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// The files `pattern` matches, each with its sensor name.
-fn expand(prefix: Option<&str>, pattern: &str, most: usize) -> Result<Vec<(String, PathBuf)>, SpecError> {
-    let paths = glob::glob(pattern).map_err(|error| SpecError::Glob(pattern.to_owned(), error.msg.to_owned()))?;
-    let wild: Vec<bool> = Path::new(pattern).components().map(|c| is_glob(&c.as_os_str().to_string_lossy())).collect();
-    let mut found = Vec::new();
-    for path in paths.filter_map(Result::ok) {
-        let matched = path
-            .components()
-            .zip(&wild)
-            .filter(|(_, wild)| **wild)
-            .map(|(component, _)| component.as_os_str().to_string_lossy().into_owned());
-        let name: Vec<String> = prefix.map(str::to_owned).into_iter().chain(matched).collect();
-        found.push((name.join("."), path));
-        if found.len() > most {
-            return Err(SpecError::TooMany);
+/// Most paths a glob's levels before the last may match between them.
+const MOST_CANDIDATES: usize = 100 * MOST_FILES;
+
+/// The paths `pattern` matches, each with its sensor name (in the order
+/// of their names), and those left out for a name that is not UTF-8.
+fn expand(
+    prefix: Option<&str>,
+    pattern: &str,
+    most: usize,
+) -> Result<(Vec<(String, PathBuf)>, Vec<PathBuf>), SpecError> {
+    let glob_error = |error: glob::PatternError| SpecError::Glob(pattern.to_owned(), error.msg.to_owned());
+    // Each level in turn: a path found so far and the names its wildcards
+    // matched.
+    let mut found: Vec<(PathBuf, Vec<String>)> = vec![(PathBuf::from("/"), Vec::new())];
+    let mut not_utf8 = Vec::new();
+    for level in pattern.split('/').filter(|level| !level.is_empty()) {
+        if !is_glob(level) {
+            found.iter_mut().for_each(|(path, _)| path.push(level));
+            continue;
         }
+        let wild = glob::Pattern::new(level).map_err(glob_error)?;
+        let mut next = Vec::new();
+        for (dir, matched) in found {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let mut names: Vec<std::ffi::OsString> = entries.filter_map(Result::ok).map(|e| e.file_name()).collect();
+            names.sort();
+            for name in names {
+                match name.to_str() {
+                    Some(text) if wild.matches(text) => {
+                        let matched = matched.iter().cloned().chain([text.to_owned()]).collect();
+                        next.push((dir.join(text), matched));
+                    }
+                    None if wild.matches(&name.to_string_lossy()) => not_utf8.push(dir.join(&name)),
+                    _ => {}
+                }
+            }
+            if next.len() > MOST_CANDIDATES {
+                return Err(SpecError::TooMany);
+            }
+        }
+        found = next;
+    }
+    found.retain(|(path, _)| path.exists());
+    if found.len() > most {
+        return Err(SpecError::TooMany);
     }
     if found.is_empty() {
-        return Err(SpecError::NoMatch(pattern.to_owned()));
+        return Err(match not_utf8.first() {
+            Some(path) => SpecError::NotUtf8(pattern.to_owned(), path.to_string_lossy().into_owned()),
+            None => SpecError::NoMatch(pattern.to_owned()),
+        });
     }
-    Ok(found)
+    let named = found.into_iter().map(|(path, matched)| {
+        let name: Vec<String> = prefix.map(str::to_owned).into_iter().chain(matched).collect();
+        (name.join("."), path)
+    });
+    Ok((named.collect(), not_utf8))
 }
 
 /// `EXEC_COMMAND` as a program and its arguments: split on whitespace, or
@@ -185,7 +233,7 @@ mod tests {
             std::fs::write(dir.join(zone).join("temp"), "42000\n").unwrap();
         }
         let spec = format!("cpu={0}/zone0/temp, {0}/zone*/temp, hot={0}/zone?/te*", dir.display());
-        let names: Vec<&str> = parse_file_sensors(&spec).unwrap().iter().map(|sensor| sensor.name).collect();
+        let names: Vec<&str> = parse_file_sensors(&spec).unwrap().0.iter().map(|sensor| sensor.name).collect();
         assert_eq!(names, ["cpu", "zone0", "zone1", "hot.zone0.temp", "hot.zone1.temp"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -193,6 +241,7 @@ mod tests {
     #[test]
     fn bad_specs_are_refused_with_the_entry() {
         let dir = tempdir("bad");
+        std::fs::create_dir_all(dir.join("subdir")).unwrap();
         let cases = [
             ("x=relative/path".to_owned(), SpecError::Entry("x=relative/path".into())),
             ("/no/name".to_owned(), SpecError::Unnamed("/no/name".into())),
@@ -201,10 +250,28 @@ mod tests {
             ("a=/x, a=/y".to_owned(), SpecError::Duplicate("a".into())),
             ("a b=/x".to_owned(), SpecError::Name("a b".into(), "holds whitespace or a control character")),
             ("/sys/**/temp".to_owned(), SpecError::Recursive("/sys/**/temp".into())),
+            (format!("{}/sub*", dir.display()), SpecError::Directory(format!("{}/subdir", dir.display()))),
+            (format!("d={}/subdir", dir.display()), SpecError::Directory(format!("{}/subdir", dir.display()))),
         ];
         for (spec, expected) in cases {
-            assert_eq!(parse_file_sensors(&spec), Err(expected), "{spec}");
+            assert_eq!(parse_file_sensors(&spec).map(drop), Err(expected), "{spec}");
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_that_is_not_utf8_is_left_out_and_said_and_alone_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempdir("not-utf8");
+        std::fs::write(dir.join("temp1"), "1\n").unwrap();
+        let odd = dir.join(std::ffi::OsStr::from_bytes(b"temp\xff"));
+        std::fs::write(&odd, "2\n").unwrap();
+        let (sensors, skipped) = parse_file_sensors(&format!("t={}/temp*", dir.display())).unwrap();
+        assert_eq!(sensors.iter().map(|sensor| sensor.name).collect::<Vec<_>>(), ["t.temp1"]);
+        assert_eq!(skipped, [odd.clone()]);
+        let only = format!("{}/temp[!1]", dir.display());
+        let error = parse_file_sensors(&only).map(drop).unwrap_err();
+        assert_eq!(error, SpecError::NotUtf8(only, odd.to_string_lossy().into_owned()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -331,7 +331,13 @@ pub(crate) fn for_lanes(config: &NodeConfig, ledger: &Arc<Ledger>) -> Result<Vec
     if let Some(interval) = config.host_interval {
         polled_sources.push(polled(host::Host::new(), interval.into(), Arc::clone(ledger)));
     }
-    let files = config.file_sensors()?;
+    let (files, skipped) = config.file_sensors_and_skipped()?;
+    for path in &skipped {
+        tracing::warn!(
+            message = "FILE_SENSORS: a glob matched a path that is not UTF-8; it is left out, as no sensor name can hold it.",
+            path = %path.to_string_lossy(),
+        );
+    }
     let owned = config.owned_names(&files)?;
     if !files.is_empty() {
         polled_sources.push(polled(file::Files::new(files), config.file_interval.into(), Arc::clone(ledger)));
