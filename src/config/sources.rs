@@ -104,6 +104,9 @@ fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
+/// A file sensor's name and path.
+type Named = (String, PathBuf);
+
 /// Most paths a glob's levels before the last may match between them.
 const MOST_CANDIDATES: usize = 100 * MOST_FILES;
 
@@ -113,7 +116,7 @@ fn expand(
     prefix: Option<&str>,
     pattern: &str,
     most: usize,
-) -> Result<(Vec<(String, PathBuf)>, Vec<PathBuf>), SpecError> {
+) -> Result<(Vec<Named>, Vec<PathBuf>), SpecError> {
     let glob_error = |error: glob::PatternError| SpecError::Glob(pattern.to_owned(), error.msg.to_owned());
     // Each level in turn: a path found so far and the names its wildcards
     // matched.
@@ -268,7 +271,7 @@ mod tests {
         std::fs::write(&odd, "2\n").unwrap();
         let (sensors, skipped) = parse_file_sensors(&format!("t={}/temp*", dir.display())).unwrap();
         assert_eq!(sensors.iter().map(|sensor| sensor.name).collect::<Vec<_>>(), ["t.temp1"]);
-        assert_eq!(skipped, [odd.clone()]);
+        assert_eq!(skipped, std::slice::from_ref(&odd));
         let only = format!("{}/temp[!1]", dir.display());
         let error = parse_file_sensors(&only).map(drop).unwrap_err();
         assert_eq!(error, SpecError::NotUtf8(only, odd.to_string_lossy().into_owned()));
