@@ -112,11 +112,7 @@ const MOST_CANDIDATES: usize = 100 * MOST_FILES;
 
 /// The paths `pattern` matches, each with its sensor name (in the order
 /// of their names), and those left out for a name that is not UTF-8.
-fn expand(
-    prefix: Option<&str>,
-    pattern: &str,
-    most: usize,
-) -> Result<(Vec<Named>, Vec<PathBuf>), SpecError> {
+fn expand(prefix: Option<&str>, pattern: &str, most: usize) -> Result<(Vec<Named>, Vec<PathBuf>), SpecError> {
     let glob_error = |error: glob::PatternError| SpecError::Glob(pattern.to_owned(), error.msg.to_owned());
     // Each level in turn: a path found so far and the names its wildcards
     // matched.

@@ -294,6 +294,26 @@ pub fn client_tls(dir: &Path) -> std::sync::Arc<ClientConfig> {
     std::sync::Arc::new(config)
 }
 
+/// Samples VictoriaMetrics has been sent over remote-write since it started
+/// (`vm_rows_inserted_total`), duplicates included: what its 1 ms
+/// de-duplication hides from a query. `None` for Prometheus.
+pub fn samples_sent(database: &Database) -> Option<u64> {
+    if database.kind != Kind::VictoriaMetrics {
+        return None;
+    }
+    let (_, body) = database.get("/metrics")?;
+    let line = body.lines().find(|line| line.starts_with("vm_rows_inserted_total{type=\"promremotewrite\"}"))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
+/// At most `most` samples were sent to the database (VictoriaMetrics only:
+/// its de-duplication would store once what was sent twice).
+pub fn assert_sent_at_most(database: &Database, most: u64) {
+    if let Some(sent) = samples_sent(database) {
+        assert!(sent <= most, "{sent} samples were sent to the database, more than {most}");
+    }
+}
+
 /// Every reading the nodes produced is in the database once: per node and
 /// sensor, as many samples as readings, times strictly increasing, and the
 /// values the simulated sensor gives for sequences 0, 1, 2, …
