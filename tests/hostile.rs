@@ -315,7 +315,8 @@ async fn connections_past_max_connections_wait_and_hold_nothing() {
     let grown = peak_rss(sink.child.id()).saturating_sub(before);
     eprintln!("peak RSS grew by {} MiB under 300 connections stalled mid-frame", grown >> 20);
     assert!(grown < 32 << 20, "the sink grew by {} MiB", grown >> 20);
-    assert_eq!(metric(metrics, "telemetry_sink_connections"), Some(32.0));
+    // Polled, not read once: on a busy machine the last places fill late.
+    wait_for_metric(metrics, "telemetry_sink_connections", 32.0).await;
     assert!(metric(metrics, "telemetry_sink_connections_waited_total").is_some_and(|waited| waited >= 1.0));
 
     let node = tokio::spawn(answered(address.port(), Duration::from_secs(60)));

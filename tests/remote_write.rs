@@ -487,7 +487,14 @@ async fn requests_of_one_node_queued_behind_a_stalled_database_are_stored_exactl
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let (_, page) = http_get(metrics, "/metrics").unwrap();
+    // Polled with a deadline: on a busy machine a write may get under way
+    // late.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut page = String::new();
+    while !page.contains("telemetry_sink_remote_write_in_flight 3") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = http_get(metrics, "/metrics").map(|(_, page)| page).unwrap_or_default();
+    }
     database.signal(libc::SIGCONT);
     assert!(page.contains("telemetry_sink_remote_write_in_flight 3"), "each node has a write under way: {page}");
     let mut answered: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();

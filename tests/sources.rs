@@ -208,9 +208,20 @@ fn a_hanging_command_and_a_missing_file_with_the_default_settings() {
         &dir,
     );
     let metrics = node.metrics_address().port();
-    std::thread::sleep(Duration::from_millis(6500));
-    let timeouts = metric(metrics, "telemetry_node_readings_failed_total{source=\"exec\",reason=\"timeout\"}");
-    let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
+    // The first run times out at 5 s, the second starts at 10 s: polled
+    // until the first is counted, not read at a fixed moment.
+    let counted = || {
+        let timeouts = metric(metrics, "telemetry_node_readings_failed_total{source=\"exec\",reason=\"timeout\"}");
+        let missing = metric(metrics, "telemetry_node_readings_failed_total{source=\"file\",reason=\"missing\"}");
+        (timeouts, missing)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(9);
+    while counted().0.is_none_or(|n| n < 1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The group's children die with it; give the kernel a moment to reap.
+    std::thread::sleep(Duration::from_millis(300));
+    let (timeouts, missing) = counted();
     let left: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(Result::ok)

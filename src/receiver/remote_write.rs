@@ -334,6 +334,13 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn the_waiting_limits_are_the_documented_ones() {
+        // The README's figures: 16 requests of one node waiting, 1,024 at
+        // all. A change here is a change there.
+        assert_eq!((MOST_WAITING_PER_SENDER, MOST_WAITING_AT_ALL, MOST_WAITING), (16, 1024, 64));
+    }
+
     /// A request of `sender` and where its answer comes.
     fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::writer::Written>) {
         let (written, answer) = oneshot::channel();
