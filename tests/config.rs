@@ -367,7 +367,10 @@ fn a_node_writing_to_the_database_checks_the_same_settings() {
         (&[direct], "REMOTE_WRITE_URL"),
         (&[direct, ("REMOTE_WRITE_URL", "ftp://db/api/v1/write")], "REMOTE_WRITE_URL"),
         (&[direct, ("REMOTE_WRITE_URL", "http://user:pw-S3cret@db/api/v1/write")], "REMOTE_WRITE_URL"),
-        (&[direct, ("REMOTE_WRITE_URL", "http://db/w"), ("REMOTE_WRITE_MAX_AGE", "10ms")], "REMOTE_WRITE_MAX_AGE"),
+        (
+            &[direct, ("REMOTE_WRITE_URL", "http://db/api/v1/write"), ("REMOTE_WRITE_MAX_AGE", "30s")],
+            "REMOTE_WRITE_MAX_AGE",
+        ),
         (&[("DESTINATION", "vm")], "DESTINATION"),
     ];
     for (pairs, variable) in cases {

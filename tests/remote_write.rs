@@ -825,7 +825,7 @@ fn a_path_the_database_does_not_serve(name: &str, node_env: fn(&str, &str) -> Ve
     let mut env = direct(node_env("", "node-a"), &database);
     for (variable, value) in env.iter_mut() {
         if *variable == "REMOTE_WRITE_URL" {
-            *value = value.replace("/api/v1/write", "/api/v1/writ");
+            *value = value.replace("/api/v1/write", "/nowhere/api/v1/write");
         }
     }
     let node = Process::start("node", NODE, &[], &env, &dir);
@@ -1330,7 +1330,8 @@ fn a_database_that_refuses_every_request_from_the_start_is_a_setting_not_bad_dat
     let Some(database) = Database::start(Kind::VictoriaMetrics, &dir) else { return };
     let mut env = sink_env(ANY_PORT, &database);
     env.retain(|(variable, _)| *variable != "REMOTE_WRITE_URL");
-    env.push(("REMOTE_WRITE_URL", format!("{}?extra_label=bad", database.url())));
+    // The query may hold a token; the database echoes it in its answer.
+    env.push(("REMOTE_WRITE_URL", format!("{}?extra_label=bad&authKey=S3cretQ", database.url())));
     env.push(("METRICS_ADDR", "127.0.0.1:0".into()));
     let (sink, socket) = Process::start_sink("sink", &env, &dir);
     let metrics = sink.metrics_address();
@@ -1345,7 +1346,9 @@ fn a_database_that_refuses_every_request_from_the_start_is_a_setting_not_bad_dat
     let summary = summary_fields(&stdout);
     assert!(summary["produced"] > 0 && summary["acked"] == 0, "{stdout}");
     assert!(!stdout.contains("refused:"), "nothing is dropped as refused: {stdout}");
+    assert!(!stderr.contains("S3cretQ"), "the URL's query reached the node: {stderr}");
     let (_, _, log) = sink.terminate(Duration::from_secs(30));
+    assert!(!log.contains("S3cretQ"), "the URL's query was logged: {log}");
     assert!(log.contains("check that REMOTE_WRITE_URL is its remote-write endpoint"), "{log}");
     // The nodes are told to come back (UNAVAILABLE), not that their data
     // is bad (INVALID_ARGUMENT, which they would drop).

@@ -228,3 +228,41 @@ fn exec_environment(secret: &str) -> String {
     assert_eq!(code, 0, "{stderr}");
     std::fs::read_to_string(&seen).unwrap()
 }
+
+#[test]
+fn the_exec_command_cannot_read_the_nodes_environment_through_proc() {
+    // As the container runs it: node and command one unprivileged user.
+    let dir = scratch("exec-proc-environ");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let seen = dir.join("environ");
+    let env = [
+        ("SINK_AUTH_TOKEN", "marker-token".to_owned()),
+        ("SENSOR_COUNT", "0".to_owned()),
+        ("EXEC_SHELL", "true".to_owned()),
+        (
+            "EXEC_COMMAND",
+            format!("cat /proc/$PPID/environ > {0}.part 2>&1; mv {0}.part {0}; echo done 1", seen.display()),
+        ),
+        ("EXEC_INTERVAL", "100ms".to_owned()),
+        ("SHUTDOWN_TIMEOUT", "1s".to_owned()),
+        ("PATH", std::env::var("PATH").unwrap_or_default()),
+        ("GRPC_SERVER_SOCKET", format!("127.0.0.1:{}", common::free_port())),
+    ];
+    let args = ["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_telemetry-node")];
+    let node = common::Process::start("node", "setpriv", &args, &env, &dir);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !seen.exists() {
+        if std::time::Instant::now() > deadline {
+            let (_, _, stderr) = node.terminate(Duration::from_secs(30));
+            assert!(std::env::var_os("CI").is_none(), "the command never ran: {stderr}");
+            eprintln!("skipped: cannot run the node as another user here: {stderr}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, stderr) = node.terminate(Duration::from_secs(30));
+    assert_eq!(code, 0, "{stderr}");
+    let environ = std::fs::read_to_string(&seen).unwrap();
+    assert!(!environ.contains("marker-token"), "the command read the node's secrets: {environ}");
+    assert!(environ.contains("Permission denied"), "{environ}");
+}

@@ -69,16 +69,34 @@ impl RemoteWriteConfig {
             if url.contains('@') {
                 return Err(super::invalid("REMOTE_WRITE_URL", super::HIDDEN_CREDENTIALS));
             }
-            let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
-            let scheme = uri.as_ref().and_then(|uri| uri.scheme_str());
             // Shown without its query, which may hold a token.
             let shown = self.shown_url();
-            ensure(matches!(scheme, Some("http" | "https")), "REMOTE_WRITE_URL", &shown)?;
-            let usable = uri.as_ref().is_some_and(|uri| port_fits(uri) && !other_protocol(uri.path()));
-            ensure(usable, "REMOTE_WRITE_URL", &shown)?;
-            if scheme == Some("https") {
-                let host = uri.as_ref().and_then(|uri| uri.host()).unwrap_or("").trim_matches(['[', ']']);
-                ensure(rustls_pki_types::ServerName::try_from(host).is_ok(), "REMOTE_WRITE_URL", &shown)?;
+            let unusable = |reason: &str| ConfigError::Unusable {
+                variable: "REMOTE_WRITE_URL",
+                value: shown.clone(),
+                reason: reason.to_owned(),
+            };
+            if url.trim().is_empty() {
+                return Err(unusable("not set: the database's remote-write endpoint is required here"));
+            }
+            let uri = url.parse::<hyper::Uri>().ok().filter(|uri| uri.host().is_some());
+            let scheme = uri.as_ref().and_then(|uri| uri.scheme_str()).map(str::to_owned);
+            let Some(uri) = uri.filter(|_| matches!(scheme.as_deref(), Some("http" | "https"))) else {
+                return Err(unusable("not an http:// or https:// URL with a host"));
+            };
+            if !port_fits(&uri) {
+                return Err(unusable("the port is not from 1 to 65535"));
+            }
+            if other_protocol(uri.path()) || !remote_write_path(uri.path()) {
+                return Err(unusable(
+                    "not a remote-write endpoint: its path must end in /write, /push, /receive or /prometheus (e.g. /api/v1/write), and not be another protocol's (/write of InfluxDB, /api/v1/import)",
+                ));
+            }
+            if scheme.as_deref() == Some("https") {
+                let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+                if rustls_pki_types::ServerName::try_from(host).is_err() {
+                    return Err(unusable("the host is not a DNS name or IP address a certificate can name"));
+                }
             }
             self.roots()?;
             self.identity()?;
@@ -92,10 +110,16 @@ impl RemoteWriteConfig {
             && !metric.starts_with("__");
         ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
         ensure_positive("REMOTE_WRITE_TIMEOUT", self.timeout)?;
-        // A window narrower than a second would refuse nearly every reading.
-        for (variable, limit) in [("REMOTE_WRITE_MAX_AGE", self.max_age), ("REMOTE_WRITE_MAX_AHEAD", self.max_ahead)] {
+        // A window narrower than a second would refuse nearly every reading;
+        // readings wait up to BATCH_TIMEOUT and their retries before they are
+        // sent, so an age limit under a minute would refuse the data of
+        // every short outage as if it were bad.
+        for (variable, limit, least) in [
+            ("REMOTE_WRITE_MAX_AGE", self.max_age, Duration::from_secs(60)),
+            ("REMOTE_WRITE_MAX_AHEAD", self.max_ahead, Duration::from_secs(1)),
+        ] {
             ensure_positive(variable, limit)?;
-            ensure(*limit >= Duration::from_secs(1), variable, limit)?;
+            ensure(*limit >= least, variable, limit)?;
         }
         if let Some(token) = &self.bearer_token {
             ensure(super::tokenable(token.expose()), "REMOTE_WRITE_BEARER_TOKEN", "(hidden)")?;
@@ -172,11 +196,7 @@ impl RemoteWriteConfig {
     /// REMOTE_WRITE_URL for logs and errors: without its query or
     /// fragment, which may hold a token.
     pub fn shown_url(&self) -> String {
-        let Some(url) = self.url.as_deref() else { return String::new() };
-        match url.split_once(['?', '#']) {
-            Some((base, _)) => format!("{base}{QUERY_NOT_SHOWN}"),
-            None => url.to_owned(),
-        }
+        self.url.as_deref().map(shown).unwrap_or_default()
     }
 
     /// Whether REMOTE_WRITE_URL is https, read as the client will read it
@@ -217,6 +237,19 @@ fn other_protocol(path: &str) -> bool {
     influx || segments.iter().any(|segment| others.contains(segment)) || reads.contains(&last)
 }
 
+/// Whether `path` ends as remote-write endpoints do: `/api/v1/write`
+/// (VictoriaMetrics, Prometheus, vmagent), `/api/v1/push` and
+/// `/api/prom/push` (Mimir, Cortex), `/api/v1/receive` (Thanos),
+/// `/insert/0/prometheus` (VictoriaMetrics' cluster). A database answers OK
+/// to a write sent to many of its other endpoints (a health check, a
+/// status page, an admin action) and stores nothing, so the rest are
+/// refused at start.
+fn remote_write_path(path: &str) -> bool {
+    let path = percent_decoded(path).to_ascii_lowercase();
+    let last = path.split('/').rfind(|segment| !segment.is_empty()).unwrap_or("");
+    ["write", "push", "receive", "prometheus"].contains(&last)
+}
+
 /// `path` with each `%XX` decoded (bytes that are not UTF-8 are replaced).
 fn percent_decoded(path: &str) -> String {
     let bytes = path.as_bytes();
@@ -236,6 +269,15 @@ fn percent_decoded(path: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `url` as logs and errors show it: without its query or fragment, which
+/// may hold a token.
+pub(crate) fn shown(url: &str) -> String {
+    match url.split_once(['?', '#']) {
+        Some((base, _)) => format!("{base}{QUERY_NOT_SHOWN}"),
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +321,14 @@ mod tests {
             "/metrics",
         ] {
             assert!(other_protocol(path), "{path}");
+        }
+        for path in ["/api/v1/write", "/api/v1/push", "/api/prom/push", "/api/v1/receive", "/insert/0/prometheus/"] {
+            assert!(remote_write_path(path), "{path}");
+        }
+        for path in
+            ["/", "/snapshot/create", "/snapshot/delete_all", "/internal/force_merge", "/api/v1/status/tsdb", "/health"]
+        {
+            assert!(!remote_write_path(path), "{path}");
         }
         let fits = |url: &str| port_fits(&url.parse().unwrap());
         assert!(fits("http://db/api/v1/write") && fits("http://db:8428/w") && fits("http://[::1]:8428/w"));

@@ -79,12 +79,15 @@ pub(crate) fn parse_file_sensors(spec: &str) -> Result<(Vec<FileSensor>, Vec<Pat
             skipped.extend(not_utf8);
             found
         } else {
-            let name = prefix.ok_or_else(|| SpecError::Unnamed(entry.to_owned()))?;
+            let name = prefix.ok_or_else(|| match std::path::Path::new(pattern).is_dir() {
+                true => SpecError::Directory(pattern.trim_end_matches('/').to_owned()),
+                false => SpecError::Unnamed(entry.to_owned()),
+            })?;
             vec![(name.to_owned(), PathBuf::from(pattern))]
         };
         for (name, path) in found {
             if path.is_dir() {
-                return Err(SpecError::Directory(path.display().to_string()));
+                return Err(SpecError::Directory(path.display().to_string().trim_end_matches('/').to_owned()));
             }
             check_sensor_name(&name).map_err(|why| SpecError::Name(name.clone(), why))?;
             if !names.insert(name.clone()) {

@@ -148,6 +148,12 @@ impl Database {
             }
             Ok(Ok((status, retry_after, body))) => {
                 let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_BYTES)]).trim().to_owned();
+                // A database may echo the request's URL, whose query can
+                // hold a token: never logged, never passed to the nodes.
+                let text = match self.url.query().filter(|query| !query.is_empty()) {
+                    Some(query) => text.replace(query, "(query not shown)"),
+                    None => text,
+                };
                 let message = format!("the database answered {status}: {text}");
                 match status {
                     StatusCode::TOO_MANY_REQUESTS => Answer::Busy { class: "429", retry_after, message },

@@ -29,6 +29,12 @@ pub fn adopt_orphans() {
     {
         use tokio::signal::unix::{SignalKind, signal};
         let me = rustix::process::getpid();
+        // The command runs as the node's user, so it could read the node's
+        // environment, secrets and all, from /proc/<node>/environ: a
+        // process that is not dumpable has its /proc files owned by root.
+        if let Err(error) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+            tracing::warn!(message = "Cannot hide the node's environment from its exec command", %error);
+        }
         // As PID 1 the node adopts every orphan of its namespace anyway.
         if let Err(error) = rustix::process::set_child_subreaper(Some(me)) {
             tracing::warn!(message = "Cannot adopt the exec command's orphans; a process it leaves running is left to init", %error);
