@@ -18,11 +18,14 @@ use tracing::{error, info};
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).is_some_and(|arg| arg == "help" || arg == "--help" || arg == "-h") {
-        println!("usage: telemetry-sink   (configured by environment variables, see the README)");
+        println!(
+            "usage: telemetry-sink        receive readings over gRPC and write them to a file or a database\n\n{}",
+            config::reference::help(config::reference::Binary::Sink)
+        );
         return ExitCode::SUCCESS;
     }
-    let config = match config::process_env().and_then(|vars| SinkConfig::from_vars(&vars)) {
-        Ok(config) => config,
+    let (config, vars) = match config::process_env().and_then(|vars| Ok((SinkConfig::from_vars(&vars)?, vars))) {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("telemetry-sink: {error}");
             return ExitCode::from(2);
@@ -37,14 +40,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, vars))
 }
 
-async fn run(config: SinkConfig) -> ExitCode {
+async fn run(config: SinkConfig, vars: std::collections::HashMap<String, String>) -> ExitCode {
     // Before anything slow (reading back the output file): a stop signal
     // then stops the sink cleanly once it serves.
     let (stop, hurry) = telemetry_node::signals::stop_signals(false);
     log_config(&config);
+    let settings = config::reference::in_force(config::reference::Binary::Sink, &vars);
+    info!(message = "Configuration in force.", %settings);
     let address = config.server_socket.trim();
     let listener = match telemetry_node::listen::bind(address).await {
         Ok(listener) => listener,

@@ -6,6 +6,7 @@
 //! [`ConfigError`] that names the variable, the value and what is accepted.
 
 mod node;
+pub mod reference;
 mod remote_write;
 mod sink;
 mod sources;
@@ -122,10 +123,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("MAX_CONNECTIONS", "a whole number from 1 to 1000000"),
     ("OUTPUT", "file or remote-write"),
     ("DESTINATION", "sink or remote-write"),
-    (
-        "REMOTE_WRITE_URL",
-        "the database's remote-write endpoint, http://host:port/path or https://host:port/path (the host a DNS name or IP address) with a port from 1 to 65535 if any, without credentials (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD), and not an endpoint of another protocol that answers OK and stores nothing (InfluxDB's /write, /api/v2/write; /api/v1/import), required by the sink's OUTPUT=remote-write and the node's DESTINATION=remote-write",
-    ),
+    ("REMOTE_WRITE_URL", "a URL without credentials in it (use REMOTE_WRITE_USERNAME and REMOTE_WRITE_PASSWORD)"),
     (
         "REMOTE_WRITE_TLS_CA_CERT",
         "a readable PEM file of the CAs to trust for an https:// REMOTE_WRITE_URL (default: /etc/ssl/certs/ca-certificates.crt, which must then exist); only with https://",
@@ -138,7 +136,7 @@ const ACCEPTED: &[(&str, &str)] = &[
     ("REMOTE_WRITE_PASSWORD", "a non-empty password, set together with REMOTE_WRITE_USERNAME"),
     ("REMOTE_WRITE_METRIC", "a Prometheus metric name not starting with __, e.g. sensor_value"),
     ("REMOTE_WRITE_TIMEOUT", "a duration from 1ms to 3650 days, e.g. 4s"),
-    ("REMOTE_WRITE_MAX_AGE", "a duration from 1s to 3650 days, e.g. 30d"),
+    ("REMOTE_WRITE_MAX_AGE", "a duration from 1m to 3650 days, e.g. 30d"),
     ("REMOTE_WRITE_MAX_AHEAD", "a duration from 1s to 3650 days, e.g. 10m"),
     ("REMOTE_WRITE_CONCURRENCY", "a whole number of requests from 1 to 64"),
     ("REMOTE_WRITE_MAX_SAMPLES", "a whole number of samples from 1 to 1000000"),

@@ -136,8 +136,9 @@ impl HostReadings {
         if let (Some(available), Some(total)) = (get("host_memory_available_bytes"), get("host_memory_total_bytes")) {
             shown.push_str(&format!(" mem_available={}/{} MiB", available >> 20, total >> 20));
         }
-        if let Some(free) = get("host_filesystem_free_bytes:/") {
-            shown.push_str(&format!(" root_free={} MiB", free >> 20));
+        // What `df` shows as available: what an unprivileged writer has.
+        if let Some(available) = get("host_filesystem_avail_bytes:/") {
+            shown.push_str(&format!(" root_available={} MiB", available >> 20));
         }
         shown
     }

@@ -20,9 +20,10 @@ use tracing::info;
 
 const USAGE: &str = "\
 usage: telemetry-node [run]                  run the node, configured by environment variables
-       telemetry-node demo [--duration D] [--host]
+       telemetry-node demo [--duration D] [--host] [--keep]
                                              run a node against an embedded sink for D (default 10s);
-                                             --host adds the host source and shows its readings
+                                             --host adds the host source and shows its readings;
+                                             --keep keeps the sink's folder (removed by default)
        telemetry-node bench [--duration D] [--batch-size N] [--sensors N] [--in-flight N] [--writer on|off]
                                              measure readings/s: bare client vs the node's pipeline
                                              (defaults: 10s, 1000, 16000, 4, off)
@@ -31,7 +32,7 @@ usage: telemetry-node [run]                  run the node, configured by environ
 /// What the command line asks for.
 enum Command {
     Run,
-    Demo { duration: Duration, host: bool },
+    Demo { duration: Duration, host: bool, keep: bool },
     Bench(BenchOptions),
     Help,
 }
@@ -45,7 +46,7 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Help = command {
-        println!("{USAGE}");
+        println!("{USAGE}\n\n{}", config::reference::help(config::reference::Binary::Node));
         return ExitCode::SUCCESS;
     }
     let (vars, mut config) = match config::process_env().and_then(|vars| Ok((NodeConfig::from_vars(&vars)?, vars))) {
@@ -70,9 +71,9 @@ fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match command {
-            Command::Demo { duration, host } => run_demo(config, duration, host).await,
+            Command::Demo { duration, host, keep } => run_demo(config, duration, host, keep).await,
             Command::Bench(options) => run_bench(options).await,
-            _ => run_node(config).await,
+            _ => run_node(config, &vars).await,
         }
     });
     // A source's read stuck in the kernel (a file on a hung mount) must not
@@ -90,7 +91,7 @@ enum Chosen {
     Database(RemoteWriteTransport),
 }
 
-async fn run_node(config: NodeConfig) -> ExitCode {
+async fn run_node(config: NodeConfig, vars: &std::collections::HashMap<String, String>) -> ExitCode {
     // Before anything slow (opening the spool): a stop signal then stops
     // the node cleanly.
     let (first, second) = telemetry_node::signals::stop_signals(true);
@@ -100,6 +101,8 @@ async fn run_node(config: NodeConfig) -> ExitCode {
         telemetry_node::node::source::adopt_orphans();
     }
     log_config(&config);
+    let settings = config::reference::in_force(config::reference::Binary::Node, vars);
+    tracing::info!(message = "Configuration in force.", %settings);
     let needed = config.requests_needed();
     if needed > config.request_rate {
         tracing::warn!(
@@ -165,7 +168,7 @@ async fn run_node(config: NodeConfig) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool) -> ExitCode {
+async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool, keep: bool) -> ExitCode {
     if host && config.host_interval.is_none() {
         config.host_interval = Some(Duration::from_secs(1).into());
     }
@@ -179,7 +182,20 @@ async fn run_demo(mut config: NodeConfig, duration: Duration, host: bool) -> Exi
     let (stop, _) = telemetry_node::signals::stop_signals(true);
     match demo::run(config, duration, stop).await {
         Ok(report) => {
-            eprintln!("demo: sink wrote {} readings to {}", report.sink.readings_written, report.output.display());
+            let written = report.sink.readings_written;
+            let folder = report.output.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+            if keep {
+                eprintln!("demo: sink wrote {written} readings to {} (kept)", report.output.display());
+            } else {
+                match std::fs::remove_dir_all(&folder) {
+                    Ok(()) => eprintln!("demo: sink wrote {written} readings (its folder removed; --keep keeps it)"),
+                    Err(error) => eprintln!(
+                        "demo: sink wrote {written} readings to {}; could not remove {}: {error}",
+                        report.output.display(),
+                        folder.display()
+                    ),
+                }
+            }
             println!("summary: {}", report.node);
             ExitCode::SUCCESS
         }
@@ -201,13 +217,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Command, String>
             let mut duration = Duration::from_secs(10);
             let args: Vec<String> = args.collect();
             let host = args.iter().any(|arg| arg == "--host");
-            for (option, value) in options(args.into_iter().filter(|arg| arg != "--host"))? {
+            let keep = args.iter().any(|arg| arg == "--keep");
+            for (option, value) in options(args.into_iter().filter(|arg| arg != "--host" && arg != "--keep"))? {
                 match option.as_str() {
                     "--duration" => duration = parse_duration(&value)?,
                     _ => return Err(format!("unknown demo option {option:?}")),
                 }
             }
-            Ok(Command::Demo { duration, host })
+            Ok(Command::Demo { duration, host, keep })
         }
         Some("bench") => {
             let mut bench = BenchOptions {
