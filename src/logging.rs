@@ -8,8 +8,14 @@ pub fn init(level: tracing::Level, format: LogFormat) {
     // A log line that cannot be written (stderr closed: a collector that
     // died) is passed over; by default the subscriber would report it with
     // eprintln!, which panics on that same closed stderr.
-    let builder =
-        tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).log_internal_errors(false);
+    // Colours only for a person at a terminal: a file or a collector would
+    // keep the escape codes.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(colours)
+        .log_internal_errors(false);
     // A second call (tests that run both binaries' code) keeps the first.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -112,6 +112,10 @@ fn the_demo_ends_with_everything_acknowledged() {
     let summary = summary_fields(&stdout);
     assert!(summary["produced"] >= 40, "{last}");
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{last}");
+    // It cleans up after itself, and says so.
+    assert!(stderr.contains("(its folder removed; --keep keeps it)"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|name| name.to_string_lossy().starts_with("telemetry-node-demo-")), "{left:?}");
 }
 
 #[test]
@@ -127,7 +131,11 @@ fn the_demo_with_host_shows_live_host_readings() {
     let (code, stdout, stderr) = demo.wait(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("and the host every 1s"), "{stderr}");
-    let shown = stderr.lines().filter(|line| line.contains("| host:") && line.contains("mem_available=")).count();
+    // Space available on / (what df shows, what to alert on), not free.
+    let shown = stderr
+        .lines()
+        .filter(|line| line.contains("| host:") && line.contains("mem_available=") && line.contains("root_available="))
+        .count();
     assert!(shown >= 1, "{stderr}");
     let summary = summary_fields(&stdout);
     assert_eq!((summary["acked"], summary["dropped"]), (summary["produced"], 0), "{stdout}");

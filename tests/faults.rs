@@ -340,6 +340,10 @@ fn sink_killed(
 
     let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
+    // Each retry warning says where the node failed to reach.
+    let retried: Vec<&str> = stderr.lines().filter(|line| line.contains("Failed to send batch, retrying.")).collect();
+    assert!(!retried.is_empty(), "{stderr}");
+    assert!(retried.iter().all(|line| line.contains(&format!("to=http://127.0.0.1:{port}"))), "{retried:?}");
     let (code, _, stderr) = sink.terminate(Duration::from_secs(30));
     assert_eq!(code, 0, "{stderr}");
     let summary = summary_fields(&stdout);

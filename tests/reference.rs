@@ -110,3 +110,36 @@ fn help_and_the_start_up_log_show_every_variable_secrets_hidden() {
         }
     }
 }
+
+#[test]
+fn every_value_dot_env_example_sets_is_the_default_of_each_binary_that_reads_it() {
+    // The file says every value in it is the default: a sink started with
+    // the copied file must listen where its own default says.
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(".env.example")).unwrap();
+    let mut set = 0;
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((name, value)) = line.split_once('=') else { continue };
+        let variable = VARIABLES.iter().find(|variable| variable.name == name);
+        let variable = variable.unwrap_or_else(|| panic!(".env.example sets {name}, which no binary reads"));
+        for default in [variable.node, variable.sink].into_iter().flatten() {
+            assert_eq!(value, default, ".env.example: {name}={value}, but a binary's default is {default}");
+        }
+        set += 1;
+    }
+    assert!(set > 30, "{set}");
+}
+
+#[path = "common/mod.rs"]
+mod common;
+
+#[test]
+fn a_log_written_to_a_file_has_no_colour_codes_and_shows_the_configuration_in_force() {
+    let dir = common::scratch("log-to-file");
+    let env = [("GRPC_SERVER_SOCKET", "127.0.0.1:0".to_owned()), ("SINK_AUTH_TOKEN", "marker-secret".to_owned())];
+    let (sink, _) = common::Process::start_sink("sink", &env, &dir);
+    let (code, _, log) = sink.terminate(std::time::Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("Configuration in force.") && log.contains("MAX_CONNECTIONS=1024"), "{log}");
+    assert!(log.contains("SINK_AUTH_TOKEN=(set, not shown)") && !log.contains("marker-secret"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
+}

@@ -19,6 +19,7 @@ pub use node::{
     Retries,
 };
 pub use remote_write::RemoteWriteConfig;
+pub(crate) use remote_write::shown as shown_url;
 pub use sink::{OutputKind, ServerTls, SinkConfig};
 pub use sources::{FileSensor, HOST_PREFIX, Owned};
 

@@ -195,6 +195,11 @@ impl Database {
 }
 
 impl Database {
+    /// REMOTE_WRITE_URL as logs show it: without its query.
+    pub(crate) fn shown_url(&self) -> String {
+        crate::config::shown_url(&self.url.to_string())
+    }
+
     /// The database's clock less this one's, in milliseconds: from its
     /// last answer, or, before the first, from the answer to an empty write
     /// (0 when the answer has no `Date`); an error when the database cannot

@@ -122,6 +122,7 @@ pub(crate) async fn deliver<T: Transport>(
         }
         warn!(
             message = "Failed to send batch, retrying.",
+            to = %context.transport.destination(),
             code = code_name(status.code()),
             error = status.message(),
             ?wait

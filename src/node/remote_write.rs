@@ -82,6 +82,10 @@ impl Transport for RemoteWriteTransport {
             Answer::Refused(message) => Err(Status::invalid_argument(message)),
         }
     }
+
+    fn destination(&self) -> String {
+        self.database.shown_url()
+    }
 }
 
 /// RESOURCE_EXHAUSTED asking the sender to wait `wait` (the database's

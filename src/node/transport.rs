@@ -24,6 +24,11 @@ pub fn endpoint(config: &NodeConfig) -> Result<Endpoint, ConfigError> {
 pub trait Transport: Clone + Send + Sync + 'static {
     /// Sends `request` and waits for the sink's answer.
     fn send(&self, request: Outgoing) -> impl Future<Output = Result<(), Status>> + Send;
+
+    /// Where requests go, for logs: an address or a URL (never its query).
+    fn destination(&self) -> String {
+        String::from("the sink")
+    }
 }
 
 /// HTTP/2 flow-control window per stream and per connection. tonic's
@@ -41,6 +46,8 @@ pub struct GrpcTransport {
     rpc_timeout: Duration,
     /// `Bearer <SINK_AUTH_TOKEN>`, sent with every request when set.
     authorization: Option<MetadataValue<Ascii>>,
+    /// The sink's URI, for logs.
+    address: std::sync::Arc<str>,
 }
 
 impl GrpcTransport {
@@ -86,12 +93,13 @@ impl GrpcTransport {
         compression: Compression,
         authorization: Option<MetadataValue<Ascii>>,
     ) -> Self {
+        let address = endpoint.uri().to_string().into();
         let endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
         let mut client = Grpc::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
         if compression == Compression::Gzip {
             client = client.send_compressed(CompressionEncoding::Gzip);
         }
-        Self { client, rpc_timeout, authorization }
+        Self { client, rpc_timeout, authorization, address }
     }
 }
 
@@ -134,6 +142,10 @@ impl GrpcTransport {
 impl Transport for GrpcTransport {
     async fn send(&self, request: Outgoing) -> Result<(), Status> {
         self.send_payload(request).await
+    }
+
+    fn destination(&self) -> String {
+        self.address.to_string()
     }
 }
 

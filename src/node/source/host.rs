@@ -109,11 +109,7 @@ fn read_all(state: &mut State) -> Round {
         Ok(disks) => {
             // Whole disks only (partitions would count the same bytes
             // twice), and no loop or RAM devices.
-            let whole = |name: &str| {
-                !name.starts_with("loop")
-                    && !name.starts_with("ram")
-                    && std::path::Path::new("/sys/block").join(name).exists()
-            };
+            let whole = |name: &str| !in_memory(name) && std::path::Path::new("/sys/block").join(name).exists();
             for disk in disks.into_iter().filter(|disk| whole(&disk.name)) {
                 // /proc/diskstats counts 512-byte sectors, whatever the disk's own.
                 values.insert(format!("host_disk_read_bytes_total:{}", disk.name), disk.sectors_read * 512);
@@ -181,6 +177,13 @@ fn keep_name(state: &mut State, name: &str) -> Result<&'static str, &'static str
     Ok(kept)
 }
 
+/// Whether block device `name` lives in memory or in a file, not on a disk:
+/// loop devices, RAM disks (`ram0`), compressed RAM (`zram0`, swap and
+/// /tmp on many distributions).
+fn in_memory(name: &str) -> bool {
+    ["loop", "ram", "zram"].iter().any(|prefix| name.starts_with(prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +220,16 @@ mod tests {
         let filesystems = after.keys().filter(|name| name.starts_with("host_filesystem_free_bytes:")).count();
         let disks = after.keys().filter(|name| name.starts_with("host_disk_read_bytes_total:")).count();
         eprintln!("{} host sensors, {filesystems} filesystems, {disks} disks", after.len());
+    }
+
+    #[test]
+    fn loop_ram_and_zram_devices_are_not_disks() {
+        for name in ["loop0", "ram0", "zram0", "zram12"] {
+            assert!(in_memory(name), "{name}");
+        }
+        for name in ["sda", "nvme0n1", "vda", "xvdb", "md0", "dm-0"] {
+            assert!(!in_memory(name), "{name}");
+        }
     }
 
     #[test]
