@@ -546,7 +546,7 @@ async fn a_batch_sent_again_is_stored_once(kind: Kind, name: &str) {
     let values: Vec<f64> = series[&("n".to_owned(), "x".to_owned())].iter().map(|(_, v)| *v).collect();
     assert_eq!(values, (0..10).map(|i| i as f64).collect::<Vec<_>>());
     // The sink keeps no memory in remote-write mode: the database was sent
-    // the batch twice and its 1 ms de-duplication (the setting the README
+    // the batch twice and its 1 ms de-duplication (the setting docs/outputs.md
     // asks for) kept it once; no more than that was sent.
     common::database::assert_sent_at_most(&database, 20);
     if let Some(sent) = common::database::samples_sent(&database) {

@@ -175,7 +175,7 @@ pub const VARIABLES: &[Variable] = &[
         "REMOTE_WRITE_MAX_AGE",
         "30d",
         "30d",
-        "oldest reading sent, by the database's clock; older refuse their request",
+        "oldest reading sent (at least 1m), by the database's clock; older refuse their request",
     ),
     both("REMOTE_WRITE_MAX_AHEAD", "10m", "10m", "furthest ahead of the database's clock a reading may be"),
     secret(both("REMOTE_WRITE_BEARER_TOKEN", UNSET, UNSET, "bearer token for the database")),

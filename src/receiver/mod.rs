@@ -298,7 +298,7 @@ mod documented {
 
     #[test]
     fn the_frame_and_keepalive_limits_are_the_documented_ones() {
-        // The README's figures: frames of up to 256 KiB, a PING after 30 s
+        // The documented figures (docs/delivery.md): frames of up to 256 KiB, a PING after 30 s
         // of silence, closed without an answer in 20 s.
         assert_eq!(MAX_FRAME_BYTES, 256 * 1024);
         assert_eq!((KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), (Duration::from_secs(30), Duration::from_secs(20)));

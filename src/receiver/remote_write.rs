@@ -336,7 +336,7 @@ mod tests {
 
     #[test]
     fn the_waiting_limits_are_the_documented_ones() {
-        // The README's figures: 16 requests of one node waiting, 1,024 at
+        // The documented figures (docs/outputs.md): 16 requests of one node waiting, 1,024 at
         // all. A change here is a change there.
         assert_eq!((MOST_WAITING_PER_SENDER, MOST_WAITING_AT_ALL, MOST_WAITING), (16, 1024, 64));
     }
