@@ -178,7 +178,9 @@ proptest! {
         setup.sensors = setup.sensors.min(100);
         // Past the lanes' share of the capacity, whatever the timer allows.
         let per_lane = setup.batch_size as f64 * setup.request_rate / setup.lanes() as f64;
-        setup.sensor_rate = over * per_lane / setup.busiest() as f64;
+        // A sensor gives at most 1000 readings a second.
+        setup.sensor_rate = (over * per_lane / setup.busiest() as f64).min(telemetry_node::config::MAX_SENSOR_RATE);
+        prop_assume!(setup.sensor_rate * setup.busiest() as f64 > 1.5 * per_lane);
         setup.run_ms = setup.run_ms.max(5_000);
         setup.policy = block.then_some("block");
         let (summary, deliveries, _) = run(&setup);
