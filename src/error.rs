@@ -78,6 +78,14 @@ pub enum ReceiveError {
         /// The most a label value may be.
         limit: usize,
     },
+    /// A sensor name reads as a metric with labels a database would refuse.
+    #[error("item {index}: {reason}")]
+    BadLabels {
+        /// Position of the reading in the request.
+        index: usize,
+        /// What is wrong with its labels.
+        reason: String,
+    },
     /// A reading older than REMOTE_WRITE_MAX_AGE: a database may drop it
     /// (past its retention) and still answer OK.
     #[error("item {index}: created_at is {age} before the database's clock, older than REMOTE_WRITE_MAX_AGE ({limit})")]

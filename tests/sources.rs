@@ -116,7 +116,7 @@ fn host_file_exec_and_simulated_readings_all_reach_the_sink_under_their_names() 
     for name in ["host_memory_available_bytes", "host_cpu_busy_permille", "host_load1_milli", "host_uptime_seconds"] {
         assert!(per_sensor.contains_key(name), "{name}: {:?}", per_sensor.keys());
     }
-    assert!(per_sensor.contains_key("host_network_receive_bytes_total:lo"));
+    assert!(per_sensor.contains_key("host_network_receive_bytes_total{device=\"lo\"}"));
     assert!(per_sensor["zone0"].iter().chain(&per_sensor["zone1"]).all(|r| r.1 == 41000));
     let levels: Vec<i64> = per_sensor["level"].iter().map(|r| r.1).collect();
     assert!(levels.windows(2).all(|w| w[0] <= w[1]) && levels.len() > 5, "{levels:?}");

@@ -3,6 +3,7 @@
 //! database itself (`DESTINATION=remote-write`) share.
 
 pub(crate) mod https;
+pub(crate) mod names;
 
 use std::{
     sync::{

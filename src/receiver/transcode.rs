@@ -11,6 +11,7 @@
 //!
 //! [`validate::to_series`]: super::validate::to_series
 
+use crate::database::names;
 use std::collections::HashMap;
 
 use super::validate::{MAX_LABEL_BYTES, MAX_SECONDS, Window};
@@ -164,7 +165,20 @@ impl<'a> Grouped<'a> {
             let samples = &*samples;
             // The same sample twice is stored once.
             let once = samples.iter().enumerate().filter(|(i, (millis, _))| *i == 0 || samples[i - 1].0 != *millis);
-            encode_series(&mut out, &common, head.name, once.map(|(_, sample)| *sample));
+            let once = once.map(|(_, sample)| *sample);
+            if names::plain(head.name) {
+                encode_series(&mut out, &common, Some(head.name), once);
+            } else {
+                // A metric of its own (rarer: the host's readings, the
+                // default single sensor): its labels, sorted; refused ones
+                // are left to the decoder, which says why.
+                let labels = names::series_labels(head.name, metric, owner).ok()?;
+                let mut own = Vec::with_capacity(64);
+                for (name, value) in &labels {
+                    put_label(&mut own, name, value);
+                }
+                encode_series(&mut out, &own, None, once);
+            }
         }
         Some(out)
     }
@@ -358,19 +372,26 @@ fn put_label(out: &mut Vec<u8>, name: &str, value: &str) {
 }
 
 /// Appends one `timeseries` entry: the `common` labels (see
-/// [`common_labels`]), `sensor`, then the samples, as prost encodes a
-/// `TimeSeries`.
-fn encode_series(out: &mut Vec<u8>, common: &[u8], sensor: &str, samples: impl Iterator<Item = (i64, f64)> + Clone) {
+/// [`common_labels`]), the `sensor` label if any, then the samples, as
+/// prost encodes a `TimeSeries`.
+fn encode_series(
+    out: &mut Vec<u8>,
+    common: &[u8],
+    sensor: Option<&str>,
+    samples: impl Iterator<Item = (i64, f64)> + Clone,
+) {
     let sample_len = |(millis, value): (i64, f64)| {
         (if value != 0.0 { 9 } else { 0 }) + if millis != 0 { 1 + varint_len(millis as u64) } else { 0 }
     };
     let body: usize = common.len()
-        + nested_len(string_len("sensor") + string_len(sensor))
+        + sensor.map_or(0, |sensor| nested_len(string_len("sensor") + string_len(sensor)))
         + samples.clone().map(|sample| nested_len(sample_len(sample))).sum::<usize>();
     out.push(0x0a);
     put_varint(out, body as u64);
     out.extend_from_slice(common);
-    put_label(out, "sensor", sensor);
+    if let Some(sensor) = sensor {
+        put_label(out, "sensor", sensor);
+    }
     for sample in samples {
         out.push(0x12);
         put_varint(out, sample_len(sample) as u64);

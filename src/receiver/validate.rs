@@ -1,6 +1,7 @@
 //! Validation: a request in, its JSON lines out, or the reason it is refused.
 //! Nothing of a refused request is ever written.
 
+use crate::database::names::series_labels;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},
@@ -274,6 +275,7 @@ pub(crate) fn to_series(
         });
         series[at].1.push((timestamp, value as f64, index));
     }
+    let first_index = |sensor: &str| request.items.iter().position(|item| item.sensor_name == sensor).unwrap_or(0);
     let mut out = Vec::with_capacity(request.items.len() * 24 + series.len() * (metric.len() + 64));
     for (sensor, mut readings) in series {
         readings.sort_by_key(|(millis, _, _)| *millis);
@@ -291,11 +293,9 @@ pub(crate) fn to_series(
             samples.push(Sample { value, timestamp });
             last_index = index;
         }
-        let mut labels = vec![Label { name: "__name__".into(), value: metric.into() }];
-        if let Some((name, value)) = owner(&request.node_id, address) {
-            labels.push(Label { name: name.into(), value: value.into() });
-        }
-        labels.push(Label { name: "sensor".into(), value: sensor.into() });
+        let labels = series_labels(sensor, metric, owner(&request.node_id, address))
+            .map_err(|reason| ReceiveError::BadLabels { index: first_index(sensor), reason })?;
+        let labels = labels.into_iter().map(|(name, value)| Label { name, value }).collect();
         prost::encoding::message::encode(1, &TimeSeries { labels, samples }, &mut out);
     }
     Ok(out)
@@ -318,10 +318,10 @@ mod tests {
 
     #[test]
     fn one_series_per_sensor_with_node_and_sensor_labels() {
-        let mut second = item("a", Some(2), 1);
+        let mut second = item("s-a", Some(2), 1);
         second.measurement.as_mut().unwrap().created_at.as_mut().unwrap().nanos = 2_000_000;
         let request = SensorValuesRequest {
-            items: vec![item("a", Some(1), 1), item("b", Some(-7), 1), second],
+            items: vec![item("s-a", Some(1), 1), item("s-b", Some(-7), 1), second],
             node_id: "n1".into(),
             ..Default::default()
         };
@@ -333,13 +333,33 @@ mod tests {
             .map(|s| s.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect())
             .collect();
         let label = |n: &str, v: &str| (n.to_owned(), v.to_owned());
-        assert_eq!(labels[0], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "a")]);
-        assert_eq!(labels[1], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "b")]);
+        assert_eq!(labels[0], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "s-a")]);
+        assert_eq!(labels[1], vec![label("__name__", "sensor_value"), label("node", "n1"), label("sensor", "s-b")]);
         assert_eq!(
             decoded.timeseries[0].samples,
             vec![Sample { value: 1.0, timestamp: 1000 }, Sample { value: 2.0, timestamp: 1002 }]
         );
         assert_eq!(decoded.timeseries[1].samples, vec![Sample { value: -7.0, timestamp: 1000 }]);
+        // A name that is a metric name, with labels or without, is that
+        // metric; labels a database would refuse refuse the request.
+        let request = SensorValuesRequest {
+            items: vec![item("up", Some(1), 1), item("disk_bytes{device=\"sda\"}", Some(5), 1)],
+            node_id: "n1".into(),
+            ..Default::default()
+        };
+        let decoded =
+            WriteRequest::decode(to_series(&request, "sensor_value", Window::any(), "").unwrap().as_slice()).unwrap();
+        let labels: Vec<Vec<(String, String)>> = decoded
+            .timeseries
+            .iter()
+            .map(|s| s.labels.iter().map(|l| (l.name.clone(), l.value.clone())).collect())
+            .collect();
+        assert_eq!(labels[0], vec![label("__name__", "up"), label("node", "n1")]);
+        assert_eq!(labels[1], vec![label("__name__", "disk_bytes"), label("device", "sda"), label("node", "n1")]);
+        let bad =
+            SensorValuesRequest { items: vec![item("s-a", Some(1), 1), item("m{node=\"x\"}", Some(1), 1)], ..request };
+        let error = to_series(&bad, "sensor_value", Window::any(), "").unwrap_err();
+        assert!(matches!(&error, ReceiveError::BadLabels { index: 1, .. }), "{error}");
     }
 
     #[test]
@@ -361,7 +381,7 @@ mod tests {
     fn two_readings_of_a_sensor_in_one_millisecond_are_stored_once_or_refused() {
         // The same value twice: the database holds exactly that sample.
         let request =
-            SensorValuesRequest { items: vec![item("a", Some(9), 1), item("a", Some(9), 1)], ..Default::default() };
+            SensorValuesRequest { items: vec![item("s-a", Some(9), 1), item("s-a", Some(9), 1)], ..Default::default() };
         let decoded = WriteRequest::decode(to_series(&request, "m", Window::any(), "").unwrap().as_slice()).unwrap();
         assert_eq!(decoded.timeseries[0].samples, vec![Sample { value: 9.0, timestamp: 1000 }]);
         // Without a node identity there is no node label; the address it
@@ -377,18 +397,18 @@ mod tests {
         assert_eq!(decoded.timeseries[0].labels[1], Label { name: "node".into(), value: "n1".into() });
         // Two values: one could not be stored, so the request is refused.
         let request = SensorValuesRequest {
-            items: vec![item("b", Some(2), 1), item("a", Some(1), 1), item("a", Some(9), 1)],
+            items: vec![item("s-b", Some(2), 1), item("s-a", Some(1), 1), item("s-a", Some(9), 1)],
             ..Default::default()
         };
         let error = to_series(&request, "m", Window::any(), "").unwrap_err();
-        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1000 });
+        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "s-a".into(), millis: 1000 });
         assert!(error.to_string().contains("one sample per millisecond"), "{error}");
     }
 
     #[test]
     fn a_series_goes_in_time_order_and_a_clash_out_of_turn_is_refused() {
         let at = |value: i64, millis: i32| {
-            let mut item = item("a", Some(value), 1);
+            let mut item = item("s-a", Some(value), 1);
             item.measurement.as_mut().unwrap().created_at.as_mut().unwrap().nanos = millis * 1_000_000;
             item
         };
@@ -399,13 +419,13 @@ mod tests {
         // The same millisecond with another value, not next to it.
         let request = SensorValuesRequest { items: vec![at(1, 5), at(2, 6), at(3, 5)], ..Default::default() };
         let error = to_series(&request, "m", Window::any(), "").unwrap_err();
-        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "a".into(), millis: 1005 });
+        assert_eq!(error, ReceiveError::SameMillisecond { index: 2, sensor: "s-a".into(), millis: 1005 });
     }
 
     #[test]
     fn a_name_too_long_for_a_database_label_refuses_the_request() {
         let named = |sensor: usize, node: usize| SensorValuesRequest {
-            items: vec![item("a", Some(1), 1), item(&"s".repeat(sensor), Some(1), 1)],
+            items: vec![item("s-a", Some(1), 1), item(&"s".repeat(sensor), Some(1), 1)],
             node_id: "n".repeat(node),
             ..Default::default()
         };
@@ -425,7 +445,8 @@ mod tests {
     #[test]
     fn a_reading_outside_the_window_refuses_the_request() {
         let window = Window::around(1_000_000, Duration::from_secs(60), Duration::from_secs(10));
-        let at = |seconds: i64| SensorValuesRequest { items: vec![item("a", Some(1), seconds)], ..Default::default() };
+        let at =
+            |seconds: i64| SensorValuesRequest { items: vec![item("s-a", Some(1), seconds)], ..Default::default() };
         assert!(to_series(&at(1000), "m", window, "").is_ok());
         assert!(to_series(&at(940), "m", window, "").is_ok());
         assert!(to_series(&at(1010), "m", window, "").is_ok());
@@ -483,10 +504,13 @@ mod tests {
     fn refuses_each_kind_of_bad_reading() {
         let cases = [
             (item("", Some(1), 0), ReceiveError::EmptySensorName { index: 1 }),
-            (SensorValue { measurement: None, ..item("a", Some(1), 0) }, ReceiveError::MissingMeasurement { index: 1 }),
-            (item("a", None, 0), ReceiveError::MissingValue { index: 1 }),
-            (item("a", Some(1), -1), ReceiveError::BadTimestamp { index: 1 }),
-            (item("a", Some(1), MAX_SECONDS + 1), ReceiveError::BadTimestamp { index: 1 }),
+            (
+                SensorValue { measurement: None, ..item("s-a", Some(1), 0) },
+                ReceiveError::MissingMeasurement { index: 1 },
+            ),
+            (item("s-a", None, 0), ReceiveError::MissingValue { index: 1 }),
+            (item("s-a", Some(1), -1), ReceiveError::BadTimestamp { index: 1 }),
+            (item("s-a", Some(1), MAX_SECONDS + 1), ReceiveError::BadTimestamp { index: 1 }),
         ];
         for (bad, expected) in cases {
             let request = SensorValuesRequest { items: vec![item("ok", Some(1), 0), bad], ..Default::default() };
@@ -494,7 +518,7 @@ mod tests {
         }
         let no_time = SensorValue {
             measurement: Some(Measurement { sensor_value: Some(1), created_at: None }),
-            ..item("a", Some(1), 0)
+            ..item("s-a", Some(1), 0)
         };
         assert_eq!(
             to_json_lines(&SensorValuesRequest { items: vec![no_time], ..Default::default() }),

@@ -205,11 +205,26 @@ impl Database {
                 (None, Some(address)) => format!("address {address}"),
                 (None, None) => String::new(),
             };
-            (owner, metric["sensor"].as_str().unwrap().to_owned())
+            // The sensor's name back from its series: the `sensor` label of
+            // a plain name, or a metric name and its own labels.
+            let sensor = match metric["sensor"].as_str() {
+                Some(sensor) => sensor.to_owned(),
+                None => {
+                    let labels = metric.as_object().unwrap();
+                    let own: Vec<String> = labels
+                        .iter()
+                        .filter(|(name, _)| !["__name__", "node", "address"].contains(&name.as_str()))
+                        .map(|(name, value)| format!("{name}={value}"))
+                        .collect();
+                    let name = metric["__name__"].as_str().unwrap().to_owned();
+                    if own.is_empty() { name } else { format!("{name}{{{}}}", own.join(",")) }
+                }
+            };
+            (owner, sensor)
         };
         match self.kind {
             Kind::VictoriaMetrics => {
-                let (_, body) = self.get("/api/v1/export?match%5B%5D=sensor_value").unwrap();
+                let (_, body) = self.get("/api/v1/export?match%5B%5D=%7B__name__%3D~%22.%2B%22%7D").unwrap();
                 for line in body.lines().filter(|line| !line.trim().is_empty()) {
                     let value: serde_json::Value = serde_json::from_str(line).unwrap();
                     let samples = series.entry(key(&value["metric"])).or_default();
@@ -220,7 +235,7 @@ impl Database {
                 }
             }
             Kind::Prometheus | Kind::PrometheusWithWindow | Kind::PrometheusMutualTls => {
-                let (_, body) = self.get("/api/v1/query?query=sensor_value%5B1d%5D").unwrap();
+                let (_, body) = self.get("/api/v1/query?query=%7B__name__%3D~%22.%2B%22%7D%5B1d%5D").unwrap();
                 let value: serde_json::Value = serde_json::from_str(&body).unwrap();
                 for result in value["data"]["result"].as_array().unwrap() {
                     let samples = series.entry(key(&result["metric"])).or_default();

@@ -137,7 +137,7 @@ impl HostReadings {
             shown.push_str(&format!(" mem_available={}/{} MiB", available >> 20, total >> 20));
         }
         // What `df` shows as available: what an unprivileged writer has.
-        if let Some(available) = get("host_filesystem_avail_bytes:/") {
+        if let Some(available) = get("host_filesystem_avail_bytes{mountpoint=\"/\"}") {
             shown.push_str(&format!(" root_available={} MiB", available >> 20));
         }
         shown

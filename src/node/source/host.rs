@@ -3,8 +3,11 @@
 //! the name.
 //!
 //! Per interface, disk and mount point, the sensor name ends in `:` and the
-//! interface, disk or mount point: `host_network_receive_bytes_total:eth0`,
-//! `host_disk_read_bytes_total:sda`, `host_filesystem_free_bytes:/`.
+//! interface, disk or mount point, named as Prometheus users query them:
+//! `host_network_receive_bytes_total{device="eth0"}`,
+//! `host_disk_read_bytes_total{device="sda"}`,
+//! `host_filesystem_free_bytes{mountpoint="/"}` (stored in a database as
+//! that metric with that label).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -99,8 +102,8 @@ fn read_all(state: &mut State) -> Round {
     match procfs::net::dev_status() {
         Ok(interfaces) => {
             for (name, device) in interfaces {
-                values.insert(format!("host_network_receive_bytes_total:{name}"), device.recv_bytes);
-                values.insert(format!("host_network_transmit_bytes_total:{name}"), device.sent_bytes);
+                values.insert(per("host_network_receive_bytes_total", "device", &name), device.recv_bytes);
+                values.insert(per("host_network_transmit_bytes_total", "device", &name), device.sent_bytes);
             }
         }
         Err(error) => failed("/proc/net/dev", error),
@@ -112,8 +115,8 @@ fn read_all(state: &mut State) -> Round {
             let whole = |name: &str| !in_memory(name) && std::path::Path::new("/sys/block").join(name).exists();
             for disk in disks.into_iter().filter(|disk| whole(&disk.name)) {
                 // /proc/diskstats counts 512-byte sectors, whatever the disk's own.
-                values.insert(format!("host_disk_read_bytes_total:{}", disk.name), disk.sectors_read * 512);
-                values.insert(format!("host_disk_written_bytes_total:{}", disk.name), disk.sectors_written * 512);
+                values.insert(per("host_disk_read_bytes_total", "device", &disk.name), disk.sectors_read * 512);
+                values.insert(per("host_disk_written_bytes_total", "device", &disk.name), disk.sectors_written * 512);
             }
         }
         Err(error) => failed("/proc/diskstats", error),
@@ -146,10 +149,16 @@ fn filesystems(mounts: Vec<procfs::MountEntry>, values: &mut BTreeMap<String, u6
     for point in devices.into_values() {
         match rustix::fs::statvfs(point.as_str()) {
             Ok(fs) => {
-                values.insert(format!("host_filesystem_free_bytes:{point}"), fs.f_bfree.saturating_mul(fs.f_frsize));
+                values.insert(
+                    per("host_filesystem_free_bytes", "mountpoint", &point),
+                    fs.f_bfree.saturating_mul(fs.f_frsize),
+                );
                 let avail = fs.f_bavail.saturating_mul(fs.f_frsize);
-                values.insert(format!("host_filesystem_avail_bytes:{point}"), avail);
-                values.insert(format!("host_filesystem_size_bytes:{point}"), fs.f_blocks.saturating_mul(fs.f_frsize));
+                values.insert(per("host_filesystem_avail_bytes", "mountpoint", &point), avail);
+                values.insert(
+                    per("host_filesystem_size_bytes", "mountpoint", &point),
+                    fs.f_blocks.saturating_mul(fs.f_frsize),
+                );
             }
             Err(error) => failures.push(Failure::new("unreadable", format!("statvfs {point}: {error}"))),
         }
@@ -175,6 +184,14 @@ fn keep_name(state: &mut State, name: &str) -> Result<&'static str, &'static str
     let kept = sensor_name(name);
     state.known.insert(kept);
     Ok(kept)
+}
+
+/// The name of `metric`'s reading for one device or mount point, as a
+/// Prometheus user queries it: `metric{label="value"}` (the value escaped
+/// as the exposition format escapes it).
+fn per(metric: &str, label: &str, value: &str) -> String {
+    let value = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    format!("{metric}{{{label}=\"{value}\"}}")
 }
 
 /// Whether block device `name` lives in memory or in a file, not on a disk:
@@ -210,15 +227,15 @@ mod tests {
         assert!((0..=1000).contains(&after["host_cpu_busy_permille"]));
         assert!(after["host_load1_milli"] >= 0);
         assert!(after["host_uptime_seconds"] > 0);
-        assert!(after.contains_key("host_network_receive_bytes_total:lo"), "{:?}", after.keys());
+        assert!(after.contains_key("host_network_receive_bytes_total{device=\"lo\"}"), "{:?}", after.keys());
         for (name, value) in &after {
             assert!(name.starts_with(crate::config::HOST_PREFIX), "{name}");
-            if name.ends_with("_total") || name.contains("_total:") || name.starts_with("host_uptime") {
+            if name.ends_with("_total") || name.contains("_total{") || name.starts_with("host_uptime") {
                 assert!(*value >= before[name], "{name} went from {} to {value}", before[name]);
             }
         }
-        let filesystems = after.keys().filter(|name| name.starts_with("host_filesystem_free_bytes:")).count();
-        let disks = after.keys().filter(|name| name.starts_with("host_disk_read_bytes_total:")).count();
+        let filesystems = after.keys().filter(|name| name.starts_with("host_filesystem_free_bytes{")).count();
+        let disks = after.keys().filter(|name| name.starts_with("host_disk_read_bytes_total{")).count();
         eprintln!("{} host sensors, {filesystems} filesystems, {disks} disks", after.len());
     }
 
