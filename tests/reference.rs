@@ -129,7 +129,6 @@ fn every_value_dot_env_example_sets_is_the_default_of_each_binary_that_reads_it(
     assert!(set > 30, "{set}");
 }
 
-#[path = "common/mod.rs"]
 mod common;
 
 #[test]
