@@ -102,12 +102,7 @@ impl RemoteWriteConfig {
             self.identity()?;
         }
         let metric = &self.metric;
-        let metric_ok = metric
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
-            && !metric.is_empty()
-            && !metric.starts_with("__");
+        let metric_ok = crate::database::names::metric_name(metric) && !metric.starts_with("__");
         ensure(metric_ok, "REMOTE_WRITE_METRIC", metric)?;
         ensure_positive("REMOTE_WRITE_TIMEOUT", self.timeout)?;
         // A window narrower than a second would refuse nearly every reading;

@@ -71,7 +71,7 @@ fn native(sensor: &str) -> Result<Option<(&str, Labels)>, String> {
 }
 
 /// Whether `name` is a Prometheus metric name.
-fn metric_name(name: &str) -> bool {
+pub(crate) fn metric_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
