@@ -179,6 +179,13 @@ struct Proxy {
 
 impl Proxy {
     async fn start(upstream: SocketAddr) -> Self {
+        Self::swallowing(upstream, 0).await
+    }
+
+    /// A proxy that takes its first `swallowed` connections and never
+    /// forwards a byte of them (a flow a NAT forgot, a replica that hangs):
+    /// their peer is not told, and waits.
+    async fn swallowing(upstream: SocketAddr, swallowed: usize) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mode = Arc::new(Mutex::new(Mode::Pass));
@@ -186,7 +193,12 @@ impl Proxy {
         let accepting = tokio::spawn({
             let (mode, connections) = (Arc::clone(&mode), Arc::clone(&connections));
             async move {
+                let mut held = Vec::new();
                 while let Ok((client, _)) = listener.accept().await {
+                    if held.len() < swallowed {
+                        held.push(client);
+                        continue;
+                    }
                     if *mode.lock().unwrap() == Mode::Cut {
                         continue; // dropped: closed at once
                     }
@@ -273,6 +285,34 @@ async fn connections_cut_and_stalled_by_a_proxy_lose_and_duplicate_nothing() {
     assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
     assert_eq!((summary.acked, summary.dropped), (summary.produced, 0));
     assert!(summary.retries > 0, "the faults were felt: {summary}");
+}
+
+/// A connection whose requests get no answer is given up after one
+/// RPC_TIMEOUT and the next attempt opens another, rather than waiting on it
+/// until HTTP/2 keep-alive gives it up (40 s).
+#[tokio::test]
+async fn a_connection_that_never_answers_is_replaced_after_one_rpc_timeout() {
+    let dir = scratch("swallowed");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink_address = listener.local_addr().unwrap();
+    let sink = Sink::start(listener, &dir, &[]).await;
+    let proxy = Proxy::swallowing(sink_address, 1).await;
+    let config = patient(proxy.address.to_string(), &[("RPC_TIMEOUT", "1s".into())]);
+    let transport = GrpcTransport::from_config(&config).unwrap();
+    let stats = Arc::new(Ledger::default());
+    let node = tokio::spawn({
+        let (config, stats, transport) = (config.clone(), Arc::clone(&stats), transport.clone());
+        async move { node::run(&config, transport, stats, tokio::time::sleep(Duration::from_secs(4))).await }
+    });
+    let summary = tokio::time::timeout(Duration::from_secs(30), node).await.expect("the node stops in time").unwrap();
+    let (_, written) = sink.stop().await;
+
+    assert_eq!(transport.replaced(), 1, "one connection swallowed, one replacement: {summary}");
+    let per_sensor = assert_complete_and_ordered(&written);
+    assert_eq!(per_sensor.values().sum::<u64>(), summary.produced);
+    assert_eq!((summary.acked, summary.dropped), (summary.produced, 0), "{summary}");
+    assert!(summary.retries > 0, "{summary}");
+    drop(proxy);
 }
 
 #[tokio::test]
@@ -378,9 +418,9 @@ fn the_sink_killed_and_restarted_on_the_same_port_loses_and_duplicates_nothing()
 #[test]
 fn a_twenty_second_outage_leaves_no_hole_with_the_default_settings() {
     let node_env = |socket| vec![("GRPC_SERVER_SOCKET", socket), ("SENSOR_COUNT", "4".into())];
-    // After 20 s of failures the next probe is at most 16 s away (the
-    // backoff 1, 2, 4, 8, 16 s, jittered below it); then the queued
-    // readings leave in a request per lane.
+    // After 20 s of failures the next probe is at most 5 s away (the
+    // backoff 1, 2, 4, 5, 5 s, jittered below it); then the queued readings
+    // leave in a request per lane.
     let seconds = Duration::from_secs;
     let Outage { summary, stdout, written } =
         sink_killed("outage-defaults", node_env, seconds(5), seconds(20), seconds(24));

@@ -3,6 +3,7 @@
 //! Each stage is a module that knows the type it receives and the type it
 //! yields; [`pipeline`] composes them.
 
+pub(crate) mod abandon;
 pub mod batch;
 pub mod codec;
 pub(crate) mod delivery;

@@ -1,6 +1,12 @@
-//! Transport: one attempt at delivering one request to the sink.
+//! Transport: one attempt at delivering one request to the sink, over a
+//! connection that is replaced when a request on it gets no answer in time.
 
-use std::{error::Error as _, future::Future, time::Duration};
+use std::{
+    error::Error as _,
+    future::Future,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use tonic::{
     Code, Status,
@@ -11,6 +17,10 @@ use tonic::{
 
 use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
 
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::abandon::Connector;
 use super::codec::{Outgoing, Payload, SEND_PATH, SendCodec};
 use crate::config::{Compression, ConfigError, NodeConfig};
 
@@ -37,11 +47,21 @@ pub trait Transport: Clone + Send + Sync + 'static {
 const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 
 /// The real transport: a tonic client over one lazily connected channel,
-/// which reconnects by itself when the sink comes back.
+/// which reconnects by itself when the sink closes or refuses, and which is
+/// replaced by a new one when a request on it gets no answer within
+/// RPC_TIMEOUT. A connection that packets silently stopped crossing (a
+/// partition, a NAT or load balancer that forgot the flow, a sink replica
+/// that hangs) is otherwise used until HTTP/2 keep-alive gives it up, 40 s
+/// later; a new connection also resolves the sink's name again and is
+/// spread anew by whatever balances connections in front of the sinks.
 #[derive(Debug, Clone)]
 pub struct GrpcTransport {
-    /// Client over the shared channel; cloning it is cheap.
-    client: Grpc<Channel>,
+    /// The connection in use, shared by every lane's copy.
+    connection: Arc<Mutex<Connection>>,
+    /// What a new connection is made from.
+    endpoint: Endpoint,
+    /// Whether requests are gzipped.
+    compression: Compression,
     /// Deadline of one attempt.
     rpc_timeout: Duration,
     /// `Bearer <SINK_AUTH_TOKEN>`, sent with every request when set.
@@ -95,11 +115,59 @@ impl GrpcTransport {
     ) -> Self {
         let address = endpoint.uri().to_string().into();
         let endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
-        let mut client = Grpc::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 20);
-        if compression == Compression::Gzip {
-            client = client.send_compressed(CompressionEncoding::Gzip);
+        let connection = Arc::new(Mutex::new(Connection::new(&endpoint, compression, 0)));
+        Self { connection, endpoint, compression, rpc_timeout, authorization, address }
+    }
+
+    /// The connection in use and its number.
+    fn current(&self) -> (Grpc<Channel>, u64) {
+        let connection = self.connection.lock().unwrap_or_else(PoisonError::into_inner);
+        (connection.client.clone(), connection.number)
+    }
+
+    /// Replaces connection `number` by a new one, unless another lane did
+    /// already. The old one is abandoned: requests still waiting on it fail
+    /// at once (and are retried), and nothing it held is sent later.
+    fn replace(&self, number: u64) {
+        let mut connection = self.connection.lock().unwrap_or_else(PoisonError::into_inner);
+        if connection.number == number {
+            connection.abandoned.cancel();
+            *connection = Connection::new(&self.endpoint, self.compression, number + 1);
+            info!(
+                message = "No answer in time; the next request goes over a new connection.",
+                to = %self.address,
+                rpc_timeout = ?self.rpc_timeout,
+            );
         }
-        Self { client, rpc_timeout, authorization, address }
+    }
+
+    /// How many times the connection was replaced.
+    pub fn replaced(&self) -> u64 {
+        self.connection.lock().unwrap_or_else(PoisonError::into_inner).number
+    }
+}
+
+/// The connection requests go over, and its number in the transport's life.
+#[derive(Debug)]
+struct Connection {
+    /// Client over the channel; cloning it is cheap.
+    client: Grpc<Channel>,
+    /// 0 for the first connection, then one more for each replacement.
+    number: u64,
+    /// Cancelled when the connection is given up.
+    abandoned: CancellationToken,
+}
+
+impl Connection {
+    /// A client over a new channel to `endpoint`, connected on first use
+    /// (and again, by the channel, after the sink closed it).
+    fn new(endpoint: &Endpoint, compression: Compression, number: u64) -> Self {
+        let abandoned = CancellationToken::new();
+        let channel = endpoint.connect_with_connector_lazy(Connector::new(abandoned.clone()));
+        let client = Grpc::new(channel).max_decoding_message_size(1 << 20);
+        let client =
+            if compression == Compression::Gzip { client.send_compressed(CompressionEncoding::Gzip) } else { client };
+        Self { client, number, abandoned }
     }
 }
 
@@ -125,16 +193,21 @@ impl GrpcTransport {
         if let Some(authorization) = &self.authorization {
             request.metadata_mut().insert("authorization", authorization.clone());
         }
-        let mut client = self.client.clone();
+        let (mut client, number) = self.current();
         let call = async {
             client.ready().await.map_err(|error| Status::unavailable(error.to_string()))?;
             let path = PathAndQuery::from_static(SEND_PATH);
             client.unary(request, path, SendCodec::<P>::default()).await
         };
+        // tonic's client enforces the deadline it sends (CANCELLED, "Timeout
+        // expired"); the local timeout is there should it not.
         match tokio::time::timeout(self.rpc_timeout, call).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(explained(status)),
-            Err(_) => Err(Status::deadline_exceeded(format!("no answer within {:?}", self.rpc_timeout))),
+            Ok(Err(status)) if !timed_out(&status) => Err(explained(status)),
+            Ok(Err(_)) | Err(_) => {
+                self.replace(number);
+                Err(Status::deadline_exceeded(format!("no answer within {:?}", self.rpc_timeout)))
+            }
         }
     }
 }
@@ -147,6 +220,20 @@ impl Transport for GrpcTransport {
     fn destination(&self) -> String {
         self.address.to_string()
     }
+}
+
+/// Whether `status` says the request's deadline passed without an answer.
+fn timed_out(status: &Status) -> bool {
+    let mut source = status.source();
+    while let Some(error) = source {
+        if error.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = error.source();
+    }
+    // The error is not always kept as the status's source.
+    let expired = status.code() == Code::Cancelled && status.message().starts_with("Timeout expired");
+    expired || status.code() == Code::DeadlineExceeded
 }
 
 /// `status` with the chain of errors behind it in its message (a TLS or
