@@ -58,8 +58,8 @@ fn a_sink_restart_with_the_default_settings_costs_seconds_and_loses_nothing() {
     let stopping = Instant::now();
     let (code, stdout, stderr) = node.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");
-    // Seconds, not the retry cap (30 s) it took before; within the default
-    // SHUTDOWN_TIMEOUT (10 s) with room to spare on a busy machine.
+    // A drain does not wait out the retry backoff: seconds, within the
+    // default SHUTDOWN_TIMEOUT (10 s) with room to spare on a busy machine.
     assert!(stopping.elapsed() < Duration::from_secs(8), "the drain took {:?}", stopping.elapsed());
     let (code, _, stderr) = sink.terminate(Duration::from_secs(60));
     assert_eq!(code, 0, "{stderr}");

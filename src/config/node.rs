@@ -78,7 +78,7 @@ pub struct NodeConfig {
     pub retry_multiplier: f32,
     /// Longest wait between two attempts; a sink that stays down is probed
     /// this often.
-    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_INTERVAL", default = "30s")]
+    #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_INTERVAL", default = "5s")]
     pub retry_max_interval: humantime::Duration,
     /// Most time spent waiting to retry one batch (0s: no limit).
     #[envconfig(from = "GRPC_CLIENT_RETRY_MAX_ELAPSED", default = "0s")]

@@ -116,7 +116,7 @@ pub const VARIABLES: &[Variable] = &[
     ),
     node("GRPC_CLIENT_RETRY_SEND_INTERVAL", "1s", "first wait before a retry"),
     node("GRPC_CLIENT_RETRY_MULTIPLIER", "2", "growth of the wait from one retry to the next (1 to 100)"),
-    node("GRPC_CLIENT_RETRY_MAX_INTERVAL", "30s", "longest wait between attempts"),
+    node("GRPC_CLIENT_RETRY_MAX_INTERVAL", "5s", "longest wait between attempts"),
     node("GRPC_CLIENT_RETRY_MAX_ELAPSED", "0s", "most time one batch may spend retrying; 0s: no limit"),
     node(
         "GRPC_CLIENT_RETRY_JITTER",
