@@ -187,3 +187,20 @@ fn a_batch_larger_than_a_request_may_be_is_sent_in_parts() {
     let written = read_output(&dir.join("out/readings.jsonl"));
     assert_eq!(assert_complete_and_ordered(&written).values().sum::<u64>(), summary["produced"]);
 }
+
+/// A database address given without OUTPUT=remote-write writes nothing to
+/// the database: the sink says so at start, naming both variables.
+#[test]
+fn a_sink_given_a_database_url_but_the_file_output_says_so() {
+    let dir = scratch("url-without-output");
+    let env = [
+        ("GRPC_SERVER_SOCKET", "127.0.0.1:0".to_owned()),
+        ("FILE_PATH", "out".to_owned()),
+        ("REMOTE_WRITE_URL", "http://127.0.0.1:9/api/v1/write".to_owned()),
+    ];
+    let (sink, _) = Process::start_sink("sink", &env, &dir);
+    let (code, _, stderr) = sink.terminate(Duration::from_secs(20));
+    assert_eq!(code, 0, "{stderr}");
+    let warning = stderr.lines().find(|line| line.contains("REMOTE_WRITE_URL is set but OUTPUT is file"));
+    assert!(warning.is_some_and(|line| line.contains("WARN") && line.contains("OUTPUT=remote-write")), "{stderr}");
+}

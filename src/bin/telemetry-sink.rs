@@ -14,7 +14,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).is_some_and(|arg| arg == "help" || arg == "--help" || arg == "-h") {
@@ -50,6 +50,13 @@ async fn run(config: SinkConfig, vars: std::collections::HashMap<String, String>
     log_config(&config);
     let settings = config::reference::in_force(config::reference::Binary::Sink, &vars);
     info!(message = "Configuration in force.", %settings);
+    if config.output == config::OutputKind::File && config.remote_write.url.is_some() {
+        warn!(
+            message = "REMOTE_WRITE_URL is set but OUTPUT is file: readings go to the file, not to the database. \
+                       Set OUTPUT=remote-write to write them to the database.",
+            file_path = %config.file_path.display(),
+        );
+    }
     let address = config.server_socket.trim();
     let listener = match telemetry_node::listen::bind(address).await {
         Ok(listener) => listener,
