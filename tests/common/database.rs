@@ -41,6 +41,8 @@ pub struct Database {
     process: Option<Process>,
     /// How the test itself connects, for [`Kind::PrometheusMutualTls`].
     tls: Option<std::sync::Arc<ClientConfig>>,
+    /// The host it runs on, in a namespace of its own; `None`: loopback.
+    host: Option<super::netns::Host>,
 }
 
 impl Kind {
@@ -54,7 +56,13 @@ impl Kind {
 
 /// Whether `binary` is on the PATH.
 pub fn installed(binary: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
+    which(binary).is_some()
+}
+
+/// Where `binary` is on the PATH.
+pub fn which(binary: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths).map(|dir| dir.join(binary)).find(|path| path.is_file())
 }
 
 impl Database {
@@ -74,8 +82,15 @@ impl Database {
             eprintln!("skipped: {} not installed", kind.binary());
             return None;
         }
-        let mut database =
-            Self { kind, port: free_port(), flags: flags.to_vec(), dir: dir.to_owned(), process: None, tls: None };
+        let mut database = Self {
+            kind,
+            port: free_port(),
+            flags: flags.to_vec(),
+            dir: dir.to_owned(),
+            process: None,
+            tls: None,
+            host: None,
+        };
         if kind == Kind::PrometheusMutualTls {
             let pki = Pki::new(dir, "db-ca");
             let (cert, key) = pki.issue("prometheus", "127.0.0.1");
@@ -92,9 +107,33 @@ impl Database {
         Some(database)
     }
 
+    /// VictoriaMetrics (de-duplicating, as [`Database::start`]) on `host`,
+    /// listening on its every address at port 8428; `None` where it is not
+    /// installed (and not under CI).
+    pub fn start_on(host: &super::netns::Host, dir: &Path) -> Option<Self> {
+        let kind = Kind::VictoriaMetrics;
+        if !installed(kind.binary()) {
+            assert!(std::env::var_os("CI").is_none(), "{} must be installed under CI", kind.binary());
+            eprintln!("skipped: {} not installed", kind.binary());
+            return None;
+        }
+        let mut database = Self {
+            kind,
+            port: 8428,
+            flags: vec!["-dedup.minScrapeInterval=1ms".to_owned()],
+            dir: dir.to_owned(),
+            process: None,
+            tls: None,
+            host: Some(host.clone()),
+        };
+        database.run();
+        Some(database)
+    }
+
     /// Starts the process (again), on the same port and data.
     pub fn run(&mut self) {
-        let address = format!("127.0.0.1:{}", self.port);
+        let listen = if self.host.is_some() { "0.0.0.0" } else { "127.0.0.1" };
+        let address = format!("{listen}:{}", self.port);
         let args: Vec<String> = match self.kind {
             Kind::VictoriaMetrics => [
                 format!("-storageDataPath={}", self.dir.join("vm").display()),
@@ -128,7 +167,13 @@ impl Database {
         };
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let name = self.kind.binary();
-        self.process = Some(Process::start(name, name, &args, &[], &self.dir));
+        self.process = Some(match &self.host {
+            None => Process::start(name, name, &args, &[], &self.dir),
+            Some(host) => {
+                let binary = which(name).expect("checked when started");
+                host.start(name, binary.to_str().expect("a UTF-8 path"), &args, &[], &self.dir)
+            }
+        });
         let ready = if self.kind == Kind::VictoriaMetrics { "/health" } else { "/-/ready" };
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.get(ready).map(|(status, _)| status) != Some(200) {
@@ -160,12 +205,18 @@ impl Database {
     }
 
     pub fn url(&self) -> String {
+        if let Some(host) = &self.host {
+            return format!("http://{}:{}/api/v1/write", host.address, self.port);
+        }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}/api/v1/write", self.port)
     }
 
     /// GET `path` from the database: status and body.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        if let Some(host) = &self.host {
+            return host.within(|| http_get(self.port, path));
+        }
         match &self.tls {
             None => http_get(self.port, path),
             Some(tls) => https_get(self.port, path, tls),

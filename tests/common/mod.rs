@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod database;
+pub mod netns;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
