@@ -358,9 +358,10 @@ fn a_hung_sink_replica_is_left_within_one_rpc_timeout_with_the_default_settings(
     assert_each_reading_once(&database, summary["produced"]);
 }
 
-/// Scenario 7: the database cut off for 20 s from a sink relaying to it
-/// and from a node writing to it itself: nothing is acknowledged that the
-/// database did not take, and after the heal everything is stored once.
+/// Scenarios 7 and 2 for the database: cut off for 20 s from a sink
+/// relaying to it and from a node writing to it itself, then for 10 s
+/// taking requests whose answers are lost: nothing is acknowledged that the
+/// database did not take, and in the end everything is stored once.
 #[test]
 fn a_database_cut_off_for_twenty_seconds_stores_everything_once_with_the_default_settings() {
     let Some(mut net) = Net::new() else { return };
@@ -404,6 +405,16 @@ fn a_database_cut_off_for_twenty_seconds_stores_everything_once_with_the_default
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("database cut off for 20 s: samples landed again {:?} after the heal", healed.elapsed());
+    std::thread::sleep(seconds(5));
+    // Then for 10 s the database takes what it is sent, but its answers are
+    // lost: what is sent again is stored once.
+    let before = inserted();
+    net.cut_one_way(&sink_host, &db_host);
+    net.cut_one_way(&direct, &db_host);
+    std::thread::sleep(seconds(10));
+    assert!(inserted() > before, "the database took requests whose answers were lost");
+    net.heal_one_way(&sink_host, &db_host);
+    net.heal_one_way(&direct, &db_host);
     std::thread::sleep(seconds(8));
     let [relayed, direct] = nodes.map(stop_node);
     let (code, _, stderr) = sink.terminate(seconds(30));
