@@ -77,20 +77,7 @@ impl Database {
     /// [`Database::start`], VictoriaMetrics with `flags` besides its folder
     /// and address.
     pub fn start_with(kind: Kind, dir: &Path, flags: &[String]) -> Option<Self> {
-        if !installed(kind.binary()) {
-            assert!(std::env::var_os("CI").is_none(), "{} must be installed under CI", kind.binary());
-            eprintln!("skipped: {} not installed", kind.binary());
-            return None;
-        }
-        let mut database = Self {
-            kind,
-            port: free_port(),
-            flags: flags.to_vec(),
-            dir: dir.to_owned(),
-            process: None,
-            tls: None,
-            host: None,
-        };
+        let mut database = Self::unstarted(kind, dir, flags, None)?;
         if kind == Kind::PrometheusMutualTls {
             let pki = Pki::new(dir, "db-ca");
             let (cert, key) = pki.issue("prometheus", "127.0.0.1");
@@ -111,23 +98,22 @@ impl Database {
     /// listening on its every address at port 8428; `None` where it is not
     /// installed (and not under CI).
     pub fn start_on(host: &super::netns::Host, dir: &Path) -> Option<Self> {
-        let kind = Kind::VictoriaMetrics;
+        let flags = ["-dedup.minScrapeInterval=1ms".to_owned()];
+        let mut database = Self::unstarted(Kind::VictoriaMetrics, dir, &flags, Some(host.clone()))?;
+        database.run();
+        Some(database)
+    }
+
+    /// The database, not started yet: on a free loopback port, or at port
+    /// 8428 on `host`; `None` where it is not installed (and not under CI).
+    fn unstarted(kind: Kind, dir: &Path, flags: &[String], host: Option<super::netns::Host>) -> Option<Self> {
         if !installed(kind.binary()) {
             assert!(std::env::var_os("CI").is_none(), "{} must be installed under CI", kind.binary());
             eprintln!("skipped: {} not installed", kind.binary());
             return None;
         }
-        let mut database = Self {
-            kind,
-            port: 8428,
-            flags: vec!["-dedup.minScrapeInterval=1ms".to_owned()],
-            dir: dir.to_owned(),
-            process: None,
-            tls: None,
-            host: Some(host.clone()),
-        };
-        database.run();
-        Some(database)
+        let port = if host.is_some() { 8428 } else { free_port() };
+        Some(Self { kind, port, flags: flags.to_vec(), dir: dir.to_owned(), process: None, tls: None, host })
     }
 
     /// Starts the process (again), on the same port and data.
