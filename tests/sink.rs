@@ -186,6 +186,34 @@ async fn a_batch_cut_short_by_a_crash_is_written_whole_when_it_is_retried() {
     assert_eq!(summary.duplicates, 1);
 }
 
+/// A batch written, then more than the 16 MiB read back at a start from
+/// other nodes, then a clean stop and a start: a retry of the first batch
+/// (its answer was lost before the stop) is still known and not written
+/// twice. The last batches are saved at the stop, not only read back.
+#[tokio::test]
+async fn a_retry_of_a_batch_written_long_before_a_restart_is_not_written_twice() {
+    let dir = scratch("restart-memory");
+    let mut sink = Running::start_in(&dir, &[]).await;
+    assert_eq!(sink.send_request(batch(7, vec![item("a", 0)])).await, Ok(()));
+    // 17 MiB of another node's batches: 20,000 readings of ~900 bytes a request.
+    let long = "x".repeat(800);
+    for number in 0..900 {
+        let items = (0..20).map(|n| item(&format!("{long}-{n}"), number)).collect();
+        let other = SensorValuesRequest { items, node_id: "other".into(), lane: 0, batch_sequence: number };
+        assert_eq!(sink.send_request(other).await, Ok(()));
+    }
+    let (first, _) = sink.stop().await;
+    assert_eq!(first.duplicates, 0);
+    assert!(std::fs::metadata(dir.join("readings.jsonl")).unwrap().len() > 16 << 20);
+    let mut sink = Running::start_in(&dir, &[]).await;
+    assert_eq!(sink.send_request(batch(7, vec![item("a", 0)])).await, Ok(()));
+    assert_eq!(sink.send_request(batch(8, vec![item("a", 1)])).await, Ok(()));
+    let (second, written) = sink.stop().await;
+    assert_eq!(second.duplicates, 1, "the retry is known after the restart");
+    let own: Vec<u64> = written.iter().filter(|(name, _)| name == "a").map(|(_, s)| *s).collect();
+    assert_eq!(own, vec![0, 1]);
+}
+
 #[tokio::test]
 async fn a_string_that_is_not_utf8_is_the_clients_fault() {
     let mut sink = Running::start("utf8", &[]).await;

@@ -167,6 +167,12 @@ impl SinkConfig {
     pub fn output_file(&self) -> PathBuf {
         self.file_path.join("readings.jsonl")
     }
+
+    /// Where a clean stop saves each node lane's last batch written, for
+    /// the de-duplication of retries after a restart.
+    pub fn lanes_file(&self) -> PathBuf {
+        self.file_path.join("readings.lanes")
+    }
 }
 
 /// The server's TLS material, as the configuration names it: PEM text,

@@ -54,11 +54,57 @@ impl Deduplicator {
         entry.lock_owned().await
     }
 
+    /// Every lane remembered and the last batch it wrote.
+    pub(crate) fn snapshot(&self) -> Vec<(String, u32, u64)> {
+        let lanes = self.lanes.lock().unwrap_or_else(PoisonError::into_inner);
+        lanes.iter().filter_map(|((node, lane), last)| Some((node.clone(), *lane, (*last.try_lock().ok()?)?))).collect()
+    }
+
     /// How many lanes are remembered.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.lanes.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
+}
+
+/// Saves `lanes` (node, lane, last batch written) at `path`, whole or not
+/// at all: written beside it, synced, and renamed over it. A clean stop
+/// saves them, so that a retry of a batch written long before the stop
+/// (further back than [`recover`] reads) is still known after a restart.
+pub(crate) fn save(path: &Path, lanes: &[(String, u32, u64)]) -> io::Result<()> {
+    let mut text = String::new();
+    for (node, lane, batch) in lanes {
+        let line = serde_json::json!({ "node_id": node, "lane": lane, "batch": batch });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    {
+        let mut file = std::fs::File::create(&partial)?;
+        io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&partial, path)
+}
+
+/// The lanes [`save`] saved at `path`; none if there is no such file.
+/// Lines that do not parse are passed over.
+pub(crate) fn load(path: &Path) -> io::Result<Vec<(String, u32, u64)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            let lane = u32::try_from(value["lane"].as_u64()?).ok()?;
+            Some((value["node_id"].as_str()?.to_owned(), lane, value["batch"].as_u64()?))
+        })
+        .collect())
 }
 
 /// What [`recover`] found at the end of the output.
@@ -141,6 +187,27 @@ mod tests {
         assert_eq!(*dedup.lock("a", 0).await, Some(5));
         assert_eq!(*dedup.lock("a", 1).await, None);
         assert_eq!(*dedup.lock("b", 0).await, None);
+    }
+
+    #[tokio::test]
+    async fn the_lanes_saved_at_a_stop_are_loaded_whole() {
+        let dir = std::env::temp_dir().join(format!("dedup-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("readings.lanes");
+        assert_eq!(load(&path).unwrap(), Vec::new(), "nothing saved yet");
+        let memory = Deduplicator::new(8);
+        memory.seed("a", 0, 7);
+        memory.seed("b \"quoted\"", 3, u64::MAX);
+        *memory.lock("c", 1).await = Some(0);
+        drop(memory.lock("never-written", 2).await);
+        let mut saved = memory.snapshot();
+        saved.sort();
+        save(&path, &saved).unwrap();
+        let mut loaded = load(&path).unwrap();
+        loaded.sort();
+        assert_eq!(loaded, saved);
+        assert_eq!(loaded.len(), 3, "a lane that wrote nothing is not saved: {loaded:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

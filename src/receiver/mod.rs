@@ -161,7 +161,11 @@ pub async fn serve_with(
         if recovered.torn > 0 {
             warn!(message = "Cut off an unfinished write at the end of the output.", bytes = recovered.torn);
         }
-        for (node, lane, batch) in &recovered.lanes {
+        // What the last clean stop saved, then what the end of the output
+        // shows (written later, so it wins).
+        let saved = dedup::load(&config.lanes_file())
+            .map_err(|source| ServeError::Output { path: config.lanes_file(), source })?;
+        for (node, lane, batch) in saved.iter().chain(&recovered.lanes) {
             dedup.seed(node, *lane, *batch);
         }
         let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
@@ -171,6 +175,8 @@ pub async fn serve_with(
         (None, None)
     };
 
+    // Kept to be saved at a clean stop, where the file is the output.
+    let memory = (output == Output::File && !remote_write).then(|| Arc::clone(&dedup));
     let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&stats)));
     // Remote-write keeps no memory between requests: a retried batch is the
     // same samples again, which the database takes as one.
@@ -280,6 +286,16 @@ pub async fn serve_with(
         };
         let written = written.map_err(|error| ServeError::Writer(error.to_string()))?;
         written.map_err(|source| ServeError::Output { path, source })?;
+    }
+    if let Some(memory) = memory {
+        let lanes = config.lanes_file();
+        if let Err(error) = dedup::save(&lanes, &memory.snapshot()) {
+            warn!(
+                message = "Could not save the lanes' last batches; a retry of a batch written long before this stop may be written again after the restart.",
+                path = %lanes.display(),
+                %error,
+            );
+        }
     }
     served?;
     Ok(stats.snapshot())
