@@ -301,6 +301,29 @@ fn the_node_follows_its_sink_name_to_a_new_address_with_the_default_settings() {
     assert_all_once("node", &summary, &written(&[old_file, new_file])["node"]);
 }
 
+/// The sink's name resolves to two addresses, the first of which never
+/// answers (a stale entry): each attempt gives every address a share of
+/// RPC_TIMEOUT, so the node reaches the second within one attempt.
+#[test]
+fn a_name_whose_first_address_never_answers_reaches_the_next_with_the_default_settings() {
+    let Some(mut net) = Net::new() else { return };
+    // The dead address is nearer the node's than the live one, so that the
+    // resolver's ordering keeps it first.
+    let (node_host, dead, live) = (net.host("node"), net.host("dead"), net.host("live"));
+    let dir = scratch("net-dead-first");
+    let files = [dir.join("sink")];
+    net.cut(&node_host, &dead);
+    node_host.resolve_all("sink.test", &[dead.address, live.address]);
+    let sink = start_sink(&live, "sink", &dir, &[]);
+    let node = start_node(&node_host, "node", &format!("sink.test:{PORT}"), &dir, &[]);
+    let first = resumed(&files, 0, RPC_TIMEOUT + SLACK + seconds(1));
+    eprintln!("first address dead: the first request landed {first:?} after the start");
+    std::thread::sleep(seconds(3));
+    let summary = stop_node(node);
+    drop(sink);
+    assert_all_once("node", &summary, &written(&files)["node"]);
+}
+
 /// Scenario 6: two sink replicas behind one address that spreads
 /// connections, as a Kubernetes Service does, both writing to one
 /// database; the replica the node is connected to hangs (SIGSTOP) for

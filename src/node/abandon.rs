@@ -37,13 +37,16 @@ pub(crate) struct Connector {
 }
 
 impl Connector {
-    /// A connector whose connections end when `abandoned` is cancelled;
-    /// `nodelay` as the endpoint's.
-    pub(crate) fn new(abandoned: CancellationToken) -> Self {
+    /// A connector whose connections end when `abandoned` is cancelled,
+    /// and that tries each address the sink's name resolves to for a share
+    /// of `timeout`: one that never answers (a stale entry first in the
+    /// list) must not use up the whole attempt every time.
+    pub(crate) fn new(abandoned: CancellationToken, timeout: Duration) -> Self {
         let mut http = HttpConnector::new();
         // https URIs are the TLS layer's business, which tonic wraps around.
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
         Self { http, abandoned }
     }
 }

@@ -115,7 +115,7 @@ impl GrpcTransport {
     ) -> Self {
         let address = endpoint.uri().to_string().into();
         let endpoint = tuned(endpoint).connect_timeout(rpc_timeout);
-        let connection = Arc::new(Mutex::new(Connection::new(&endpoint, compression, 0)));
+        let connection = Arc::new(Mutex::new(Connection::new(&endpoint, compression, rpc_timeout, 0)));
         Self { connection, endpoint, compression, rpc_timeout, authorization, address }
     }
 
@@ -132,7 +132,7 @@ impl GrpcTransport {
         let mut connection = self.connection.lock().unwrap_or_else(PoisonError::into_inner);
         if connection.number == number {
             connection.abandoned.cancel();
-            *connection = Connection::new(&self.endpoint, self.compression, number + 1);
+            *connection = Connection::new(&self.endpoint, self.compression, self.rpc_timeout, number + 1);
             info!(
                 message = "No answer in time; the next request goes over a new connection.",
                 to = %self.address,
@@ -161,9 +161,9 @@ struct Connection {
 impl Connection {
     /// A client over a new channel to `endpoint`, connected on first use
     /// (and again, by the channel, after the sink closed it).
-    fn new(endpoint: &Endpoint, compression: Compression, number: u64) -> Self {
+    fn new(endpoint: &Endpoint, compression: Compression, timeout: Duration, number: u64) -> Self {
         let abandoned = CancellationToken::new();
-        let channel = endpoint.connect_with_connector_lazy(Connector::new(abandoned.clone()));
+        let channel = endpoint.connect_with_connector_lazy(Connector::new(abandoned.clone(), timeout));
         let client = Grpc::new(channel).max_decoding_message_size(1 << 20);
         let client =
             if compression == Compression::Gzip { client.send_compressed(CompressionEncoding::Gzip) } else { client };

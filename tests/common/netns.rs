@@ -120,11 +120,20 @@ impl Host {
 
     /// Makes `name` resolve to `address` here (the namespace's hosts file).
     pub fn resolve(&self, name: &str, address: Ipv4Addr) {
+        self.resolve_all(name, &[address]);
+    }
+
+    /// Makes `name` resolve to `addresses`, in this order.
+    pub fn resolve_all(&self, name: &str, addresses: &[Ipv4Addr]) {
         let dir = PathBuf::from("/etc/netns").join(&self.ns);
         std::fs::create_dir_all(&dir).unwrap();
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for address in addresses {
+            text.push_str(&format!("{address} {name}\n"));
+        }
         // Written in place: `ip netns exec` bind-mounts this very file, so
         // a new file (a rename) would not be seen by processes started.
-        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{address} {name}\n")).unwrap();
+        std::fs::write(dir.join("hosts"), text).unwrap();
     }
 
     /// The local ports of this host's established TCP connections to
