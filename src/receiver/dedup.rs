@@ -101,10 +101,16 @@ pub(crate) fn load(path: &Path) -> io::Result<Vec<(String, u32, u64)>> {
         .lines()
         .filter_map(|line| {
             let value: serde_json::Value = serde_json::from_str(line).ok()?;
-            let lane = u32::try_from(value["lane"].as_u64()?).ok()?;
-            Some((value["node_id"].as_str()?.to_owned(), lane, value["batch"].as_u64()?))
+            lane_batch(&value).map(|(node, lane, batch)| (node.to_owned(), lane, batch))
         })
         .collect())
+}
+
+/// The node, lane and batch a line of the output or of the saved lanes
+/// names, if it names all three.
+fn lane_batch(value: &serde_json::Value) -> Option<(&str, u32, u64)> {
+    let lane = u32::try_from(value["lane"].as_u64()?).ok()?;
+    Some((value["node_id"].as_str()?, lane, value["batch"].as_u64()?))
 }
 
 /// What [`recover`] found at the end of the output.
@@ -149,12 +155,7 @@ pub(crate) fn recover(path: &Path, window: u64) -> io::Result<Recovered> {
     // parse and is passed over like any other line without an identity.
     for line in known_whole.split(|&b| b == b'\n') {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
-        let (Some(node), Some(lane), Some(batch)) =
-            (value["node_id"].as_str(), value["lane"].as_u64(), value["batch"].as_u64())
-        else {
-            continue;
-        };
-        let Ok(lane) = u32::try_from(lane) else { continue };
+        let Some((node, lane, batch)) = lane_batch(&value) else { continue };
         let entry = last.entry((node.to_owned(), lane)).or_default();
         *entry = (*entry).max(batch);
     }

@@ -163,8 +163,8 @@ pub async fn serve_with(
         }
         // What the last clean stop saved, then what the end of the output
         // shows (written later, so it wins).
-        let saved = dedup::load(&config.lanes_file())
-            .map_err(|source| ServeError::Output { path: config.lanes_file(), source })?;
+        let lanes = config.lanes_file();
+        let saved = dedup::load(&lanes).map_err(|source| ServeError::Output { path: lanes, source })?;
         for (node, lane, batch) in saved.iter().chain(&recovered.lanes) {
             dedup.seed(node, *lane, *batch);
         }
