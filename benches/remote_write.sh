@@ -145,4 +145,4 @@ echo "sink    (sensor.v1 -> sink -> VictoriaMetrics): $sink_rate samples/s; CPU:
 echo "vmagent (remote-write -> vmagent -> VictoriaMetrics): $agent_rate samples/s ($agent_window/s over the ${seconds}s it took requests, its queue written out after); CPU: client $agent_load_cpu, vmagent $agent_cpu, VictoriaMetrics $agent_vm_cpu"
 echo "node    (node -> sink -> VictoriaMetrics, 10,000 sensors): $node_rate samples/s landed ($node_landed in all); $node_summary"
 echo "direct  (node -> VictoriaMetrics, DESTINATION=remote-write, 10,000 sensors): $direct_rate samples/s landed ($direct_landed in all); CPU: VictoriaMetrics $direct_vm_cpu; $direct_summary"
-echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu"
+echo "remote-write: ceiling=$ceiling sink=$sink_rate vmagent=$agent_rate sink_cpu_s_per_m=$sink_cpu vmagent_cpu_s_per_m=$agent_cpu db_cpu_ceiling=$ceiling_vm_cpu db_cpu_sink=$sink_vm_cpu db_cpu_vmagent=$agent_vm_cpu db_cpu_direct=$direct_vm_cpu"

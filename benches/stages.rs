@@ -12,9 +12,9 @@ use telemetry_node::{
     proto::SensorValuesRequest,
     reading::{Reading, encode_batch, to_request},
     receiver::SinkStats,
-    receiver::{
-        validate::to_json_lines,
-        writer::{Chunk, JsonLinesWriter},
+    receiver::output::{
+        Chunk, Rendered,
+        file::{lines::to_json_lines, writer::JsonLinesWriter},
     },
 };
 use tokio_util::sync::CancellationToken;
@@ -127,7 +127,10 @@ fn sink_writing(c: &mut Criterion) {
             let request = SensorValuesRequest::decode(black_box(encoded.as_slice())).unwrap();
             let lines = to_json_lines(&request).unwrap();
             let (written, confirmed) = tokio::sync::oneshot::channel();
-            queue.send(Chunk { lines, readings: BATCH, sender: 0, written }).await.unwrap();
+            queue
+                .send(Chunk { rendered: Rendered { bytes: lines, readings: BATCH, sender: 0, lane: 0 }, written })
+                .await
+                .unwrap();
             confirmed.await.unwrap().unwrap();
         })
     });

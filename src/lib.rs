@@ -21,11 +21,12 @@
 //!
 //! And through the sink:
 //!
-//! - [`receiver::service`]: the gRPC service; checks and rate-limits.
-//! - [`receiver::validate`]: a request in, JSON lines out.
-//! - [`receiver::writer`]: buffered, appending output file; or, with
-//!   `OUTPUT=remote-write`, requests transcoded straight into remote-write
-//!   series and posted to a time-series database.
+//! - [`receiver::input`]: the gRPC service; admits, decodes, checks and
+//!   rate-limits requests, and answers once the output stored them.
+//! - [`receiver::output`]: one interface and an output per folder: the
+//!   JSON-lines file (with the memory that tells a retried batch from new
+//!   data), or, with `OUTPUT=remote-write`, a time-series database sent
+//!   blocks gathered from many requests.
 //!
 //! Around them: [`config`] (environment variables), [`node::ledger`] and
 //! [`receiver::stats`] (what happened to every reading, on each side),

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use telemetry_node::{proto::SensorValuesRequest, receiver::validate::to_json_lines};
+use telemetry_node::{proto::SensorValuesRequest, receiver::output::file::lines::to_json_lines};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(request) = SensorValuesRequest::decode(data) {

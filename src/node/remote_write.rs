@@ -16,7 +16,7 @@ use crate::{
     config::{ConfigError, NodeConfig},
     database::{Answer, Database},
     proto::SensorValuesRequest,
-    receiver::{transcode::transcode, validate},
+    receiver::output::remote_write::{series, transcode::transcode},
 };
 
 /// Delivers one batch to the database, once, and says what its answer means
@@ -26,7 +26,7 @@ pub struct RemoteWriteTransport {
     /// The database.
     database: Database,
     /// REMOTE_WRITE_METRIC and the window of times sent.
-    rules: validate::SeriesRules,
+    rules: series::SeriesRules,
 }
 
 impl RemoteWriteTransport {
@@ -43,7 +43,7 @@ impl RemoteWriteTransport {
             };
             crate::config::invalid(variable, cert.map(|path| path.display().to_string()).unwrap_or_default())
         })?;
-        let rules = validate::SeriesRules::new(&config.remote_write);
+        let rules = series::SeriesRules::new(&config.remote_write);
         Ok(Self { database, rules })
     }
 
@@ -63,7 +63,7 @@ impl RemoteWriteTransport {
         }
         let decoded = SensorValuesRequest::decode(bytes.as_slice())
             .map_err(|error| Status::internal(format!("the node's own batch cannot be read back: {error}")))?;
-        validate::to_series(&decoded, &self.rules.metric, window, "").map_err(Status::from)
+        series::to_series(&decoded, &self.rules.metric, window, "").map_err(Status::from)
     }
 }
 

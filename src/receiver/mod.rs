@@ -1,49 +1,27 @@
-//! The telemetry sink's server: gRPC in → validate → rate limit → JSON lines out.
-//!
-//! [`service`] answers each request; [`validate`] turns a request into
-//! output lines or refuses it; [`writer`] owns the output file.
+//! The telemetry sink's server: the gRPC input ([`input`]: admit, decode,
+//! check, rate-limit) hands each accepted request to one output
+//! ([`output`]: the JSON-lines file, or a database over remote-write) and
+//! answers OK once the output says it is stored; [`stats`] counts what
+//! happened to every request on the way.
 
-mod budget;
-mod codec;
-mod connections;
-pub(crate) mod dedup;
-mod output_file;
-mod refusals;
-mod remote_write;
-mod route;
-pub(crate) mod service;
+pub mod input;
+pub mod output;
 pub mod stats;
-pub(crate) mod transcode;
-pub mod validate;
-pub mod writer;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use tokio::{
-    net::TcpListener,
-    sync::{Notify, mpsc},
-};
+use tokio::{net::TcpListener, sync::Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
 use tracing::{info, warn};
 
 use crate::{
-    config::{Compression, OutputKind, SinkConfig},
+    config::{Compression, SinkConfig},
     error::ServeError,
 };
-pub use service::ReceiverService;
+pub use input::service::ReceiverService;
+use input::{budget, connections, refusals, route};
 pub use stats::{SinkStats, SinkSummary};
-
-/// Chunks of output that may wait for the writer before requests are
-/// slowed down: bounds the sink's memory.
-const WRITER_QUEUE: usize = 64;
-
-/// Node lanes whose last batch is remembered for de-duplication.
-const DEDUP_LANES: usize = 65_536;
-
-/// Bytes at the end of the output read back on start to recover the last
-/// batch of each lane.
-const RECOVERY_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// HTTP/2 flow-control windows, as large as the node's, so a large batch
 /// arrives in one flight.
@@ -102,7 +80,8 @@ pub async fn serve(
 /// What the sink does with accepted readings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
-    /// Append them to `FILE_PATH/readings.jsonl`.
+    /// Store them in the output the configuration names (OUTPUT): the
+    /// file, or a database.
     File,
     /// Check and render them, then let them go: for measuring the sink
     /// without its disk (`telemetry-node bench --writer off`).
@@ -132,66 +111,9 @@ pub async fn serve_with(
             hurried.cancel();
         }))
     };
-    let path = config.output_file();
-    let stop_writer = CancellationToken::new();
-    let dedup = Arc::new(dedup::Deduplicator::new(DEDUP_LANES));
-    let remote_write = output == Output::File && config.output == OutputKind::RemoteWrite;
-    let mut database = None;
-    let (chunks, writing) = if remote_write {
-        let writer = remote_write::RemoteWriter::new(config, Arc::clone(&stats)).ok_or_else(|| ServeError::Output {
-            path: "REMOTE_WRITE_URL".into(),
-            source: std::io::ErrorKind::InvalidInput.into(),
-        })?;
-        database = Some(writer.database().clone());
-        let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
-        let stop = stop_writer.clone();
-        (
-            Some(chunks),
-            Some(tokio::spawn(async move {
-                writer.run(queue, stop).await;
-                Ok(())
-            })),
-        )
-    } else if output == Output::File {
-        tokio::fs::create_dir_all(&config.file_path)
-            .await
-            .map_err(|source| ServeError::Output { path: config.file_path.clone(), source })?;
-        let recovered = dedup::recover(&path, RECOVERY_WINDOW)
-            .map_err(|source| ServeError::Output { path: path.clone(), source })?;
-        if recovered.torn > 0 {
-            warn!(message = "Cut off an unfinished write at the end of the output.", bytes = recovered.torn);
-        }
-        // What the last clean stop saved, then what the end of the output
-        // shows (written later, so it wins).
-        let lanes = config.lanes_file();
-        let saved = dedup::load(&lanes).map_err(|source| ServeError::Output { path: lanes, source })?;
-        for (node, lane, batch) in saved.iter().chain(&recovered.lanes) {
-            dedup.seed(node, *lane, *batch);
-        }
-        let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, Arc::clone(&stats)).await?;
-        let (chunks, queue) = mpsc::channel(WRITER_QUEUE);
-        (Some(chunks), Some(tokio::spawn(writer.run(queue, config.flush_interval.into(), reopen, stop_writer.clone()))))
-    } else {
-        (None, None)
-    };
-
-    // Kept to be saved at a clean stop, where the file is the output.
-    let memory = (output == Output::File && !remote_write).then(|| Arc::clone(&dedup));
+    let output = output::open(config, output == Output::Discard, &stats, reopen).await?;
     let refusals = Arc::new(refusals::Refusals::new(Arc::clone(&stats)));
-    // Remote-write keeps no memory between requests: a retried batch is the
-    // same samples again, which the database takes as one.
-    // Its time window follows the database's clock, read at once so that
-    // the first request need not wait for it.
-    let (dedup, render) = match database {
-        Some(database) => {
-            let rules = validate::SeriesRules::new(&config.remote_write).following(database);
-            let early = rules.clone();
-            tokio::spawn(async move { early.read_clock().await });
-            (None, service::Render::Series(rules))
-        }
-        None => (Some(dedup), service::Render::Lines),
-    };
-    let receiver = ReceiverService::new(config, chunks, dedup, render, Arc::clone(&stats), Arc::clone(&refusals));
+    let receiver = ReceiverService::new(config, Arc::clone(&output), Arc::clone(&stats), Arc::clone(&refusals));
     let accept_gzip = config.compression == Compression::Gzip;
     let budget = budget::Budget::new(config.max_bytes_in_flight, config.max_message_bytes);
     let limits = (config.max_message_bytes, config.max_items);
@@ -210,7 +132,7 @@ pub async fn serve_with(
     info!(
         message = "Sink listening.",
         address = %listener.local_addr().map_err(ServeError::Listen)?,
-        output = %if remote_write { config.remote_write.shown_url() } else { path.display().to_string() },
+        output = %output.describe(),
         tls = config.tls_cert.is_some(),
     );
     stats.set_serving(true);
@@ -263,40 +185,9 @@ pub async fn serve_with(
     };
 
     // Every request has been answered, or the drain limit is over:
-    // whatever was acknowledged is queued for the writer, which drains the
-    // queue before it returns.
-    stop_writer.cancel();
-    if let Some(mut writing) = writing {
-        let written = if remote_write {
-            let limit = at_most(DATABASE_DRAIN_LIMIT);
-            match tokio::select! { written = &mut writing => Some(written), () = limit => None } {
-                Some(written) => written,
-                None => {
-                    // What is still queued or under way is not acknowledged.
-                    writing.abort();
-                    warn!(
-                        message = "Stopped waiting for the database at the drain limit (or a second stop signal); the nodes send again what it did not take.",
-                        limit_s = DATABASE_DRAIN_LIMIT.as_secs(),
-                    );
-                    Ok(Ok(()))
-                }
-            }
-        } else {
-            writing.await
-        };
-        let written = written.map_err(|error| ServeError::Writer(error.to_string()))?;
-        written.map_err(|source| ServeError::Output { path, source })?;
-    }
-    if let Some(memory) = memory {
-        let lanes = config.lanes_file();
-        if let Err(error) = dedup::save(&lanes, &memory.snapshot()) {
-            warn!(
-                message = "Could not save the lanes' last batches; a retry of a batch written long before this stop may be written again after the restart.",
-                path = %lanes.display(),
-                %error,
-            );
-        }
-    }
+    // whatever was acknowledged is handed to the output, which stores it
+    // before it returns.
+    output.close(hurried.clone()).await?;
     served?;
     Ok(stats.snapshot())
 }

@@ -21,7 +21,6 @@ use tonic::{
     server::{Grpc, NamedService, UnaryService},
 };
 
-use super::stats::RejectReason;
 use super::{
     budget::{Budget, Hold, Share},
     codec::{Incoming, RequestCodec},
@@ -29,7 +28,7 @@ use super::{
     service::ReceiverService,
     validate,
 };
-use crate::{error::ReceiveError, proto::SensorValuesResponse};
+use crate::{error::ReceiveError, proto::SensorValuesResponse, receiver::stats::RejectReason};
 
 /// Longest a request may take to arrive whole (waiting for its share of
 /// the budget included) before it is answered DEADLINE_EXCEEDED, which a
@@ -83,7 +82,7 @@ impl SensorRoute {
             self.refusals.refuse(RejectReason::Unauthenticated, &status);
             return status.into_http();
         }
-        if let Err(status) = self.service.read_database_clock().await {
+        if let Err(status) = self.service.ready().await {
             return status.into_http();
         }
         // Held until the request is answered.
@@ -93,7 +92,7 @@ impl SensorRoute {
         let reached = Arc::new(AtomicBool::new(false));
         let method = Method { service: Arc::clone(&self.service), reached: Arc::clone(&reached) };
         let peer = validate::peer_of(request.extensions());
-        let codec = RequestCodec::new(self.max_items, self.service.series_rules(), peer, Arc::clone(&self.refusals));
+        let codec = RequestCodec::new(self.max_items, self.service.output(), peer, Arc::clone(&self.refusals));
         let mut grpc = Grpc::new(codec).max_decoding_message_size(self.max_bytes);
         if self.accept_gzip {
             grpc = grpc.accept_compressed(CompressionEncoding::Gzip);

@@ -19,12 +19,13 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::{stats::SinkStats, writer::Chunk};
+use super::super::Chunk;
 use crate::{
     config::SinkConfig,
     database::{Answer, Database},
     error::OutputError,
     logging::Every,
+    receiver::stats::SinkStats,
 };
 
 /// Shortest and longest pause asked of the nodes while the database fails.
@@ -154,7 +155,7 @@ impl RemoteWriter {
                 let mut passed = Vec::new();
                 let (mut at, mut samples) = (0, 0);
                 while at < waiting.len() && samples < self.max_samples {
-                    let sender = waiting[at].sender;
+                    let sender = waiting[at].rendered.sender;
                     if busy.contains(&sender) || passed.contains(&sender) {
                         passed.push(sender);
                         at += 1;
@@ -162,7 +163,7 @@ impl RemoteWriter {
                     }
                     if let Some(chunk) = waiting.remove(at) {
                         busy.insert(sender);
-                        samples += chunk.readings;
+                        samples += chunk.rendered.readings;
                         chunks.push(chunk);
                     }
                 }
@@ -170,7 +171,7 @@ impl RemoteWriter {
             if chunks.is_empty() {
                 return;
             }
-            let senders = chunks.iter().map(|chunk| chunk.sender).collect();
+            let senders = chunks.iter().map(|chunk| chunk.rendered.sender).collect();
             let release = Release { writer: Arc::clone(self), senders, slot: Some(slot) };
             tokio::spawn(Arc::clone(self).deliver(chunks, release));
         }
@@ -212,10 +213,10 @@ impl RemoteWriter {
 
     /// POSTs the series of `chunks` as one remote-write request.
     async fn post(&self, chunks: &[Chunk]) -> Result<(), OutputError> {
-        let readings: usize = chunks.iter().map(|chunk| chunk.readings).sum();
-        let mut body = Vec::with_capacity(chunks.iter().map(|chunk| chunk.lines.len()).sum());
+        let readings: usize = chunks.iter().map(|chunk| chunk.rendered.readings).sum();
+        let mut body = Vec::with_capacity(chunks.iter().map(|chunk| chunk.rendered.bytes.len()).sum());
         for chunk in chunks {
-            body.extend_from_slice(&chunk.lines);
+            body.extend_from_slice(&chunk.rendered.bytes);
         }
         self.stats.database_sending();
         let (answer, elapsed) = self.database.post(&body).await;
@@ -286,8 +287,8 @@ impl RemoteWriter {
 /// gets in line whenever the database is not behind, however busy other
 /// senders keep it.
 fn admit(waiting: &mut VecDeque<Chunk>, chunk: Chunk, most_samples: usize) {
-    let same = waiting.iter().filter(|other| other.sender == chunk.sender).count();
-    let samples: usize = waiting.iter().map(|other| other.readings).sum();
+    let same = waiting.iter().filter(|other| other.rendered.sender == chunk.rendered.sender).count();
+    let samples: usize = waiting.iter().map(|other| other.rendered.readings).sum();
     let message = if same >= MOST_WAITING_PER_SENDER {
         format!("{MOST_WAITING_PER_SENDER} requests of this node are already waiting for the database")
     } else if samples >= most_samples {
@@ -333,6 +334,7 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
+    use crate::receiver::output::Rendered;
 
     #[test]
     fn the_waiting_limits_are_the_documented_ones() {
@@ -342,9 +344,9 @@ mod tests {
     }
 
     /// A request of `sender` and where its answer comes.
-    fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::writer::Written>) {
+    fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::output::Written>) {
         let (written, answer) = oneshot::channel();
-        (Chunk { lines: Vec::new(), readings: 1, sender, written }, answer)
+        (Chunk { rendered: Rendered { bytes: Vec::new(), readings: 1, sender, lane: 0 }, written }, answer)
     }
 
     #[test]
@@ -389,7 +391,7 @@ mod tests {
         let mut answers = Vec::new();
         for sender in 0..50 {
             let (mut chunk, answer) = chunk(sender);
-            chunk.readings = 1000;
+            chunk.rendered.readings = 1000;
             admit(&mut waiting, chunk, 40_000);
             answers.push(answer);
         }

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
-use super::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, stats::SinkStats};
+use crate::receiver::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, stats::SinkStats};
 use crate::{
     connection::{AcceptFailures, Held, open_files_limit},
     logging::Every,

@@ -1,134 +1,20 @@
-//! Validation: a request in, its JSON lines out, or the reason it is refused.
-//! Nothing of a refused request is ever written.
+//! The remote-write output's form of a request: its readings as
+//! remote-write series, checked against what a database keeps (the window
+//! of times around its clock, the longest label), or the reason the
+//! request is refused.
 
-use crate::database::names::series_labels;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-
 use crate::{
-    database::Database,
+    database::{Database, names::series_labels},
     error::ReceiveError,
     prompb::{Label, Sample, TimeSeries},
-    proto::{SensorValue, SensorValuesRequest},
+    proto::SensorValuesRequest,
+    receiver::input::validate::{MAX_LABEL_BYTES, check, owner},
 };
-
-/// Latest timestamp that RFC 3339 can write: 9999-12-31T23:59:59Z.
-pub(crate) const MAX_SECONDS: i64 = 253_402_300_799;
-
-/// Longest sensor name or node identity sent to a database as a label
-/// value: VictoriaMetrics cuts longer values (two sensors then share one
-/// series, and one's samples are lost though the answer is OK); Mimir and
-/// Cortex refuse values over 2048 bytes.
-pub(crate) const MAX_LABEL_BYTES: usize = 2048;
-
-/// One output line.
-#[derive(Debug, Serialize)]
-struct Line<'a> {
-    /// Which sensor measured it.
-    sensor_name: &'a str,
-    /// The measured value.
-    value: i64,
-    /// When it was measured, RFC 3339 with nanoseconds, UTC.
-    created_at: String,
-    /// The reading's position in its sensor's output.
-    sequence: u64,
-    /// The sending node, when it said.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node_id: Option<&'a str>,
-    /// The sending lane, with `node_id`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lane: Option<u32>,
-    /// The batch's number within its lane, with `node_id`: what a restarted
-    /// sink reads back to keep recognising retries.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch: Option<u64>,
-    /// On the last line of each request: the request is in the file whole
-    /// up to here. What a crash leaves after the last such line is an
-    /// unfinished write, which a restarted sink cuts off.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    batch_end: bool,
-}
-
-/// Checks every reading of `request` and renders them all as JSON lines, or
-/// refuses the whole request at its first bad reading.
-pub fn to_json_lines(request: &SensorValuesRequest) -> Result<Vec<u8>, ReceiveError> {
-    let mut out = Vec::with_capacity(request.items.len() * 100);
-    let identified = !request.node_id.is_empty();
-    let node_id = identified.then_some(request.node_id.as_str());
-    let (lane, batch) = (identified.then_some(request.lane), identified.then_some(request.batch_sequence));
-    let last = request.items.len().saturating_sub(1);
-    for (index, item) in request.items.iter().enumerate() {
-        let (value, created_at) = check(index, item)?;
-        let line = Line {
-            sensor_name: &item.sensor_name,
-            value,
-            created_at: humantime::format_rfc3339_nanos(created_at).to_string(),
-            sequence: item.sequence,
-            node_id,
-            lane,
-            batch,
-            batch_end: index == last,
-        };
-        serde_json::to_writer(&mut out, &line).expect("a Vec accepts every write and the line has only string keys");
-        out.push(b'\n');
-    }
-    Ok(out)
-}
-
-/// The value and time of the reading at `index`, or why it is refused.
-fn check(index: usize, item: &SensorValue) -> Result<(i64, SystemTime), ReceiveError> {
-    if item.sensor_name.is_empty() {
-        return Err(ReceiveError::EmptySensorName { index });
-    }
-    let measurement = item.measurement.as_ref().ok_or(ReceiveError::MissingMeasurement { index })?;
-    let value = measurement.sensor_value.ok_or(ReceiveError::MissingValue { index })?;
-    let created_at =
-        measurement.created_at.as_ref().and_then(to_system_time).ok_or(ReceiveError::BadTimestamp { index })?;
-    Ok((value, created_at))
-}
-
-/// Whose series a request holds, as a number: its [`owner`] label. Two
-/// nodes' series never meet, so their requests can be written to a
-/// database together; one node's requests are written one after another: a
-/// database that takes two writes of one series at once, or one write
-/// holding it twice, may keep only some of their samples and answer OK
-/// (Prometheus drops what is out of order when it commits). The lane does
-/// not count: this node keeps a sensor to one lane, but a client need not.
-pub(crate) fn sender(owner: Option<(&str, &str)>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    owner.hash(&mut hasher);
-    hasher.finish()
-}
-
-/// How a request without a node identity (the Go node) is told apart: the
-/// IP address it came from (an IPv4 address as such, also when it reached
-/// an IPv6 socket), or empty if unknown.
-pub(crate) fn address_of(peer: Option<std::net::SocketAddr>) -> String {
-    peer.map(|address| address.ip().to_canonical().to_string()).unwrap_or_default()
-}
-
-/// The label that tells a request's series from other senders': `node`,
-/// its `node_id`; for a request without one, `address`, the IP address it
-/// came from (a label no node can take, so that a `NODE_ID` that happens to
-/// be an address never shares its series); none if neither is known.
-pub(crate) fn owner<'a>(node_id: &'a str, address: &'a str) -> Option<(&'static str, &'a str)> {
-    match (node_id, address) {
-        ("", "") => None,
-        ("", address) => Some(("address", address)),
-        (node_id, _) => Some(("node", node_id)),
-    }
-}
-
-/// The address a request came from, over plain TCP or TLS (tonic gives
-/// the TCP connection's information over TLS too).
-pub(crate) fn peer_of(extensions: &tonic::codegen::http::Extensions) -> Option<std::net::SocketAddr> {
-    extensions.get::<tonic::transport::server::TcpConnectInfo>().and_then(|info| info.remote_addr())
-}
 
 /// How readings become remote-write samples: under which metric, and
 /// within which times of the database's clock a database is sent them.
@@ -301,20 +187,17 @@ pub(crate) fn to_series(
     Ok(out)
 }
 
-/// The time of `timestamp` if RFC 3339 can write it (years 1970 to 9999).
-fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<SystemTime> {
-    let seconds = u64::try_from(timestamp.seconds).ok().filter(|s| *s <= MAX_SECONDS as u64)?;
-    let nanos = u32::try_from(timestamp.nanos).ok().filter(|n| *n < 1_000_000_000)?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
-}
-
 #[cfg(test)]
 mod tests {
     use prost::Message;
     use tonic::Status;
 
     use super::*;
-    use crate::{prompb::WriteRequest, proto::sensor_value::Measurement};
+    use crate::{
+        prompb::WriteRequest,
+        proto::{SensorValue, sensor_value::Measurement},
+        receiver::input::validate::{address_of, sender},
+    };
 
     #[test]
     fn one_series_per_sensor_with_node_and_sensor_labels() {
@@ -439,7 +322,7 @@ mod tests {
         assert!(error.to_string().starts_with("node_id is 17000 bytes"), "{error}");
         assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument);
         // The file takes any length.
-        assert!(to_json_lines(&named(17_000, 17_000)).is_ok());
+        assert!(crate::receiver::output::file::lines::to_json_lines(&named(17_000, 17_000)).is_ok());
     }
 
     #[test]
@@ -471,127 +354,5 @@ mod tests {
             }),
             sequence: 7,
         }
-    }
-
-    #[test]
-    fn renders_one_line_per_reading() {
-        let request =
-            SensorValuesRequest { items: vec![item("a\"b", Some(-3), 0), item("c", Some(0), 1)], ..Default::default() };
-        let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
-        assert_eq!(
-            text,
-            "{\"sensor_name\":\"a\\\"b\",\"value\":-3,\"created_at\":\"1970-01-01T00:00:00.000000005Z\",\"sequence\":7}\n\
-             {\"sensor_name\":\"c\",\"value\":0,\"created_at\":\"1970-01-01T00:00:01.000000005Z\",\"sequence\":7,\"batch_end\":true}\n"
-        );
-    }
-
-    #[test]
-    fn lines_carry_the_batch_identity_when_the_node_gives_one() {
-        let request = SensorValuesRequest {
-            items: vec![item("c", Some(0), 1)],
-            node_id: "n1".into(),
-            lane: 2,
-            batch_sequence: 9,
-        };
-        let text = String::from_utf8(to_json_lines(&request).unwrap()).unwrap();
-        assert!(
-            text.ends_with(",\"sequence\":7,\"node_id\":\"n1\",\"lane\":2,\"batch\":9,\"batch_end\":true}\n"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn refuses_each_kind_of_bad_reading() {
-        let cases = [
-            (item("", Some(1), 0), ReceiveError::EmptySensorName { index: 1 }),
-            (
-                SensorValue { measurement: None, ..item("s-a", Some(1), 0) },
-                ReceiveError::MissingMeasurement { index: 1 },
-            ),
-            (item("s-a", None, 0), ReceiveError::MissingValue { index: 1 }),
-            (item("s-a", Some(1), -1), ReceiveError::BadTimestamp { index: 1 }),
-            (item("s-a", Some(1), MAX_SECONDS + 1), ReceiveError::BadTimestamp { index: 1 }),
-        ];
-        for (bad, expected) in cases {
-            let request = SensorValuesRequest { items: vec![item("ok", Some(1), 0), bad], ..Default::default() };
-            assert_eq!(to_json_lines(&request), Err(expected));
-        }
-        let no_time = SensorValue {
-            measurement: Some(Measurement { sensor_value: Some(1), created_at: None }),
-            ..item("s-a", Some(1), 0)
-        };
-        assert_eq!(
-            to_json_lines(&SensorValuesRequest { items: vec![no_time], ..Default::default() }),
-            Err(ReceiveError::BadTimestamp { index: 0 })
-        );
-    }
-}
-
-#[cfg(test)]
-mod fuzz {
-    use proptest::prelude::*;
-    use prost::Message;
-
-    use super::*;
-    use crate::proto::{SensorValue, sensor_value::Measurement};
-
-    /// Mostly valid items (a name a sensor could have, a time between 1970
-    /// and 2100), each field drawn over its whole range, or left out, one
-    /// time in twenty: valid requests must render, not only empty ones.
-    fn any_item() -> impl Strategy<Value = SensorValue> {
-        let name = prop_oneof![19 => "[a-z][a-z0-9_.:-]{0,11}", 1 => ".{0,12}"];
-        let seconds = prop_oneof![19 => 0i64..4_102_444_800, 1 => any::<i64>()];
-        let nanos = prop_oneof![19 => 0i32..1_000_000_000, 1 => any::<i32>()];
-        let time = prop_oneof![19 => (seconds, nanos).prop_map(Some), 1 => Just(None)];
-        let value = prop_oneof![19 => any::<i64>().prop_map(Some), 1 => Just(None)];
-        let measurement = prop_oneof![19 => (value, time).prop_map(Some), 1 => Just(None)];
-        (name, measurement, any::<u64>()).prop_map(|(sensor_name, measurement, sequence)| SensorValue {
-            sensor_name,
-            measurement: measurement.map(|(sensor_value, time)| Measurement {
-                sensor_value,
-                created_at: time.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
-            }),
-            sequence,
-        })
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
-
-        /// The request path from the wire on: any bytes either fail to
-        /// decode or are checked without a panic.
-        #[test]
-        fn any_bytes_are_refused_or_checked_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            if let Ok(request) = SensorValuesRequest::decode(bytes.as_slice()) {
-                let _ = to_json_lines(&request);
-            }
-        }
-    }
-
-    /// Every request is refused whole or rendered as one JSON line per
-    /// reading; and a real share of them (non-empty ones too) renders, so
-    /// that the rendering is what is checked.
-    #[test]
-    fn a_request_is_refused_whole_or_written_line_per_reading() {
-        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-        let (rendered, cases) = (AtomicUsize::new(0), 2000);
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
-        let outcome = runner.run(&proptest::collection::vec(any_item(), 1..10), |items| {
-            let request = SensorValuesRequest { items, ..Default::default() };
-            if let Ok(lines) = to_json_lines(&request) {
-                rendered.fetch_add(1, Relaxed);
-                let text = String::from_utf8(lines).expect("JSON is UTF-8");
-                prop_assert_eq!(text.lines().count(), request.items.len());
-                for line in text.lines() {
-                    prop_assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "{}", line);
-                }
-            }
-            Ok(())
-        });
-        if let Err(failure) = outcome {
-            panic!("{failure}");
-        }
-        let rendered = rendered.load(Relaxed);
-        assert!(rendered >= cases as usize / 20, "only {rendered} of {cases} requests rendered");
     }
 }

@@ -11,13 +11,14 @@ use tonic::{
 };
 use tonic_prost::ProstCodec;
 
-use super::{
-    refusals::Refusals,
-    stats::RejectReason,
-    transcode::{Series, transcode},
-    validate::{SeriesRules, address_of},
+use super::{refusals::Refusals, validate::address_of};
+use crate::{
+    proto::{SensorValuesRequest, SensorValuesResponse},
+    receiver::{
+        output::{Rendered, Store},
+        stats::RejectReason,
+    },
 };
-use crate::proto::{SensorValuesRequest, SensorValuesResponse};
 
 /// Fewest bytes a valid reading takes inside its request: a name of one
 /// character (3 bytes) and a measurement holding a value and a time, each
@@ -30,11 +31,11 @@ pub(crate) const MIN_ITEM_BYTES: usize = 9;
 pub(crate) enum Incoming {
     /// Decoded into its messages.
     Message(SensorValuesRequest),
-    /// Already remote-write series (`OUTPUT=remote-write`, in the common
-    /// shape): every reading valid.
-    Series {
-        /// The series and their counts.
-        series: Series,
+    /// Already in the output's form (`Store::render_bytes`): every
+    /// reading valid.
+    Rendered {
+        /// The request, rendered.
+        rendered: Rendered,
         /// The request's size on the wire.
         bytes: usize,
     },
@@ -45,8 +46,8 @@ pub(crate) enum Incoming {
 pub(crate) struct RequestCodec {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
-    /// How requests become remote-write series, when they do.
-    series: Option<SeriesRules>,
+    /// The output, which may render requests from their bytes.
+    output: Arc<dyn Store>,
     /// Where requests come from: their label when they have no node
     /// identity (`validate::address_of`).
     peer: Option<SocketAddr>,
@@ -59,11 +60,11 @@ impl RequestCodec {
     /// for requests from `peer`.
     pub(crate) fn new(
         max_items: usize,
-        series: Option<SeriesRules>,
+        output: Arc<dyn Store>,
         peer: Option<SocketAddr>,
         refusals: Arc<Refusals>,
     ) -> Self {
-        Self { max_items, series, peer, refusals }
+        Self { max_items, output, peer, refusals }
     }
 }
 
@@ -80,7 +81,7 @@ impl Codec for RequestCodec {
     fn decoder(&mut self) -> Self::Decoder {
         RequestDecoder {
             max_items: self.max_items,
-            series: self.series.clone(),
+            output: Arc::clone(&self.output),
             peer: self.peer,
             refusals: Arc::clone(&self.refusals),
             decoded: PhantomData,
@@ -93,8 +94,8 @@ impl Codec for RequestCodec {
 pub(crate) struct RequestDecoder {
     /// MAX_ITEMS_PER_REQUEST.
     max_items: usize,
-    /// How requests become remote-write series, when they do.
-    series: Option<SeriesRules>,
+    /// The output, which may render requests from their bytes.
+    output: Arc<dyn Store>,
     /// Where the request comes from.
     peer: Option<SocketAddr>,
     /// Where a refused request is counted and logged.
@@ -120,13 +121,13 @@ impl Decoder for RequestDecoder {
         };
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
-        let fast = |rules: &SeriesRules| {
-            transcode(bytes, &rules.metric, rules.window(), &address_of(self.peer))
-                .map(|series| Incoming::Series { series, bytes: length })
+        let fast = || {
+            let rendered = self.output.render_bytes(bytes, &address_of(self.peer))?;
+            Some(Incoming::Rendered { rendered, bytes: length })
         };
         let checked = match size_up(bytes, self.max_items) {
-            Ok(()) => match self.series.as_ref().and_then(fast) {
-                Some(series) => Ok(series),
+            Ok(()) => match fast() {
+                Some(rendered) => Ok(rendered),
                 None => SensorValuesRequest::decode(bytes)
                     .map(Incoming::Message)
                     .map_err(|error| Shape::Undecodable(error.to_string())),
@@ -246,7 +247,7 @@ mod tests {
     fn the_smallest_valid_item_is_min_item_bytes_long() {
         assert_eq!(smallest_valid_item().encoded_len(), MIN_ITEM_BYTES);
         let request = SensorValuesRequest { items: vec![smallest_valid_item()], ..Default::default() };
-        assert!(crate::receiver::validate::to_json_lines(&request).is_ok());
+        assert!(crate::receiver::output::file::lines::to_json_lines(&request).is_ok());
     }
 
     #[test]
@@ -290,7 +291,7 @@ mod tests {
                 .collect();
             let request = SensorValuesRequest { items, ..Default::default() };
             if size_up(&request.encode_to_vec(), 100).is_err() {
-                prop_assert!(crate::receiver::validate::to_json_lines(&request).is_err());
+                prop_assert!(crate::receiver::output::file::lines::to_json_lines(&request).is_err());
             }
         }
     }

@@ -1,42 +1,34 @@
 //! A `SensorValuesRequest`'s bytes straight into remote-write series bytes,
-//! for `OUTPUT=remote-write`: the same bytes [`validate::to_series`] makes
+//! for `OUTPUT=remote-write`: the same bytes [`series::to_series`] makes
 //! from the decoded request, without decoding it into messages first (a
 //! string per reading, and the time to build and drop it all).
 //!
 //! It takes the common shape only: any request it does not recognise (an
 //! invalid reading, a field the node does not send twice sent twice,
 //! groups, anything malformed) it leaves to the decoder and
-//! [`validate::to_series`], which give the exact error or result. A
+//! [`series::to_series`], which give the exact error or result. A
 //! property test holds it to them.
 //!
-//! [`validate::to_series`]: super::validate::to_series
+//! [`series::to_series`]: super::series::to_series
 
-use crate::database::names;
 use std::collections::HashMap;
 
-use super::validate::{MAX_LABEL_BYTES, MAX_SECONDS, Window};
-
-/// What [`transcode`] made of a request.
-#[derive(Debug, PartialEq)]
-pub(crate) struct Series {
-    /// The `timeseries` entries of a `WriteRequest`, encoded.
-    pub(crate) bytes: Vec<u8>,
-    /// Readings in the request.
-    pub(crate) readings: usize,
-    /// Its sender (`validate::sender`).
-    pub(crate) sender: u64,
-}
+use super::{super::Rendered, series::Window};
+use crate::{
+    database::names,
+    receiver::input::validate::{MAX_LABEL_BYTES, MAX_SECONDS, owner, sender},
+};
 
 /// The series of the request `bytes`, metric `metric`, or `None` when the
 /// request is not in the common shape or is refused (a reading outside
 /// `window`, two values of a sensor in one millisecond): then decode it and
-/// use `validate::to_series`, which says why. A request without a node
-/// identity is labelled with `address` (`validate::owner`).
-pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Series> {
+/// use `series::to_series`, which says why. A request without a node
+/// identity is labelled with `address` (`input::validate::owner`).
+pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Rendered> {
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
-    let mut node_id: &[u8] = b"";
+    let (mut node_id, mut lane): (&[u8], u32) = (b"", 0);
     while !bytes.is_empty() {
         match field(&mut bytes)? {
             (1, Value::Bytes(item)) => {
@@ -47,7 +39,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address:
                 grouped.add(name, value, millis)?;
             }
             (2, Value::Bytes(id)) => node_id = id,
-            (3 | 4, Value::Varint(_)) => {}
+            // prost keeps the low 32 bits of a larger number, as here.
+            (3, Value::Varint(number)) => lane = number as u32,
+            (4, Value::Varint(_)) => {}
             (1..=4, _) => return None,
             _ => {}
         }
@@ -55,9 +49,9 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address:
     if node_id.len() > MAX_LABEL_BYTES {
         return None;
     }
-    let owner = super::validate::owner(std::str::from_utf8(node_id).ok()?, address);
-    let sender = super::validate::sender(owner);
-    Some(Series { bytes: grouped.encode(metric, owner)?, readings: grouped.readings, sender })
+    let owner = owner(std::str::from_utf8(node_id).ok()?, address);
+    let sender = sender(owner);
+    Some(Rendered { bytes: grouped.encode(metric, owner)?, readings: grouped.readings, sender, lane })
 }
 
 /// One sensor's series while a request is read.
@@ -450,19 +444,19 @@ mod tests {
     use super::*;
     use crate::{
         proto::{SensorValue, SensorValuesRequest, sensor_value::Measurement},
-        receiver::validate::to_series,
+        receiver::output::remote_write::series::to_series,
     };
 
     /// What the decoder and `to_series` make of `bytes`, if they accept it.
-    fn slow(bytes: &[u8], metric: &str) -> Option<Series> {
+    fn slow(bytes: &[u8], metric: &str) -> Option<Rendered> {
         slow_within(bytes, metric, Window::any(), "")
     }
 
-    fn slow_within(bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Series> {
+    fn slow_within(bytes: &[u8], metric: &str, window: Window, address: &str) -> Option<Rendered> {
         let request = SensorValuesRequest::decode(bytes).ok()?;
         let series = to_series(&request, metric, window, address).ok()?;
-        let sender = crate::receiver::validate::sender(crate::receiver::validate::owner(&request.node_id, address));
-        Some(Series { bytes: series, readings: request.items.len(), sender })
+        let sender = sender(owner(&request.node_id, address));
+        Some(Rendered { bytes: series, readings: request.items.len(), sender, lane: request.lane })
     }
 
     fn any_item() -> impl Strategy<Value = SensorValue> {

@@ -9,8 +9,8 @@ use std::{
 use tonic::Status;
 use tracing::warn;
 
-use super::stats::{RejectReason, SinkStats};
 use crate::logging::Every;
+use crate::receiver::stats::{RejectReason, SinkStats};
 
 /// Counts and logs refused requests.
 #[derive(Debug)]

@@ -9,33 +9,15 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::{output_file::OutputFile, stats::SinkStats};
+use super::{
+    super::{Chunk, Written},
+    append::OutputFile,
+};
 use crate::{
     error::{OutputError, ServeError},
     logging::Every,
+    receiver::stats::SinkStats,
 };
-
-/// What a chunk's sender is told: stored, or why not.
-pub(crate) type Written = Result<(), OutputError>;
-
-/// What one accepted request puts in the output.
-#[derive(Debug)]
-pub struct Chunk {
-    /// JSON lines, each ending in `\n`; or, for remote-write, the request's
-    /// series as encoded `WriteRequest.timeseries` entries.
-    pub lines: Vec<u8>,
-    /// How many readings the lines hold.
-    pub readings: usize,
-    /// Whose series the lines hold, for remote-write: the node (see
-    /// `validate::sender`). A database is sent one sender's requests one
-    /// after another, never two in one write or two at once. The file
-    /// output ignores it.
-    pub sender: u64,
-    /// Told once the lines are in the file (handed to the operating system,
-    /// so a crash of the sink process cannot lose them), or that they could
-    /// not be written and nothing of them is in the file.
-    pub written: oneshot::Sender<Written>,
-}
 
 /// Owns the output file.
 #[derive(Debug)]
@@ -137,8 +119,8 @@ impl JsonLinesWriter {
 
     /// Adds one chunk's lines to the next write.
     fn push(&mut self, chunk: Chunk) {
-        self.buffer.extend_from_slice(&chunk.lines);
-        self.buffered_readings += chunk.readings;
+        self.buffer.extend_from_slice(&chunk.rendered.bytes);
+        self.buffered_readings += chunk.rendered.readings;
         self.pending.push(chunk.written);
     }
 

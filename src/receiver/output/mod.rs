@@ -1,0 +1,154 @@
+//! Where the sink puts what it accepts. Each output lives in a folder of its
+//! own and meets the input through one small interface, [`Store`]: it
+//! renders a checked request in its own form, may recognise a retry of a
+//! batch it stored before, stores what it is given and says when it is
+//! stored, and finishes at a stop. [`open`] is the one place that names the
+//! outputs: a new one is a folder and a line there.
+//!
+//! - [`file`]: JSON lines appended to `FILE_PATH/readings.jsonl`, with the
+//!   memory of each lane's last batch that tells a retry from new data.
+//! - [`remote_write`]: a time-series database over Prometheus
+//!   remote-write, written in blocks gathered from many requests.
+//! - [`discard`]: checked and rendered, then let go (for measuring).
+
+pub(crate) mod discard;
+pub mod file;
+pub(crate) mod remote_write;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::stats::SinkStats;
+use crate::{
+    config::{OutputKind, SinkConfig},
+    error::{OutputError, ReceiveError, ServeError},
+    proto::SensorValuesRequest,
+};
+
+/// A request in an output's own form, ready to be stored.
+#[derive(Debug, PartialEq)]
+pub struct Rendered {
+    /// The output's bytes: JSON lines, or encoded remote-write series.
+    pub bytes: Vec<u8>,
+    /// Readings they hold.
+    pub readings: usize,
+    /// Whose series they hold (`input::validate::sender`), for an output
+    /// that keeps one sender's writes in order; 0 where it does not count.
+    pub sender: u64,
+    /// The sender's lane. A node keeps each sensor to one lane and sends
+    /// one batch of a lane at a time, so requests of one sender's different
+    /// lanes hold different series.
+    pub lane: u32,
+}
+
+/// Which batch a request is: the node, its lane and the batch's number.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchId<'a> {
+    /// The node's identity (never empty).
+    pub node: &'a str,
+    /// The lane.
+    pub lane: u32,
+    /// The batch's number within the lane.
+    pub number: u64,
+}
+
+/// What an output says of a batch before it is charged and stored.
+pub(crate) enum Claim {
+    /// Stored before: the request is answered OK and nothing is stored.
+    Stored,
+    /// Not stored yet. The record, if any, is called once the batch is
+    /// stored, and holds the lane until then (a retry waits for this
+    /// attempt's outcome, then finds it stored).
+    New(Option<Record>),
+}
+
+/// Notes a batch as stored; dropped uncalled when it was not.
+pub(crate) type Record = Box<dyn FnOnce() + Send>;
+
+/// One output, as the input sees it.
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
+    /// Where it writes, for the start-up log line.
+    fn describe(&self) -> String;
+
+    /// Whether it can judge requests now; an error (the node is pushed
+    /// back) while it cannot, such as a database whose clock cannot be read.
+    fn ready(&self) -> BoxFuture<'_, Result<(), ReceiveError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// `request` in the output's form, or why the output refuses it (a
+    /// refusal is final: the node does not send it again). `address` is
+    /// where the request came from (`input::validate::address_of`).
+    fn render(&self, request: &SensorValuesRequest, address: &str) -> Result<Rendered, ReceiveError>;
+
+    /// The same from the request's encoded bytes, for an output that can
+    /// skip decoding them: `None` when it cannot (the input decodes the
+    /// request and calls [`Store::render`], which says why). Only for an
+    /// output that claims nothing: no batch is claimed for what it renders.
+    fn render_bytes(&self, _bytes: &[u8], _address: &str) -> Option<Rendered> {
+        None
+    }
+
+    /// Whether `batch` was stored before. By default nothing is
+    /// remembered: an output whose store takes a repeat as one (a
+    /// database) need not.
+    fn claim<'a>(&'a self, _batch: BatchId<'a>) -> BoxFuture<'a, Claim> {
+        Box::pin(async { Claim::New(None) })
+    }
+
+    /// Stores `rendered`; resolves once it is stored (OK means stored), or
+    /// with why not, and nothing of it stored. Once called, the store goes
+    /// on even if the future is dropped.
+    fn store(&self, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>>;
+
+    /// Stores what it took before the input stopped, within the output's
+    /// limits (less if `hurry` is cancelled: a second stop signal), and
+    /// keeps what it must for the next start.
+    fn close(&self, hurry: CancellationToken) -> BoxFuture<'_, Result<(), ServeError>>;
+}
+
+/// The output `config` names (`discard`: none at all), opened.
+pub(crate) async fn open(
+    config: &SinkConfig,
+    discard: bool,
+    stats: &Arc<SinkStats>,
+    reopen: Arc<Notify>,
+) -> Result<Arc<dyn Store>, ServeError> {
+    Ok(match (discard, config.output) {
+        (true, _) => Arc::new(discard::Discard),
+        (false, OutputKind::File) => Arc::new(file::FileStore::open(config, Arc::clone(stats), reopen).await?),
+        (false, OutputKind::RemoteWrite) => Arc::new(remote_write::DatabaseStore::open(config, Arc::clone(stats))?),
+    })
+}
+
+/// What a chunk's sender is told: stored, or why not.
+pub(crate) type Written = Result<(), OutputError>;
+
+/// One accepted request on an output's queue.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The request, rendered.
+    pub rendered: Rendered,
+    /// Told once it is stored (for the file: handed to the operating
+    /// system, so a crash of the sink process cannot lose it), or that it
+    /// could not be and nothing of it is stored.
+    pub written: oneshot::Sender<Written>,
+}
+
+/// Requests that may wait on an output's queue before the input is slowed
+/// down: bounds the sink's memory.
+pub(crate) const QUEUE: usize = 64;
+
+/// Puts `rendered` on `queue` and waits until it is stored. Queued, it is
+/// stored even if this future is dropped.
+pub(crate) fn enqueue(queue: &mpsc::Sender<Chunk>, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>> {
+    let queue = queue.clone();
+    Box::pin(async move {
+        let (written, confirmed) = oneshot::channel();
+        queue.send(Chunk { rendered, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+        confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
+    })
+}
