@@ -542,3 +542,16 @@ fn a_node_id_or_sensor_name_with_a_newline_or_space_is_refused_naming_the_variab
     }
     assert!(NodeConfig::from_vars(&vars(&[("NODE_ID", "pod-7.example".into())])).is_ok());
 }
+
+#[test]
+fn batches_hold_1000_readings_to_a_sink_and_10000_to_a_database_unless_batch_size_says() {
+    let size = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(&str, String)> = pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        NodeConfig::from_vars(&vars(&pairs)).unwrap().batch_size()
+    };
+    let database = [("DESTINATION", "remote-write"), ("REMOTE_WRITE_URL", "http://127.0.0.1:8428/api/v1/write")];
+    assert_eq!(size(&[]), 1000);
+    assert_eq!(size(&database), 10_000);
+    assert_eq!(size(&[("BATCH_SIZE", "250")]), 250);
+    assert_eq!(size(&[database[0], database[1], ("BATCH_SIZE", "250")]), 250);
+}

@@ -112,9 +112,9 @@ pub struct NodeConfig {
     /// Most bytes the spool keeps; when full it evicts its oldest batch.
     #[envconfig(from = "SPOOL_MAX_BYTES", default = "1073741824")]
     pub spool_max_bytes: u64,
-    /// Readings per request at most.
-    #[envconfig(from = "BATCH_SIZE", default = "1000")]
-    pub batch_size: usize,
+    /// Readings per request at most; unset, [`NodeConfig::batch_size`].
+    #[envconfig(from = "BATCH_SIZE")]
+    pub batch_size: Option<usize>,
     /// Largest request the node sends: the sink's MAX_MESSAGE_BYTES. A batch
     /// whose request would be larger is sent as several.
     #[envconfig(from = "MAX_MESSAGE_BYTES", default = "4194304")]
@@ -240,7 +240,9 @@ impl NodeConfig {
             name_rules("NODE_ID", id)?;
         }
         self.remote_write.validate(self.destination == Destination::RemoteWrite)?;
-        ensure((1..=1_000_000).contains(&self.batch_size), "BATCH_SIZE", self.batch_size)?;
+        if let Some(size) = self.batch_size {
+            ensure((1..=1_000_000).contains(&size), "BATCH_SIZE", size)?;
+        }
         ensure((1024..=1 << 30).contains(&self.max_message_bytes), "MAX_MESSAGE_BYTES", self.max_message_bytes)?;
         ensure((1..=256).contains(&self.max_in_flight), "MAX_IN_FLIGHT", self.max_in_flight)?;
         ensure((1..=100_000_000).contains(&self.queue_capacity), "QUEUE_CAPACITY", self.queue_capacity)?;
@@ -290,6 +292,18 @@ impl NodeConfig {
         self.owned_names(&files).map(drop)
     }
 
+    /// Readings per request at most: BATCH_SIZE, or by default 1,000 to a
+    /// sink and 10,000 to a database. A database's cost goes by the
+    /// series entries it is sent, and a batch spread over many sensors
+    /// holds one sample of each at 1,000: at 10,000 (vmagent's block too) a
+    /// series' samples travel together (docs/performance.md).
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(match self.destination {
+            Destination::Sink => DEFAULT_BATCH_SIZE,
+            Destination::RemoteWrite => DEFAULT_BATCH_SIZE_TO_A_DATABASE,
+        })
+    }
+
     /// About how many requests a second the sources need at least. A lane
     /// lets a batch out when it has a token, and its batch grows, up to
     /// BATCH_SIZE, while it waits; lanes take tokens in turn. So the rate
@@ -312,7 +326,7 @@ impl NodeConfig {
             lanes[i % count] += 1.0 / interval.as_secs_f64();
         }
         let busiest = lanes.iter().copied().fold(0.0, f64::max);
-        count as f64 * busiest / self.batch_size as f64
+        count as f64 * busiest / self.batch_size() as f64
     }
 
     /// The file source's sensors (none when FILE_SENSORS is unset or empty).
@@ -495,6 +509,12 @@ fn writable_folder(dir: &std::path::Path) -> bool {
     let _ = std::fs::remove_file(&probe);
     written
 }
+
+/// BATCH_SIZE unset, to a sink.
+const DEFAULT_BATCH_SIZE: usize = 1000;
+
+/// BATCH_SIZE unset, to a database (DESTINATION=remote-write).
+const DEFAULT_BATCH_SIZE_TO_A_DATABASE: usize = 10_000;
 
 /// Highest request rate: the token bucket counts thousandths of a request,
 /// one a nanosecond at most.

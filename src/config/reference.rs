@@ -85,7 +85,7 @@ pub const VARIABLES: &[Variable] = &[
     node("EXEC_TIMEOUT", "5s", "longest one run may take before it is killed with all it started"),
     node("EXEC_ENV", UNSET, "variables the command gets besides PATH, HOME and LANG, comma-separated names"),
     // Batching and pacing.
-    node("BATCH_SIZE", "1000", "most readings in one batch (one request)"),
+    node("BATCH_SIZE", UNSET, "most readings in one batch (one request); unset: 1000 to a sink, 10000 to a database"),
     node("BATCH_TIMEOUT", "1s", "longest a reading waits for its batch to fill"),
     node("MAX_IN_FLIGHT", "4", "lanes, each with one request in flight (1 to 256); a sensor keeps to one lane"),
     node("REQUEST_RATE_PER_SECOND", "1", "requests a second over all lanes, retries included; inf: no limit"),

@@ -135,7 +135,7 @@ impl<T: Transport> Run<'_, T> {
         lane_ids.sort_unstable();
         lane_ids.dedup();
         for lane in lane_ids {
-            let (size, bytes) = (self.config.batch_size, self.config.max_message_bytes);
+            let (size, bytes) = (self.config.batch_size(), self.config.max_message_bytes);
             let lane_spool = LaneSpool::new(spool.clone(), self.first_batch, size, bytes);
             let (context, node_id, stop) = (self.context.clone(), Arc::clone(&self.node_id), replayers.stop.clone());
             replayers.tasks.spawn(replay::replay(context, lane_spool.clone(), lane, node_id, stop));
@@ -153,7 +153,7 @@ impl<T: Transport> Run<'_, T> {
         stop: &CancellationToken,
     ) -> JoinSet<()> {
         let settings =
-            LaneSettings { batch_size: self.config.batch_size, batch_timeout: self.config.batch_timeout.into() };
+            LaneSettings { batch_size: self.config.batch_size(), batch_timeout: self.config.batch_timeout.into() };
         let mut lanes = JoinSet::new();
         for (lane, sources) in sources.into_iter().enumerate() {
             let lane = lane as u32;

@@ -342,7 +342,7 @@ fn log_config(c: &NodeConfig) {
         sensor_value_rate_per_second = c.sensor_rate,
         request_rate_per_second = c.request_rate,
         request_burst = c.request_burst,
-        batch_size = c.batch_size,
+        batch_size = c.batch_size(),
         batch_timeout = %c.batch_timeout,
         max_message_bytes = c.max_message_bytes,
         max_in_flight = c.max_in_flight,
