@@ -12,14 +12,17 @@
 #   benches/remote_write.sh [seconds per phase, default 10]
 #
 # LOAD_LOOPS=N sets how many requests the load client keeps in flight
-# (default 4, one node's MAX_IN_FLIGHT), in every phase alike.
+# (default 4, one node's MAX_IN_FLIGHT), in every phase alike. PROFILE=name
+# builds and measures another cargo profile (`profiling`: dist with line
+# tables, for perf) instead of `dist`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
 for binary in victoria-metrics vmagent; do
     command -v "$binary" >/dev/null || { echo "skipped: $binary not installed (apt-get install victoria-metrics)"; exit 0; }
 done
-cargo build --profile dist --quiet --bins
+profile=${PROFILE:-dist}
+cargo build --profile "$profile" --quiet --bins
 cargo bench --quiet --no-run --bench remote_write_load 2>/dev/null
 load=$(ls -t target/release/deps/remote_write_load-* | grep -v '\.d$' | head -n 1)
 
@@ -77,7 +80,7 @@ ceiling_load_cpu=$(load_per_m $((after - before)))
 # (b) the sink
 sink=$(free_port)
 OUTPUT=remote-write REMOTE_WRITE_URL="http://127.0.0.1:$vm/api/v1/write" GRPC_SERVER_SOCKET="127.0.0.1:$sink" \
-    RATE_PER_SECOND=4000000000 LOGGER_MIN_LOG_LEVEL=warn target/dist/telemetry-sink >"$work/sink.log" 2>&1 &
+    RATE_PER_SECOND=4000000000 LOGGER_MIN_LOG_LEVEL=warn target/$profile/telemetry-sink >"$work/sink.log" 2>&1 &
 sink_pid=$!
 pids+=("$sink_pid")
 for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$sink") 2>/dev/null && break; sleep 0.05; done
@@ -100,7 +103,7 @@ node_phase() {
     local out="$work/node-$RANDOM.out" pid started ran before after vm0 vm1
     before=$(landed); vm0=$(cpu_ticks "$vm_pid")
     env "$@" SENSOR_COUNT=10000 SENSOR_VALUE_RATE_PER_SECOND=300 REQUEST_RATE_PER_SECOND=inf \
-        LOGGER_MIN_LOG_LEVEL=error target/dist/telemetry-node >"$out" 2>&1 &
+        LOGGER_MIN_LOG_LEVEL=error target/$profile/telemetry-node >"$out" 2>&1 &
     pid=$!
     pids+=("$pid")
     started=$(date +%s.%N)
