@@ -128,7 +128,7 @@ fn sink_writing(c: &mut Criterion) {
             let lines = to_json_lines(&request).unwrap();
             let (written, confirmed) = tokio::sync::oneshot::channel();
             queue
-                .send(Chunk { rendered: Rendered { bytes: lines, readings: BATCH, sender: 0, lane: 0 }, written })
+                .send(Chunk::new(Rendered { bytes: lines, readings: BATCH, sender: 0, lane: 0 }, written))
                 .await
                 .unwrap();
             confirmed.await.unwrap().unwrap();

@@ -34,9 +34,9 @@ pub(crate) struct Budget {
 /// readings are written (see [`Hold`]).
 pub(crate) type Share = Arc<Mutex<Option<OwnedSemaphorePermit>>>;
 
-/// A request's share, in its extensions for the service: the task that
-/// writes its readings holds it until they are written, also when the
-/// request is gone (its stream reset, its deadline passed), so that
+/// A request's share, in its extensions for the service: its readings
+/// carry it to the output, which holds it until they are stored, also when
+/// the request is gone (its stream reset, its deadline passed), so that
 /// readings waiting for the output count against the budget as long as
 /// they are held.
 #[derive(Debug, Clone)]

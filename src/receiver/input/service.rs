@@ -18,7 +18,7 @@ use crate::{
     error::{OutputError, ReceiveError},
     proto::{SensorValuesRequest, SensorValuesResponse, sensor_service_server::SensorService},
     receiver::{
-        output::{BatchId, Claim, Rendered, Store},
+        output::{AfterStored, BatchId, Claim, Rendered, Store},
         stats::{RejectReason, SinkStats},
     },
 };
@@ -118,20 +118,11 @@ impl ReceiverService {
     ) -> Result<(), ReceiveError> {
         self.charge(bytes)?;
         let readings = rendered.readings;
-        // Once handed over, the readings are stored even if the caller goes
-        // away (a timed-out node resets the stream): the store and the
-        // record of it run in a task of their own, so the record is never
-        // missing for readings that were stored.
-        let storing = self.output.store(rendered);
-        let store = tokio::spawn(async move {
-            let _hold = hold;
-            storing.await?;
-            if let Some(record) = record {
-                record();
-            }
-            Ok::<(), ReceiveError>(())
-        });
-        store.await.map_err(|_| ReceiveError::WriterStopped)??;
+        // Once queued, the readings are stored, the record made and the
+        // hold kept until then, even if the caller goes away (a timed-out
+        // node resets the stream): no task of its own is needed for that.
+        let held = hold.map(|hold| Box::new(hold) as Box<dyn std::any::Any + Send + Sync>);
+        self.output.store(rendered, AfterStored { record, held }).await?;
         self.stats.accepted(readings);
         Ok(())
     }

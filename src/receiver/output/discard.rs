@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::{Rendered, Store, file::lines::to_json_lines};
+use super::{AfterStored, Rendered, Store, file::lines::to_json_lines};
 use crate::{
     error::{ReceiveError, ServeError},
     proto::SensorValuesRequest,
@@ -25,7 +25,7 @@ impl Store for Discard {
         Ok(Rendered { bytes, readings: request.items.len(), sender: 0, lane: request.lane })
     }
 
-    fn store(&self, _rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>> {
+    fn store(&self, _rendered: Rendered, _after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
         Box::pin(async { Ok(()) })
     }
 

@@ -66,7 +66,7 @@ pub(crate) enum Claim {
 }
 
 /// Notes a batch as stored; dropped uncalled when it was not.
-pub(crate) type Record = Box<dyn FnOnce() + Send>;
+pub(crate) type Record = Box<dyn FnOnce() + Send + Sync>;
 
 /// One output, as the input sees it.
 pub(crate) trait Store: Send + Sync + std::fmt::Debug {
@@ -100,9 +100,10 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     }
 
     /// Stores `rendered`; resolves once it is stored (OK means stored), or
-    /// with why not, and nothing of it stored. Once called, the store goes
-    /// on even if the future is dropped.
-    fn store(&self, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>>;
+    /// with why not, and nothing of it stored. Once it is queued, the store
+    /// goes on even if the future is dropped, and `after` is carried out
+    /// when it ends.
+    fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>>;
 
     /// Stores what it took before the input stopped, within the output's
     /// limits (less if `hurry` is cancelled: a second stop signal), and
@@ -127,15 +128,64 @@ pub(crate) async fn open(
 /// What a chunk's sender is told: stored, or why not.
 pub(crate) type Written = Result<(), OutputError>;
 
+/// What is done once a request is stored or refused, whether or not its
+/// caller still waits: the record of its batch is made (stored only), and
+/// what it held (its share of the input's memory budget) is let go.
+#[derive(Default)]
+pub(crate) struct AfterStored {
+    /// Called once it is stored.
+    pub(crate) record: Option<Record>,
+    /// Kept until then.
+    pub(crate) held: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 /// One accepted request on an output's queue.
 #[derive(Debug)]
 pub struct Chunk {
     /// The request, rendered.
     pub rendered: Rendered,
+    /// Who is told, and what is done, once it is stored or refused.
+    pub(crate) answer: Answer,
+}
+
+impl Chunk {
+    /// `rendered`, whose outcome `written` is told.
+    pub fn new(rendered: Rendered, written: oneshot::Sender<Written>) -> Self {
+        Self::after(rendered, written, AfterStored::default())
+    }
+
+    fn after(rendered: Rendered, written: oneshot::Sender<Written>, after: AfterStored) -> Self {
+        Self { rendered, answer: Answer { written, after } }
+    }
+}
+
+/// Where a chunk's outcome goes.
+pub(crate) struct Answer {
     /// Told once it is stored (for the file: handed to the operating
     /// system, so a crash of the sink process cannot lose it), or that it
     /// could not be and nothing of it is stored.
-    pub written: oneshot::Sender<Written>,
+    written: oneshot::Sender<Written>,
+    /// Done first.
+    after: AfterStored,
+}
+
+impl Answer {
+    /// Records a stored request, lets go of what it held, and tells its
+    /// caller, if it still waits.
+    pub(crate) fn send(self, outcome: &Written) {
+        let AfterStored { record, held } = self.after;
+        if let (Ok(()), Some(record)) = (outcome, record) {
+            record();
+        }
+        drop(held);
+        let _ = self.written.send(outcome.clone());
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer").field("record", &self.after.record.is_some()).finish_non_exhaustive()
+    }
 }
 
 /// Requests that may wait on an output's queue before the input is slowed
@@ -143,12 +193,16 @@ pub struct Chunk {
 pub(crate) const QUEUE: usize = 64;
 
 /// Puts `rendered` on `queue` and waits until it is stored. Queued, it is
-/// stored even if this future is dropped.
-pub(crate) fn enqueue(queue: &mpsc::Sender<Chunk>, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>> {
+/// stored (and `after` carried out) even if this future is dropped.
+pub(crate) fn enqueue(
+    queue: &mpsc::Sender<Chunk>,
+    rendered: Rendered,
+    after: AfterStored,
+) -> BoxFuture<'static, Result<(), ReceiveError>> {
     let queue = queue.clone();
     Box::pin(async move {
         let (written, confirmed) = oneshot::channel();
-        queue.send(Chunk { rendered, written }).await.map_err(|_| ReceiveError::WriterStopped)?;
+        queue.send(Chunk::after(rendered, written, after)).await.map_err(|_| ReceiveError::WriterStopped)?;
         confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
     })
 }

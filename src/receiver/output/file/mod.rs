@@ -22,7 +22,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{BatchId, Chunk, Claim, QUEUE, Rendered, Store, enqueue};
+use super::{AfterStored, BatchId, Chunk, Claim, QUEUE, Rendered, Store, enqueue};
 use crate::{
     config::SinkConfig,
     error::{ReceiveError, ServeError},
@@ -116,8 +116,8 @@ impl Store for FileStore {
         })
     }
 
-    fn store(&self, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>> {
-        enqueue(&self.queue, rendered)
+    fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
+        enqueue(&self.queue, rendered, after)
     }
 
     /// Writes out everything queued and syncs it (however long that takes:

@@ -5,12 +5,12 @@
 
 use std::{fs::File, io, path::Path, sync::Arc, time::Duration};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::{
-    super::{Chunk, Written},
+    super::{Answer, Chunk},
     append::OutputFile,
 };
 use crate::{
@@ -27,7 +27,7 @@ pub struct JsonLinesWriter {
     /// Lines gathered for the next write.
     buffer: Vec<u8>,
     /// Confirmations owed once `buffer` is written.
-    pending: Vec<oneshot::Sender<Written>>,
+    pending: Vec<Answer>,
     /// Readings in `buffer`.
     buffered_readings: usize,
     /// BUFFER_SIZE: the most bytes gathered into one write.
@@ -121,7 +121,7 @@ impl JsonLinesWriter {
     fn push(&mut self, chunk: Chunk) {
         self.buffer.extend_from_slice(&chunk.rendered.bytes);
         self.buffered_readings += chunk.rendered.readings;
-        self.pending.push(chunk.written);
+        self.pending.push(chunk.answer);
     }
 
     /// Writes the gathered lines, then tells their chunks' senders. A write
@@ -152,8 +152,8 @@ impl JsonLinesWriter {
                 }
             }
         };
-        for written in self.pending.drain(..) {
-            let _ = written.send(outcome.clone());
+        for answer in self.pending.drain(..) {
+            answer.send(&outcome);
         }
         self.buffer.clear();
         self.buffered_readings = 0;

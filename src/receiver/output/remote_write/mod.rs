@@ -16,7 +16,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{Chunk, QUEUE, Rendered, Store, enqueue};
+use super::{AfterStored, Chunk, QUEUE, Rendered, Store, enqueue};
 use crate::{
     config::SinkConfig,
     error::{OutputError, ReceiveError, ServeError},
@@ -111,8 +111,8 @@ impl Store for DatabaseStore {
         transcode::transcode(bytes, &self.rules.metric, self.rules.window(), address)
     }
 
-    fn store(&self, rendered: Rendered) -> BoxFuture<'static, Result<(), ReceiveError>> {
-        enqueue(&self.queue, rendered)
+    fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
+        enqueue(&self.queue, rendered, after)
     }
 
     /// Sends what is queued, for at most DATABASE_DRAIN_LIMIT (less if

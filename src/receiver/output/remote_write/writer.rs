@@ -19,7 +19,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::super::Chunk;
+use super::super::{Chunk, Rendered};
 use crate::{
     config::SinkConfig,
     database::{Answer, Database},
@@ -105,9 +105,8 @@ impl RemoteWriter {
     /// Sends what arrives on `queue` until `stop` is cancelled, then what is
     /// still queued, and waits for every request under way.
     ///
-    /// Requests wait in arrival order until a slot is free and no write of
-    /// their sender is under way; then as many as fit in
-    /// REMOTE_WRITE_MAX_SAMPLES, of distinct senders, go out as one write.
+    /// Requests wait in arrival order and go out gathered into writes, as
+    /// [`RemoteWriter::start_writes`] says.
     pub(crate) async fn run(self, mut queue: mpsc::Receiver<Chunk>, stop: CancellationToken) {
         let writer = Arc::new(self);
         let mut waiting: VecDeque<Chunk> = VecDeque::new();
@@ -141,40 +140,59 @@ impl RemoteWriter {
         let _ = writer.slots.acquire_many(writer.concurrency).await;
     }
 
-    /// Starts a write while a slot is free and a waiting request's sender
-    /// has none under way: that request, and after it the waiting requests
-    /// of other senders up to REMOTE_WRITE_MAX_SAMPLES. A sender's requests
-    /// go out in the order they came.
+    /// Starts writes while a slot is free: each takes the waiting requests
+    /// in arrival order, up to REMOTE_WRITE_MAX_SAMPLES, skipping senders
+    /// with a write under way (a sender's requests go out in the order they
+    /// came, never two writes of one sender at once) and taking at most one
+    /// request of each lane of a sender (different lanes hold different
+    /// series; two of one lane could hold one series twice). A write starts
+    /// as soon as a slot is free, with what waits: requests gather while
+    /// every slot is busy or their sender's write is under way, never by
+    /// waiting for more (which, with nodes that answer a request only once
+    /// stored, would hold back the next requests and slow every node).
     fn start_writes(self: &Arc<Self>, waiting: &mut VecDeque<Chunk>) {
-        while !waiting.is_empty() {
-            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else { return };
-            let mut chunks = Vec::new();
-            {
-                let mut busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-                // Senders passed over: their later requests wait too.
-                let mut passed = Vec::new();
-                let (mut at, mut samples) = (0, 0);
-                while at < waiting.len() && samples < self.max_samples {
-                    let sender = waiting[at].rendered.sender;
-                    if busy.contains(&sender) || passed.contains(&sender) {
-                        passed.push(sender);
-                        at += 1;
-                        continue;
-                    }
-                    if let Some(chunk) = waiting.remove(at) {
-                        busy.insert(sender);
-                        samples += chunk.rendered.readings;
-                        chunks.push(chunk);
-                    }
-                }
-            }
-            if chunks.is_empty() {
+        loop {
+            let (taken, _) = self.next_write(waiting);
+            if taken.is_empty() {
                 return;
             }
-            let senders = chunks.iter().map(|chunk| chunk.rendered.sender).collect();
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else { return };
+            let mut chunks = Vec::with_capacity(taken.len());
+            // Removed from the back, so that the positions before stay put.
+            for at in taken.into_iter().rev() {
+                chunks.extend(waiting.remove(at));
+            }
+            chunks.reverse();
+            let mut senders: Vec<u64> = chunks.iter().map(|chunk| chunk.rendered.sender).collect();
+            senders.sort_unstable();
+            senders.dedup();
+            self.busy.lock().unwrap_or_else(PoisonError::into_inner).extend(senders.iter().copied());
             let release = Release { writer: Arc::clone(self), senders, slot: Some(slot) };
             tokio::spawn(Arc::clone(self).deliver(chunks, release));
         }
+    }
+
+    /// Which of the `waiting` the next write would take (their positions,
+    /// in order) and the samples they hold; see [`RemoteWriter::start_writes`].
+    fn next_write(&self, waiting: &VecDeque<Chunk>) -> (Vec<usize>, usize) {
+        let busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        // Senders passed over: their later requests wait too.
+        let mut passed: Vec<u64> = Vec::new();
+        let mut lanes: HashSet<(u64, u32)> = HashSet::new();
+        let (mut taken, mut samples) = (Vec::new(), 0);
+        for (at, chunk) in waiting.iter().enumerate() {
+            if samples >= self.max_samples {
+                break;
+            }
+            let Rendered { sender, lane, readings, .. } = chunk.rendered;
+            if busy.contains(&sender) || passed.contains(&sender) || !lanes.insert((sender, lane)) {
+                passed.push(sender);
+                continue;
+            }
+            taken.push(at);
+            samples += readings;
+        }
+        (taken, samples)
     }
 
     /// Sends `chunks` as one request and answers each. If the database
@@ -325,7 +343,7 @@ impl Drop for Release {
 /// Tells each chunk's sender the outcome.
 fn answer(chunks: Vec<Chunk>, outcome: &Result<(), OutputError>) {
     for chunk in chunks {
-        let _ = chunk.written.send(outcome.clone());
+        chunk.answer.send(outcome);
     }
 }
 
@@ -334,7 +352,6 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::*;
-    use crate::receiver::output::Rendered;
 
     #[test]
     fn the_waiting_limits_are_the_documented_ones() {
@@ -346,7 +363,7 @@ mod tests {
     /// A request of `sender` and where its answer comes.
     fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::output::Written>) {
         let (written, answer) = oneshot::channel();
-        (Chunk { rendered: Rendered { bytes: Vec::new(), readings: 1, sender, lane: 0 }, written }, answer)
+        (Chunk::new(Rendered { bytes: Vec::new(), readings: 1, sender, lane: 0 }, written), answer)
     }
 
     #[test]
@@ -406,5 +423,61 @@ mod tests {
             admit(&mut waiting, chunk(sender).0, usize::MAX);
         }
         assert_eq!(waiting.len(), MOST_WAITING_AT_ALL);
+    }
+
+    /// A writer of `max_samples` a write and `concurrency` writes at once,
+    /// to a database that is not there (nothing is sent in these tests).
+    fn writer(max_samples: usize, concurrency: usize) -> Arc<RemoteWriter> {
+        let vars = std::collections::HashMap::from([
+            ("OUTPUT".to_owned(), "remote-write".to_owned()),
+            ("REMOTE_WRITE_URL".to_owned(), "http://127.0.0.1:9/api/v1/write".to_owned()),
+            ("REMOTE_WRITE_MAX_SAMPLES".to_owned(), max_samples.to_string()),
+            ("REMOTE_WRITE_CONCURRENCY".to_owned(), concurrency.to_string()),
+        ]);
+        let config = SinkConfig::from_vars(&vars).unwrap();
+        Arc::new(RemoteWriter::new(&config, Arc::default()).unwrap())
+    }
+
+    /// A request of `readings` from `lane` of `sender`.
+    fn request(sender: u64, lane: u32, readings: usize) -> Chunk {
+        let (written, _) = oneshot::channel();
+        Chunk::new(Rendered { bytes: Vec::new(), readings, sender, lane }, written)
+    }
+
+    #[test]
+    fn a_write_takes_one_request_per_lane_in_order_and_passes_over_busy_senders() {
+        let writer = writer(10_000, 4);
+        writer.busy.lock().unwrap().insert(9);
+        let waiting: VecDeque<Chunk> = [
+            request(1, 0, 100),
+            request(9, 0, 100), // its sender is being written: waits
+            request(1, 1, 100), // another lane of sender 1: goes along
+            request(1, 0, 100), // lane 0 of sender 1 again: waits, and so does the rest of sender 1
+            request(1, 2, 100),
+            request(2, 0, 100),
+        ]
+        .into();
+        assert_eq!(writer.next_write(&waiting), (vec![0, 2, 5], 300));
+        // Full at REMOTE_WRITE_MAX_SAMPLES: the rest waits for the next write.
+        let waiting: VecDeque<Chunk> = (0..5).map(|sender| request(sender, 0, 4000)).collect();
+        assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2], 12_000));
+    }
+
+    #[tokio::test]
+    async fn a_write_starts_while_a_slot_is_free_and_the_rest_gather_for_the_next() {
+        let writer = writer(10_000, 2);
+        // A slot free: a single small request goes at once, and so does the
+        // next sender's beside it.
+        let mut waiting: VecDeque<Chunk> = [request(1, 0, 1000)].into();
+        writer.start_writes(&mut waiting);
+        assert!(waiting.is_empty(), "sent at once");
+        waiting.push_back(request(2, 0, 1000));
+        writer.start_writes(&mut waiting);
+        assert!(waiting.is_empty(), "sent beside the first");
+        // Both slots busy: what comes waits, to go out together.
+        waiting.extend((3..8).map(|sender| request(sender, 0, 1000)));
+        writer.start_writes(&mut waiting);
+        assert_eq!(waiting.len(), 5);
+        assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2, 3, 4], 5000));
     }
 }
