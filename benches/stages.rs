@@ -127,10 +127,7 @@ fn sink_writing(c: &mut Criterion) {
             let request = SensorValuesRequest::decode(black_box(encoded.as_slice())).unwrap();
             let lines = to_json_lines(&request).unwrap();
             let (written, confirmed) = tokio::sync::oneshot::channel();
-            queue
-                .send(Chunk::new(Rendered { bytes: lines, readings: BATCH, sender: 0, lane: 0 }, written))
-                .await
-                .unwrap();
+            queue.send(Chunk::new(Rendered { bytes: lines, readings: BATCH, sender: 0 }, written)).await.unwrap();
             confirmed.await.unwrap().unwrap();
         })
     });

@@ -22,7 +22,7 @@ impl Store for Discard {
 
     fn render(&self, request: &SensorValuesRequest, _address: &str) -> Result<Rendered, ReceiveError> {
         let bytes = to_json_lines(request)?;
-        Ok(Rendered { bytes, readings: request.items.len(), sender: 0, lane: request.lane })
+        Ok(Rendered { bytes, readings: request.items.len(), sender: 0 })
     }
 
     fn store(&self, _rendered: Rendered, _after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {

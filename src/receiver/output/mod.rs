@@ -38,10 +38,6 @@ pub struct Rendered {
     /// Whose series they hold (`input::validate::sender`), for an output
     /// that keeps one sender's writes in order; 0 where it does not count.
     pub sender: u64,
-    /// The sender's lane. A node keeps each sensor to one lane and sends
-    /// one batch of a lane at a time, so requests of one sender's different
-    /// lanes hold different series.
-    pub lane: u32,
 }
 
 /// Which batch a request is: the node, its lane and the batch's number.

@@ -104,7 +104,7 @@ impl Store for DatabaseStore {
     fn render(&self, request: &SensorValuesRequest, address: &str) -> Result<Rendered, ReceiveError> {
         let bytes = series::to_series(request, &self.rules.metric, self.rules.window(), address)?;
         let sender = sender(owner(&request.node_id, address));
-        Ok(Rendered { bytes, readings: request.items.len(), sender, lane: request.lane })
+        Ok(Rendered { bytes, readings: request.items.len(), sender })
     }
 
     fn render_bytes(&self, bytes: &[u8], address: &str) -> Option<Rendered> {

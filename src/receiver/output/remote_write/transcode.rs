@@ -28,7 +28,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address:
     let mut grouped = Grouped::default();
     // A reading takes at least 20 bytes in the common shape.
     grouped.samples.reserve(bytes.len() / 20);
-    let (mut node_id, mut lane): (&[u8], u32) = (b"", 0);
+    let mut node_id: &[u8] = b"";
     while !bytes.is_empty() {
         match field(&mut bytes)? {
             (1, Value::Bytes(item)) => {
@@ -39,9 +39,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address:
                 grouped.add(name, value, millis)?;
             }
             (2, Value::Bytes(id)) => node_id = id,
-            // prost keeps the low 32 bits of a larger number, as here.
-            (3, Value::Varint(number)) => lane = number as u32,
-            (4, Value::Varint(_)) => {}
+            (3 | 4, Value::Varint(_)) => {}
             (1..=4, _) => return None,
             _ => {}
         }
@@ -51,7 +49,7 @@ pub(crate) fn transcode(mut bytes: &[u8], metric: &str, window: Window, address:
     }
     let owner = owner(std::str::from_utf8(node_id).ok()?, address);
     let sender = sender(owner);
-    Some(Rendered { bytes: grouped.encode(metric, owner)?, readings: grouped.readings, sender, lane })
+    Some(Rendered { bytes: grouped.encode(metric, owner)?, readings: grouped.readings, sender })
 }
 
 /// One sensor's series while a request is read.
@@ -456,7 +454,7 @@ mod tests {
         let request = SensorValuesRequest::decode(bytes).ok()?;
         let series = to_series(&request, metric, window, address).ok()?;
         let sender = sender(owner(&request.node_id, address));
-        Some(Rendered { bytes: series, readings: request.items.len(), sender, lane: request.lane })
+        Some(Rendered { bytes: series, readings: request.items.len(), sender })
     }
 
     fn any_item() -> impl Strategy<Value = SensorValue> {

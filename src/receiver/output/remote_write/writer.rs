@@ -141,15 +141,15 @@ impl RemoteWriter {
     }
 
     /// Starts writes while a slot is free: each takes the waiting requests
-    /// in arrival order, up to REMOTE_WRITE_MAX_SAMPLES, skipping senders
-    /// with a write under way (a sender's requests go out in the order they
-    /// came, never two writes of one sender at once) and taking at most one
-    /// request of each lane of a sender (different lanes hold different
-    /// series; two of one lane could hold one series twice). A write starts
-    /// as soon as a slot is free, with what waits: requests gather while
-    /// every slot is busy or their sender's write is under way, never by
-    /// waiting for more (which, with nodes that answer a request only once
-    /// stored, would hold back the next requests and slow every node).
+    /// in arrival order, up to REMOTE_WRITE_MAX_SAMPLES, one of each sender
+    /// at most, skipping senders with a write under way: a sender's requests
+    /// go out in the order they came, never two in one write or two at once
+    /// (two of one sender may hold one series, and Prometheus keeps only the
+    /// samples in order of one write holding it twice, answering OK for
+    /// all). A write starts as soon as a slot is free, with what waits:
+    /// requests gather while every slot is busy, never by waiting for more
+    /// (which, with nodes that are answered only once stored, would hold
+    /// back their next requests and slow every node).
     fn start_writes(self: &Arc<Self>, waiting: &mut VecDeque<Chunk>) {
         loop {
             let (taken, _) = self.next_write(waiting);
@@ -176,19 +176,18 @@ impl RemoteWriter {
     /// in order) and the samples they hold; see [`RemoteWriter::start_writes`].
     fn next_write(&self, waiting: &VecDeque<Chunk>) -> (Vec<usize>, usize) {
         let busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
-        // Senders passed over: their later requests wait too.
-        let mut passed: Vec<u64> = Vec::new();
-        let mut lanes: HashSet<(u64, u32)> = HashSet::new();
+        // Senders taken or passed over: their later requests wait.
+        let mut seen: Vec<u64> = Vec::new();
         let (mut taken, mut samples) = (Vec::new(), 0);
         for (at, chunk) in waiting.iter().enumerate() {
             if samples >= self.max_samples {
                 break;
             }
-            let Rendered { sender, lane, readings, .. } = chunk.rendered;
-            if busy.contains(&sender) || passed.contains(&sender) || !lanes.insert((sender, lane)) {
-                passed.push(sender);
+            let Rendered { sender, readings, .. } = chunk.rendered;
+            if busy.contains(&sender) || seen.contains(&sender) {
                 continue;
             }
+            seen.push(sender);
             taken.push(at);
             samples += readings;
         }
@@ -363,7 +362,7 @@ mod tests {
     /// A request of `sender` and where its answer comes.
     fn chunk(sender: u64) -> (Chunk, oneshot::Receiver<crate::receiver::output::Written>) {
         let (written, answer) = oneshot::channel();
-        (Chunk::new(Rendered { bytes: Vec::new(), readings: 1, sender, lane: 0 }, written), answer)
+        (Chunk::new(Rendered { bytes: Vec::new(), readings: 1, sender }, written), answer)
     }
 
     #[test]
@@ -438,28 +437,26 @@ mod tests {
         Arc::new(RemoteWriter::new(&config, Arc::default()).unwrap())
     }
 
-    /// A request of `readings` from `lane` of `sender`.
-    fn request(sender: u64, lane: u32, readings: usize) -> Chunk {
+    /// A request of `readings` from `sender`.
+    fn request(sender: u64, readings: usize) -> Chunk {
         let (written, _) = oneshot::channel();
-        Chunk::new(Rendered { bytes: Vec::new(), readings, sender, lane }, written)
+        Chunk::new(Rendered { bytes: Vec::new(), readings, sender }, written)
     }
 
     #[test]
-    fn a_write_takes_one_request_per_lane_in_order_and_passes_over_busy_senders() {
+    fn a_write_takes_one_request_per_sender_in_order_and_passes_over_busy_senders() {
         let writer = writer(10_000, 4);
         writer.busy.lock().unwrap().insert(9);
         let waiting: VecDeque<Chunk> = [
-            request(1, 0, 100),
-            request(9, 0, 100), // its sender is being written: waits
-            request(1, 1, 100), // another lane of sender 1: goes along
-            request(1, 0, 100), // lane 0 of sender 1 again: waits, and so does the rest of sender 1
-            request(1, 2, 100),
-            request(2, 0, 100),
+            request(1, 100),
+            request(9, 100), // its sender is being written: waits
+            request(1, 100), // sender 1 again: waits for the next write
+            request(2, 100),
         ]
         .into();
-        assert_eq!(writer.next_write(&waiting), (vec![0, 2, 5], 300));
+        assert_eq!(writer.next_write(&waiting), (vec![0, 3], 200));
         // Full at REMOTE_WRITE_MAX_SAMPLES: the rest waits for the next write.
-        let waiting: VecDeque<Chunk> = (0..5).map(|sender| request(sender, 0, 4000)).collect();
+        let waiting: VecDeque<Chunk> = (0..5).map(|sender| request(sender, 4000)).collect();
         assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2], 12_000));
     }
 
@@ -468,14 +465,14 @@ mod tests {
         let writer = writer(10_000, 2);
         // A slot free: a single small request goes at once, and so does the
         // next sender's beside it.
-        let mut waiting: VecDeque<Chunk> = [request(1, 0, 1000)].into();
+        let mut waiting: VecDeque<Chunk> = [request(1, 1000)].into();
         writer.start_writes(&mut waiting);
         assert!(waiting.is_empty(), "sent at once");
-        waiting.push_back(request(2, 0, 1000));
+        waiting.push_back(request(2, 1000));
         writer.start_writes(&mut waiting);
         assert!(waiting.is_empty(), "sent beside the first");
         // Both slots busy: what comes waits, to go out together.
-        waiting.extend((3..8).map(|sender| request(sender, 0, 1000)));
+        waiting.extend((3..8).map(|sender| request(sender, 1000)));
         writer.start_writes(&mut waiting);
         assert_eq!(waiting.len(), 5);
         assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2, 3, 4], 5000));
