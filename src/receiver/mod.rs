@@ -29,9 +29,7 @@ const WINDOW_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Largest HTTP/2 frame a client may send (the protocol's default is
 /// 16 KiB): a request of a few thousand readings then comes in one DATA
-/// frame, read with fewer system calls. Measured with
-/// `benches/remote_write.sh`: the load client's CPU per sample fell by
-/// about a sixth, and the sink's throughput rose by about 7%. Memory stays
+/// frame, read with fewer system calls (docs/performance.md). Memory stays
 /// bounded: a frame is at most this, and a message at most
 /// MAX_MESSAGE_BYTES, as before.
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
