@@ -72,3 +72,18 @@ pub(crate) fn to_system_time(timestamp: &prost_types::Timestamp) -> Option<Syste
     let nanos = u32::try_from(timestamp.nanos).ok().filter(|n| *n < 1_000_000_000)?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::new(seconds, nanos))
 }
+
+/// A reading named `name` of `value` (none: left out) at `seconds` (and 5
+/// ns), sequence 7: what the checks' and the renderings' tests send.
+#[cfg(test)]
+pub(crate) fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
+    use crate::proto::sensor_value::Measurement;
+    SensorValue {
+        sensor_name: name.into(),
+        measurement: Some(Measurement {
+            sensor_value: value,
+            created_at: Some(prost_types::Timestamp { seconds, nanos: 5 }),
+        }),
+        sequence: 7,
+    }
+}

@@ -64,19 +64,8 @@ mod tests {
     use super::*;
     use crate::{
         proto::{SensorValue, sensor_value::Measurement},
-        receiver::input::validate::MAX_SECONDS,
+        receiver::input::validate::{MAX_SECONDS, item},
     };
-
-    fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
-        SensorValue {
-            sensor_name: name.into(),
-            measurement: Some(Measurement {
-                sensor_value: value,
-                created_at: Some(prost_types::Timestamp { seconds, nanos: 5 }),
-            }),
-            sequence: 7,
-        }
-    }
 
     #[test]
     fn renders_one_line_per_reading() {

@@ -195,8 +195,7 @@ mod tests {
     use super::*;
     use crate::{
         prompb::WriteRequest,
-        proto::{SensorValue, sensor_value::Measurement},
-        receiver::input::validate::{address_of, sender},
+        receiver::input::validate::{address_of, item, sender},
     };
 
     #[test]
@@ -343,16 +342,5 @@ mod tests {
             ahead.contains("11s after the database's clock") && ahead.contains("REMOTE_WRITE_MAX_AHEAD (10s)"),
             "{ahead}"
         );
-    }
-
-    fn item(name: &str, value: Option<i64>, seconds: i64) -> SensorValue {
-        SensorValue {
-            sensor_name: name.into(),
-            measurement: Some(Measurement {
-                sensor_value: value,
-                created_at: Some(prost_types::Timestamp { seconds, nanos: 5 }),
-            }),
-            sequence: 7,
-        }
     }
 }
