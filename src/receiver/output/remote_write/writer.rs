@@ -151,30 +151,30 @@ impl RemoteWriter {
     /// (which, with nodes that are answered only once stored, would hold
     /// back their next requests and slow every node).
     fn start_writes(self: &Arc<Self>, waiting: &mut VecDeque<Chunk>) {
-        loop {
-            let (taken, _) = self.next_write(waiting);
+        while !waiting.is_empty() {
+            // The slot first: with every slot busy, the line is not read.
+            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else { return };
+            let taken = self.next_write(waiting);
             if taken.is_empty() {
                 return;
             }
-            let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else { return };
             let mut chunks = Vec::with_capacity(taken.len());
             // Removed from the back, so that the positions before stay put.
             for at in taken.into_iter().rev() {
                 chunks.extend(waiting.remove(at));
             }
             chunks.reverse();
-            let mut senders: Vec<u64> = chunks.iter().map(|chunk| chunk.rendered.sender).collect();
-            senders.sort_unstable();
-            senders.dedup();
+            // One request of each sender: the senders are distinct.
+            let senders: Vec<u64> = chunks.iter().map(|chunk| chunk.rendered.sender).collect();
             self.busy.lock().unwrap_or_else(PoisonError::into_inner).extend(senders.iter().copied());
             let release = Release { writer: Arc::clone(self), senders, slot: Some(slot) };
             tokio::spawn(Arc::clone(self).deliver(chunks, release));
         }
     }
 
-    /// Which of the `waiting` the next write would take (their positions,
-    /// in order) and the samples they hold; see [`RemoteWriter::start_writes`].
-    fn next_write(&self, waiting: &VecDeque<Chunk>) -> (Vec<usize>, usize) {
+    /// Which of the `waiting` the next write would take: their positions, in
+    /// order; see [`RemoteWriter::start_writes`].
+    fn next_write(&self, waiting: &VecDeque<Chunk>) -> Vec<usize> {
         let busy = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
         // Senders taken or passed over: their later requests wait.
         let mut seen: Vec<u64> = Vec::new();
@@ -191,7 +191,7 @@ impl RemoteWriter {
             taken.push(at);
             samples += readings;
         }
-        (taken, samples)
+        taken
     }
 
     /// Sends `chunks` as one request and answers each. If the database
@@ -454,10 +454,10 @@ mod tests {
             request(2, 100),
         ]
         .into();
-        assert_eq!(writer.next_write(&waiting), (vec![0, 3], 200));
+        assert_eq!(writer.next_write(&waiting), vec![0, 3]);
         // Full at REMOTE_WRITE_MAX_SAMPLES: the rest waits for the next write.
         let waiting: VecDeque<Chunk> = (0..5).map(|sender| request(sender, 4000)).collect();
-        assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2], 12_000));
+        assert_eq!(writer.next_write(&waiting), vec![0, 1, 2], "12,000 samples: full");
     }
 
     #[tokio::test]
@@ -475,6 +475,6 @@ mod tests {
         waiting.extend((3..8).map(|sender| request(sender, 1000)));
         writer.start_writes(&mut waiting);
         assert_eq!(waiting.len(), 5);
-        assert_eq!(writer.next_write(&waiting), (vec![0, 1, 2, 3, 4], 5000));
+        assert_eq!(writer.next_write(&waiting), vec![0, 1, 2, 3, 4]);
     }
 }
