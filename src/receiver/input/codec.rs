@@ -11,7 +11,7 @@ use tonic::{
 };
 use tonic_prost::ProstCodec;
 
-use super::{refusals::Refusals, validate::address_of};
+use super::refusals::Refusals;
 use crate::{
     proto::{SensorValuesRequest, SensorValuesResponse},
     receiver::{
@@ -122,7 +122,7 @@ impl Decoder for RequestDecoder {
         // Decoded from the slice: through the buffer's `Buf`, prost's
         // varint reads cost more than all the rest of the decode.
         let fast = || {
-            let rendered = self.output.render_bytes(bytes, &address_of(self.peer))?;
+            let rendered = self.output.render_bytes(bytes, self.peer)?;
             Some(Incoming::Rendered { rendered, bytes: length })
         };
         let checked = match size_up(bytes, self.max_items) {

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::{budget::Hold, codec::Incoming, refusals::Refusals, validate};
+use super::{budget::Hold, codec::Incoming, refusals::Refusals};
 use crate::{
     clock::{TokenBucket, TokioClock},
     config::SinkConfig,
@@ -89,7 +89,7 @@ impl ReceiverService {
         if items > self.max_items {
             return Err(ReceiveError::TooManyItems { items, limit: self.max_items });
         }
-        let rendered = self.output.render(request, &validate::address_of(peer))?;
+        let rendered = self.output.render(request, peer)?;
         let record = match request.node_id.as_str() {
             "" => None,
             node => {

@@ -20,7 +20,11 @@ impl Store for Discard {
         "nowhere (discarded)".into()
     }
 
-    fn render(&self, request: &SensorValuesRequest, _address: &str) -> Result<Rendered, ReceiveError> {
+    fn render(
+        &self,
+        request: &SensorValuesRequest,
+        _peer: Option<std::net::SocketAddr>,
+    ) -> Result<Rendered, ReceiveError> {
         let bytes = to_json_lines(request)?;
         Ok(Rendered { bytes, readings: request.items.len(), sender: 0 })
     }

@@ -15,10 +15,17 @@ pub(crate) mod discard;
 pub mod file;
 pub(crate) mod remote_write;
 
-use std::sync::Arc;
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::{
+    sync::{Notify, mpsc, oneshot},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::stats::SinkStats;
@@ -76,15 +83,16 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     }
 
     /// `request` in the output's form, or why the output refuses it (a
-    /// refusal is final: the node does not send it again). `address` is
-    /// where the request came from (`input::validate::address_of`).
-    fn render(&self, request: &SensorValuesRequest, address: &str) -> Result<Rendered, ReceiveError>;
+    /// refusal is final: the node does not send it again). `peer` is where
+    /// the request came from, for an output that tells senders without a
+    /// node identity apart by it (`input::validate::address_of`).
+    fn render(&self, request: &SensorValuesRequest, peer: Option<SocketAddr>) -> Result<Rendered, ReceiveError>;
 
     /// The same from the request's encoded bytes, for an output that can
     /// skip decoding them: `None` when it cannot (the input decodes the
     /// request and calls [`Store::render`], which says why). Only for an
     /// output that claims nothing: no batch is claimed for what it renders.
-    fn render_bytes(&self, _bytes: &[u8], _address: &str) -> Option<Rendered> {
+    fn render_bytes(&self, _bytes: &[u8], _peer: Option<SocketAddr>) -> Option<Rendered> {
         None
     }
 
@@ -186,19 +194,47 @@ impl std::fmt::Debug for Answer {
 
 /// Requests that may wait on an output's queue before the input is slowed
 /// down: bounds the sink's memory.
-pub(crate) const QUEUE: usize = 64;
+const QUEUE: usize = 64;
 
-/// Puts `rendered` on `queue` and waits until it is stored. Queued, it is
-/// stored (and `after` carried out) even if this future is dropped.
-pub(crate) fn enqueue(
-    queue: &mpsc::Sender<Chunk>,
-    rendered: Rendered,
-    after: AfterStored,
-) -> BoxFuture<'static, Result<(), ReceiveError>> {
-    let queue = queue.clone();
-    Box::pin(async move {
-        let (written, confirmed) = oneshot::channel();
-        queue.send(Chunk::after(rendered, written, after)).await.map_err(|_| ReceiveError::WriterStopped)?;
-        confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
-    })
+/// An output's writer: a task taking requests off a bounded queue, and
+/// what tells it to stop. Both outputs store through one.
+#[derive(Debug)]
+pub(crate) struct Worker<T> {
+    /// The writer's queue.
+    queue: mpsc::Sender<Chunk>,
+    /// Tells the writer to store what is queued and stop.
+    stop: CancellationToken,
+    /// The writer, until it is waited for.
+    task: Mutex<Option<JoinHandle<T>>>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    /// Starts `run` on a new queue and stop token.
+    pub(crate) fn start<F>(run: impl FnOnce(mpsc::Receiver<Chunk>, CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let (queue, taken) = mpsc::channel(QUEUE);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(taken, stop.clone()));
+        Self { queue, stop, task: Mutex::new(Some(task)) }
+    }
+
+    /// Puts `rendered` on the queue and waits until it is stored. Queued, it
+    /// is stored (and `after` carried out) even if this future is dropped.
+    pub(crate) fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
+        let queue = self.queue.clone();
+        Box::pin(async move {
+            let (written, confirmed) = oneshot::channel();
+            queue.send(Chunk::after(rendered, written, after)).await.map_err(|_| ReceiveError::WriterStopped)?;
+            confirmed.await.map_err(|_| ReceiveError::WriterStopped)?.map_err(ReceiveError::from)
+        })
+    }
+
+    /// Tells the writer to store what is queued and stop, and hands over
+    /// its task to wait for (`None` once handed over).
+    pub(crate) fn stop(&self) -> Option<JoinHandle<T>> {
+        self.stop.cancel();
+        self.task.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
 }

@@ -9,20 +9,14 @@ pub(crate) mod dedup;
 pub mod lines;
 pub mod writer;
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use futures::future::BoxFuture;
-use tokio::{
-    sync::{Notify, mpsc},
-    task::JoinHandle,
-};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{AfterStored, BatchId, Chunk, Claim, QUEUE, Rendered, Store, enqueue};
+use super::{AfterStored, BatchId, Claim, Rendered, Store, Worker};
 use crate::{
     config::SinkConfig,
     error::{ReceiveError, ServeError},
@@ -46,12 +40,8 @@ pub(crate) struct FileStore {
     lanes: PathBuf,
     /// The last batch written per node and lane.
     dedup: Arc<dedup::Deduplicator>,
-    /// The writer's queue.
-    queue: mpsc::Sender<Chunk>,
-    /// Tells the writer to write out what is queued and stop.
-    stop: CancellationToken,
-    /// The writer, until it is waited for.
-    writing: Mutex<Option<JoinHandle<std::io::Result<()>>>>,
+    /// The writer, which owns the file.
+    worker: Worker<std::io::Result<()>>,
 }
 
 impl FileStore {
@@ -81,10 +71,9 @@ impl FileStore {
             memory.seed(node, *lane, *batch);
         }
         let writer = writer::JsonLinesWriter::open(&path, config.buffer_size, stats).await?;
-        let (queue, taken) = mpsc::channel(QUEUE);
-        let stop = CancellationToken::new();
-        let writing = tokio::spawn(writer.run(taken, config.flush_interval.into(), reopen, stop.clone()));
-        Ok(Self { path, lanes, dedup: Arc::new(memory), queue, stop, writing: Mutex::new(Some(writing)) })
+        let sync_interval = config.flush_interval.into();
+        let worker = Worker::start(|queue, stop| writer.run(queue, sync_interval, reopen, stop));
+        Ok(Self { path, lanes, dedup: Arc::new(memory), worker })
     }
 }
 
@@ -93,7 +82,11 @@ impl Store for FileStore {
         self.path.display().to_string()
     }
 
-    fn render(&self, request: &SensorValuesRequest, _address: &str) -> Result<Rendered, ReceiveError> {
+    fn render(
+        &self,
+        request: &SensorValuesRequest,
+        _peer: Option<std::net::SocketAddr>,
+    ) -> Result<Rendered, ReceiveError> {
         // The file takes every request in turn: no sender to tell apart.
         Ok(Rendered { bytes: lines::to_json_lines(request)?, readings: request.items.len(), sender: 0 })
     }
@@ -112,7 +105,7 @@ impl Store for FileStore {
     }
 
     fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
-        enqueue(&self.queue, rendered, after)
+        self.worker.store(rendered, after)
     }
 
     /// Writes out everything queued and syncs it (however long that takes:
@@ -120,9 +113,7 @@ impl Store for FileStore {
     /// lanes' memory.
     fn close(&self, _hurry: CancellationToken) -> BoxFuture<'_, Result<(), ServeError>> {
         Box::pin(async move {
-            self.stop.cancel();
-            let writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some(writing) = writing {
+            if let Some(writing) = self.worker.stop() {
                 let written = writing.await.map_err(|error| ServeError::Writer(error.to_string()))?;
                 written.map_err(|source| ServeError::Output { path: self.path.clone(), source })?;
             }

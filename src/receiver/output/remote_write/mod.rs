@@ -9,14 +9,16 @@ pub(crate) mod series;
 pub(crate) mod transcode;
 pub(crate) mod writer;
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use futures::future::BoxFuture;
-use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::{AfterStored, Chunk, QUEUE, Rendered, Store, enqueue};
+use super::{AfterStored, Rendered, Store, Worker};
 use crate::{
     config::SinkConfig,
     error::{OutputError, ReceiveError, ServeError},
@@ -24,7 +26,7 @@ use crate::{
     proto::SensorValuesRequest,
     receiver::{
         DATABASE_DRAIN_LIMIT,
-        input::validate::{owner, sender},
+        input::validate::{address_of, owner, sender},
         stats::SinkStats,
     },
 };
@@ -40,12 +42,8 @@ pub(crate) struct DatabaseStore {
     rules: series::SeriesRules,
     /// REMOTE_WRITE_URL as logs may show it.
     shown_url: String,
-    /// The writer's queue.
-    queue: mpsc::Sender<Chunk>,
-    /// Tells the writer to send what is queued and stop.
-    stop: CancellationToken,
-    /// The writer, until it is waited for.
-    writing: Mutex<Option<JoinHandle<()>>>,
+    /// The writer, which sends to the database.
+    worker: Worker<()>,
     /// Counters.
     stats: Arc<SinkStats>,
     /// Failures to read the database's clock are logged at most once a
@@ -64,15 +62,11 @@ impl DatabaseStore {
         let rules = series::SeriesRules::new(&config.remote_write).following(writer.database().clone());
         let early = rules.clone();
         tokio::spawn(async move { early.read_clock().await });
-        let (queue, taken) = mpsc::channel(QUEUE);
-        let stop = CancellationToken::new();
-        let writing = tokio::spawn(writer.run(taken, stop.clone()));
+        let worker = Worker::start(|queue, stop| writer.run(queue, stop));
         Ok(Self {
             rules,
             shown_url: config.remote_write.shown_url(),
-            queue,
-            stop,
-            writing: Mutex::new(Some(writing)),
+            worker,
             stats,
             clock_failures: Mutex::new(Every::second()),
         })
@@ -101,18 +95,19 @@ impl Store for DatabaseStore {
         })
     }
 
-    fn render(&self, request: &SensorValuesRequest, address: &str) -> Result<Rendered, ReceiveError> {
-        let bytes = series::to_series(request, &self.rules.metric, self.rules.window(), address)?;
-        let sender = sender(owner(&request.node_id, address));
+    fn render(&self, request: &SensorValuesRequest, peer: Option<SocketAddr>) -> Result<Rendered, ReceiveError> {
+        let address = address_of(peer);
+        let bytes = series::to_series(request, &self.rules.metric, self.rules.window(), &address)?;
+        let sender = sender(owner(&request.node_id, &address));
         Ok(Rendered { bytes, readings: request.items.len(), sender })
     }
 
-    fn render_bytes(&self, bytes: &[u8], address: &str) -> Option<Rendered> {
-        transcode::transcode(bytes, &self.rules.metric, self.rules.window(), address)
+    fn render_bytes(&self, bytes: &[u8], peer: Option<SocketAddr>) -> Option<Rendered> {
+        transcode::transcode(bytes, &self.rules.metric, self.rules.window(), &address_of(peer))
     }
 
     fn store(&self, rendered: Rendered, after: AfterStored) -> BoxFuture<'static, Result<(), ReceiveError>> {
-        enqueue(&self.queue, rendered, after)
+        self.worker.store(rendered, after)
     }
 
     /// Sends what is queued, for at most DATABASE_DRAIN_LIMIT (less if
@@ -120,9 +115,7 @@ impl Store for DatabaseStore {
     /// acknowledged, and its nodes send it again.
     fn close(&self, hurry: CancellationToken) -> BoxFuture<'_, Result<(), ServeError>> {
         Box::pin(async move {
-            self.stop.cancel();
-            let writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner).take();
-            let Some(mut writing) = writing else { return Ok(()) };
+            let Some(mut writing) = self.worker.stop() else { return Ok(()) };
             let limit = async {
                 tokio::select! {
                     () = tokio::time::sleep(DATABASE_DRAIN_LIMIT) => {}
